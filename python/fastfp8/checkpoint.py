@@ -1,0 +1,368 @@
+"""Opening checkpoints and streaming their tensors through reused pinned slots.
+
+The native reader (``fastfp8._native``) validates every header, resolves the model
+directory and copies the bytes on native threads, without the GIL, into one buffer whose
+size is the memory budget. This module gives that a torch face.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _native
+from .errors import BudgetError, Error, SlotReleasedError, UnsupportedDtypeError
+from .pinned import POOL
+from .units import parse_bytes
+
+#: safetensors dtype -> torch dtype, for those this torch has.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in [
+        ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"),
+        ("U16", "uint16"), ("F16", "float16"), ("BF16", "bfloat16"), ("I32", "int32"),
+        ("U32", "uint32"), ("F32", "float32"), ("F64", "float64"), ("I64", "int64"),
+        ("U64", "uint64"), ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+    ]
+    if hasattr(torch, attr)
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives: ``file`` bytes ``[begin, end)`` (absolute offsets)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return TORCH_DTYPES[self.dtype]
+        except KeyError:
+            raise UnsupportedDtypeError(
+                f"{self.file}: tensor {self.name!r} has dtype {self.dtype}, which this torch "
+                f"({torch.__version__}) cannot represent"
+            ) from None
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Opens a ``.safetensors`` file or a model directory (``model.safetensors`` or
+    ``model.safetensors.index.json`` with its shards), validating every header."""
+    return Checkpoint(path)
+
+
+class Checkpoint:
+    """A validated safetensors checkpoint. See :func:`open_checkpoint`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._native = _native.Checkpoint(os.fspath(path))
+        self.path = Path(path)
+        self._shards = [Path(p) for p, _, _ in self._native.shards()]
+        self.tensors: dict[str, TensorInfo] = {
+            name: TensorInfo(name, dtype, tuple(shape), self._shards[shard], begin, end)
+            for name, dtype, shape, shard, begin, end in self._native.tensors()
+        }
+        self._shard_of = {n: s for n, _, _, s, _, _ in self._native.tensors()}
+        self._maps: dict[int, mmap.mmap] = {}
+        self._maps_lock = threading.Lock()
+
+    @property
+    def shards(self) -> list[Path]:
+        return list(self._shards)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the shards, merged (first shard wins)."""
+        merged: dict[str, str] = {}
+        for i in reversed(range(len(self._shards))):
+            merged.update(self._native.metadata(i) or {})
+        return merged
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({str(self.path)!r}: {len(self.tensors)} tensors, "
+                f"{len(self._shards)} shards, {self.nbytes} bytes)")
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise _unknown(self.path, name) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU: a zero-copy view of the mapped file where the dtype
+        and alignment allow, else a copy. The view is copy-on-write (writes stay in memory)."""
+        info = self.info(name)
+        dtype = info.torch_dtype
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        shard = self._shard_of[name]
+        self._native.check_unchanged(shard)
+        raw = torch.frombuffer(self._map(shard), dtype=torch.uint8, count=info.nbytes,
+                               offset=info.begin)
+        if info.begin % dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).reshape(info.shape)
+
+    def _map(self, shard: int) -> mmap.mmap:
+        with self._maps_lock:
+            if shard not in self._maps:
+                with open(self._shards[shard], "rb") as f:
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._maps[shard]
+
+    def stream(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        memory_budget: int | str = "1GiB",
+        threads: int | None = None,
+        auto_release: bool = True,
+        method: str = "pread",
+    ) -> TensorStream:
+        """Streams tensors (all, in file order, or ``names`` in the given order) through
+        pinned slots carved from one buffer of ``memory_budget`` bytes.
+
+        Yields :class:`Slot` objects, which unpack as ``(name, tensor)``. The tensor is a
+        view of the slot: with ``auto_release=True`` (the default) the slot is reused once
+        the next tensor is requested, so ``.clone()`` what you keep; with
+        ``auto_release=False`` you release each slot (``slot.release()`` or ``with slot:``)
+        and the reader waits for space meanwhile. Using a slot's tensor after its release
+        raises :class:`SlotReleasedError`. Each tensor must fit the budget
+        (:class:`BudgetError` names the first that does not).
+        """
+        if names is None:  # file order: sequential reads
+            infos = sorted(self.tensors.values(), key=lambda t: (self._shard_of[t.name], t.begin))
+        else:
+            infos = [self.info(n) for n in names]
+        items = [(t.name, [(self._shard_of[t.name], t.begin, t.nbytes)]) for t in infos]
+        reader = ChunkReader(self, items, memory_budget=memory_budget, chunk_bytes=None,
+                             threads=threads, method=method)
+        return TensorStream(reader, infos, auto_release=auto_release)
+
+    def close(self) -> None:
+        """Drops the file mappings made by :meth:`get` (views into them stay valid)."""
+        with self._maps_lock:
+            self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unknown(path: Path, name: str) -> Error:
+    from .errors import CheckpointError
+
+    return CheckpointError(f"{path}: no tensor named {name!r}")
+
+
+class ChunkReader:
+    """Low-level: byte chunks of planned items, in plan order, in a pooled host buffer.
+
+    ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``. Each delivery is
+    ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
+    buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``. ``chunk_bytes=None``
+    delivers items whole. Close it (or use ``with``) to stop the threads and return the
+    buffer to the pool.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        items: list[tuple[str, list[tuple[int, int, int]]]],
+        *,
+        memory_budget: int | str,
+        chunk_bytes: int | None,
+        threads: int | None = None,
+        method: str = "pread",
+        piece_bytes: int = 4 << 20,
+        pin: bool | None = None,
+    ) -> None:
+        budget = parse_bytes(memory_budget)
+        if budget <= 0:
+            raise BudgetError(f"memory_budget must be positive, got {memory_budget!r}")
+        if threads is not None and threads <= 0:
+            raise ValueError(f"threads must be positive, got {threads}")
+        self.buffer = POOL.acquire(budget, pin=pin)
+        self.budget = budget
+        try:
+            self._native = _native.Reader(
+                ckpt._native, items, self.buffer, self.buffer.data_ptr(), budget,
+                chunk_bytes=chunk_bytes, threads=threads, piece_bytes=piece_bytes,
+                method=method,
+            )
+        except BaseException:
+            POOL.release(self.buffer)
+            raise
+        self._closed = False
+        self._held = 0  # delivered, unreleased chunks
+        self._final_stats: dict[str, int] | None = None
+
+    def next(self) -> tuple[int, int, int, int] | None:
+        d = self._native.next()
+        if d is not None and d[3] > 0:
+            self._held += 1
+        return d
+
+    def view(self, buf_offset: int, nbytes: int) -> torch.Tensor:
+        return self.buffer[buf_offset : buf_offset + nbytes]
+
+    def release(self, buf_offset: int, nbytes: int) -> None:
+        if not self._closed and nbytes > 0:
+            self._native.release(buf_offset, nbytes)
+            self._held -= 1
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._final_stats) if self._final_stats else self._native.stats()
+
+    def close(self) -> None:
+        """Stops and joins the threads, then returns the buffer to the pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._final_stats = self._native.stats()
+        self._native.close()
+        if self._held == 0:
+            POOL.release(self.buffer)
+        # else: views into the buffer are still out there; let it die with them instead of
+        # handing it to the next load.
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class Slot:
+    """One streamed tensor in its pinned slot. Unpacks as ``(name, tensor)``."""
+
+    __slots__ = ("_len", "_off", "_reader", "_tensor", "info", "name")
+
+    def __init__(self, reader: ChunkReader, info: TensorInfo, buf_offset: int) -> None:
+        self._reader = reader
+        self.info = info
+        self.name = info.name
+        self._off = buf_offset
+        self._len = info.nbytes
+        if info.nbytes == 0:
+            self._tensor: torch.Tensor | None = torch.empty(info.shape, dtype=info.torch_dtype)
+        else:
+            raw = reader.view(buf_offset, info.nbytes)
+            self._tensor = raw.view(info.torch_dtype).reshape(info.shape)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            raise SlotReleasedError(
+                f"tensor {self.name!r} was used after its slot was released for reuse; "
+                "clone() what you keep, or stream with auto_release=False"
+            )
+        return self._tensor
+
+    @property
+    def released(self) -> bool:
+        return self._tensor is None
+
+    def release(self) -> None:
+        """Gives the slot back to the reader. Idempotent."""
+        if self._tensor is not None:
+            self._tensor = None
+            self._reader.release(self._off, self._len)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.name, self.tensor))
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"{self.info.dtype}{list(self.info.shape)}"
+        return f"Slot({self.name!r}, {state})"
+
+
+class TensorStream:
+    """Iterator of :class:`Slot`; see :meth:`Checkpoint.stream`. Use it in a ``with``
+    block, or run it to the end, so its threads stop and its buffer returns to the pool."""
+
+    def __init__(self, reader: ChunkReader, infos: list[TensorInfo], *, auto_release: bool):
+        self._reader = reader
+        self._infos = infos
+        self._auto = auto_release
+        self._last: Slot | None = None
+        for t in infos:
+            t.torch_dtype  # noqa: B018 - raise UnsupportedDtypeError before reading anything
+
+    def __iter__(self) -> TensorStream:
+        return self
+
+    def __next__(self) -> Slot:
+        if self._auto and self._last is not None:
+            self._last.release()
+            self._last = None
+        try:
+            d = self._reader.next()
+        except BaseException:
+            self.close()
+            raise
+        if d is None:
+            self.close()
+            raise StopIteration
+        item, _, buf_offset, _ = d
+        slot = Slot(self._reader, self._infos[item], buf_offset)
+        if self._auto:
+            self._last = slot
+        return slot
+
+    def stats(self) -> dict[str, int]:
+        """``budget``, ``peak_in_flight`` (bytes), ``bytes_read``, ``threads``."""
+        return self._reader.stats()
+
+    def close(self) -> None:
+        """Stops the reader. Tensors of unreleased slots must not be used afterwards."""
+        if self._last is not None:
+            self._last._tensor = None
+            self._last = None
+        self._reader.close()
+
+    def __enter__(self) -> TensorStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

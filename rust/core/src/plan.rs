@@ -1,0 +1,92 @@
+//! Read plans: what to read (byte ranges of shards) and in which order.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+/// A contiguous byte range of one shard, at an absolute file offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub shard: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One unit the consumer receives: the concatenation of its segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadItem {
+    /// The tensor's name, for errors and for the consumer.
+    pub name: String,
+    pub segments: Vec<Segment>,
+}
+
+impl ReadItem {
+    pub fn len(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The whole of tensor `name`.
+pub fn whole_tensor(ckpt: &Checkpoint, name: &str) -> Result<ReadItem> {
+    let r = ckpt.find(name)?;
+    let info = ckpt.info(r);
+    Ok(ReadItem {
+        name: name.into(),
+        segments: vec![Segment {
+            shard: r.shard,
+            offset: ckpt.file_offset(r),
+            len: info.nbytes(),
+        }],
+    })
+}
+
+/// Rows `[start, stop)` of the first dimension of tensor `name`: one contiguous range.
+pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result<ReadItem> {
+    let r = ckpt.find(name)?;
+    let info = ckpt.info(r);
+    let rows = *info.shape.first().ok_or_else(|| {
+        Error::Invalid(format!("tensor {name:?} is 0-d: it has no rows to slice"))
+    })?;
+    if start > stop || stop > rows {
+        return Err(Error::Invalid(format!(
+            "rows [{start}, {stop}) out of range for tensor {name:?} with {rows} rows"
+        )));
+    }
+    let row_bytes = info.nbytes().checked_div(rows).unwrap_or(0);
+    Ok(ReadItem {
+        name: name.into(),
+        segments: vec![Segment {
+            shard: r.shard,
+            offset: ckpt.file_offset(r) + start * row_bytes,
+            len: (stop - start) * row_bytes,
+        }],
+    })
+}
+
+/// Checks every segment against its shard's data section.
+pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
+    for item in items {
+        for s in &item.segments {
+            let shard = ckpt.shards.get(s.shard).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: shard index {} out of range",
+                    item.name, s.shard
+                ))
+            })?;
+            let end = s.offset.checked_add(s.len);
+            if s.offset < shard.header.data_start || end.is_none_or(|e| e > shard.size) {
+                return Err(Error::Invalid(format!(
+                    "{}: range [{}, +{}) is outside the data section of {}",
+                    item.name,
+                    s.offset,
+                    s.len,
+                    shard.path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

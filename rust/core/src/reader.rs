@@ -1,0 +1,459 @@
+//! The budgeted parallel reader.
+//!
+//! Native threads copy planned byte ranges out of the shards into one caller-owned buffer.
+//! The buffer is managed as a ring (see [`crate::ring`]): every byte that is being read,
+//! is read and waiting, or is held by the consumer lives in it, so the bytes in flight never
+//! exceed its size, the memory budget. Items are split into chunks (at most `chunk_bytes`,
+//! or whole items) that are allocated and delivered in plan order; each chunk is split into
+//! pieces of at most `piece_bytes` that the threads copy in parallel. An error, `cancel`, or
+//! dropping the reader stops the threads; drop joins them, after which no thread touches
+//! the buffer again.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::plan::{validate, ReadItem};
+use crate::ring::Ring;
+use crate::shard::ReadMethod;
+
+/// The most threads used by default.
+pub const MAX_DEFAULT_THREADS: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct ReaderConfig {
+    pub threads: usize,
+    /// Largest chunk delivered; None delivers each item whole (it must fit the budget).
+    pub chunk_bytes: Option<u64>,
+    /// Largest unit of work one thread copies at a time.
+    pub piece_bytes: u64,
+    pub method: ReadMethod,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        ReaderConfig {
+            threads: default_threads(),
+            chunk_bytes: Some(64 << 20),
+            piece_bytes: 4 << 20,
+            method: ReadMethod::default(),
+        }
+    }
+}
+
+/// The machine's cores, at most [`MAX_DEFAULT_THREADS`].
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(4)
+        .min(MAX_DEFAULT_THREADS)
+}
+
+/// Caller-owned destination memory.
+#[derive(Debug, Clone, Copy)]
+pub struct DestBuffer {
+    ptr: *mut u8,
+    len: u64,
+}
+
+// SAFETY: DestBuffer is a plain address range; the reader hands disjoint regions of it to
+// its threads (the ring never gives one byte to two live chunks), so sharing it is sound.
+unsafe impl Send for DestBuffer {}
+// SAFETY: as above; no two threads write the same byte.
+unsafe impl Sync for DestBuffer {}
+
+impl DestBuffer {
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes for as long as the [`Reader`] built on
+    /// it lives, and nothing else may write to it meanwhile; the caller may read a region only
+    /// after it has been delivered and until it has released it.
+    pub unsafe fn new(ptr: *mut u8, len: u64) -> DestBuffer {
+        DestBuffer { ptr, len }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A chunk ready for the consumer: bytes `[item_offset, item_offset + len)` of item `item`
+/// are at `[buf_offset, buf_offset + len)` of the buffer until released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub item: usize,
+    pub item_offset: u64,
+    pub buf_offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Ready(Delivery),
+    /// Nothing ready within the timeout; ask again.
+    Pending,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub budget: u64,
+    pub peak_in_flight: u64,
+    pub bytes_read: u64,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChunkPlan {
+    item: usize,
+    item_offset: u64,
+    len: u64,
+}
+
+#[derive(Debug)]
+struct Piece {
+    chunk: usize,
+    shard: usize,
+    offset: u64,
+    dst: u64,
+    len: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    ring: Ring,
+    next_alloc: usize,
+    next_deliver: usize,
+    buf_at: Vec<u64>,
+    remaining: Vec<u32>,
+    queue: VecDeque<Piece>,
+    error: Option<Error>,
+    failed: bool,
+    stopped: bool,
+    bytes_read: u64,
+}
+
+struct Shared {
+    ckpt: Arc<Checkpoint>,
+    items: Vec<ReadItem>,
+    chunks: Vec<ChunkPlan>,
+    buf: DestBuffer,
+    cfg: ReaderConfig,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+pub struct Reader {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Reader {
+    /// Starts reading `items` of `ckpt` into `buf`, whose length is the memory budget.
+    pub fn start(
+        ckpt: Arc<Checkpoint>,
+        items: Vec<ReadItem>,
+        buf: DestBuffer,
+        cfg: ReaderConfig,
+    ) -> Result<Reader> {
+        validate(&ckpt, &items)?;
+        if cfg.threads == 0 || cfg.piece_bytes == 0 || cfg.chunk_bytes == Some(0) {
+            return Err(Error::Invalid(
+                "threads, piece_bytes and chunk_bytes must be positive".into(),
+            ));
+        }
+        let budget = buf.len();
+        let chunk_bytes = cfg.chunk_bytes.map(|c| c.min(budget.max(1)));
+        let mut chunks = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let len = item.len();
+            if chunk_bytes.is_none() && len > budget {
+                let seg = item.segments[0];
+                return Err(Error::TensorOverBudget {
+                    path: ckpt.shards[seg.shard].path.clone(),
+                    tensor: item.name.clone(),
+                    needed: len,
+                    budget,
+                });
+            }
+            let step = chunk_bytes.unwrap_or(len).max(1);
+            let mut off = 0;
+            loop {
+                let l = step.min(len - off);
+                chunks.push(ChunkPlan {
+                    item: i,
+                    item_offset: off,
+                    len: l,
+                });
+                off += l;
+                if off >= len {
+                    break;
+                }
+            }
+        }
+        if budget == 0 && chunks.iter().any(|c| c.len > 0) {
+            return Err(Error::Invalid("the memory budget is 0 bytes".into()));
+        }
+        let n = chunks.len();
+        let shared = Arc::new(Shared {
+            ckpt,
+            items,
+            chunks,
+            buf,
+            state: Mutex::new(State {
+                ring: Ring::new(budget),
+                next_alloc: 0,
+                next_deliver: 0,
+                buf_at: vec![0; n],
+                remaining: vec![0; n],
+                queue: VecDeque::new(),
+                error: None,
+                failed: false,
+                stopped: false,
+                bytes_read: 0,
+            }),
+            cv: Condvar::new(),
+            cfg,
+        });
+        let workers = (0..shared.cfg.threads)
+            .map(|i| {
+                let s = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("fastfp8-read-{i}"))
+                    .spawn(move || s.work())
+                    .map_err(|e| Error::Invalid(format!("cannot start reader thread: {e}")))
+            })
+            .collect::<Result<Vec<_>>>();
+        let workers = match workers {
+            Ok(w) => w,
+            Err(e) => {
+                shared.stop();
+                return Err(e);
+            }
+        };
+        Ok(Reader { shared, workers })
+    }
+
+    pub fn items(&self) -> &[ReadItem] {
+        &self.shared.items
+    }
+
+    /// Waits up to `timeout` for the next chunk in plan order.
+    pub fn next_timeout(&self, timeout: Duration) -> Result<Next> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
+            if st.failed {
+                return Err(Error::Cancelled);
+            }
+            if st.next_deliver == sh.chunks.len() {
+                return Ok(Next::Done);
+            }
+            let c = st.next_deliver;
+            if st.next_alloc > c && st.remaining[c] == 0 {
+                st.next_deliver += 1;
+                let plan = sh.chunks[c];
+                return Ok(Next::Ready(Delivery {
+                    item: plan.item,
+                    item_offset: plan.item_offset,
+                    buf_offset: st.buf_at[c],
+                    len: plan.len,
+                }));
+            }
+            sh.fill(&mut st);
+            if st.next_alloc == c {
+                // Everything allocated has been delivered and the next chunk does not fit:
+                // only the consumer can make room.
+                let item = &sh.items[sh.chunks[c].item];
+                return Err(Error::BudgetExhausted {
+                    tensor: item.name.clone(),
+                    held: st.ring.used(),
+                    needed: sh.chunks[c].len,
+                    budget: st.ring.capacity(),
+                });
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Ok(Next::Pending);
+            }
+            st = sh
+                .cv
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Blocks until the next chunk (no timeout).
+    pub fn next(&self) -> Result<Option<Delivery>> {
+        loop {
+            match self.next_timeout(Duration::from_secs(3600))? {
+                Next::Ready(d) => return Ok(Some(d)),
+                Next::Done => return Ok(None),
+                Next::Pending => {}
+            }
+        }
+    }
+
+    /// Gives the chunk at `buf_offset` back to the ring.
+    pub fn release(&self, buf_offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        st.ring.free(buf_offset).ok_or_else(|| {
+            Error::Invalid(format!("no chunk held at buffer offset {buf_offset}"))
+        })?;
+        sh.fill(&mut st);
+        drop(st);
+        sh.cv.notify_all();
+        Ok(())
+    }
+
+    /// Stops the threads; later calls of `next` fail with `Cancelled`.
+    pub fn cancel(&self) {
+        self.shared.stop();
+    }
+
+    pub fn stats(&self) -> Stats {
+        let st = self.shared.lock();
+        Stats {
+            budget: st.ring.capacity(),
+            peak_in_flight: st.ring.peak(),
+            bytes_read: st.bytes_read,
+            threads: self.shared.cfg.threads,
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.shared.stop();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stop(&self) {
+        let mut st = self.lock();
+        st.stopped = true;
+        st.failed = true;
+        st.queue.clear();
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
+    fn fill(&self, st: &mut State) {
+        while !st.stopped && st.next_alloc < self.chunks.len() {
+            let c = st.next_alloc;
+            let plan = self.chunks[c];
+            let at = if plan.len == 0 {
+                0
+            } else {
+                match st.ring.alloc(plan.len) {
+                    Some(at) => at,
+                    None => return,
+                }
+            };
+            st.buf_at[c] = at;
+            st.next_alloc += 1;
+            let mut n = 0u32;
+            let mut skip = plan.item_offset;
+            let mut todo = plan.len;
+            let mut dst = at;
+            for seg in &self.items[plan.item].segments {
+                if todo == 0 {
+                    break;
+                }
+                if skip >= seg.len {
+                    skip -= seg.len;
+                    continue;
+                }
+                let mut off = seg.offset + skip;
+                let mut left = (seg.len - skip).min(todo);
+                skip = 0;
+                while left > 0 {
+                    let l = left.min(self.cfg.piece_bytes);
+                    st.queue.push_back(Piece {
+                        chunk: c,
+                        shard: seg.shard,
+                        offset: off,
+                        dst,
+                        len: l,
+                    });
+                    n += 1;
+                    off += l;
+                    dst += l;
+                    left -= l;
+                    todo -= l;
+                }
+            }
+            st.remaining[c] = n;
+        }
+    }
+
+    fn work(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.stopped {
+                return;
+            }
+            if st.queue.is_empty() {
+                self.fill(&mut st);
+            }
+            let Some(p) = st.queue.pop_front() else {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            drop(st);
+            let item = &self.items[self.chunks[p.chunk].item];
+            // SAFETY: [p.dst, p.dst + p.len) lies inside a ring region reserved for this
+            // chunk alone (the ring never overlaps live regions and pieces of a chunk are
+            // disjoint), and the buffer outlives the threads (DestBuffer::new's contract;
+            // Drop joins them).
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(self.buf.ptr.add(p.dst as usize), p.len as usize)
+            };
+            let res =
+                self.ckpt.shards[p.shard].read_into(p.offset, dst, self.cfg.method, &item.name);
+            st = self.lock();
+            match res {
+                Ok(()) => {
+                    st.bytes_read += p.len;
+                    st.remaining[p.chunk] -= 1;
+                    if st.remaining[p.chunk] == 0 {
+                        self.cv.notify_all();
+                    }
+                }
+                Err(e) => {
+                    if st.error.is_none() && !st.failed {
+                        st.error = Some(e);
+                    }
+                    st.failed = true;
+                    st.stopped = true;
+                    st.queue.clear();
+                    self.cv.notify_all();
+                    return;
+                }
+            }
+        }
+    }
+}

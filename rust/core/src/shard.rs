@@ -1,0 +1,139 @@
+//! One open shard file: its validated header, its size at open, and reads that turn a file
+//! shrunk or rewritten under us into an error instead of a SIGBUS.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::header::{read_header, Header};
+
+/// How the reader copies bytes out of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadMethod {
+    /// `pread` into the destination: a file that shrank gives a short read, hence an error.
+    #[default]
+    Pread,
+    /// `memcpy` out of a shared mapping, after checking the file's size before each piece.
+    /// Faster on some machines; a file truncated in the instant between the check and the
+    /// copy can still raise SIGBUS, so it is opt-in.
+    Mmap,
+}
+
+#[derive(Debug)]
+pub struct Shard {
+    pub path: PathBuf,
+    pub size: u64,
+    pub header: Header,
+    file: File,
+    map: OnceLock<std::result::Result<Mmap, String>>,
+}
+
+impl Shard {
+    /// Opens `path`, records its size and validates its header.
+    pub fn open(path: &Path) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(path, "reading metadata", e))?;
+        if !meta.is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
+        let size = meta.len();
+        let header = read_header(path, &file, size)?;
+        Ok(Shard {
+            path: path.to_path_buf(),
+            size,
+            header,
+            file,
+            map: OnceLock::new(),
+        })
+    }
+
+    /// Errors if the file's size is no longer what it was at open.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let actual = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, "reading metadata", e))?
+            .len();
+        if actual != self.size {
+            return Err(Error::FileChanged {
+                path: self.path.clone(),
+                expected: self.size,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes from absolute file offset `offset` into `dst`.
+    /// `tensor` names what is being read, for the error.
+    pub fn read_into(
+        &self,
+        offset: u64,
+        dst: &mut [u8],
+        method: ReadMethod,
+        tensor: &str,
+    ) -> Result<()> {
+        match method {
+            ReadMethod::Pread => self.pread(offset, dst, tensor),
+            ReadMethod::Mmap => {
+                self.check_unchanged()?;
+                let map = self.map()?;
+                let end = offset as usize + dst.len();
+                dst.copy_from_slice(&map[offset as usize..end]);
+                Ok(())
+            }
+        }
+    }
+
+    fn pread(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
+        let mut done = 0usize;
+        while done < dst.len() {
+            match self.file.read_at(&mut dst[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(Error::ShortRead {
+                        path: self.path.clone(),
+                        tensor: tensor.to_string(),
+                        at: offset + done as u64,
+                        expected_size: self.size,
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(&self.path, "reading", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole file, mapped read-only (created on first use).
+    pub fn map(&self) -> Result<&Mmap> {
+        let m = self.map.get_or_init(|| {
+            // SAFETY: the mapping is read-only and only ever read through checked slices
+            // of the size recorded at open; a concurrent truncation is the documented risk
+            // of ReadMethod::Mmap, which checks the size before each copy.
+            unsafe { Mmap::map(&self.file) }.map_err(|e| e.to_string())
+        });
+        match m {
+            Ok(m) if m.len() as u64 == self.size => Ok(m),
+            Ok(m) => Err(Error::FileChanged {
+                path: self.path.clone(),
+                expected: self.size,
+                actual: m.len() as u64,
+            }),
+            Err(msg) => Err(Error::io(
+                &self.path,
+                "mapping",
+                std::io::Error::other(msg.clone()),
+            )),
+        }
+    }
+}

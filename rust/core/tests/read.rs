@@ -1,0 +1,276 @@
+//! End-to-end tests of the core: write real shard files, resolve them, read them back.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fastfp8_core::plan::{row_range, whole_tensor};
+use fastfp8_core::reader::{DestBuffer, Reader, ReaderConfig};
+use fastfp8_core::{Checkpoint, Error, ErrorKind, ReadMethod};
+
+/// Writes a shard of U8 tensors `(name, len)` whose bytes are a function of name and index.
+fn write_shard(path: &Path, tensors: &[(&str, usize)]) {
+    let mut header = String::from("{");
+    let mut off = 0;
+    let mut data = Vec::new();
+    for (i, (name, len)) in tensors.iter().enumerate() {
+        if i > 0 {
+            header.push(',');
+        }
+        header += &format!(
+            r#""{name}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{off},{}]}}"#,
+            off + len
+        );
+        off += len;
+        data.extend(pattern(name, *len));
+    }
+    header.push('}');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn pattern(name: &str, len: usize) -> Vec<u8> {
+    let seed = name
+        .bytes()
+        .fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+    (0..len)
+        .map(|i| (seed.wrapping_add(i as u32).wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// Reads every item, checking bytes and releasing each chunk, and returns the stats.
+fn read_all(
+    ckpt: Arc<Checkpoint>,
+    names: &[&str],
+    budget: usize,
+    cfg: ReaderConfig,
+) -> fastfp8_core::Stats {
+    let items: Vec<_> = names
+        .iter()
+        .map(|n| whole_tensor(&ckpt, n).unwrap())
+        .collect();
+    let lens: Vec<usize> = items.iter().map(|i| i.len() as usize).collect();
+    let mut buf = vec![0u8; budget];
+    // SAFETY: `buf` outlives `reader` (dropped at the end of this function, before buf) and
+    // is only read between delivery and release.
+    let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), budget as u64) };
+    let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
+    let mut got: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0; l]).collect();
+    while let Some(d) = reader.next().unwrap() {
+        let src = &buf[d.buf_offset as usize..(d.buf_offset + d.len) as usize];
+        got[d.item][d.item_offset as usize..(d.item_offset + d.len) as usize].copy_from_slice(src);
+        reader.release(d.buf_offset, d.len).unwrap();
+    }
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(got[i], pattern(n, lens[i]), "tensor {n}");
+    }
+    reader.stats()
+}
+
+#[test]
+fn reads_in_chunks_within_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let tensors = [
+        ("a", 1000),
+        ("b", 0),
+        ("c", 65_537),
+        ("d", 3),
+        ("e", 20_000),
+    ];
+    write_shard(&p, &tensors);
+    let names: Vec<&str> = tensors.iter().map(|t| t.0).collect();
+    for method in [ReadMethod::Pread, ReadMethod::Mmap] {
+        for (budget, chunk, piece, threads) in [
+            (4096, 1000, 333, 3),
+            (70_000, 65_537, 4096, 8),
+            (1, 1, 1, 2),
+        ] {
+            let ckpt = Arc::new(Checkpoint::open(dir.path()).unwrap());
+            let cfg = ReaderConfig {
+                threads,
+                chunk_bytes: Some(chunk),
+                piece_bytes: piece,
+                method,
+            };
+            let s = read_all(ckpt, &names, budget, cfg);
+            assert!(s.peak_in_flight <= budget as u64);
+            assert_eq!(
+                s.bytes_read,
+                tensors.iter().map(|t| t.1 as u64).sum::<u64>()
+            );
+        }
+    }
+}
+
+#[test]
+fn whole_items_must_fit_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.safetensors");
+    write_shard(&p, &[("small", 10), ("big", 100)]);
+    let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+    let s = read_all(
+        Arc::clone(&ckpt),
+        &["small", "big"],
+        100,
+        ReaderConfig {
+            chunk_bytes: None,
+            ..Default::default()
+        },
+    );
+    assert!(s.peak_in_flight <= 100);
+    let mut buf = vec![0u8; 50];
+    // SAFETY: buf outlives the (failed) reader.
+    let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), 50) };
+    let items = vec![whole_tensor(&ckpt, "big").unwrap()];
+    let err = Reader::start(
+        ckpt,
+        items,
+        dest,
+        ReaderConfig {
+            chunk_bytes: None,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::TensorOverBudget { .. }), "{err}");
+    assert!(err.to_string().contains("\"big\"") && err.to_string().contains("x.safetensors"));
+}
+
+#[test]
+fn holding_every_slot_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.safetensors");
+    write_shard(&p, &[("a", 60), ("b", 60)]);
+    let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+    let items = vec![
+        whole_tensor(&ckpt, "a").unwrap(),
+        whole_tensor(&ckpt, "b").unwrap(),
+    ];
+    let mut buf = vec![0u8; 100];
+    // SAFETY: buf outlives reader.
+    let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), 100) };
+    let reader = Reader::start(
+        ckpt,
+        items,
+        dest,
+        ReaderConfig {
+            chunk_bytes: None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let first = reader.next().unwrap().unwrap();
+    let err = reader.next().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Budget, "{err}");
+    assert_eq!(first.item, 0);
+}
+
+#[test]
+fn row_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.safetensors");
+    write_shard(&p, &[("t", 100)]);
+    let ckpt = Checkpoint::open(&p).unwrap();
+    let item = row_range(&ckpt, "t", 10, 30).unwrap();
+    assert_eq!(item.segments[0].len, 20);
+    assert!(row_range(&ckpt, "t", 30, 101).is_err());
+    assert!(row_range(&ckpt, "nope", 0, 1).is_err());
+}
+
+#[test]
+fn truncated_after_open_is_a_read_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.safetensors");
+    write_shard(&p, &[("a", 5000), ("b", 5000)]);
+    for method in [ReadMethod::Pread, ReadMethod::Mmap] {
+        let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(3000).unwrap();
+        let items = vec![
+            whole_tensor(&ckpt, "a").unwrap(),
+            whole_tensor(&ckpt, "b").unwrap(),
+        ];
+        let mut buf = vec![0u8; 20_000];
+        // SAFETY: buf outlives reader.
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), 20_000) };
+        let cfg = ReaderConfig {
+            threads: 2,
+            chunk_bytes: Some(1000),
+            piece_bytes: 500,
+            method,
+        };
+        let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
+        let err = loop {
+            match reader.next() {
+                Ok(Some(d)) => reader.release(d.buf_offset, d.len).unwrap(),
+                Ok(None) => panic!("read a truncated file to the end"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), ErrorKind::Read, "{err}");
+        write_shard(&p, &[("a", 5000), ("b", 5000)]);
+    }
+}
+
+#[test]
+fn index_resolution_and_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_shard(&d.join("s1.safetensors"), &[("a", 4), ("b", 4)]);
+    write_shard(&d.join("s2.safetensors"), &[("c", 4)]);
+    let index = d.join("model.safetensors.index.json");
+    let write_index = |m: &str| {
+        std::fs::write(
+            &index,
+            format!(r#"{{"metadata":{{}},"weight_map":{{{m}}}}}"#),
+        )
+        .unwrap()
+    };
+
+    write_index(r#""a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors""#);
+    let c = Checkpoint::open(d).unwrap();
+    assert_eq!(c.shards.len(), 2);
+    assert_eq!(c.tensors.len(), 3);
+
+    let kind = |m: &str| {
+        write_index(m);
+        format!("{:?}", Checkpoint::open(d).unwrap_err())
+            .split([' ', '{'])
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(kind(r#""a":"s3.safetensors""#), "MissingShard");
+    assert_eq!(
+        kind(r#""a":"s2.safetensors","c":"s2.safetensors""#),
+        "TensorNotInShard"
+    );
+    assert_eq!(kind(r#""a":"../s1.safetensors""#), "UnsafeShardPath");
+    assert_eq!(kind(r#""a":"/etc/passwd""#), "UnsafeShardPath");
+    assert_eq!(kind(r#""zz":"s1.safetensors""#), "TensorNotInShard");
+    write_shard(&d.join("s2.safetensors"), &[("a", 4)]);
+    assert_eq!(
+        kind(r#""a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors""#),
+        "TensorInTwoShards"
+    );
+    std::fs::write(&index, "{not json").unwrap();
+    assert_eq!(
+        format!("{:?}", Checkpoint::open(d).unwrap_err())
+            .split([' ', '{'])
+            .next()
+            .unwrap(),
+        "IndexInvalid"
+    );
+    std::fs::remove_file(&index).unwrap();
+    assert!(matches!(
+        Checkpoint::open(d).unwrap_err(),
+        Error::NoCheckpoint { .. }
+    ));
+    assert!(matches!(
+        Checkpoint::open(&d.join("nope")).unwrap_err(),
+        Error::NotFound { .. }
+    ));
+}

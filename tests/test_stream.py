@@ -1,0 +1,195 @@
+"""The budgeted reader: budget, slot reuse rules, GIL release, prompt stops."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import fastfp8
+import pytest
+import torch
+from fastfp8.checkpoint import ChunkReader
+from safetensors.torch import save_file
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(64, 64), (300, 1000), (1, 7), (0, 5), (2048, 512), (1000, 300), (5,)]
+    tensors = {f"t{i}": torch.randn(*s, generator=gen) for i, s in enumerate(sizes)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    return fastfp8.open_checkpoint(path), tensors
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("budget", [4 << 20, 5 << 20, 16 << 20])
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_peak_in_flight_never_above_budget(ckpt, budget, threads):
+    ckpt, tensors = ckpt
+    with ckpt.stream(memory_budget=budget, threads=threads) as s:
+        for name, t in s:
+            assert torch.equal(t, tensors[name])
+        stats = s.stats()
+    assert 0 < stats["peak_in_flight"] <= budget
+    assert stats["bytes_read"] == ckpt.nbytes
+
+
+def test_chunked_reader_budget_smaller_than_tensors(ckpt):
+    ckpt, tensors = ckpt
+    names = list(tensors)
+    items = [(n, [(0, ckpt.info(n).begin, ckpt.info(n).nbytes)]) for n in names]
+    out = {n: bytearray(ckpt.info(n).nbytes) for n in names}
+    budget = 300_000  # smaller than most tensors
+    with ChunkReader(ckpt, items, memory_budget=budget, chunk_bytes=65_536, threads=4,
+                     piece_bytes=10_000) as r:
+        while (d := r.next()) is not None:
+            item, off, buf, n = d
+            out[names[item]][off:off + n] = r.view(buf, n).numpy().tobytes()
+            r.release(buf, n)
+        assert r.stats()["peak_in_flight"] <= budget
+    for n, t in tensors.items():
+        assert bytes(out[n]) == t.numpy().tobytes(), n
+
+
+def test_tensor_over_budget_names_it(ckpt):
+    ckpt, _ = ckpt
+    with pytest.raises(fastfp8.BudgetError, match=r"\"t1\" needs .* budget"):
+        ckpt.stream(memory_budget="1MiB")
+    with pytest.raises(fastfp8.BudgetError):
+        ckpt.stream(memory_budget=0)
+    with pytest.raises(ValueError, match="byte size"):
+        ckpt.stream(memory_budget="lots")
+
+
+def test_auto_release_reuses_slots_and_enforces_it(ckpt):
+    ckpt, tensors = ckpt
+    s = ckpt.stream(memory_budget="8MiB")
+    first = next(s)
+    t = first.tensor
+    assert torch.equal(t, tensors[first.name])
+    second = next(s)
+    assert first.released and not second.released
+    with pytest.raises(fastfp8.SlotReleasedError, match=first.name):
+        _ = first.tensor
+    s.close()
+    with pytest.raises(fastfp8.SlotReleasedError):
+        _ = second.tensor
+
+
+def test_manual_release(ckpt):
+    ckpt, tensors = ckpt
+    kept = []
+    with ckpt.stream(memory_budget="16MiB", auto_release=False) as s:
+        for slot in s:
+            if len(kept) < 2:
+                kept.append(slot)  # held: the reader works around them
+            else:
+                with slot:
+                    assert torch.equal(slot.tensor, tensors[slot.name])
+        for slot in kept:
+            assert torch.equal(slot.tensor, tensors[slot.name])
+            slot.release()
+            slot.release()  # idempotent
+
+
+def test_holding_too_much_is_an_error_not_a_hang(ckpt):
+    ckpt, _ = ckpt
+    held = []
+    with pytest.raises(fastfp8.BudgetError, match="release slots"), \
+            ckpt.stream(memory_budget="5MiB", auto_release=False) as s:
+        held.extend(s)
+
+
+def test_gil_is_released_while_reading(tmp_path):
+    """With a huge switch interval the interpreter never hands the GIL over by itself, so
+    the other thread runs during next() only if the native code released the GIL."""
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.randn(64 << 20 // 4)}, str(path))  # 64 MiB
+    ckpt = fastfp8.open_checkpoint(path)
+    counter = [0]
+    started = threading.Barrier(2)
+    stop = threading.Event()
+
+    def spin():
+        started.wait()
+        while not stop.is_set():
+            counter[0] += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=spin)
+    old = sys.getswitchinterval()
+    t.start()
+    try:
+        started.wait()
+        time.sleep(0.01)
+        sys.setswitchinterval(1000.0)
+        progress = []
+        for _ in range(3):
+            os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+            r = ChunkReader(ckpt, [("w", [(0, ckpt.info("w").begin, ckpt.info("w").nbytes)])],
+                            memory_budget="64MiB", chunk_bytes=None, threads=1,
+                            piece_bytes=1 << 20)
+            before = counter[0]
+            d = r.next()  # blocks while one native thread copies 64 MiB
+            progress.append(counter[0] - before)
+            assert d is not None
+            r.close()
+    finally:
+        sys.setswitchinterval(old)
+        stop.set()
+        t.join()
+    assert max(progress) > 0, progress
+
+
+def test_dropping_a_stream_stops_its_threads(ckpt):
+    ckpt, _ = ckpt
+    base = native_threads()
+    for _ in range(5):
+        s = ckpt.stream(memory_budget="8MiB", threads=6)
+        next(s)
+        assert native_threads() >= base + 6
+        s.close()
+        assert native_threads() == base
+    s = ckpt.stream(memory_budget="8MiB", threads=6)
+    next(s)
+    del s
+    import gc
+
+    gc.collect()
+    assert native_threads() == base
+
+
+def test_keyboard_interrupt_stops_the_reader(tmp_path):
+    """An interrupt delivered while the consumer waits in next() stops the stream."""
+    import signal
+
+    path = tmp_path / "k.safetensors"
+    save_file({f"w{i}": torch.randn(1 << 20) for i in range(64)}, str(path))  # 256 MiB
+    ckpt = fastfp8.open_checkpoint(path)
+    base = native_threads()
+    timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()
+        with ckpt.stream(memory_budget="8MiB", threads=1, auto_release=False) as s:
+            for slot in s:
+                time.sleep(0.01)
+                slot.release()
+    timer.cancel()
+    assert native_threads() == base
+
+
+def test_buffers_are_pooled(ckpt):
+    from fastfp8.pinned import POOL
+
+    ckpt, _ = ckpt
+    list(ckpt.stream(memory_budget="8MiB"))
+    before = POOL.allocated_bytes
+    for _ in range(3):
+        list(ckpt.stream(memory_budget="8MiB"))
+    assert POOL.allocated_bytes == before
