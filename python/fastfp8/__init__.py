@@ -2,7 +2,11 @@
 
 Public API (everything else, ``fastfp8._native`` included, is private):
 
+- :func:`load_quantized`: a bf16 checkpoint -> FP8 e4m3 per-channel weights + scales on
+  the device, streamed (the bf16 model is never on the GPU).
 - :func:`open_checkpoint` -> :class:`Checkpoint`: validated headers, ``get``, ``stream``.
+- :func:`quantize_channelwise`: the FP8 quantization primitive (Triton on CUDA, torch
+  elsewhere), byte-identical to compressed-tensors.
 - The exceptions in :mod:`fastfp8.errors`, all subclasses of :class:`Error`.
 """
 
@@ -23,6 +27,9 @@ from .errors import (
     SlotReleasedError,
     UnsupportedDtypeError,
 )
+from .loader import LoadStats, QuantizedState, load_quantized
+from .quant import quantize_channelwise
+from .select import DEFAULT_IGNORE
 
 try:
     __version__ = version("fastfp8")
@@ -30,6 +37,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "DEFAULT_IGNORE",
     "BudgetError",
     "CancelledError",
     "Checkpoint",
@@ -37,7 +45,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "Error",
     "HeaderError",
+    "LoadStats",
     "NonFiniteWeightError",
+    "QuantizedState",
     "ReadError",
     "Slot",
     "SlotReleasedError",
@@ -45,5 +55,7 @@ __all__ = [
     "TensorStream",
     "UnsupportedDtypeError",
     "__version__",
+    "load_quantized",
     "open_checkpoint",
+    "quantize_channelwise",
 ]

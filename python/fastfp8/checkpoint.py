@@ -47,6 +47,7 @@ class TensorInfo:
     file: Path
     begin: int
     end: int
+    shard: int = 0  # index into Checkpoint.shards
 
     @property
     def nbytes(self) -> int:
@@ -77,10 +78,9 @@ class Checkpoint:
         self.path = Path(path)
         self._shards = [Path(p) for p, _, _ in self._native.shards()]
         self.tensors: dict[str, TensorInfo] = {
-            name: TensorInfo(name, dtype, tuple(shape), self._shards[shard], begin, end)
+            name: TensorInfo(name, dtype, tuple(shape), self._shards[shard], begin, end, shard)
             for name, dtype, shape, shard, begin, end in self._native.tensors()
         }
-        self._shard_of = {n: s for n, _, _, s, _, _ in self._native.tensors()}
         self._maps: dict[int, mmap.mmap] = {}
         self._maps_lock = threading.Lock()
 
@@ -116,6 +116,10 @@ class Checkpoint:
         except KeyError:
             raise _unknown(self.path, name) from None
 
+    def file_order(self) -> list[TensorInfo]:
+        """Every tensor, shard by shard, by offset: the order of sequential reads."""
+        return sorted(self.tensors.values(), key=lambda t: (t.shard, t.begin))
+
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` on the CPU: a zero-copy view of the mapped file where the dtype
         and alignment allow, else a copy. The view is copy-on-write (writes stay in memory)."""
@@ -123,7 +127,7 @@ class Checkpoint:
         dtype = info.torch_dtype
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        shard = self._shard_of[name]
+        shard = info.shard
         self._native.check_unchanged(shard)
         raw = torch.frombuffer(self._map(shard), dtype=torch.uint8, count=info.nbytes,
                                offset=info.begin)
@@ -158,11 +162,8 @@ class Checkpoint:
         raises :class:`SlotReleasedError`. Each tensor must fit the budget
         (:class:`BudgetError` names the first that does not).
         """
-        if names is None:  # file order: sequential reads
-            infos = sorted(self.tensors.values(), key=lambda t: (self._shard_of[t.name], t.begin))
-        else:
-            infos = [self.info(n) for n in names]
-        items = [(t.name, [(self._shard_of[t.name], t.begin, t.nbytes)]) for t in infos]
+        infos = self.file_order() if names is None else [self.info(n) for n in names]
+        items = [(t.name, [(t.shard, t.begin, t.nbytes)]) for t in infos]
         reader = ChunkReader(self, items, memory_budget=memory_budget, chunk_bytes=None,
                              threads=threads, method=method)
         return TensorStream(reader, infos, auto_release=auto_release)

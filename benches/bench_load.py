@@ -1,0 +1,268 @@
+"""Load benchmark: fastfp8 against the peer loaders, same checkpoint, same run.
+
+Every path ends with every quantizable weight as FP8 e4m3 per-output-channel on the GPU
+(the peers use fastfp8's own quantization kernel after loading, so only loading differs).
+Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and host RSS
+growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
+``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
+
+    python benches/bench_load.py CKPT_DIR --out benches/results/load_h100.json
+
+writes the JSON (headline keys plus every row) and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+FASTFP8 = ["fastfp8", "fastfp8_mmap"]
+WARM_PEERS = ["safetensors_load_file", "safetensors_safe_open", "runai", "fastsafetensors_buffered",
+              "instanttensor_buffered"]
+COLD_PEERS = ["safetensors_safe_open", "runai", "fastsafetensors", "instanttensor_direct"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Peak resident set size during a block, sampled every millisecond."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, rss_bytes())
+                time.sleep(0.001)
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def worker(args) -> dict:
+    """One loader, one condition, ``repeat`` runs, in this process."""
+    import gc
+
+    import fastfp8
+    import peers
+    import torch
+    from fastfp8.quant import quantize_channelwise
+    from fastfp8.select import IgnoreRules, classify
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.init()
+    # Compile and warm the kernel outside the timed region (every path uses it).
+    for dt in (torch.bfloat16,):
+        quantize_channelwise(torch.randn(256, 4096, device=dev).to(dt), check_finite=False)
+    torch.cuda.synchronize()
+    ckpt = fastfp8.open_checkpoint(args.ckpt)
+    paths = [str(p) for p in ckpt.shards]
+    nbytes = ckpt.nbytes
+    rules = IgnoreRules()
+    kinds = {t.name: classify(t, rules).kind for t in ckpt.tensors.values()}
+
+    def should_quantize(name, t):
+        return kinds.get(name, "copy") != "copy"
+
+    def quantize(t):
+        if t.dim() == 3:  # fused experts [E, in, out] -> [E, out, in] on the device
+            t = t.transpose(1, 2).contiguous()
+        return quantize_channelwise(t, check_finite=False)
+
+    def run_once():
+        if args.loader.startswith("fastfp8"):
+            method = "mmap" if args.loader == "fastfp8_mmap" else "pread"
+            return fastfp8.load_quantized(ckpt, device=dev, memory_budget=args.budget, method=method,
+                                          threads=args.threads, progress=False)
+        return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))
+
+    runs = []
+    for i in range(args.repeat):
+        if args.cond == "cold":
+            peers.evict_page_cache(paths)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_gpu = torch.cuda.memory_allocated(dev)
+        with RssPeak() as rss, peers._PeakSampler(dev) as dsamp:
+            t0 = time.perf_counter()
+            out = run_once()
+            torch.cuda.synchronize(dev)
+            secs = time.perf_counter() - t0
+        final = sum(t.numel() * t.element_size() for t in out.values())
+        row = {
+            "run": i, "seconds": secs, "gbps": nbytes / secs / 1e9,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) - base_gpu,
+            "device_peak_bytes": dsamp.peak - dsamp.base,
+            "final_bytes": final, "host_rss_growth_bytes": rss.peak - rss.base,
+            "tensors": len(out),
+        }
+        if args.loader.startswith("fastfp8"):
+            row["stats"] = {k: v for k, v in vars(out.stats).items() if k != "non_finite"}
+        runs.append(row)
+        del out
+    return {"loader": args.loader, "cond": args.cond, "checkpoint_bytes": nbytes, "runs": runs,
+            "info": {k: str(v) for k, v in peers.LAST_INFO.items()}}
+
+
+def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout) -> dict:
+    cmd = [sys.executable, __file__, ckpt, "--worker", "--loader", loader, "--cond", cond,
+           "--repeat", str(repeat), "--budget", budget]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"loader": loader, "cond": cond, "error": f"timed out after {timeout} s"}
+    last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not last:
+        return {"loader": loader, "cond": cond, "error": (p.stderr or p.stdout)[-1500:]}
+    return json.loads(last[-1])
+
+
+def summarize(res: dict) -> dict:
+    runs = res.get("runs") or []
+    if not runs:
+        return {}
+    return {
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "gbps": statistics.median(r["gbps"] for r in runs),
+        "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in runs),
+        "device_peak_bytes": max(r["device_peak_bytes"] for r in runs),
+        "host_rss_growth_bytes": max(r["host_rss_growth_bytes"] for r in runs),
+        "final_bytes": runs[0]["final_bytes"],
+    }
+
+
+def largest_tensor(ckpt_dir: str) -> int:
+    import fastfp8
+
+    return max(t.nbytes for t in fastfp8.open_checkpoint(ckpt_dir).tensors.values())
+
+
+def gpu_name() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def markdown(doc: dict) -> str:
+    gib = 2**30
+    lines = [
+        f"Load + FP8 quantize of `{doc['checkpoint']}` ({doc['checkpoint_bytes'] / gib:.2f} GiB bf16), "
+        f"{doc['gpu']}, {doc['date']}; median of {doc['repeat']} warm runs, cold = page cache evicted.",
+        "",
+        "| loader | cond | s | GB/s | peak GPU GiB | host RSS growth GiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in doc["rows"]:
+        s = r.get("summary")
+        if not s:
+            lines.append(f"| {r['loader']} | {r['cond']} | failed | | | |")
+            continue
+        lines.append(f"| {r['loader']} | {r['cond']} | {s['seconds']:.2f} | {s['gbps']:.2f} | "
+                     f"{s['peak_gpu_bytes'] / gib:.2f} | {s['host_rss_growth_bytes'] / gib:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--out", default=str(HERE / "results" / "load_h100.json"))
+    ap.add_argument("--conds", default="warm,cold")
+    ap.add_argument("--loaders", default="", help="comma list (default: fastfp8 + every available peer)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold-repeat", type=int, default=1)
+    ap.add_argument("--budget", default="2GiB")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--loader", help=argparse.SUPPRESS)
+    ap.add_argument("--cond", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    import peers
+
+    avail = set(peers.available_peers("cuda"))
+    doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
+           "repeat": args.repeat, "memory_budget": args.budget, "rows": []}
+    import fastfp8
+    from fastfp8.units import parse_bytes
+
+    ckpt = fastfp8.open_checkpoint(args.ckpt)
+    doc["checkpoint_bytes"] = ckpt.nbytes
+    doc["largest_tensor_bytes"] = largest_tensor(args.ckpt)
+    wanted = [x for x in args.loaders.split(",") if x]
+    for cond in args.conds.split(","):
+        loaders = wanted or FASTFP8 + [p for p in (WARM_PEERS if cond == "warm" else COLD_PEERS) if p in avail]
+        if cond == "warm":  # fill the page cache
+            for p in ckpt.shards:
+                with open(p, "rb") as f:
+                    while f.read(64 << 20):
+                        pass
+        for loader in loaders:
+            repeat = args.repeat if cond == "warm" else args.cold_repeat
+            res = run_worker(args.ckpt, loader, cond, repeat, args.budget, args.threads, args.timeout)
+            res["summary"] = summarize(res)
+            doc["rows"].append(res)
+            s = res["summary"]
+            print(f"{loader:26s} {cond:5s} " + (f"{s['seconds']:7.2f} s {s['gbps']:6.2f} GB/s  peak GPU "
+                  f"{s['peak_gpu_bytes'] / 2**30:6.2f} GiB  RSS +{s['host_rss_growth_bytes'] / 2**30:5.2f} GiB"
+                  if s else "FAILED " + res.get("error", "")[-400:]), flush=True)
+
+    def best(cond, names):
+        vals = [(r["summary"]["gbps"], r["loader"]) for r in doc["rows"]
+                if r["cond"] == cond and r["loader"] in names and r.get("summary")]
+        return max(vals) if vals else (None, None)
+
+    peer_names = set(WARM_PEERS) | set(COLD_PEERS)
+    ff_warm = best("warm", {"fastfp8"})[0]
+    doc.update({
+        "fastfp8_warm_gbps": ff_warm,
+        "fastfp8_mmap_warm_gbps": best("warm", {"fastfp8_mmap"})[0],
+        "best_peer_warm_gbps": best("warm", peer_names)[0],
+        "best_peer_warm": best("warm", peer_names)[1],
+        "safetensors_warm_gbps": best("warm", {"safetensors_load_file", "safetensors_safe_open"})[0],
+        "fastfp8_cold_gbps": best("cold", {"fastfp8"})[0],
+        "best_peer_cold_gbps": best("cold", peer_names)[0],
+        "memory_budget_bytes": parse_bytes(args.budget),
+    })
+    ff = [r for r in doc["rows"] if r["loader"] == "fastfp8" and r.get("summary")]
+    if ff:
+        doc["fastfp8_peak_gpu_bytes"] = max(r["summary"]["peak_gpu_bytes"] for r in ff)
+        doc["final_bytes"] = ff[0]["summary"]["final_bytes"]
+        doc["host_rss_growth_bytes"] = max(r["summary"]["host_rss_growth_bytes"] for r in ff)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

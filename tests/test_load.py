@@ -1,0 +1,204 @@
+"""load_quantized end to end on real (tiny, random) transformers checkpoints: every
+quantized byte and scale against compressed-tensors, every other tensor unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import fastfp8
+import pytest
+import torch
+from ct_oracle import ct_quantize, same_bytes
+from safetensors.torch import save_file
+
+FP8 = torch.float8_e4m3fn
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def tiny(arch: str, dtype=torch.bfloat16):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=128, tie_word_embeddings=False)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(intermediate_size=96, **common))
+    elif arch == "qwen3_moe":
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            head_dim=16, **common))
+    elif arch == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(
+            intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common))
+    elif arch == "llama4":
+        model = tf.Llama4ForCausalLM(tf.Llama4TextConfig(
+            intermediate_size=32, intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+            head_dim=16, interleave_moe_layer_step=1, **common))
+    else:
+        raise ValueError(arch)
+    return model.to(dtype)
+
+
+def save(model, path, shard="40KB"):
+    model.save_pretrained(path, max_shard_size=shard)
+    from safetensors import safe_open
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as g:
+            state.update({k: g.get_tensor(k) for k in g.keys()})  # noqa: SIM118
+    return state
+
+
+def ct_quantize_experts(w: torch.Tensor):
+    """compressed-tensors on a stack of experts, one 2-D weight at a time (as llm-compressor
+    sees them, and as its 2-D-only Triton path on CUDA requires)."""
+    qs, ss = zip(*(ct_quantize(w[e]) for e in range(w.shape[0])), strict=True)
+    return torch.stack(qs), torch.stack(ss)
+
+
+def check_linear(state, src, name, device):
+    q, s = ct_quantize(src[name].to(device))
+    assert state[name].dtype == FP8 and state[name].device.type == device
+    assert same_bytes(state[name], q), name
+    assert same_bytes(state[name + "_scale"], s), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral"])
+def test_models_against_compressed_tensors(tmp_path, arch, device):
+    src = save(tiny(arch), tmp_path)
+    state = fastfp8.load_quantized(tmp_path, device=device, memory_budget="256KiB", chunk_bytes="16KiB")
+    quantized = {n for n in src if n + "_scale" in state}
+    for name in quantized:
+        check_linear(state, src, name, device)
+    for name in set(src) - quantized:
+        assert same_bytes(state[name], src[name]), name
+    # what must and must not be quantized
+    assert all(".mlp.gate.weight" not in n and "block_sparse_moe.gate.weight" not in n for n in quantized)
+    assert not any("embed_tokens" in n or "lm_head" in n or "norm" in n for n in quantized)
+    assert any("self_attn.q_proj" in n for n in quantized)
+    if arch != "llama":
+        assert any(".experts.1." in n for n in quantized)
+    assert set(state) == set(src) | {n + "_scale" for n in quantized}
+    st = state.stats
+    assert st.bytes_read == sum(t.numel() * t.element_size() for t in src.values())
+    assert 0 < st.peak_in_flight <= 256 << 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_llama4_fused_experts(tmp_path, device):
+    src = save(tiny("llama4"), tmp_path)
+    state = fastfp8.load_quantized(tmp_path, device=device, memory_budget="1MiB", chunk_bytes="8KiB")
+    fused = [n for n in src if n.endswith("experts.gate_up_proj")]
+    assert fused
+    for gu in fused:
+        prefix = gu[: -len("gate_up_proj")]
+        for src_name, out in [(gu, "w13_weight"), (prefix + "down_proj", "w2_weight")]:
+            w = src[src_name]  # [E, in, out]
+            q, s = ct_quantize_experts(w.transpose(1, 2).contiguous().to(device))  # [E, out, in]
+            assert state[prefix + out].shape == (w.shape[0], w.shape[2], w.shape[1])
+            assert same_bytes(state[prefix + out], q), src_name
+            assert same_bytes(state[prefix + out + "_scale"], s), src_name
+            assert src_name not in state
+        # gate rows first, then up: rows [0, I) of w13 come from gate_up_proj[..., :I]
+        inter = src[gu].shape[2] // 2
+        gate_q, _ = ct_quantize_experts(src[gu][..., :inter].transpose(1, 2).contiguous().to(device))
+        assert same_bytes(state[prefix + "w13_weight"][:, :inter], gate_q)
+    assert not any(n.endswith("router.weight_scale") for n in state)
+    assert any(n.endswith("shared_expert.gate_proj.weight_scale") for n in state)
+
+
+def test_pr27280_ignore_list(tmp_path):
+    src = save(tiny("llama4"), tmp_path)
+    ignore = ["re:.*self_attn", "re:.*lm_head", "re:.*router", "re:.*vision_model",
+              "re:.*multi_modal_projector", "re:.*shared_expert"]
+    state = fastfp8.load_quantized(tmp_path, device="cpu", ignore=ignore)
+    quantized = {n[: -len("_scale")] for n in state if n.endswith("_scale")}
+    assert not any("self_attn" in n or "shared_expert" in n for n in quantized)
+    assert any(n.endswith("experts.w13_weight") for n in quantized)
+    for n in src:
+        if "self_attn" in n:
+            assert same_bytes(state[n], src[n])
+
+
+def test_exact_names_and_default_ignore_off(tmp_path):
+    src = save(tiny("llama"), tmp_path)
+    state = fastfp8.load_quantized(tmp_path, device="cpu", ignore=["model.layers.0.mlp.down_proj"],
+                                   default_ignore=False)
+    assert state["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert state["model.layers.1.mlp.down_proj.weight"].dtype == FP8
+    check_linear(state, src, "lm_head.weight", "cpu")
+    with pytest.raises(ValueError, match=r"bad ignore pattern"):
+        fastfp8.load_quantized(tmp_path, device="cpu", ignore=["re:("])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_source_dtypes_and_odd_shapes(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(1, 1), (1, 37), (37, 1), (17, 33), (129, 250), (3, 4096)]
+    tensors = {}
+    for i, shape in enumerate(shapes):
+        w = torch.randn(*shape, generator=gen).to(dtype)
+        if i == 3:
+            w[2] = 0  # a zero row
+            w[4] = 1e-6  # tiny values: subnormal after scaling
+            w[5, 3] = 3e4  # a huge value
+        tensors[f"m{i}.proj.weight"] = w
+    tensors["m0.proj.bias"] = torch.randn(5, generator=gen).to(dtype)
+    tensors["ints.weight"] = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    state = fastfp8.load_quantized(path, device="cpu")
+    for name, w in tensors.items():
+        if w.dtype == dtype and w.ndim == 2:
+            q, s = ct_quantize(w)
+            assert s.dtype == dtype
+            assert same_bytes(state[name], q) and same_bytes(state[name + "_scale"], s), name
+        else:
+            assert same_bytes(state[name], w)
+
+
+def test_non_finite_weights_are_named(tmp_path):
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    bad = w.clone()
+    bad[3, 4] = float("nan")
+    inf = w.clone()
+    inf[0, 0] = float("inf")
+    save_file({"a.weight": w, "b.weight": bad, "c.weight": inf}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(fastfp8.NonFiniteWeightError, match=r"b\.weight.*c\.weight"):
+        fastfp8.load_quantized(tmp_path, device="cpu")
+    state = fastfp8.load_quantized(tmp_path, device="cpu", allow_non_finite=True)
+    assert state.stats.non_finite == ["b.weight", "c.weight"]
+    assert same_bytes(state["a.weight"], ct_quantize(w)[0])
+
+
+def test_errors_name_file_and_tensor(tmp_path):
+    with pytest.raises(fastfp8.CheckpointNotFoundError):
+        fastfp8.load_quantized(tmp_path / "nope", device="cpu")
+    save_file({"w.weight": torch.randn(64, 64)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="byte size"):
+        fastfp8.load_quantized(tmp_path, device="cpu", memory_budget="much")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w.weight": "gone.safetensors"}}))
+    with pytest.raises(fastfp8.CheckpointError, match=r"gone\.safetensors"):
+        fastfp8.load_quantized(tmp_path, device="cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_is_bounded(tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    tensors = {f"l{i}.proj.weight": torch.randn(1024, 2048, generator=gen).to(torch.bfloat16) for i in range(12)}
+    tensors["embed_tokens.weight"] = torch.randn(4096, 1024, generator=gen).to(torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    state = fastfp8.load_quantized(tmp_path, device="cuda", memory_budget="16MiB", chunk_bytes="1MiB")
+    peak = torch.cuda.max_memory_allocated() - base
+    final = sum(t.numel() * t.element_size() for t in state.values())
+    largest = 1024 * 2048 * 2
+    assert peak <= final + 2 * largest + (1 << 20), (peak, final, largest)
+    for name in tensors:
+        if name.startswith("l"):
+            check_linear(state, tensors, name, "cuda")
