@@ -250,6 +250,8 @@ def main() -> None:
     if not args.no_baselines:
         head += " reference ms | reference TB/s | eager_min ms | eager_min TB/s | dispatch ms | speedup vs reference |"
         sep += " ---: | ---: | ---: | ---: | ---: | ---: |"
+    md = [f"FP8 channelwise quantization, {props.name}, {versions}, {args.dtype}, rounding={args.rounding}; "
+          "TB/s = (weight read + fp8 written + scales) / median time", "", head, sep]
     print(head)
     print(sep)
     for r in rows_out:
@@ -263,6 +265,7 @@ def main() -> None:
                 f"| {r['eager_min_tbps']:.3f} | {r['dispatch_ms']:.3f} | {r['reference_ms'] / r['triton_ms']:.1f}x |"
             )
         print(line)
+        md.append(line)
 
     result = {
         "gpu": props.name,
@@ -279,6 +282,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"\nwrote {out}")
     if not all(r["equal"] for r in rows_out):
         raise SystemExit("some kernel outputs differ from the reference")

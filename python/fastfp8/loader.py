@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import Checkpoint, ChunkReader, open_checkpoint
 from .errors import NonFiniteWeightError
-from .quant import quantize_channelwise
+from .quant import quantize_channelwise, resolve_rounding
 from .select import Target, plan_targets
 from .units import parse_bytes
 
@@ -217,20 +217,6 @@ def load_quantized(
     result.update((t.scale_name, outputs[t.scale_name]) for t in targets if t.quantized)
     result.stats = stats
     return result
-
-
-def resolve_rounding(rounding: str, device: torch.device) -> str:
-    """``"auto"`` -> what compressed-tensors does on ``device`` (see load_quantized)."""
-    if rounding != "auto":
-        if rounding not in ("eager", "fp32"):
-            raise ValueError(f"rounding must be 'auto', 'eager' or 'fp32', not {rounding!r}")
-        return rounding
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        from .quant import triton_supported
-
-        if triton_supported(device):
-            return "fp32"
-    return "eager"
 
 
 def _progress(total: int, enabled: bool | None):

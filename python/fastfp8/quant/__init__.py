@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Literal
 
 import torch
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_finite_scales",
     "quantize_channelwise",
     "quantize_channelwise_reference",
+    "resolve_rounding",
     "triton_supported",
 ]
 
@@ -94,13 +96,26 @@ def triton_supported(device: torch.device) -> bool:
     return _device_has_fp8(index) and _triton_importable()
 
 
+def resolve_rounding(rounding: str, device: torch.device) -> Rounding:
+    """``"auto"`` -> the rounding compressed-tensors (0.19+) uses on ``device``: ``"fp32"``
+    on CUDA devices of compute capability 9.0+ with Triton (its ``_quantize_triton``
+    backend), ``"eager"`` everywhere else (its torch path, and all versions up to 0.18)."""
+    if rounding == "auto":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _triton_importable():
+            return "fp32"
+        return "eager"
+    if rounding not in ("eager", "fp32"):
+        raise ValueError(f"rounding must be 'auto', 'eager' or 'fp32', not {rounding!r}")
+    return rounding  # type: ignore[return-value]
+
+
 def quantize_channelwise(
     weight: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
     scale_out: torch.Tensor | None = None,
     check_finite: bool = True,
-    rounding: Rounding = "eager",
+    rounding: Rounding | Literal["auto"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 e4m3 per-output-channel quantization of a 2-D or 3-D weight.
 
@@ -117,16 +132,18 @@ def quantize_channelwise(
             finite values become +-0 and their infinities NaN. NaN bytes may be
             0x7F or 0xFF (the kernel and torch may disagree on the sign of a NaN).
             With ``True`` the outputs have still been written when it raises.
-        rounding: ``"eager"`` (default; compressed-tensors' torch path: divide in
-            the weight dtype, then round to e4m3) or ``"fp32"`` (compressed-tensors
-            0.19+/Triton on sm90+: divide in fp32, round once). Same scales; they
-            differ in ~3% of the bytes of a bf16 weight, never for fp32 weights.
+        rounding: ``"auto"`` (default): what compressed-tensors itself does on the
+            weight's device (:func:`resolve_rounding`); ``"eager"``: its torch path
+            (divide in the weight dtype, then round to e4m3); ``"fp32"``: its Triton
+            path on sm90+ (divide in fp32, round once). Same scales; the two differ in
+            ~3% of the bytes of a bf16 weight, never for fp32 weights.
 
     Returns:
         ``(q, scale)``: float8_e4m3fn of the weight's shape and a scale of the
         weight's dtype and shape ``[..., out, 1]``, such that
         ``weight ~= q.to(weight.dtype) * scale``; bytes identical to compressed-tensors.
     """
+    rounding = resolve_rounding(rounding, weight.device)
     forced = os.environ.get("FASTFP8_QUANT_BACKEND", "")
     use_triton = (forced == "triton" or (forced != "reference" and triton_supported(weight.device))) and weight.is_cuda
     if use_triton:

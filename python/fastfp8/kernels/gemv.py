@@ -1,0 +1,201 @@
+"""Small-batch (decode) FP8 linear: ``y = x @ (w * scale).T + bias`` for ``M`` up to ~16 rows,
+as a Triton kernel that streams the fp8 weight once at HBM speed.
+
+Weight-only FP8 (W8A16): the fp8 weight ``[N, K]`` is widened in registers (exactly: every
+e4m3 value is a bf16/fp16 value) and multiplied with the bf16/fp16 activations, fp32
+accumulation, then one per-output-channel scale and the bias in the epilogue. At these
+sizes the work is bound by reading the weight, so skipping the activation quantization
+costs nothing and is more accurate than the W8A8 ``torch._scaled_mm`` path.
+
+Each program owns ``BLOCK_N`` output channels and walks the whole ``K`` in ``BLOCK_K``
+steps (rows of the weight are contiguous, so every load is a run of ``BLOCK_K`` bytes).
+``M == 1`` accumulates elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and
+reduces once at the end; ``M > 1`` pads the rows to 16 and uses ``tl.dot``.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 (the interpreter's bf16
+dot is broken); on a GPU it runs in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+#: Largest M the GEMV kernel serves by default (``Fp8Linear`` switches to ``_scaled_mm`` above).
+GEMV_MAX_M = int(os.environ.get("FASTFP8_GEMV_MAX_M", "16"))
+
+__all__ = ["GEMV_MAX_M", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
+
+
+@torch.no_grad()
+def fp8_gemv_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 reference: ``(x.float() @ weight.float().T) * scale.T + bias``, cast to ``x.dtype``."""
+    y = x.float() @ weight.float().t()
+    y = y * scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_gemv_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        sx_m,
+        sw_n,
+        sy_m,
+        HAS_BIAS: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        EMULATE: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        m_ok = rm < M
+        rn_safe = tl.where(n_ok, rn, 0)  # clamp rows instead of masking: loads stay unpredicated
+        if INT64:
+            rn_safe = rn_safe.to(tl.int64)
+        w_ptrs = w_ptr + rn_safe[:, None] * sw_n + rk[None, :]
+        x_ptrs = x_ptr + rm[:, None] * sx_m + rk[None, :]
+        if USE_DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            else:
+                k_ok = (k0 + rk) < K
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if USE_DOT:
+                if EMULATE:
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            else:
+                acc2 += w.to(tl.float32) * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        if not USE_DOT:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm[:, None] * sy_m + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | bool]:
+    """Launch parameters: enough programs for ~2 waves of the SMs, ~8-16 KiB of weight per
+    step. ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages"`` overrides them."""
+    use_dot = m > 1
+    env = os.environ.get("FASTFP8_GEMV_CONFIG")
+    if env:
+        bn, bk, nw, ns = (int(v) for v in env.split(","))
+        bn = max(bn, 16) if use_dot else bn
+        return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, USE_DOT=use_dot)
+    min_bn = 16 if use_dot else 4
+    bn = 64
+    while bn > min_bn and triton.cdiv(n, bn) < 2 * num_sms:
+        bn //= 2
+    bk = max(32, min(512 if use_dot else 8192 // bn, triton.next_power_of_2(k)))
+    bk = min(bk, 1024)
+    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4 if use_dot else 3, USE_DOT=use_dot)
+
+
+@torch.no_grad()
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x [M, K]`` (bf16/fp16, M <= 16) times the fp8 ``weight [N, K]`` with per-channel
+    ``scale`` (``N`` values: ``[N, 1]`` or ``[1, N]``, any float dtype), plus ``bias [N]``.
+    Returns ``[M, N]`` in ``x.dtype`` (written into ``out`` when given)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.dtype != FP8 or weight.shape[1] != k:
+        raise ValueError(f"weight must be float8_e4m3fn [N, {k}], got {weight.dtype} {tuple(weight.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"fp8_gemv takes bf16/fp16 activations, got {x.dtype}")
+    if m > 16:
+        raise ValueError(f"fp8_gemv serves at most 16 rows, got {m}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    scale = scale.reshape(-1)
+    if scale.numel() != n:
+        raise ValueError(f"scale must hold {n} values, got {scale.numel()}")
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        y.copy_(bias.to(y.dtype).expand(m, n) if bias is not None else torch.zeros_like(y))
+        return y
+    sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 132
+    cfg = dict(config) if config else gemv_config(m, n, k, sms)
+    use_dot = cfg.pop("USE_DOT", m > 1)
+    block_m = 16 if use_dot else 1
+    if not use_dot and m != 1:
+        raise ValueError("the elementwise (no-dot) variant serves M == 1 only")
+    int64 = n * weight.stride(0) + cfg["BLOCK_K"] >= 2**31 - 1
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
+        _fp8_gemv_kernel[grid](
+            x, weight, scale, bias if bias is not None else scale, y,
+            m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None,
+            USE_DOT=use_dot,
+            EMULATE=not x.is_cuda,
+            EVEN_K=k % cfg["BLOCK_K"] == 0,
+            INT64=int64,
+            BLOCK_M=block_m,
+            **cfg,
+        )
+    return y

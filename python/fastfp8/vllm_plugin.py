@@ -1,0 +1,281 @@
+"""vLLM integration: serve a bf16 checkpoint as FP8 with ``--load-format fastfp8``.
+
+The package registers :func:`register` under the ``vllm.general_plugins`` entry point, so
+every vLLM process that has fastfp8 installed knows the load format ``fastfp8``::
+
+    vllm serve /models/Llama-3.1-8B-Instruct --load-format fastfp8 \\
+        --model-loader-extra-config '{"ignore": ["re:.*self_attn"]}'
+
+What :class:`Fastfp8ModelLoader` does, per worker:
+
+1. Before the model is built, it injects llm-compressor's FP8_DYNAMIC compressed-tensors
+   ``quantization_config`` (weights FP8 e4m3 per output channel, activations FP8 per token,
+   dynamic) into ``model_config.hf_config``, sets ``model_config.quantization`` to
+   ``"compressed-tensors"`` and rebuilds ``vllm_config.quant_config`` with vLLM's own code
+   path. vLLM then builds the model with its compressed-tensors W8A8 FP8 scheme: every
+   quantized linear allocates an FP8 ``weight`` and a ``weight_scale``, never bf16.
+   The ``ignore`` list names the concrete modules kept unquantized (lm_head, embeddings,
+   MoE routers, and whatever the ``ignore`` option adds), as llm-compressor writes it.
+2. It streams the bf16 checkpoint through fastfp8's native reader (pinned buffer of
+   ``memory_budget`` bytes), quantizes each weight on the GPU as soon as its bytes are
+   there, and feeds ``model.load_weights`` the tensors a compressed-tensors FP8_DYNAMIC
+   checkpoint would hold (``<m>.weight`` F8_E4M3 ``[out, in]``, ``<m>.weight_scale``
+   ``[out, 1]``; Llama4 fused experts as per-expert ``experts.<e>.gate_proj|up_proj|
+   down_proj``). Device memory beyond the FP8 model is one bf16 tensor and its FP8 copy.
+
+Options (``--model-loader-extra-config`` JSON): ``ignore`` (list of module names or
+``"re:<pattern>"``, added to fastfp8's defaults), ``default_ignore`` (bool, default true),
+``memory_budget`` (e.g. ``"2GiB"``), ``chunk_bytes``, ``threads``, ``rounding``
+(``"auto"``, ``"eager"``, ``"fp32"``).
+
+A checkpoint that already carries a ``quantization_config`` is refused, except an
+FP8-channel compressed-tensors one (for example the same config passed through
+``--hf-overrides``), which is used as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .select import IgnoreRules, plan_targets
+from .units import parse_bytes
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMAT = "fastfp8"
+_registered = False
+
+
+@dataclass
+class LoaderOptions:
+    """The ``--model-loader-extra-config`` options of ``--load-format fastfp8``."""
+
+    ignore: list[str] = field(default_factory=list)
+    default_ignore: bool = True
+    memory_budget: int | str = "2GiB"
+    chunk_bytes: int | str = "64MiB"
+    threads: int | None = None
+    rounding: str = "auto"
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any] | None) -> LoaderOptions:
+        """Validates ``extra`` (a dict, or None); raises ValueError naming the bad key."""
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"model_loader_extra_config must be a dict, got {type(extra).__name__}")
+        extra = dict(extra or {})
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(extra) - allowed)
+        if unknown:
+            raise ValueError(f"unknown --model-loader-extra-config keys for load format {LOAD_FORMAT!r}: "
+                             f"{unknown} (allowed: {sorted(allowed)})")
+        opts = cls(**extra)
+        if isinstance(opts.ignore, str):
+            opts.ignore = [opts.ignore]
+        if not isinstance(opts.ignore, (list, tuple)) or not all(isinstance(e, str) for e in opts.ignore):
+            raise ValueError(f"'ignore' must be a list of module names or 're:<pattern>' strings, got {opts.ignore!r}")
+        opts.ignore = list(opts.ignore)
+        IgnoreRules(opts.ignore)  # raises on a bad pattern
+        if not isinstance(opts.default_ignore, bool):
+            raise ValueError(f"'default_ignore' must be true or false, got {opts.default_ignore!r}")
+        for key in ("memory_budget", "chunk_bytes"):
+            if parse_bytes(getattr(opts, key)) <= 0:
+                raise ValueError(f"{key!r} must be a positive byte size, got {getattr(opts, key)!r}")
+        if opts.threads is not None and (not isinstance(opts.threads, int) or opts.threads <= 0):
+            raise ValueError(f"'threads' must be a positive integer, got {opts.threads!r}")
+        if opts.rounding not in ("auto", "eager", "fp32"):
+            raise ValueError(f"'rounding' must be 'auto', 'eager' or 'fp32', got {opts.rounding!r}")
+        return opts
+
+
+# ---------------------------------------------------------------------------------------
+# vLLM-independent pieces (tested without vLLM)
+
+
+def plan(path: str | os.PathLike[str], options: LoaderOptions):
+    """``(checkpoint, targets, quantization_config)`` of a bf16 checkpoint, from headers."""
+    from .convert import ignored_modules, quantization_config
+
+    ckpt = open_checkpoint(path)
+    targets = plan_targets(ckpt, options.ignore, default_ignore=options.default_ignore)
+    return ckpt, targets, quantization_config(ignored_modules(targets))
+
+
+def iter_weights(path: str | os.PathLike[str], options: LoaderOptions | None = None, *,
+                 device: str | torch.device | None = None, progress: bool | None = None,
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``(name, tensor)`` stream fed to ``model.load_weights``: the tensors of the
+    compressed-tensors FP8_DYNAMIC checkpoint of ``path``, quantized on ``device``
+    (default: the current CUDA device, else the CPU)."""
+    from .convert import iter_compressed
+
+    options = options or LoaderOptions()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    ckpt, targets, _ = plan(path, options)
+    yield from iter_compressed(ckpt, targets, device=device, rounding=options.rounding,
+                               memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
+                               threads=options.threads, progress=progress, desc="fastfp8 load")
+
+
+def is_fp8_channel_config(cfg: Any) -> bool:
+    """Whether ``cfg`` (a ``quantization_config`` dict) is compressed-tensors with FP8
+    per-channel weights in every group: one fastfp8's weight stream satisfies."""
+    if not isinstance(cfg, dict) or cfg.get("quant_method") != "compressed-tensors":
+        return False
+    groups = cfg.get("config_groups") or {}
+    if not groups:
+        return False
+    for g in groups.values():
+        w = (g or {}).get("weights") or {}
+        if not (w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") == "channel"
+                and w.get("symmetric", True) and not w.get("dynamic", False)):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# vLLM glue
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: registers load format ``fastfp8``.
+
+    vLLM calls it in every process, possibly several times; only the first call in a
+    process registers. Without vLLM it does nothing.
+    """
+    global _registered
+    try:
+        from vllm.model_executor import model_loader
+    except ImportError as e:  # no vLLM (or a broken one): nothing to plug into
+        logger.debug("fastfp8: vLLM not importable (%s); load format %r not registered", e, LOAD_FORMAT)
+        return
+    table = getattr(model_loader, "_LOAD_FORMAT_TO_MODEL_LOADER", None)
+    cls = _loader_class()
+    if _registered or (table is not None and table.get(LOAD_FORMAT) is cls):
+        _registered = True
+        return
+    model_loader.register_model_loader(LOAD_FORMAT)(cls)
+    _registered = True
+
+
+def _model_path(model_config, load_config) -> str:
+    """A local directory holding the checkpoint (downloaded from the hub if needed)."""
+    path = model_config.model
+    if os.path.isdir(path) or os.path.isfile(path):
+        return path
+    from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+    return download_weights_from_hf(path, load_config.download_dir, ["*.safetensors", "*.json"],
+                                    model_config.revision, ignore_patterns=load_config.ignore_patterns)
+
+
+def inject_quantization_config(vllm_config, model_config, quant_config: dict) -> None:
+    """Makes vLLM build the model as a compressed-tensors FP8 checkpoint: sets
+    ``hf_config.quantization_config`` and ``model_config.quantization``, then recomputes
+    ``vllm_config.quant_config`` the way vLLM does at start-up (capability and dtype
+    checks included). An existing FP8-channel compressed-tensors config is kept; any other
+    quantization is an error."""
+    hf_config = model_config.hf_config
+    existing = getattr(hf_config, "quantization_config", None)
+    if existing is not None and not isinstance(existing, dict) and hasattr(existing, "to_dict"):
+        existing = existing.to_dict()
+    if existing is not None:
+        if not is_fp8_channel_config(existing):
+            method = existing.get("quant_method", "?") if isinstance(existing, dict) else type(existing).__name__
+            raise ValueError(f"load format {LOAD_FORMAT!r} quantizes a bf16/fp16/fp32 checkpoint to FP8, but "
+                             f"{model_config.model} is already quantized ({method})")
+    elif model_config.quantization not in (None, "compressed-tensors"):
+        raise ValueError(f"load format {LOAD_FORMAT!r} produces compressed-tensors FP8 weights; drop "
+                         f"--quantization {model_config.quantization}")
+    else:
+        hf_config.quantization_config = quant_config
+    model_config.quantization = "compressed-tensors"
+    from vllm.config import VllmConfig
+
+    getter = getattr(VllmConfig, "_get_quantization_config", None)
+    if getter is not None:
+        qc = getter(model_config, vllm_config.load_config)
+    else:  # older/newer vLLM: the plain lookup
+        from vllm.model_executor.model_loader.weight_utils import get_quant_config
+
+        qc = get_quant_config(model_config, vllm_config.load_config)
+    vllm_config.quant_config = qc
+
+
+_CLASS: type | None = None
+
+
+def _loader_class() -> type:
+    """The :class:`Fastfp8ModelLoader` class (defined on first use: it subclasses vLLM's
+    ``BaseModelLoader``, so importing this module must not need vLLM)."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    class Fastfp8ModelLoader(BaseModelLoader):
+        """``--load-format fastfp8``: bf16 safetensors -> FP8 compressed-tensors weights,
+        streamed and quantized on the GPU. See :mod:`fastfp8.vllm_plugin`."""
+
+        def __init__(self, load_config) -> None:
+            super().__init__(load_config)
+            self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
+            self._plans: dict[str, tuple[Any, list, dict]] = {}
+
+        def _plan(self, model_config):
+            path = _model_path(model_config, self.load_config)
+            if path not in self._plans:
+                self._plans[path] = plan(path, self.options)
+            return path, self._plans[path]
+
+        def download_model(self, model_config) -> None:
+            _model_path(model_config, self.load_config)
+
+        def load_model(self, vllm_config, model_config, prefix: str = ""):
+            _, (_, _, quant_config) = self._plan(model_config)
+            inject_quantization_config(vllm_config, model_config, quant_config)
+            return super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+
+        def get_all_weights(self, model_config, model=None) -> Iterator[tuple[str, torch.Tensor]]:
+            from .convert import iter_compressed
+
+            _, (ckpt, targets, _) = self._plan(model_config)
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            o = self.options
+            progress = bool(getattr(self.load_config, "use_tqdm_on_load", False)) or None
+            yield from iter_compressed(ckpt, targets, device=device, rounding=o.rounding,
+                                       memory_budget=o.memory_budget, chunk_bytes=o.chunk_bytes, threads=o.threads,
+                                       progress=progress, desc="fastfp8 load")
+
+        def load_weights(self, model, model_config) -> None:
+            import time
+
+            t0 = time.perf_counter()
+            weights = self.get_all_weights(model_config, model)
+            try:
+                loaded = model.load_weights(weights)
+            finally:
+                weights.close()
+            if loaded is not None:
+                missing = {n for n, _ in model.named_parameters()} - set(loaded)
+                if missing:
+                    logger.debug("fastfp8: parameters not in the checkpoint (left as built): %s", sorted(missing))
+            logger.info("fastfp8: loaded and quantized %s in %.2f s", model_config.model, time.perf_counter() - t0)
+
+    Fastfp8ModelLoader.__module__ = __name__
+    Fastfp8ModelLoader.__qualname__ = "Fastfp8ModelLoader"
+    _CLASS = Fastfp8ModelLoader
+    return _CLASS
+
+
+def __getattr__(name: str):
+    if name == "Fastfp8ModelLoader":
+        return _loader_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
