@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_mmap"]
+FASTFP8 = ["fastfp8", "fastfp8_pread"]
 WARM_PEERS = ["safetensors_load_file", "safetensors_safe_open", "runai", "fastsafetensors_buffered",
               "instanttensor_buffered"]
 COLD_PEERS = ["safetensors_safe_open", "runai", "fastsafetensors", "instanttensor_direct"]
@@ -92,7 +92,7 @@ def worker(args) -> dict:
 
     def run_once():
         if args.loader.startswith("fastfp8"):
-            method = "mmap" if args.loader == "fastfp8_mmap" else "pread"
+            method = "pread" if args.loader == "fastfp8_pread" else "mmap"
             return fastfp8.load_quantized(ckpt, device=dev, memory_budget=args.budget, method=method,
                                           threads=args.threads, progress=False)
         return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     ff_warm = best("warm", {"fastfp8"})[0]
     doc.update({
         "fastfp8_warm_gbps": ff_warm,
-        "fastfp8_mmap_warm_gbps": best("warm", {"fastfp8_mmap"})[0],
+        "fastfp8_pread_warm_gbps": best("warm", {"fastfp8_pread"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],
         "best_peer_warm": best("warm", peer_names)[1],
         "safetensors_warm_gbps": best("warm", {"safetensors_load_file", "safetensors_safe_open"})[0],

@@ -84,24 +84,26 @@ def test_truncated_copies_of_a_real_file(tmp_path):
             fastfp8.open_checkpoint(p)
 
 
-def test_file_truncated_after_open(tmp_path):
+@pytest.mark.parametrize("method", ["mmap", "pread"])
+def test_file_truncated_after_open(tmp_path, method):
     path = tmp_path / "t.safetensors"
     tensors = {f"w{i}": torch.randn(256, 256) for i in range(8)}
     save_file(tensors, str(path))
     ckpt = fastfp8.open_checkpoint(path)
     os.truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(fastfp8.ReadError, match=str(path)):
-        for _ in ckpt.stream(memory_budget="1MiB", threads=2):
+        for _ in ckpt.stream(memory_budget="1MiB", threads=2, method=method):
             pass
     with pytest.raises(fastfp8.ReadError):
         ckpt.get("w7")
 
 
-def test_file_rewritten_shorter_during_stream(tmp_path):
+@pytest.mark.parametrize("method", ["mmap", "pread"])
+def test_file_rewritten_shorter_during_stream(tmp_path, method):
     path = tmp_path / "t.safetensors"
     save_file({f"w{i}": torch.randn(512, 512) for i in range(16)}, str(path))
     ckpt = fastfp8.open_checkpoint(path)
-    with pytest.raises(fastfp8.ReadError), ckpt.stream(memory_budget="2MiB", threads=2) as s:
+    with pytest.raises(fastfp8.ReadError), ckpt.stream(memory_budget="2MiB", threads=2, method=method) as s:
         for i, _ in enumerate(s):
             if i == 2:
                 with open(path, "r+b") as f:

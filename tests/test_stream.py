@@ -28,11 +28,12 @@ def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+@pytest.mark.parametrize("method", ["mmap", "pread"])
 @pytest.mark.parametrize("budget", [4 << 20, 5 << 20, 16 << 20])
 @pytest.mark.parametrize("threads", [1, 3, 8])
-def test_peak_in_flight_never_above_budget(ckpt, budget, threads):
+def test_peak_in_flight_never_above_budget(ckpt, budget, threads, method):
     ckpt, tensors = ckpt
-    with ckpt.stream(memory_budget=budget, threads=threads) as s:
+    with ckpt.stream(memory_budget=budget, threads=threads, method=method) as s:
         for name, t in s:
             assert torch.equal(t, tensors[name])
         stats = s.stats()

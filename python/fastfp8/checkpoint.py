@@ -149,7 +149,7 @@ class Checkpoint:
         memory_budget: int | str = "1GiB",
         threads: int | None = None,
         auto_release: bool = True,
-        method: str = "pread",
+        method: str = "mmap",
     ) -> TensorStream:
         """Streams tensors (all, in file order, or ``names`` in the given order) through
         pinned slots carved from one buffer of ``memory_budget`` bytes.
@@ -160,7 +160,9 @@ class Checkpoint:
         ``auto_release=False`` you release each slot (``slot.release()`` or ``with slot:``)
         and the reader waits for space meanwhile. Using a slot's tensor after its release
         raises :class:`SlotReleasedError`. Each tensor must fit the budget
-        (:class:`BudgetError` names the first that does not).
+        (:class:`BudgetError` names the first that does not). ``method`` is ``"mmap"``
+        (copies out of a file mapping, the default) or ``"pread"``; with either, a file
+        that shrinks meanwhile is a :class:`ReadError`, never a crash.
         """
         infos = self.file_order() if names is None else [self.info(n) for n in names]
         items = [(t.name, [(t.shard, t.begin, t.nbytes)]) for t in infos]
@@ -204,7 +206,7 @@ class ChunkReader:
         memory_budget: int | str,
         chunk_bytes: int | None,
         threads: int | None = None,
-        method: str = "pread",
+        method: str = "mmap",
         piece_bytes: int = 4 << 20,
         pin: bool | None = None,
     ) -> None:

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod reader;
 pub mod ring;
 pub mod shard;
+pub mod sigbus;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use dtype::Dtype;

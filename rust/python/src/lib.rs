@@ -149,7 +149,7 @@ type ItemSpec = (String, Vec<(usize, u64, u64)>);
 #[pymethods]
 impl PyReader {
     #[new]
-    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="pread"))]
+    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
