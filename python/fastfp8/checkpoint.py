@@ -74,8 +74,8 @@ class Checkpoint:
     """A validated safetensors checkpoint. See :func:`open_checkpoint`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._native = _native.Checkpoint(os.fspath(path))
         self.path = Path(path)
+        self._native = _native.Checkpoint(os.fspath(path))
         self._shards = [Path(p) for p, _, _ in self._native.shards()]
         self.tensors: dict[str, TensorInfo] = {
             name: TensorInfo(name, dtype, tuple(shape), self._shards[shard], begin, end, shard)

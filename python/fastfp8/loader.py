@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ from .checkpoint import Checkpoint, ChunkReader, open_checkpoint
 from .errors import NonFiniteWeightError
 from .quant import quantize_channelwise, resolve_rounding
 from .select import Target, plan_targets
+from .tensor_parallel import TensorParallel, split_of
+from .tensor_parallel import resolve as resolve_tp
 from .units import parse_bytes
 
 FP8 = torch.float8_e4m3fn
@@ -76,41 +79,83 @@ class QuantizedState(dict):
     stats: LoadStats
 
 
+Segments = list[tuple[int, int, int]]  # (shard, file offset, nbytes)
+
+
 @dataclass
 class _Job:
     target: Target
     expert: int | None  # fused experts: one item per expert
     nbytes: int
-    shape: tuple[int, ...]  # of the item as stored
+    shape: tuple[int, ...]  # of the item as read (fused experts: [in, out], transposed on the device)
     #: outputs to allocate when this job's first chunk arrives: (name, shape, dtype)
     allocs: list[tuple[str, tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    #: row-parallel slice: the per-row amax is all-reduced (MAX) across the group
+    reduce: bool = False
 
 
-def _plan(targets: list[Target]) -> tuple[list[tuple[str, list[tuple[int, int, int]]]], list[_Job]]:
-    """Read items (one per tensor, one per expert of fused experts) and their jobs."""
-    items: list[tuple[str, list[tuple[int, int, int]]]] = []
+def _rows(src, start: int, stop: int) -> Segments:
+    """Rows ``[start, stop)`` of the first dimension: one contiguous range."""
+    row = src.nbytes // src.shape[0] if src.shape and src.shape[0] else 0
+    return [(src.shard, src.begin + start * row, (stop - start) * row)]
+
+
+def _cols(src, base: int, rows: int, width: int, spans: list[tuple[int, int]]) -> Segments:
+    """Column spans of each of ``rows`` rows of ``width`` elements starting at ``base``."""
+    es = src.torch_dtype.itemsize
+    return [(src.shard, base + (r * width + a) * es, (b - a) * es) for r in range(rows) for a, b in spans if b > a]
+
+
+def _plan(targets: list[Target], tp: TensorParallel | None = None) -> tuple[list[tuple[str, Segments]], list[_Job]]:
+    """Read items (one per tensor, one per expert of fused experts) and their jobs; with
+    ``tp``, only this rank's slice of each split tensor (see :mod:`fastfp8.tensor_parallel`)."""
+    items: list[tuple[str, Segments]] = []
     jobs: list[_Job] = []
     for tg in targets:
         src = tg.source
-        whole = [(src.shard, src.begin, src.nbytes)]
-        if tg.kind == "copy":
-            items.append((src.name, whole))
-            jobs.append(_Job(tg, None, src.nbytes, src.shape, [(tg.weight_name, src.shape, src.torch_dtype)]))
-        elif tg.kind == "quantize":
+        dtype = src.torch_dtype
+        split = split_of(src.name, len(src.shape)) if tp else None
+        shape, segs, reduce = src.shape, [(src.shard, src.begin, src.nbytes)], False
+        if split in ("column", "vocab"):
+            a, b = tp.span(src.shape[0])
+            shape, segs = (b - a, *src.shape[1:]), _rows(src, a, b)
+        elif split == "row":
             rows, cols = src.shape
-            allocs = [(tg.weight_name, (rows, cols), FP8), (tg.scale_name, (rows, 1), src.torch_dtype)]
-            items.append((src.name, whole))
-            jobs.append(_Job(tg, None, src.nbytes, src.shape, allocs))
-        else:  # fused experts [E, in, out] -> [E, out, in], one read item per expert
-            n_exp, k, n = src.shape
-            allocs = [(tg.weight_name, (n_exp, n, k), FP8), (tg.scale_name, (n_exp, n, 1), src.torch_dtype)]
-            per = src.nbytes // n_exp if n_exp else 0
-            for e in range(n_exp):
-                items.append((f"{src.name}[{e}]", [(src.shard, src.begin + e * per, per)]))
-                jobs.append(_Job(tg, e, per, (k, n), allocs if e == 0 else []))
-            if n_exp == 0:
-                items.append((src.name, whole))
-                jobs.append(_Job(tg, None, 0, src.shape, allocs))
+            a, b = tp.span(cols)
+            shape, segs, reduce = (rows, b - a), _cols(src, src.begin, rows, cols, [(a, b)]), True
+        if tg.kind in ("copy", "quantize"):
+            nbytes = sum(n for _, _, n in segs)
+            allocs = [(tg.weight_name, shape, dtype)]
+            if tg.kind == "quantize":
+                allocs = [(tg.weight_name, shape, FP8), (tg.scale_name, (shape[0], 1), dtype)]
+            items.append((src.name, segs))
+            jobs.append(_Job(tg, None, nbytes, shape, allocs, reduce))
+            continue
+        # fused experts [E, in, out] -> [E, out, in], one read item per expert
+        n_exp, k, n = src.shape
+        per = src.nbytes // n_exp if n_exp else 0
+        spans_k, spans_n, reduce = [(0, k)], [(0, n)], False
+        if split == "fused_column":  # gate and up halves of `out`, each split
+            half = n // 2
+            a, b = tp.span(half)
+            spans_n = [(a, b), (half + a, half + b)]
+        elif split == "fused_row":
+            spans_k, reduce = [tp.span(k)], True
+        kk = sum(b - a for a, b in spans_k)
+        nn = sum(b - a for a, b in spans_n)
+        allocs = [(tg.weight_name, (n_exp, nn, kk), FP8), (tg.scale_name, (n_exp, nn, 1), dtype)]
+        es = dtype.itemsize
+        for e in range(n_exp):
+            ka = spans_k[0][0]
+            if spans_n == [(0, n)]:  # whole rows: one contiguous range
+                segs = [(src.shard, src.begin + e * per + ka * n * es, kk * n * es)]
+            else:
+                segs = _cols(src, src.begin + e * per + ka * n * es, kk, n, spans_n)
+            items.append((f"{src.name}[{e}]", segs))
+            jobs.append(_Job(tg, e, kk * nn * es, (kk, nn), allocs if e == 0 else [], reduce))
+        if n_exp == 0:
+            items.append((src.name, []))
+            jobs.append(_Job(tg, None, 0, src.shape, allocs))
     return items, jobs
 
 
@@ -146,6 +191,9 @@ def load_quantized(
     allow_non_finite: bool = False,
     rounding: str = "auto",
     progress: bool | None = None,
+    tp_rank: int | None = None,
+    tp_size: int | None = None,
+    process_group: Any = None,
 ) -> QuantizedState:
     """Loads a bf16/fp16/fp32 safetensors checkpoint as FP8 e4m3 per-output-channel.
 
@@ -170,11 +218,17 @@ def load_quantized(
             compute capability 9.0+, else ``"eager"`` (its torch path: divide in the weight
             dtype, then round to e4m3).
         progress: a progress bar on stderr (default: when stderr is a terminal).
+        tp_rank, tp_size, process_group: tensor-parallel loading (see
+            :mod:`fastfp8.tensor_parallel`): this rank reads and keeps only its slice of each
+            split tensor; row-parallel scales are all-reduced over ``process_group``
+            (torch.distributed, NCCL on GPUs, gloo on CPUs), so every rank's bytes equal the
+            matching slice of the one-GPU result. Rank and size default to the group's.
 
     Returns:
         a :class:`QuantizedState` (a dict of device tensors with ``.stats``).
     """
     t0 = time.perf_counter()
+    tp = resolve_tp(tp_rank, tp_size, process_group)
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -183,7 +237,7 @@ def load_quantized(
     budget = parse_bytes(memory_budget)
     chunk = max(1, min(parse_bytes(chunk_bytes), budget // 4))
     targets = plan_targets(ckpt, ignore, default_ignore=default_ignore)
-    items, jobs = _plan(targets)
+    items, jobs = _plan(targets, tp)
     outputs = _Outputs(dev)
     total = sum(j.nbytes for j in jobs)
     bar = _progress(total, progress)
@@ -195,9 +249,9 @@ def load_quantized(
     phases["setup"] = time.perf_counter() - t0
     try:
         if dev.type == "cuda":
-            _run_cuda(reader, jobs, outputs, dev, budget, chunk, rounding, bar, phases)
+            _run_cuda(reader, jobs, outputs, dev, budget, chunk, rounding, bar, phases, tp)
         else:
-            _run_host(reader, jobs, outputs, dev, rounding, bar)
+            _run_host(reader, jobs, outputs, dev, rounding, bar, tp)
         rs = reader.stats()
     finally:
         reader.close()
@@ -229,21 +283,33 @@ def _progress(total: int, enabled: bool | None):
                 disable=not enabled, smoothing=0.1)
 
 
-def _quantize_item(job: _Job, staging: torch.Tensor, outputs: dict[str, torch.Tensor], rounding: str) -> None:
+def _quantize_item(job: _Job, staging: torch.Tensor, outputs: dict[str, torch.Tensor], rounding: str,
+                   tp: TensorParallel | None) -> None:
     tg = job.target
     w = staging[: job.nbytes].view(tg.source.torch_dtype).view(job.shape)
     q, s = outputs[tg.weight_name], outputs[tg.scale_name]
     if job.expert is not None:
-        # [in, out] as stored -> [out, in], on the device, contiguous for the kernel.
+        # [in, out] as read -> [out, in], on the device, contiguous for the kernel.
         w = w.t().contiguous()
         q, s = q[job.expert], s[job.expert]
+    reduce = None
+    if job.reduce and tp is not None:
+        import torch.distributed as dist
+
+        def reduce(absmax: torch.Tensor) -> None:
+            dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=tp.group)
+
     if w.numel():
-        quantize_channelwise(w, out=q, scale_out=s, check_finite=False, rounding=rounding)
+        quantize_channelwise(w, out=q, scale_out=s, check_finite=False, rounding=rounding, reduce_absmax=reduce)
     elif s.numel():
-        s.fill_(torch.finfo(s.dtype).eps)
+        if reduce is not None:  # an empty slice still takes part in the collective
+            zeros = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+            s.copy_(quantize_channelwise(zeros, check_finite=False, rounding=rounding, reduce_absmax=reduce)[1])
+        else:
+            s.fill_(torch.finfo(s.dtype).eps)
 
 
-def _run_cuda(reader, jobs, outputs, dev, budget, chunk, rounding, bar, phases) -> None:
+def _run_cuda(reader, jobs, outputs, dev, budget, chunk, rounding, bar, phases, tp) -> None:
     copy_stream = torch.cuda.Stream(dev)
     compute_stream = torch.cuda.Stream(dev)
     staging_bytes = max((j.nbytes for j in jobs if j.target.quantized), default=0)
@@ -292,7 +358,7 @@ def _run_cuda(reader, jobs, outputs, dev, budget, chunk, rounding, bar, phases) 
             if quantized and ioff + n == job.nbytes:
                 compute_stream.wait_stream(copy_stream)
                 with torch.cuda.stream(compute_stream):
-                    _quantize_item(job, staging[slot], outputs, rounding)
+                    _quantize_item(job, staging[slot], outputs, rounding, tp)
                     qe = torch.cuda.Event()
                     qe.record(compute_stream)
                 quant_done[slot] = qe
@@ -306,7 +372,7 @@ def _run_cuda(reader, jobs, outputs, dev, budget, chunk, rounding, bar, phases) 
         reader.release(off, n)
 
 
-def _run_host(reader, jobs, outputs, dev, rounding, bar) -> None:
+def _run_host(reader, jobs, outputs, dev, rounding, bar, tp) -> None:
     staging_bytes = max((j.nbytes for j in jobs if j.target.quantized), default=0)
     staging = torch.empty(staging_bytes, dtype=torch.uint8, device=dev)
     while (d := reader.next()) is not None:
@@ -320,7 +386,7 @@ def _run_host(reader, jobs, outputs, dev, rounding, bar) -> None:
             reader.release(boff, n)
             bar.update(n)
         if job.target.quantized and ioff + n == job.nbytes:
-            _quantize_item(job, staging, outputs, rounding)
+            _quantize_item(job, staging, outputs, rounding, tp)
 
 
 def _non_finite(targets: list[Target], outputs: dict[str, torch.Tensor]) -> list[str]:

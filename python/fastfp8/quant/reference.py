@@ -54,6 +54,7 @@ normally reject such weights (see :func:`fastfp8.quant.quantize_channelwise`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -126,6 +127,7 @@ def quantize_channelwise_reference(
     out: torch.Tensor | None = None,
     scale_out: torch.Tensor | None = None,
     rounding: Rounding = "eager",
+    reduce_absmax: Callable[[torch.Tensor], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` to FP8 e4m3 with one scale per output row, in plain torch.
 
@@ -138,6 +140,10 @@ def quantize_channelwise_reference(
         rounding: ``"eager"`` (divide in the weight dtype, then round to e4m3: the
             compressed-tensors torch path) or ``"fp32"`` (divide in fp32, round once:
             the compressed-tensors >= 0.19 Triton path on sm90+ GPUs).
+        reduce_absmax: called in place on the per-row ``max(|min|, |max|)`` (shape
+            ``[..., out, 1]``, weight dtype) before the scale is taken: a tensor-parallel
+            slice of the input dim all-reduces it (MAX) so that its scale is the whole
+            row's. The max is exact, so the result equals the unsliced quantization's slice.
 
     Returns:
         ``(q, scale)``: ``q`` is float8_e4m3fn with the weight's shape, ``scale`` has the
@@ -162,6 +168,8 @@ def quantize_channelwise_reference(
         min_vals = torch.min(min_vals, torch.zeros_like(min_vals))
         max_vals = torch.max(max_vals, torch.zeros_like(max_vals))
         max_val_pos = torch.max(torch.abs(min_vals), torch.abs(max_vals))
+        if reduce_absmax is not None:
+            reduce_absmax(max_val_pos)
         # compressed-tensors: bit_range = (448 - (-448)) as a 0-d tensor on `device`,
         # then `max_val_pos / (bit_range.to(dtype) / 2)`.
         half_range = torch.tensor(2.0 * FP8_MAX, device=device).to(dtype) / 2
