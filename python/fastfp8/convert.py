@@ -68,36 +68,27 @@ _SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.js
 
 def quantization_config(ignore: Iterable[str]) -> dict:
     """The ``quantization_config`` of an FP8_DYNAMIC compressed-tensors checkpoint, as
-    llm-compressor writes it into ``config.json`` (``ModelCompressor.update_config``).
+    llm-compressor writes it into ``config.json`` (``ModelCompressor.update_config``):
+    one group targeting ``Linear``, FP8 per-channel static weights, FP8 per-token dynamic
+    activations, format ``float-quantized``, status ``compressed``, and ``ignore``.
 
-    Built with compressed-tensors' own classes when it is installed (so the dump carries
-    its version and exact field set), else the same content from literals.
+    Written from literals, so that the output does not depend on the installed
+    compressed-tensors (importing it costs seconds); the tests check that
+    compressed-tensors' own ``QuantizationConfig`` parses it to the same scheme.
     """
-    ignore = list(ignore)
-    try:
-        import compressed_tensors
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-    except ImportError:
-        return {
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": dict(WEIGHT_ARGS),
-                                          "input_activations": dict(INPUT_ARGS), "output_activations": None,
-                                          "format": "float-quantized"}},
-            "format": "float-quantized",
-            "global_compression_ratio": None,
-            "ignore": ignore,
-            "kv_cache_scheme": None,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "sparsity_config": {},
-            "transform_config": {},
-        }
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**WEIGHT_ARGS),
-                                input_activations=QuantizationArgs(**INPUT_ARGS), format="float-quantized")
-    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
-                             quantization_status="compressed", ignore=ignore)
-    data = cfg.model_dump(mode="json", exclude={"quant_method"})
-    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
-            "sparsity_config": {}, "transform_config": {}, **data}
+    return {
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": dict(WEIGHT_ARGS),
+                                      "input_activations": dict(INPUT_ARGS), "output_activations": None,
+                                      "format": "float-quantized"}},
+        "format": "float-quantized",
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+    }
 
 
 def ignored_modules(targets: list[Target]) -> list[str]:
@@ -224,7 +215,7 @@ def iter_compressed(
     memory_budget: int | str = "1GiB",
     chunk_bytes: int | str = "64MiB",
     threads: int | None = None,
-    method: str = "pread",
+    method: str = "mmap",
     allow_non_finite: bool = False,
     progress: bool | None = None,
     desc: str = "fastfp8",
@@ -413,9 +404,9 @@ def convert(
     src, dst = Path(src), Path(dst)
     ckpt = open_checkpoint(src)
     src_dir = src if src.is_dir() else src.parent
-    rs, rd = src_dir.resolve(), dst.resolve()
-    if rd == rs or rs in rd.parents or (src.is_dir() and rd in rs.parents):
-        raise ValueError(f"destination {dst} must not be the source directory, inside it, or contain it")
+    rs, rd = src.resolve(), dst.resolve()
+    if rd == rs or rd in rs.parents or (src.is_dir() and rs in rd.parents):
+        raise ValueError(f"destination {dst} must not be the source, contain it, or be inside the source directory")
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise FileExistsError(errno.EEXIST, f"{dst} exists (use --force / overwrite=True to replace it)")
     config = _read_config(src)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,12 +98,13 @@ class LoaderOptions:
 # vLLM-independent pieces (tested without vLLM)
 
 
-def plan(path: str | os.PathLike[str], options: LoaderOptions):
-    """``(checkpoint, targets, quantization_config)`` of a bf16 checkpoint, from headers."""
+def plan(path: str | os.PathLike[str], options: LoaderOptions, extra_ignore: Iterable[str] = ()):
+    """``(checkpoint, targets, quantization_config)`` of a bf16 checkpoint, from headers.
+    ``extra_ignore``: the ``ignore`` entries of a quantization config given by hand."""
     from .convert import ignored_modules, quantization_config
 
     ckpt = open_checkpoint(path)
-    targets = plan_targets(ckpt, options.ignore, default_ignore=options.default_ignore)
+    targets = plan_targets(ckpt, [*options.ignore, *extra_ignore], default_ignore=options.default_ignore)
     return ckpt, targets, quantization_config(ignored_modules(targets))
 
 
@@ -176,6 +177,15 @@ def _model_path(model_config, load_config) -> str:
                                     model_config.revision, ignore_patterns=load_config.ignore_patterns)
 
 
+def existing_quantization_config(model_config) -> dict | None:
+    """The ``quantization_config`` the model's config already has (checkpoint or
+    ``--hf-overrides``), as a dict, or None."""
+    existing = getattr(model_config.hf_config, "quantization_config", None)
+    if existing is not None and not isinstance(existing, dict) and hasattr(existing, "to_dict"):
+        existing = existing.to_dict()
+    return existing
+
+
 def inject_quantization_config(vllm_config, model_config, quant_config: dict) -> None:
     """Makes vLLM build the model as a compressed-tensors FP8 checkpoint: sets
     ``hf_config.quantization_config`` and ``model_config.quantization``, then recomputes
@@ -183,9 +193,7 @@ def inject_quantization_config(vllm_config, model_config, quant_config: dict) ->
     checks included). An existing FP8-channel compressed-tensors config is kept; any other
     quantization is an error."""
     hf_config = model_config.hf_config
-    existing = getattr(hf_config, "quantization_config", None)
-    if existing is not None and not isinstance(existing, dict) and hasattr(existing, "to_dict"):
-        existing = existing.to_dict()
+    existing = existing_quantization_config(model_config)
     if existing is not None:
         if not is_fp8_channel_config(existing):
             method = existing.get("quant_method", "?") if isinstance(existing, dict) else type(existing).__name__
@@ -227,13 +235,19 @@ def _loader_class() -> type:
         def __init__(self, load_config) -> None:
             super().__init__(load_config)
             self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
-            self._plans: dict[str, tuple[Any, list, dict]] = {}
+            self._plans: dict[tuple, tuple[Any, list, dict]] = {}
 
         def _plan(self, model_config):
+            """(checkpoint, targets, quantization_config) for ``model_config``; a
+            quantization config given by hand adds its ``ignore`` entries to ours, so that
+            the stream matches what vLLM allocates."""
             path = _model_path(model_config, self.load_config)
-            if path not in self._plans:
-                self._plans[path] = plan(path, self.options)
-            return path, self._plans[path]
+            existing = existing_quantization_config(model_config)
+            extra = list(existing.get("ignore") or []) if is_fp8_channel_config(existing) else []
+            key = (path, tuple(extra))
+            if key not in self._plans:
+                self._plans[key] = plan(path, self.options, extra)
+            return path, self._plans[key]
 
         def download_model(self, model_config) -> None:
             _model_path(model_config, self.load_config)
