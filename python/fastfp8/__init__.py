@@ -7,6 +7,10 @@ Public API (everything else, ``fastfp8._native`` included, is private):
 - :func:`open_checkpoint` -> :class:`Checkpoint`: validated headers, ``get``, ``stream``.
 - :func:`quantize_channelwise`: the FP8 quantization primitive (Triton on CUDA, torch
   elsewhere), byte-identical to compressed-tensors.
+- :class:`Fp8Linear`, :class:`Fp8MoE`: modules that run the result;
+  :func:`build_quantized_model` / :func:`quantize_model`: a transformers model (Llama,
+  Qwen3-MoE, Mixtral, Llama4 text) built on the meta device with them in place, its
+  weights streamed straight in.
 - The exceptions in :mod:`fastfp8.errors`, all subclasses of :class:`Error`.
 """
 
@@ -28,6 +32,8 @@ from .errors import (
     UnsupportedDtypeError,
 )
 from .loader import LoadStats, QuantizedState, load_quantized
+from .model import build_quantized_model, quantize_model
+from .modules import Fp8Linear, Fp8MoE
 from .quant import quantize_channelwise
 from .select import DEFAULT_IGNORE
 
@@ -44,6 +50,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "Error",
+    "Fp8Linear",
+    "Fp8MoE",
     "HeaderError",
     "LoadStats",
     "NonFiniteWeightError",
@@ -55,7 +63,9 @@ __all__ = [
     "TensorStream",
     "UnsupportedDtypeError",
     "__version__",
+    "build_quantized_model",
     "load_quantized",
     "open_checkpoint",
     "quantize_channelwise",
+    "quantize_model",
 ]

@@ -122,21 +122,25 @@ def _num_sms(index: int) -> int:
 
 
 def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | bool]:
-    """Launch parameters: enough programs for ~2 waves of the SMs, ~8-16 KiB of weight per
-    step. ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages"`` overrides them."""
+    """Launch parameters (from an H100 sweep, ``benches/bench_modules.py --only probe``):
+    M == 1: the widest ``BLOCK_N`` in {64, 32, 16, 8} that still gives >= 4 programs per SM,
+    8 KiB of weight per step; M > 1: 32 x 256 tiles (16 x 256 for narrow N).
+    ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages"`` overrides them."""
     use_dot = m > 1
     env = os.environ.get("FASTFP8_GEMV_CONFIG")
     if env:
         bn, bk, nw, ns = (int(v) for v in env.split(","))
         bn = max(bn, 16) if use_dot else bn
         return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, USE_DOT=use_dot)
-    min_bn = 16 if use_dot else 4
+    kp = triton.next_power_of_2(max(k, 1))
+    if use_dot:
+        bn = 32 if triton.cdiv(n, 32) >= num_sms // 2 else 16
+        return dict(BLOCK_N=bn, BLOCK_K=max(32, min(256, kp)), num_warps=4, num_stages=3, USE_DOT=True)
     bn = 64
-    while bn > min_bn and triton.cdiv(n, bn) < 2 * num_sms:
+    while bn > 8 and triton.cdiv(n, bn) < 4 * num_sms:
         bn //= 2
-    bk = max(32, min(512 if use_dot else 8192 // bn, triton.next_power_of_2(k)))
-    bk = min(bk, 1024)
-    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4 if use_dot else 3, USE_DOT=use_dot)
+    bk = max(32, min(8192 // bn, 1024, kp))
+    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, USE_DOT=False)
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ FP8 = torch.float8_e4m3fn
 
 __all__ = [
     "align_tokens",
+    "align_tokens_torch",
     "fused_moe",
     "grouped_supported",
     "moe_bf16_grouped",
@@ -54,11 +55,26 @@ __all__ = [
     "route_llama4",
     "route_softmax_topk",
     "sort_tokens",
+    "sort_tokens_torch",
 ]
 
 #: ``"auto"`` uses the Triton W8A16 kernels up to this many (token, expert) pairs per
 #: expert on average, the W8A8 grouped GEMM (or Triton W8A8 kernel) above.
 MOE_SMALL_PAIRS_PER_EXPERT = float(os.environ.get("FASTFP8_MOE_SMALL", "4"))
+#: ``use_fast_accum`` of the grouped backend's ``torch._scaled_grouped_mm`` calls
+GROUPED_FAST_ACCUM = os.environ.get("FASTFP8_GROUPED_FAST_ACCUM", "1") == "1"
+#: tests set this: intermediate buffers are filled with NaN when allocated, so that a row or
+#: column a kernel fails to write shows up in the result
+POISON = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON and dtype == FP8:
+        t.view(torch.uint8).fill_(0x7F)
+    elif POISON:
+        t.fill_(float("nan"))
+    return t
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +167,7 @@ def _moe_loop(x, topk_ids, topk_weights, weights_on_input, weights_of):
 def moe_bf16_grouped(x, topk_ids, topk_weights, w13, w2, *, weights_on_input: bool = False) -> torch.Tensor:
     """bf16 baseline with ``torch._grouped_mm`` (the same sort and combine as the fp8
     grouped path): ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` unquantized."""
-    t, h = x.shape
+    t = x.shape[0]
     k = topk_ids.shape[1]
     order, tok, offs = sort_tokens(topk_ids, w13.shape[0])
     xin = _expert_inputs(x, topk_weights, weights_on_input)
@@ -177,7 +193,19 @@ def _counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
 def sort_tokens(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(order, token_of_sorted_pair, offs)``: pair indices (``t * k + slot``) sorted by
     expert (stable), their tokens, and int32 cumulative END offsets per expert (what
-    ``torch._grouped_mm`` / ``torch._scaled_grouped_mm`` take)."""
+    ``torch._grouped_mm`` / ``torch._scaled_grouped_mm`` take). A two-launch Triton counting
+    sort on CUDA (:func:`_sort_triton`), torch elsewhere (:func:`sort_tokens_torch`)."""
+    if _use_triton_sort(topk_ids):
+        try:
+            order, tok, offs, _, _ = _sort_triton(topk_ids, num_experts, 1, pad=False)
+            return order, tok, offs
+        except Exception as e:  # a Triton problem must not take the MoE down: torch instead
+            _triton_sort_failed(e)
+    return sort_tokens_torch(topk_ids, num_experts)
+
+
+def sort_tokens_torch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sort_tokens` in plain torch (argsort, stable)."""
     flat = topk_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     offs = torch.cumsum(_counts(flat, num_experts), 0).to(torch.int32)
@@ -192,7 +220,25 @@ def align_tokens(
     Returns ``(sorted_ids int32 [S], expert_ids int32 [S // block_m], num_padded int32 [1])``:
     ``sorted_ids`` holds pair indices ``t * k + slot``, ``P = T * k`` marks padding;
     ``S = round_up(P + min(E, P) * (block_m - 1), block_m)`` is an upper bound on the padded
-    total ``num_padded`` (blocks at or past it are skipped by the kernels)."""
+    total ``num_padded``. Entries at or past ``num_padded`` are unspecified on CUDA (the
+    kernels skip those blocks); the torch version fills them with ``P`` / ``E - 1``."""
+    if _use_triton_sort(topk_ids):
+        try:
+            sorted_ids, _, _, expert_ids, npad = _sort_triton(topk_ids, num_experts, block_m, pad=True)
+            return sorted_ids, expert_ids, npad
+        except Exception as e:
+            _triton_sort_failed(e)
+    return align_tokens_torch(topk_ids, num_experts, block_m)
+
+
+def _align_size(p: int, num_experts: int, block_m: int) -> int:
+    return -(-(p + min(num_experts, p) * (block_m - 1)) // block_m) * block_m
+
+
+def align_tokens_torch(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`align_tokens` in plain torch."""
     flat = topk_ids.reshape(-1).long()
     p = flat.numel()
     dev = flat.device
@@ -204,7 +250,7 @@ def align_tokens(
     order = torch.argsort(flat, stable=True)
     sorted_e = flat[order]
     dest = pad_start[sorted_e] + torch.arange(p, device=dev) - cnt_start[sorted_e]
-    size = -(-(p + min(num_experts, p) * (block_m - 1)) // block_m) * block_m
+    size = _align_size(p, num_experts, block_m)
     sorted_ids = torch.full((size,), p, dtype=torch.int32, device=dev)
     sorted_ids.index_copy_(0, dest, order.to(torch.int32))
     starts = torch.arange(0, size, block_m, device=dev)
@@ -212,13 +258,80 @@ def align_tokens(
     return sorted_ids, expert_ids, pad_end[-1:].to(torch.int32)
 
 
-def _combine(y, order, topk_weights, t, k, weights_on_input):
-    """Sorted expert outputs ``y [P, H]`` -> ``[T, H]``: weight (fp32), unsort, sum the k slots."""
+_TRITON_SORT = os.environ.get("FASTFP8_TRITON_SORT", "1") == "1"
+
+
+def _use_triton_sort(topk_ids: torch.Tensor) -> bool:
+    return _TRITON_SORT and topk_ids.is_cuda and triton is not None and topk_ids.numel() > 0
+
+
+def _triton_sort_failed(e: Exception) -> None:
+    global _TRITON_SORT
+    _TRITON_SORT = False
+    import warnings
+
+    warnings.warn(f"fastfp8: the Triton token sort failed ({type(e).__name__}: {e}); using torch from now on",
+                  stacklevel=3)
+
+
+def _sort_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, pad: bool):
+    """Counting sort by expert in two launches (one program per expert: count, then place
+    with a running prefix), stable and deterministic. Returns ``(ids, tok, ends, expert_ids,
+    num_padded)``: with ``pad`` the :func:`align_tokens` layout (``ids`` int32 padded,
+    ``expert_ids``, ``num_padded``), else :func:`sort_tokens`' (``ids`` = order int64,
+    ``tok`` int64, ``ends`` int32 END offsets)."""
+    flat = topk_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    p = flat.numel()
+    dev = flat.device
+    k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    block = min(1024, max(16, triton.next_power_of_2(p)))
+    switch = dev.index != torch.cuda.current_device() if flat.is_cuda else False
+    with torch.cuda.device(dev) if switch else contextlib.nullcontext():
+        _count_kernel[(num_experts,)](flat, counts, p, BLOCK=block, num_warps=4)
+        if pad:
+            size = _align_size(p, num_experts, block_m)
+            ids = torch.empty(size, dtype=torch.int32, device=dev)
+            tok = ids  # unused
+            expert_ids = torch.empty(size // block_m, dtype=torch.int32, device=dev)
+            npad = torch.empty(1, dtype=torch.int32, device=dev)
+        else:
+            ids = torch.empty(p, dtype=torch.int64, device=dev)
+            tok = torch.empty(p, dtype=torch.int64, device=dev)
+            expert_ids = npad = ends  # unused
+        _place_kernel[(num_experts,)](
+            flat, counts, ids, tok, expert_ids, ends, npad, p, num_experts, k,
+            PAD=pad, BM=block_m, BLOCK=block, BLOCK_E=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
+    return ids, (None if pad else tok), ends, (expert_ids if pad else None), (npad if pad else None)
+
+
+def _combine(y, order, topk_weights, t, k, weights_on_input, out_dtype=None):
+    """Sorted expert outputs ``y [P, H]`` -> ``[T, H]``: ``out[t] = sum_j w[t, j] * y[row of
+    (t, j)]`` in fp32 (``w = 1`` with ``weights_on_input``). One Triton kernel on CUDA
+    (reads ``y`` once), torch elsewhere."""
+    out_dtype = out_dtype or y.dtype
+    h = y.shape[1]
+    if y.is_cuda and triton is not None and t * k:
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        w = topk_weights.reshape(-1)
+        if not w.is_contiguous():
+            w = w.contiguous()
+        out = _empty((t, h), out_dtype, y.device)
+        block_h = min(1024, triton.next_power_of_2(max(h, 16)))
+        _combine_kernel[(t, triton.cdiv(h, block_h))](
+            y, inv, w, out, h, y.stride(0), out.stride(0),
+            K=k, HAS_W=not weights_on_input, BLOCK_H=block_h, num_warps=4)
+        return out
+    yf = y.float()
     if not weights_on_input:
-        y = (y.float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)).to(y.dtype)
-    out = torch.empty_like(y)
-    out.index_copy_(0, order, y)
-    return out.view(t, k, -1).sum(dim=1) if k > 1 else out.view(t, -1)
+        yf = yf * topk_weights.reshape(-1)[order].float().unsqueeze(1)
+    out = torch.zeros((t * k, h), dtype=torch.float32, device=y.device)
+    out.index_copy_(0, order, yf)
+    return out.view(t, k, h).sum(dim=1).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,6 +346,66 @@ except ImportError:
     tl = None
 
 if triton is not None:
+
+    @triton.jit
+    def _count_kernel(ids_ptr, counts_ptr, p, BLOCK: tl.constexpr):
+        e = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for p0 in range(0, p, BLOCK):
+            offs = p0 + tl.arange(0, BLOCK)
+            v = tl.load(ids_ptr + offs, mask=offs < p, other=-1)
+            acc += (v == e).to(tl.int32)
+        tl.store(counts_ptr + e, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _place_kernel(ids_ptr, counts_ptr, out_ptr, tok_ptr, expert_ids_ptr, ends_ptr, npad_ptr, p, num_experts, k,
+                      PAD: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+        e = tl.program_id(0)
+        re = tl.arange(0, BLOCK_E)
+        c = tl.load(counts_ptr + re, mask=re < num_experts, other=0)
+        if PAD:
+            c = (c + BM - 1) // BM * BM
+        start = tl.sum(tl.where(re < e, c, 0), axis=0)
+        mine = tl.sum(tl.where(re == e, c, 0), axis=0)  # this expert's (padded) run
+        run = start
+        for p0 in range(0, p, BLOCK):
+            offs = p0 + tl.arange(0, BLOCK)
+            v = tl.load(ids_ptr + offs, mask=offs < p, other=-1)
+            hit = (v == e).to(tl.int32)
+            pos = run + tl.cumsum(hit, axis=0) - hit
+            if PAD:
+                tl.store(out_ptr + pos, offs.to(tl.int32), mask=hit != 0)
+            else:
+                tl.store(out_ptr + pos, offs.to(tl.int64), mask=hit != 0)
+                tl.store(tok_ptr + pos, (offs // k).to(tl.int64), mask=hit != 0)
+            run += tl.sum(hit, axis=0)
+        end = start + mine
+        tl.store(ends_ptr + e, end)
+        if PAD:
+            slot = run + tl.arange(0, BM)  # padding slots after this expert's pairs
+            tl.store(out_ptr + slot, tl.full([BM], 0, tl.int32) + p, mask=slot < end)
+            b0 = start // BM
+            nb = mine // BM
+            for j in range(0, nb, BLOCK):
+                idx = j + tl.arange(0, BLOCK)
+                tl.store(expert_ids_ptr + b0 + idx, tl.full([BLOCK], 0, tl.int32) + e, mask=idx < nb)
+            if e == num_experts - 1:
+                tl.store(npad_ptr, end)
+
+    @triton.jit
+    def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, h, s_y, s_o, K: tl.constexpr, HAS_W: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = cols < h
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            v = tl.load(y_ptr + row * s_y + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + t * s_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _fused_moe_kernel(
@@ -341,7 +514,7 @@ def moe_config(pairs: int, num_experts: int, n: int, k: int, *, a8: bool, gated:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=64 if gated else 128, BLOCK_K=bk, num_warps=4, num_stages=4 if a8 else 3)
-    cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
+    cfg["BLOCK_K"] = max(32 if a8 else 16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))  # fp8 dots: K >= 32
     return cfg
 
 
@@ -380,9 +553,8 @@ def moe_triton(
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     p = t * k
-    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     if p == 0:
-        return out.zero_()
+        return torch.zeros((t, h), dtype=x.dtype, device=x.device)
     cfg1 = (configs or (None, None))[0] or moe_config(p, num_experts, inter, h, a8=a8, gated=True)
     cfg2 = (configs or (None, None))[1] or moe_config(p, num_experts, h, inter, a8=a8, gated=False)
     if w13.stride(2) != 1:
@@ -397,7 +569,7 @@ def moe_triton(
     if a8:
         a, a_scale = triton_act_quant(a) if a.is_cuda else act_quant(a)
     sorted1, experts1, npad1 = align_tokens(topk_ids, num_experts, cfg1["BLOCK_M"])
-    act = torch.empty((p, inter), dtype=x.dtype, device=x.device)
+    act = _empty((p, inter), x.dtype, x.device)
     _launch_moe(a, a_scale, w13, w13_scale, act, None, sorted1, experts1, npad1,
                 a_div=a_div, gated=True, a8=a8, cfg=cfg1)
     act_scale = None
@@ -407,7 +579,7 @@ def moe_triton(
         sorted2, experts2, npad2 = sorted1, experts1, npad1
     else:
         sorted2, experts2, npad2 = align_tokens(topk_ids, num_experts, cfg2["BLOCK_M"])
-    y = torch.empty((p, h), dtype=x.dtype, device=x.device)
+    y = _empty((p, h), x.dtype, x.device)
     rw = None if weights_on_input else topk_weights.reshape(-1)
     if rw is not None and not rw.is_contiguous():
         rw = rw.contiguous()
@@ -444,7 +616,7 @@ def grouped_supported(device: torch.device) -> bool:
 @torch.no_grad()
 def moe_grouped(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, *, weights_on_input=False):
     """W8A8 with ``torch._scaled_grouped_mm`` (see the module docstring)."""
-    t, h = x.shape
+    t = x.shape[0]
     k = topk_ids.shape[1]
     num_experts = w13.shape[0]
     order, tok, offs = sort_tokens(topk_ids, num_experts)
@@ -458,11 +630,11 @@ def moe_grouped(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, *, weig
     s13 = w13_scale.reshape(num_experts, -1).float()
     s2 = w2_scale.reshape(num_experts, -1).float()
     h13 = torch._scaled_grouped_mm(aq, w13.transpose(1, 2), sa.reshape(-1), s13, offs=offs,
-                                   out_dtype=torch.bfloat16, use_fast_accum=True)
+                                   out_dtype=torch.bfloat16, use_fast_accum=GROUPED_FAST_ACCUM)
     act, sact = triton_act_quant(h13, gated=True)
     y = torch._scaled_grouped_mm(act, w2.transpose(1, 2), sact.reshape(-1), s2, offs=offs,
-                                 out_dtype=torch.bfloat16, use_fast_accum=True)
-    return _combine(y.to(x.dtype), order, topk_weights, t, k, weights_on_input)
+                                 out_dtype=torch.bfloat16, use_fast_accum=GROUPED_FAST_ACCUM)
+    return _combine(y, order, topk_weights, t, k, weights_on_input, out_dtype=x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
