@@ -138,20 +138,8 @@ if triton is not None:
             y = x.to(tl.float32)
         return y
 
-    @triton.jit
-    def _e4m3_emulated(v):
-        """fp32 in [-448, 448] (or NaN) -> float8e4nv, nearest-even (interpreter only)."""
-        bits = v.to(tl.int32, bitcast=True)
-        sign = (bits >> 24) & 0x80
-        a = bits & 0x7FFFFFFF
-        af = a.to(tl.float32, bitcast=True)
-        lsb = (a >> 20) & 1
-        normal = ((a + 0x7FFFF + lsb) >> 20) - (120 << 3)
-        t = af * 512.0
-        sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
-        code = tl.where(af >= 0.015625, normal, sub)
-        code = tl.where(af != af, 0x7F, code | sign)
-        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    # fp32 -> e4m3 by integer code under the interpreter, shared with the weight kernel
+    from ..quant.triton_kernel import _fp32_to_e4m3_emulated as _e4m3_emulated
 
     @triton.jit
     def _to_e4m3(v, inv_col, EMULATE: tl.constexpr):
