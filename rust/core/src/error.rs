@@ -90,6 +90,8 @@ pub enum Error {
     // --- checkpoint resolution ---
     #[error("{path}: no such file or directory")]
     NotFound { path: PathBuf },
+    #[error("{path}: not a regular file")]
+    NotAFile { path: PathBuf },
     #[error("{path}: not a safetensors checkpoint (no model.safetensors or model.safetensors.index.json)")]
     NoCheckpoint { path: PathBuf },
     #[error("{path}: invalid index: {msg}")]
@@ -171,6 +173,7 @@ impl Error {
             | DataTruncated { .. }
             | TrailingBytes { .. } => ErrorKind::Header,
             NotFound { .. } => ErrorKind::NotFound,
+            NotAFile { .. } => ErrorKind::Checkpoint,
             NoCheckpoint { .. }
             | IndexInvalid { .. }
             | UnsafeShardPath { .. }

@@ -154,7 +154,13 @@ pub fn parse_header(path: &Path, buf: &[u8], file_size: u64) -> Result<Header> {
     };
 
     let data_start = 8 + buf.len() as u64;
-    let data_len = file_size - data_start;
+    let data_len = file_size
+        .checked_sub(data_start)
+        .ok_or(Error::HeaderBeyondFile {
+            path: p(),
+            len: buf.len() as u64,
+            size: file_size,
+        })?;
     let mut metadata = None;
     let mut tensors = Vec::with_capacity(entries.len());
     for entry in entries {

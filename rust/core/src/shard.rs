@@ -62,15 +62,17 @@ pub struct Shard {
 impl Shard {
     /// Opens `path`, records its size and validates its header.
     pub fn open(path: &Path) -> Result<Shard> {
+        // Look before opening: open() on a FIFO would block until a writer comes.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "reading metadata", e))?;
+        if !meta.is_file() {
+            return Err(Error::NotAFile { path: path.into() });
+        }
         let file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(path, "reading metadata", e))?;
         if !meta.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            return Err(Error::NotAFile { path: path.into() });
         }
         let size = meta.len();
         let header = read_header(path, &file, size)?;
