@@ -3,15 +3,40 @@
 Pinning costs hundreds of milliseconds per GiB, so buffers are pooled for the process:
 ``acquire`` hands out an idle buffer of at least the asked size if one exists, and
 ``release`` returns it for the next load. At most ``max_idle_bytes`` stay idle.
+
+Concurrent loads each hold their own buffer, so without a limit the process holds the sum
+of their budgets. A process-wide limit bounds that sum: ``POOL.set_limit("8GiB")`` (or the
+environment variable ``FASTFP8_PINNED_LIMIT=8GiB``) makes ``acquire`` evict idle buffers,
+then wait for loads to give theirs back, when a new buffer would take the pool's live bytes
+(idle plus handed out, counted until the memory is actually freed) past the limit. A wait
+longer than the timeout (``FASTFP8_PINNED_TIMEOUT`` seconds, default 600) or a request larger
+than the limit itself raises :class:`~fastfp8.errors.BudgetError`.
+
+``release`` and the bookkeeping of freed buffers may run from a garbage collector's
+finalizer at any point, on any thread, even inside the pool's own critical sections:
+``release`` only queues the buffer there (the next holder of the lock takes it in), and a
+freed buffer's reservation is dropped with one atomic ``dict.pop``. The lock is only taken
+with ``with``, so an interrupt (KeyboardInterrupt) anywhere leaves it released and the
+pool consistent.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+import mmap
+import os
 import threading
+import time
+import weakref
 
 import torch
 
+from .errors import BudgetError
+from .units import format_bytes, parse_bytes
+
 _ALIGN = 2 << 20  # round sizes up to 2 MiB so that nearby budgets share buffers
+_WAIT_SLICE = 0.1  # waits wake at least this often (to pick up frees queued from finalizers)
 
 
 def cuda_available() -> bool:
@@ -21,45 +46,197 @@ def cuda_available() -> bool:
         return False
 
 
-class BufferPool:
-    """A thread-safe pool of uint8 host buffers."""
+def _env_limit() -> int | None:
+    v = os.environ.get("FASTFP8_PINNED_LIMIT", "").strip()
+    return parse_bytes(v) if v else None
 
-    def __init__(self, max_idle_bytes: int = 8 << 30) -> None:
-        self._lock = threading.Lock()
+
+def _env_timeout() -> float:
+    v = os.environ.get("FASTFP8_PINNED_TIMEOUT", "").strip()
+    return float(v) if v else 600.0
+
+
+class BufferPool:
+    """A thread-safe pool of uint8 host buffers, with an optional limit on their total."""
+
+    def __init__(self, max_idle_bytes: int = 8 << 30, max_total_bytes: int | str | None = None,
+                 timeout: float = 600.0) -> None:
+        # Re-entrant, because finalizers (ChunkReader.__del__ -> release) may run on a thread
+        # inside one of our own sections; _poke then leaves its work to that section.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._idle: list[torch.Tensor] = []
         self._max_idle = max_idle_bytes
+        self._limit = None if max_total_bytes is None else parse_bytes(max_total_bytes)
+        self._timeout = timeout
+        # Buffers given back by release(), taken into the idle list under the lock.
+        self._returned: collections.deque[torch.Tensor] = collections.deque()
+        # token -> bytes, for each of this pool's buffers whose memory is not yet freed (idle
+        # or handed out), and for reservations being allocated. A finalizer removes a buffer's
+        # entry when its memory is freed (dict.pop: atomic and idempotent, safe from any
+        # thread at any time).
+        self._alive: dict[int, int] = {}
+        self._tokens = itertools.count()
+        self._waiting = 0
         self.allocated_bytes = 0  # pinned/plain bytes this pool has allocated in total
+        self.peak_live_bytes = 0
 
-    def acquire(self, nbytes: int, *, pin: bool | None = None) -> torch.Tensor:
-        """A buffer of at least ``nbytes`` (exactly the rounded size when new)."""
+    # --- configuration and figures -------------------------------------------------------
+
+    def set_limit(self, max_total_bytes: int | str | None, *, timeout: float | None = None) -> None:
+        """Limits the bytes of all live buffers (idle and in use) to ``max_total_bytes``
+        (``None``: no limit); ``timeout``: how long ``acquire`` waits for room (seconds)."""
+        with self._lock:
+            self._limit = None if max_total_bytes is None else parse_bytes(max_total_bytes)
+            if timeout is not None:
+                self._timeout = timeout
+            self._cond.notify_all()
+
+    @property
+    def limit(self) -> int | None:
+        return self._limit
+
+    def live_bytes(self) -> int:
+        """Bytes of this pool's buffers that exist now: idle, or handed out and not freed."""
+        with self._lock:
+            self._drain()
+            return self._live()
+
+    def idle_bytes(self) -> int:
+        with self._lock:
+            self._drain()
+            return sum(b.numel() for b in self._idle)
+
+    def stats(self) -> dict[str, int | None]:
+        """``live``, ``idle``, ``in_use`` (live minus idle), ``peak_live``, ``allocated``
+        (in total, ever), ``limit`` (None: none), ``waiting`` (acquires waiting for room)."""
+        with self._lock:
+            self._drain()
+            idle = sum(b.numel() for b in self._idle)
+            live = self._live()
+            return {"live": live, "idle": idle, "in_use": live - idle, "peak_live": self.peak_live_bytes,
+                    "allocated": self.allocated_bytes, "limit": self._limit, "waiting": self._waiting}
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self._drain()
+            self.peak_live_bytes = self._live()
+
+    # --- acquire and release ---------------------------------------------------------------
+
+    def acquire(self, nbytes: int, *, pin: bool | None = None, timeout: float | None = None) -> torch.Tensor:
+        """A buffer of at least ``nbytes`` (exactly the rounded size when new). With a limit
+        set, waits up to ``timeout`` seconds (default: the pool's) for room."""
         pin = cuda_available() if pin is None else pin
         size = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
-        with self._lock:
-            fits = [i for i, b in enumerate(self._idle)
-                    if b.numel() >= size and b.is_pinned() == pin]
-            if fits:
-                best = min(fits, key=lambda i: self._idle[i].numel())
-                return self._idle.pop(best)
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        token = next(self._tokens)
+        try:
+            with self._lock:
+                idle = self._idle_or_reserve(token, size, pin, timeout)
+                if idle is not None:
+                    return idle
+            if pin and os.environ.get("FASTFP8_PINNED") == "thp":
+                buf = _huge_registered(size)
+            else:
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            # The reservation ends when the memory is freed: when the storage dies, not when
+            # this tensor object does (views of it keep the memory alive).
+            weakref.finalize(buf.untyped_storage(), self._alive.pop, token, None)
+        except BaseException:
+            self._alive.pop(token, None)  # idempotent: the finalizer may have run too
+            raise
         with self._lock:
             self.allocated_bytes += size
         return buf
 
     def release(self, buf: torch.Tensor) -> None:
-        with self._lock:
-            self._idle.append(buf)
-            self._idle.sort(key=lambda b: -b.numel())
-            while sum(b.numel() for b in self._idle) > self._max_idle:
-                self._idle.pop()
-
-    def idle_bytes(self) -> int:
-        with self._lock:
-            return sum(b.numel() for b in self._idle)
+        """Gives ``buf`` back for reuse; once, and only when nothing uses it any more (a
+        second release while it is idle is ignored). Safe from finalizers (``__del__``)."""
+        self._returned.append(buf)
+        self._poke()
 
     def clear(self) -> None:
         """Frees every idle buffer (pinned memory goes back to the OS)."""
         with self._lock:
+            self._drain()
             self._idle.clear()
 
+    # --- internals (those named "lock held" run with self._lock held) ----------------------
 
-POOL = BufferPool()
+    def _idle_or_reserve(self, token: int, size: int, pin: bool, timeout: float | None) -> torch.Tensor | None:
+        """An idle buffer that fits, or None once ``size`` live bytes are reserved under
+        ``token`` within the limit, waiting for room if need be (lock held)."""
+        deadline: float | None = None
+        while True:
+            self._drain()
+            fits = [i for i, b in enumerate(self._idle) if b.numel() >= size and b.is_pinned() == pin]
+            if fits:
+                return self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
+            limit = self._limit
+            live = self._live()
+            if limit is None or live + size <= limit:
+                self._alive[token] = size
+                if live + size > self.peak_live_bytes:
+                    self.peak_live_bytes = live + size
+                return None
+            if size > limit:
+                raise BudgetError(
+                    f"a host staging buffer of {format_bytes(size)} is larger than the process-wide limit "
+                    f"of {format_bytes(limit)} (FASTFP8_PINNED_LIMIT / fastfp8.pinned.POOL.set_limit)")
+            if self._idle:  # idle buffers that cannot serve this request make way for it
+                self._idle.sort(key=lambda b: b.numel())
+                self._idle.pop()  # freed now, unless something else still holds it
+                continue
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + (self._timeout if timeout is None else timeout)
+            if now >= deadline:
+                raise BudgetError(
+                    f"timed out waiting for {format_bytes(size)} of host staging memory: "
+                    f"{format_bytes(live)} of the process-wide limit of {format_bytes(limit)} "
+                    "are held by other loads")
+            self._waiting += 1
+            try:
+                self._cond.wait(min(_WAIT_SLICE, deadline - now))
+            finally:
+                self._waiting -= 1
+
+    def _live(self) -> int:
+        return sum(list(self._alive.values()))
+
+    def _poke(self) -> None:
+        """Takes released buffers in now, unless this thread is inside a section already (a
+        finalizer run in the middle of one): that section's owner, or the next, does it."""
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            return
+        with self._lock:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Moves released buffers to the idle list, trimming it (lock held)."""
+        while self._returned:
+            buf = self._returned.popleft()
+            if not any(b is buf for b in self._idle):  # a second release is a no-op
+                self._idle.append(buf)
+                self._idle.sort(key=lambda b: -b.numel())
+                while sum(b.numel() for b in self._idle) > self._max_idle:
+                    self._idle.pop()  # freed: its finalizer drops its reservation
+            if self._waiting:
+                self._cond.notify_all()
+
+
+def _huge_registered(size: int) -> torch.Tensor:
+    """Experimental (``FASTFP8_PINNED=thp``): anonymous memory backed by transparent huge
+    pages, then page-locked with cudaHostRegister, instead of cudaHostAlloc's 4 KiB pages."""
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    buf = torch.frombuffer(m, dtype=torch.uint8)
+    buf.fill_(0)  # fault the pages in, as huge pages where the kernel can
+    cudart = torch.cuda.cudart()
+    torch.cuda.check_error(cudart.cudaHostRegister(buf.data_ptr(), size, 0))
+    weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+    return buf
+
+
+POOL = BufferPool(max_total_bytes=_env_limit(), timeout=_env_timeout())

@@ -1,0 +1,129 @@
+"""Soak: consecutive load-and-quantize cycles of a small checkpoint in one process (200 by
+default, ``FASTFP8_SOAK_CYCLES`` to change). RSS, the staging pool, native threads and, on
+CUDA, pinned and GPU memory must stay flat between cycle 20 (after warm-up) and the last.
+Run with ``-s`` to see the figures."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import fastfp8
+import pytest
+import torch
+from fastfp8.pinned import POOL
+from safetensors.torch import save_file
+
+CYCLES = int(os.environ.get("FASTFP8_SOAK_CYCLES", "200"))
+WARM = 20
+MiB = 1 << 20
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def make_model(root: Path, shards=3, per_shard=6, rows=256, cols=512) -> int:
+    """About 4.6 MiB of bf16 in 3 shards; returns its size."""
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        ts = {f"model.layers.{s}.mlp.p{j}.weight": torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+              for j in range(per_shard)}
+        ts[f"model.layers.{s}.norm.weight"] = torch.randn(cols, generator=gen).to(torch.bfloat16)
+        save_file(ts, str(root / name))
+        weight_map.update(dict.fromkeys(ts, name))
+        total += sum(t.numel() * t.element_size() for t in ts.values())
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return total
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].cpu().view(-1).view(torch.uint8), b[k].cpu().view(-1).view(torch.uint8)) for k in a)
+
+
+def sample(extra=None) -> dict:
+    gc.collect()
+    s = {"rss": rss(), "threads": native_threads(), "pool": POOL.stats()}
+    if extra:
+        s.update(extra())
+    return s
+
+
+def soak(root: Path, device: str, extra=None) -> tuple[dict, dict, float]:
+    first = None
+    samples = {}
+    t0 = time.perf_counter()
+    for i in range(1, CYCLES + 1):
+        method = "mmap" if i % 2 else "pread"  # both read paths, alternately
+        state = fastfp8.load_quantized(root, device=device, memory_budget="1MiB", chunk_bytes="128KiB",
+                                       method=method)
+        if first is None:
+            first = {k: v.cpu().clone() for k, v in state.items()}
+        elif i == CYCLES:
+            assert same(state, first), "the last cycle's result differs from the first's"
+        del state
+        if i in (WARM, CYCLES):
+            samples[i] = sample(extra)
+    return samples[WARM], samples[CYCLES], time.perf_counter() - t0
+
+
+def report(title: str, nbytes: int, a: dict, b: dict, seconds: float) -> str:
+    lines = [f"\n{title}: {CYCLES} cycles of {nbytes / MiB:.1f} MiB in {seconds:.1f} s "
+             f"({seconds / CYCLES * 1e3:.1f} ms each)",
+             f"  RSS        cycle {WARM}: {a['rss'] / MiB:.1f} MiB, cycle {CYCLES}: {b['rss'] / MiB:.1f} MiB "
+             f"({(b['rss'] - a['rss']) / MiB:+.2f} MiB)",
+             f"  threads    {a['threads']} -> {b['threads']}",
+             f"  pool       live {a['pool']['live'] / MiB:.0f} -> {b['pool']['live'] / MiB:.0f} MiB, "
+             f"in use {a['pool']['in_use'] / MiB:.0f} -> {b['pool']['in_use'] / MiB:.0f} MiB, "
+             f"allocated in total {a['pool']['allocated'] / MiB:.0f} -> {b['pool']['allocated'] / MiB:.0f} MiB"]
+    for key in ("cuda_allocated", "cuda_reserved", "host_pinned"):
+        if key in a:
+            lines.append(f"  {key:<10} {a[key] / MiB:.1f} -> {b[key] / MiB:.1f} MiB")
+    return "\n".join(lines)
+
+
+def check_flat(a: dict, b: dict) -> None:
+    assert b["rss"] - a["rss"] < 16 * MiB, (a["rss"], b["rss"])
+    assert b["threads"] == a["threads"]
+    for key in ("live", "in_use", "allocated"):
+        assert b["pool"][key] == a["pool"][key], (key, a["pool"], b["pool"])
+
+
+def test_soak_cpu(tmp_path):
+    nbytes = make_model(tmp_path / "m")
+    a, b, seconds = soak(tmp_path / "m", "cpu")
+    print(report("soak, cpu", nbytes, a, b, seconds))
+    check_flat(a, b)
+
+
+def _cuda_figures() -> dict:
+    torch.cuda.synchronize()
+    out = {"cuda_allocated": torch.cuda.memory_allocated(), "cuda_reserved": torch.cuda.memory_reserved()}
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is not None:
+        out["host_pinned"] = stats().get("allocated_bytes.current", stats().get("allocated_bytes", 0))
+    return out
+
+
+@pytest.mark.cuda
+def test_soak_cuda(tmp_path):
+    nbytes = make_model(tmp_path / "m")
+    a, b, seconds = soak(tmp_path / "m", "cuda", _cuda_figures)
+    print(report("soak, cuda", nbytes, a, b, seconds))
+    check_flat(a, b)
+    assert b["cuda_allocated"] == a["cuda_allocated"]
+    assert b["cuda_reserved"] - a["cuda_reserved"] <= 20 * MiB  # at most one more cached segment
+    if "host_pinned" in a:
+        assert b["host_pinned"] == a["host_pinned"]
