@@ -434,9 +434,9 @@ def convert(
     tmp = dst.parent / f"{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     writer: _ShardWriter | None = None
     try:
+        tmp.mkdir()  # inside the try: an interrupt as it returns still removes it
         weight_map: dict[str, str] = {}
         shard_iter = iter(zip(names, shards, strict=True))
         stream = iter_compressed(ckpt, targets, device=device, rounding=rounding, memory_budget=memory_budget,
@@ -490,11 +490,21 @@ def _replace(tmp: Path, dst: Path) -> None:
     if not (dst.exists() or dst.is_symlink()):
         os.rename(tmp, dst)
         return
-    if dst.is_dir() and not dst.is_symlink():
-        old = dst.parent / f"{dst.name}.old-{os.getpid()}"
+    old = dst.parent / f"{dst.name}.old-{os.getpid()}"
+
+    def there(p: Path) -> bool:
+        return p.exists() or p.is_symlink()
+
+    try:
         os.rename(dst, old)
         os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        dst.unlink()
-        os.rename(tmp, dst)
+    except BaseException:
+        if there(old) and not there(dst):
+            os.rename(old, dst)  # the new one did not make it: put the old one back
+        raise
+    finally:
+        if there(dst) and there(old):  # the new one is in: the old one goes
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()

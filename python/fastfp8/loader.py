@@ -21,6 +21,7 @@ quantized (for fused experts, of one expert).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -253,6 +254,14 @@ def load_quantized(
         else:
             _run_host(reader, jobs, outputs, dev, rounding, bar, tp)
         rs = reader.stats()
+    except BaseException:
+        if dev.type == "cuda":
+            # Copies and kernels already queued on the loader's streams write into outputs and
+            # staging buffers allocated on the current stream, which the caching allocator
+            # hands out again as soon as they are freed: let them finish first.
+            with contextlib.suppress(Exception):  # a broken context: the first error stands
+                torch.cuda.synchronize(dev)
+        raise
     finally:
         reader.close()
         bar.close()

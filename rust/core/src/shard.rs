@@ -2,7 +2,7 @@
 //! shrunk or rewritten under us into an error instead of a SIGBUS.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -62,12 +62,13 @@ pub struct Shard {
 impl Shard {
     /// Opens `path`, records its size and validates its header.
     pub fn open(path: &Path) -> Result<Shard> {
-        // Look before opening: open() on a FIFO would block until a writer comes.
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "reading metadata", e))?;
-        if !meta.is_file() {
-            return Err(Error::NotAFile { path: path.into() });
-        }
-        let file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
+        // O_NONBLOCK: open() on a FIFO would otherwise wait for a writer (even one swapped in
+        // after a metadata check); it is refused just below. Regular files ignore the flag.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(path, "opening", e))?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(path, "reading metadata", e))?;
