@@ -63,6 +63,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from fastfp8.bench import evict_page_cache as evict_page_cache  # re-exported for bench_load
+
 if TYPE_CHECKING:
     import torch
 
@@ -513,21 +515,6 @@ def shard_paths(ckpt_dir: str) -> list[str]:
             files = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(ckpt_dir, p) for p in files]
     return sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
-
-
-def evict_page_cache(paths: list[str]) -> None:
-    """Drop the files' pages from the page cache (fdatasync + FADV_DONTNEED).
-
-    Needs no root; pages of a file written moments ago are written back first.
-    (On a VM the host may still cache the disk.)
-    """
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------

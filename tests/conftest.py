@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a test replaced /dev/null with a regular file (a writer that renames a
+    temporary file over its target does that): every later reader of /dev/null, rustc's
+    target probe among them, would then read what was written to it."""
+    if os.path.exists("/dev/null") and not stat.S_ISCHR(os.stat("/dev/null").st_mode):
+        print("\nerror: a test replaced /dev/null with a regular file", flush=True)
+        session.exitstatus = 1
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,3 +59,44 @@ def rand_tensor(shape, dtype, gen: torch.Generator) -> torch.Tensor:
     if dtype == torch.bool:
         return (raw % 2).to(torch.bool).reshape(shape)
     return raw.view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# shared by the fault, concurrency, soak and stream tests
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def shard_tensors(s: int, gen: torch.Generator, rows=256, cols=512, n=6) -> dict[str, torch.Tensor]:
+    """Shard ``s`` of :func:`make_model`: ``n`` bf16 weights ``[rows, cols]`` and a norm."""
+    ts = {f"model.layers.{s}.mlp.p{j}.weight": torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+          for j in range(n)}
+    ts[f"model.layers.{s}.norm.weight"] = torch.randn(cols, generator=gen).to(torch.bfloat16)
+    return ts
+
+
+def make_model(root: Path, shards=3, seed=0, **kw) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """A sharded bf16 checkpoint (with an index) of 2-D weights, which load_quantized
+    quantizes, and norms; returns its tensors and its shard paths."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    src: dict[str, torch.Tensor] = {}
+    paths, weight_map = [], {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        ts = shard_tensors(s, gen, **kw)
+        save_file(ts, str(root / name))
+        src.update(ts)
+        weight_map.update(dict.fromkeys(ts, name))
+        paths.append(root / name)
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return src, paths

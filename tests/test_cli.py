@@ -11,7 +11,7 @@ from pathlib import Path
 import fastfp8
 import pytest
 import torch
-from fastfp8 import cli
+from fastfp8 import bench, cli
 from safetensors.torch import save_file
 from test_load import save, tiny
 
@@ -172,14 +172,14 @@ def test_bench_on_cpu(capsys, tmp_path, llama):
 
 
 def test_bench_reports_a_failing_loader(capsys, llama, monkeypatch):
-    real = cli._peer
+    real = bench.load_with_peer
 
     def flaky(name, *args):
         if name == "safetensors_safe_open":
             raise OSError("disk on fire")
         return real(name, *args)
 
-    monkeypatch.setattr(cli, "_peer", flaky)
+    monkeypatch.setattr(bench, "load_with_peer", flaky)
     code, out, _ = run(capsys, "bench", llama, "--device", "cpu", "--loaders", "fastfp8,safetensors_safe_open")
     assert code == 1
     assert "FAILED: disk on fire" in out

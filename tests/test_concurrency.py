@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import multiprocessing
 import os
 import random
@@ -14,34 +13,19 @@ import threading
 import time
 from pathlib import Path
 
+import conftest
 import fastfp8
 import pytest
 import torch
+from conftest import native_threads
 from fastfp8.checkpoint import ChunkReader
 from fastfp8.pinned import POOL, BufferPool
-from safetensors.torch import save_file
 
 MiB = 1 << 20
 
 
-def native_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-def make_model(root: Path, shards=3, per_shard=6, rows=256, cols=512, seed=0) -> dict[str, torch.Tensor]:
-    root.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    src, weight_map = {}, {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        ts = {f"model.layers.{s}.mlp.p{j}.weight": torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
-              for j in range(per_shard)}
-        ts[f"model.layers.{s}.norm.weight"] = torch.randn(cols, generator=gen).to(torch.bfloat16)
-        save_file(ts, str(root / name))
-        src.update(ts)
-        weight_map.update(dict.fromkeys(ts, name))
-    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return src
+def make_model(root: Path) -> dict[str, torch.Tensor]:
+    return conftest.make_model(root)[0]
 
 
 def digest(state: dict[str, torch.Tensor]) -> dict[str, str]:

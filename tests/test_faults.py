@@ -39,6 +39,7 @@ from pathlib import Path
 import fastfp8
 import pytest
 import torch
+from conftest import make_model, native_threads, rss, shard_tensors
 from fastfp8 import loader
 from fastfp8.checkpoint import ChunkReader
 from fastfp8.pinned import POOL
@@ -51,39 +52,6 @@ HERE = Path(__file__).parent
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def native_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def shard_tensors(s: int, gen: torch.Generator, rows=256, cols=512, n=6) -> dict[str, torch.Tensor]:
-    ts = {f"model.layers.{s}.mlp.p{j}.weight": torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
-          for j in range(n)}
-    ts[f"model.layers.{s}.norm.weight"] = torch.randn(cols, generator=gen).to(torch.bfloat16)
-    return ts
-
-
-def make_model(root: Path, shards=3, seed=0, **kw) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """A sharded bf16 checkpoint of 2-D weights (quantized by load_quantized) and norms."""
-    root.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    src: dict[str, torch.Tensor] = {}
-    paths, weight_map = [], {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        ts = shard_tensors(s, gen, **kw)
-        save_file(ts, str(root / name))
-        src.update(ts)
-        weight_map.update(dict.fromkeys(ts, name))
-        paths.append(root / name)
-    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return src, paths
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -576,6 +544,42 @@ def test_interrupt_at_every_point(tmp_path, api):
     print(f"\n{api}: {total} lines, interrupted at {len(where)} distinct places, {completed} completed anyway; "
           f"RSS {growth / 2**20:+.1f} MiB")
     assert growth < 64 << 20
+    same_state(run(root), want)
+
+
+@pytest.mark.parametrize("api", ["load", "stream"])
+def test_out_of_memory_at_every_allocation(tmp_path, monkeypatch, api):
+    """Every ``torch.empty`` a load makes (staging, pooled buffers, outputs) fails in turn with
+    torch.OutOfMemoryError, as an allocator that has run dry would: the error reaches the
+    caller as it is, no reader thread, staging buffer or lock is left behind, and the next
+    load gives the same bytes. (On CUDA the same, with queued work drained first:
+    test_cuda_out_of_memory_mid_load.)"""
+    root = tmp_path / "m"
+    small_model(root)
+    run = {"load": load_small, "stream": stream_small}[api]
+    want = run(root)
+    real_empty = torch.empty
+    calls = {"n": 0, "fail_at": None}
+
+    def empty(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise torch.OutOfMemoryError(f"injected: allocation {calls['n']} failed")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    POOL.clear()  # idle pooled buffers would be reused, not allocated
+    run(root)
+    total = calls["n"]
+    assert total >= 1, total
+    base = Baseline()
+    for at in range(1, total + 1):
+        calls.update(n=0, fail_at=at)
+        POOL.clear()
+        with pytest.raises(torch.OutOfMemoryError, match=f"allocation {at} failed"):
+            run(root)
+        base.check(f"{api}: allocation {at} of {total} failed")
+    calls["fail_at"] = None
     same_state(run(root), want)
 
 

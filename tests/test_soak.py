@@ -6,46 +6,26 @@ Run with ``-s`` to see the figures."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from pathlib import Path
 
+import conftest
 import fastfp8
 import pytest
 import torch
+from conftest import native_threads, rss
 from fastfp8.pinned import POOL
-from safetensors.torch import save_file
 
 CYCLES = int(os.environ.get("FASTFP8_SOAK_CYCLES", "200"))
 WARM = 20
 MiB = 1 << 20
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def native_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-def make_model(root: Path, shards=3, per_shard=6, rows=256, cols=512) -> int:
+def make_model(root: Path) -> int:
     """About 4.6 MiB of bf16 in 3 shards; returns its size."""
-    root.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        ts = {f"model.layers.{s}.mlp.p{j}.weight": torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
-              for j in range(per_shard)}
-        ts[f"model.layers.{s}.norm.weight"] = torch.randn(cols, generator=gen).to(torch.bfloat16)
-        save_file(ts, str(root / name))
-        weight_map.update(dict.fromkeys(ts, name))
-        total += sum(t.numel() * t.element_size() for t in ts.values())
-    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return total
+    src, _ = conftest.make_model(root)
+    return sum(t.numel() * t.element_size() for t in src.values())
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

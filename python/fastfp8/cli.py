@@ -15,12 +15,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .bench import LOADERS
 from .errors import (
     BudgetError,
     CheckpointError,
     Error,
     NonFiniteWeightError,
     UnsupportedDtypeError,
+    one_line,
 )
 from .units import format_bytes, parse_bytes
 
@@ -239,376 +241,24 @@ def cmd_convert(args) -> int:
 # ---------------------------------------------------------------------------------------
 # bench
 
-#: loader name -> module whose import tells whether it is installed
-LOADERS: dict[str, str] = {
-    "fastfp8": "fastfp8",
-    "safetensors_load_file": "safetensors.torch",
-    "safetensors_safe_open": "safetensors",
-    "runai": "runai_model_streamer",
-    "fastsafetensors": "fastsafetensors",
-    "instanttensor": "instanttensor",
-}
-_CUDA_ONLY = {"instanttensor", "fastsafetensors"}
-
-
-def available_loaders(device_type: str) -> list[str]:
-    import importlib
-
-    out = []
-    for name, module in LOADERS.items():
-        if device_type != "cuda" and name in _CUDA_ONLY:
-            continue
-        try:
-            importlib.import_module(module)
-        except Exception:  # not installed, or a broken native library
-            continue
-        out.append(name)
-    return out
-
-
-def _peer(name: str, paths: list[str], put, dev, cold: bool = False) -> None:
-    """Loads every tensor of ``paths`` with peer ``name``, handing each to ``put(name,
-    tensor, owned)``; ``owned=False`` when the tensor is a view of the peer's own buffer.
-    fastsafetensors and instanttensor read through the page cache unless ``cold`` (then
-    with their default direct I/O)."""
-    if name == "safetensors_load_file":
-        from safetensors.torch import load_file
-
-        for p in paths:
-            shard = load_file(p, device=str(dev))
-            for k in list(shard):
-                put(k, shard.pop(k), True)
-    elif name == "safetensors_safe_open":
-        from safetensors import safe_open
-
-        for p in paths:
-            with safe_open(p, framework="pt", device="cpu") as f:
-                for k in f.keys():  # noqa: SIM118 - safe_open is no dict
-                    t = f.get_tensor(k)
-                    put(k, t.to(dev), t.device != dev)
-    elif name == "runai":
-        from runai_model_streamer import SafetensorsStreamer
-
-        with SafetensorsStreamer() as s:
-            s.stream_files(list(paths))
-            for k, t in s.get_tensors():
-                put(k, t.to(dev), dev.type != "cpu")
-    elif name == "fastsafetensors":
-        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
-
-        old = os.environ.get("FASTSAFETENSORS_ODIRECT")
-        if not cold:  # buffered reads, served by the page cache
-            os.environ["FASTSAFETENSORS_ODIRECT"] = "0"
-        try:
-            for p in paths:
-                loader = SafeTensorsFileLoader(SingleGroup(), str(dev), nogds=True)
-                try:
-                    loader.add_filenames({0: [p]})
-                    fb = loader.copy_files_to_device()
-                    try:
-                        for k in list(fb.key_to_rank_lidx):
-                            put(k, fb.get_tensor(k), False)
-                        _sync(dev)
-                    finally:
-                        fb.close()
-                finally:
-                    loader.close()
-        finally:
-            if old is None:
-                os.environ.pop("FASTSAFETENSORS_ODIRECT", None)
-            else:
-                os.environ["FASTSAFETENSORS_ODIRECT"] = old
-    elif name == "instanttensor":
-        import warnings
-
-        from instanttensor import BackendPolicy, safe_open
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="copy=False")  # each tensor is consumed inline
-            f = safe_open(list(paths), framework="pt", device=dev, copy=False,
-                          backend=None if cold else BackendPolicy.BUFFERED)
-        with f:
-            for k, t in f.tensors():
-                put(k, t, False)
-            _sync(dev)
-    else:
-        raise ValueError(f"unknown loader {name!r}")
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-class _MemorySampler:
-    """Samples memory every ``period`` seconds in a thread: on CUDA the PyTorch allocator's
-    bytes and the device's used bytes (which also sees other libraries' buffers), on the
-    CPU the process's resident set."""
-
-    def __init__(self, dev, period: float = 0.005) -> None:
-        import threading
-
-        self.dev = dev
-        self.period = period
-        self.samples: list[tuple[float, int, int]] = []  # (t, torch bytes, device/RSS bytes)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _read(self) -> tuple[int, int]:
-        import torch
-
-        if self.dev.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.dev)
-            return torch.cuda.memory_allocated(self.dev), total - free
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return 0, rss
-
-    def _loop(self) -> None:
-        import time
-
-        while not self._stop.is_set():
-            a, d = self._read()
-            self.samples.append((time.perf_counter() - self.t0, a, d))
-            time.sleep(self.period)
-
-    def __enter__(self):
-        import time
-
-        self.t0 = time.perf_counter()
-        self.base = self._read()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import time
-
-        self._stop.set()
-        self._thread.join()
-        a, d = self._read()
-        self.samples.append((time.perf_counter() - self.t0, a, d))
-
-    def peaks(self) -> tuple[int, int]:
-        pa = max((s[1] for s in self.samples), default=0) - self.base[0]
-        pd = max((s[2] for s in self.samples), default=0) - self.base[1]
-        return max(pa, 0), max(pd, 0)
-
-
-def _evict(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _warm(paths: list[str]) -> None:
-    buf = bytearray(16 << 20)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
-def _bench_one(name: str, ckpt, paths, kinds, args, dev):
-    """One run of loader ``name``: (seconds, result tensor bytes, sampler)."""
-    import time
-
-    import torch
-
-    from .loader import load_quantized
-    from .quant import quantize_channelwise
-
-    result: dict[str, torch.Tensor] = {}
-
-    def put(k: str, t: torch.Tensor, owned: bool) -> None:
-        kind = kinds.get(k, "copy")
-        if kind == "copy":
-            result[k] = t if owned else t.clone()
-            return
-        if kind == "fused_experts":  # [E, in, out] -> [E, out, in] on the device
-            t = t.transpose(1, 2).contiguous()
-        q, s = quantize_channelwise(t, check_finite=False)
-        result[k] = q
-        result[k + "_scale"] = s
-
-    with _MemorySampler(dev) as sampler:
-        t0 = time.perf_counter()
-        if name == "fastfp8":
-            result = load_quantized(ckpt, device=dev, ignore=_ignore_list(args),
-                                    default_ignore=not args.no_default_ignore, memory_budget=args.memory_budget,
-                                    threads=args.threads, progress=False)
-        else:
-            _peer(name, paths, put, dev, args.cold)
-        _sync(dev)
-        seconds = time.perf_counter() - t0
-    return seconds, sum(t.numel() * t.element_size() for t in result.values()), sampler
-
 
 def cmd_bench(args) -> int:
-    import gc
-    import json
-    import statistics
-
-    import torch
-
-    from .checkpoint import open_checkpoint
-    from .quant import quantize_channelwise
-    from .select import plan_targets
+    from . import bench
 
     device = _default_device(args.device)
     _check_device(device)
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if args.repeat < 1 or args.warmup < 0:
-        raise ValueError("--repeat must be at least 1 and --warmup at least 0")
     parse_bytes(args.memory_budget)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
-    avail = available_loaders(dev.type)
-    if args.loaders == "all":
-        names = avail
-    else:
-        names = [n.strip() for n in args.loaders.split(",") if n.strip()]
-        unknown = [n for n in names if n not in LOADERS]
-        if unknown:
-            raise ValueError(f"unknown loader(s) {', '.join(unknown)}; known: {', '.join(LOADERS)}")
-        missing = [n for n in names if n not in avail]
-        if missing:
-            raise ValueError(f"not installed here (or not for {dev.type}): {', '.join(missing)}")
-
-    ckpt = open_checkpoint(args.path)
-    paths = [str(p) for p in ckpt.shards]
-    nbytes = ckpt.nbytes
-    kinds = {t.source.name: t.kind for t in plan_targets(ckpt, _ignore_list(args),
-                                                         default_ignore=not args.no_default_ignore)}
-    print(f"{ckpt.path}: {format_bytes(nbytes)} in {len(paths)} file(s), on {_device_name(dev)}; "
-          f"loaders: {', '.join(names)}", flush=True)
-    # compile/warm the quantization kernel outside the timed region
-    quantize_channelwise(torch.randn(64, 256, device=dev).to(torch.bfloat16), check_finite=False)
-    _sync(dev)
-    if not args.cold:
-        _warm(paths)
-
-    rows = []
-    failed = False
-    for name in names:
-        runs = []
-        error = None
-        for i in range(args.warmup + args.repeat):
-            if args.cold:
-                _evict(paths)
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-            try:
-                run = _bench_one(name, ckpt, paths, kinds, args, dev)
-                if i >= args.warmup:
-                    runs.append(run)
-                del run
-            except Exception as e:  # one loader failing must not stop the others
-                error = _one_line(e)
-                break
-        if error is not None:
-            failed = True
-            rows.append({"loader": name, "error": error})
-            print(f"{name:22s} FAILED: {error}", flush=True)
-            continue
-        secs = statistics.median(r[0] for r in runs)
-        peaks = [r[2].peaks() for r in runs]
-        mid = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-        row = {"loader": name, "seconds": secs, "gbps": nbytes / secs / 1e9, "runs": [r[0] for r in runs],
-               "peak_torch_bytes": max(p[0] for p in peaks), "peak_device_bytes": max(p[1] for p in peaks),
-               "result_bytes": runs[0][1], "timeline": [(t, a, d) for t, a, d in mid[2].samples]}
-        rows.append(row)
-        print(f"{name:22s} {secs:8.3f} s {row['gbps']:8.2f} GB/s", flush=True)
-        del runs
-    print()
-    _print_table(rows, dev, nbytes)
-    if args.json:
-        doc = {"checkpoint": str(ckpt.path), "bytes": nbytes, "device": _device_name(dev), "repeat": args.repeat,
-               "cold": args.cold, "rows": rows}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-    if args.plot:
-        _plot(rows, dev, args.plot, f"{os.path.basename(str(ckpt.path).rstrip('/'))}, {format_bytes(nbytes)}, "
-                                    f"{_device_name(dev)}{', cold' if args.cold else ', warm'}")
-        print(f"plot written to {args.plot}")
-    return 1 if failed else 0
-
-
-def _device_name(dev) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-
-
-def _print_table(rows, dev, nbytes) -> None:
-    mem = "peak GPU (torch / device)" if dev.type == "cuda" else "peak host RSS growth"
-    head = ("loader", "seconds", "GB/s", mem, "result")
-    lines = []
-    for r in rows:
-        if "error" in r:
-            lines.append((r["loader"], "failed", "", "", ""))
-            continue
-        m = (f"{format_bytes(r['peak_torch_bytes'])} / {format_bytes(r['peak_device_bytes'])}" if dev.type == "cuda"
-             else format_bytes(r["peak_device_bytes"]))
-        lines.append((r["loader"], f"{r['seconds']:.3f}", f"{r['gbps']:.2f}", m, format_bytes(r["result_bytes"])))
-    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    for x in [head, *lines]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths, strict=True))))
-
-
-def _plot(rows, dev, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if "error" not in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax1.barh([r["loader"] for r in ok], [r["gbps"] for r in ok], color="tab:blue")
-    for i, r in enumerate(ok):
-        ax1.text(r["gbps"], i, f" {r['gbps']:.2f}", va="center")
-    ax1.invert_yaxis()
-    ax1.set_xlabel("GB/s (checkpoint bytes / seconds, load + FP8 quantization)")
-    ax1.set_title("throughput")
-    col = 2 if dev.type != "cuda" else 1
-    for r in ok:
-        tl = r["timeline"]
-        if not tl:
-            continue
-        base = tl[0][col]
-        ax2.plot([t for t, *_ in tl], [(s[col] - base) / 2**30 for s in tl], label=r["loader"])
-    ax2.set_xlabel("seconds")
-    ax2.set_ylabel("GiB allocated by PyTorch" if dev.type == "cuda" else "GiB host RSS growth")
-    ax2.set_title("GPU memory over time" if dev.type == "cuda" else "host memory over time")
-    ax2.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    loaders = None
+    if args.loaders != "all":
+        loaders = [n.strip() for n in args.loaders.split(",") if n.strip()]
+    return bench.run(args.path, device=device, loaders=loaders, repeat=args.repeat, warmup=args.warmup,
+                     cold=args.cold, ignore=_ignore_list(args), default_ignore=not args.no_default_ignore,
+                     memory_budget=args.memory_budget, threads=args.threads, json_path=args.json,
+                     plot_path=args.plot)
 
 
 # ---------------------------------------------------------------------------------------
 # main
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror and not isinstance(e, Error):
-        msg = e.strerror + (f": {e.filename}" if e.filename else "")
-    else:
-        msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
 
 
 _BAD_INPUT = (CheckpointError, BudgetError, UnsupportedDtypeError, NonFiniteWeightError, ValueError, TypeError,
@@ -638,12 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Error, OSError, ValueError, TypeError, _UsageError) as e:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, _BAD_INPUT) else 1
     except Exception as e:
         if debug:
             raise
-        print(f"{PROG}: error: unexpected {type(e).__name__}: {_one_line(e)} (FASTFP8_DEBUG=1 shows the traceback)",
+        print(f"{PROG}: error: unexpected {type(e).__name__}: {one_line(e)} (FASTFP8_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
 

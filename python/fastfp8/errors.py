@@ -45,6 +45,16 @@ class NonFiniteWeightError(Error, ValueError):
     """A weight to quantize holds NaN or Inf."""
 
 
+def one_line(e: BaseException) -> str:
+    """The error as one line, for the command line: an OSError's reason and file name (not
+    its ``[Errno N]`` prefix), else its message, whitespace collapsed."""
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, Error):
+        msg = e.strerror + (f": {e.filename}" if e.filename else "")
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
 __all__ = [
     "BudgetError",
     "CancelledError",

@@ -132,6 +132,15 @@ pub enum Error {
         expected: u64,
         actual: u64,
     },
+    /// A copy out of the mapping faulted (SIGBUS, caught).
+    #[error("{path}: tensor {tensor:?}: reading the mapped file from byte {at} failed: {}", mapped_cause(*.expected_size, *.actual_size))]
+    MappedReadFailed {
+        path: PathBuf,
+        tensor: String,
+        at: u64,
+        expected_size: u64,
+        actual_size: u64,
+    },
 
     // --- budget and arguments ---
     #[error("{path}: tensor {tensor:?} needs {needed} bytes, more than the memory budget of {budget} bytes")]
@@ -181,7 +190,9 @@ impl Error {
             | TensorNotInShard { .. }
             | TensorInTwoShards { .. }
             | UnknownTensor { .. } => ErrorKind::Checkpoint,
-            Io { .. } | ShortRead { .. } | FileChanged { .. } => ErrorKind::Read,
+            Io { .. } | ShortRead { .. } | FileChanged { .. } | MappedReadFailed { .. } => {
+                ErrorKind::Read
+            }
             TensorOverBudget { .. } | BudgetExhausted { .. } => ErrorKind::Budget,
             Invalid(_) => ErrorKind::Invalid,
             Cancelled => ErrorKind::Cancelled,
@@ -197,4 +208,58 @@ impl Error {
     }
 }
 
+/// Why a copy out of a mapping faults: the file shrank, or, at an unchanged size, the disk
+/// failed to page it in (or the file was rewritten in place).
+fn mapped_cause(expected: u64, actual: u64) -> String {
+    if actual != expected {
+        format!("the file changed size from {expected} to {actual} bytes after it was opened")
+    } else {
+        format!(
+            "the file is still {actual} bytes, so the disk could not read it back (an I/O error) \
+             or it was rewritten in place; method=\"pread\" reports the disk's own error"
+        )
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapped(expected_size: u64, actual_size: u64) -> String {
+        Error::MappedReadFailed {
+            path: "m/x.safetensors".into(),
+            tensor: "w".into(),
+            at: 4096,
+            expected_size,
+            actual_size,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_failed_mapped_read_names_file_tensor_and_cause() {
+        let shrunk = mapped(10_000, 3_000);
+        assert!(shrunk
+            .starts_with("m/x.safetensors: tensor \"w\": reading the mapped file from byte 4096"));
+        assert!(
+            shrunk.contains("changed size from 10000 to 3000 bytes"),
+            "{shrunk}"
+        );
+        let same = mapped(10_000, 10_000);
+        assert!(
+            same.contains("I/O error") && same.contains("pread"),
+            "{same}"
+        );
+        assert!(!same.contains("changed size"), "{same}");
+        let err = Error::MappedReadFailed {
+            path: "p".into(),
+            tensor: "t".into(),
+            at: 0,
+            expected_size: 1,
+            actual_size: 1,
+        };
+        assert_eq!(err.kind(), ErrorKind::Read);
+    }
+}

@@ -35,6 +35,7 @@ fn advise(range: &[u8], advice: libc::c_int) {
         return;
     }
     // SAFETY: sysconf has no preconditions.
+    // SAFETY: sysconf only reads a system constant.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let start = range.as_ptr() as usize & !(page - 1);
     let end = range.as_ptr() as usize + range.len();
@@ -130,10 +131,12 @@ impl Shard {
                 }
                 self.poisoned.store(true, Ordering::Release);
                 let actual = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-                Err(Error::FileChanged {
+                Err(Error::MappedReadFailed {
                     path: self.path.clone(),
-                    expected: self.size,
-                    actual,
+                    tensor: tensor.to_string(),
+                    at: offset,
+                    expected_size: self.size,
+                    actual_size: actual,
                 })
             }
         }
