@@ -43,6 +43,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from fastfp8.convert import plan_shards  # greedy, in order, like save_pretrained
+
 BF16 = 2  # bytes per element
 _PIECE = 64 << 20  # bytes per pwrite
 
@@ -68,6 +70,16 @@ class Spec:
 # model layouts
 
 
+def attention_specs(p: str, hidden: int, heads: int, kv_heads: int, head_dim: int) -> list[Spec]:
+    """``<p>self_attn.{q,k,v,o}_proj.weight`` of a Llama-style layer."""
+    return [
+        Spec(p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+        Spec(p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+        Spec(p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+        Spec(p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+    ]
+
+
 def llama_specs(
     layers: int, hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int, vocab: int
 ) -> list[Spec]:
@@ -75,11 +87,8 @@ def llama_specs(
     s = [Spec("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
+        s += attention_specs(p, hidden, heads, kv_heads, head_dim)
         s += [
-            Spec(p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
-            Spec(p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-            Spec(p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-            Spec(p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
             Spec(p + "mlp.gate_proj.weight", (inter, hidden)),
             Spec(p + "mlp.up_proj.weight", (inter, hidden)),
             Spec(p + "mlp.down_proj.weight", (hidden, inter)),
@@ -112,12 +121,7 @@ def llama4_specs(
     moe = set(moe_layers)
     for i in range(layers):
         p = f"model.layers.{i}."
-        s += [
-            Spec(p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
-            Spec(p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-            Spec(p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-            Spec(p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
-        ]
+        s += attention_specs(p, hidden, heads, kv_heads, head_dim)
         f = p + "feed_forward."
         if i in moe:
             s += [
@@ -231,19 +235,6 @@ def make_pool(mib: int, seed: int, std: float):
     # no exact zeros at all (bf16 rounding of tiny normals can give 0)
     pool[pool == 0] = std
     return pool.view(torch.uint8).numpy()
-
-
-def plan_shards(specs: list[Spec], max_shard: int) -> list[list[Spec]]:
-    """Greedy, in order, like transformers' save_pretrained."""
-    shards: list[list[Spec]] = [[]]
-    size = 0
-    for s in specs:
-        if shards[-1] and size + s.nbytes > max_shard:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += s.nbytes
-    return shards
 
 
 def _header(specs: list[Spec]) -> bytes:

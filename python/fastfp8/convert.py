@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -308,10 +309,18 @@ class _ShardWriter:
             self.f.close()
 
 
-def plan_shards(outputs: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
-    """Tensors grouped, in order, into shards of at most ``max_shard_size`` bytes (a larger
-    tensor gets a shard of its own), as transformers' ``save_pretrained`` does."""
-    shards: list[list[OutTensor]] = [[]]
+class _HasNbytes(Protocol):
+    nbytes: int
+
+
+_T = TypeVar("_T", bound=_HasNbytes)
+
+
+def plan_shards(outputs: list[_T], max_shard_size: int) -> list[list[_T]]:
+    """Tensors (anything with ``nbytes``) grouped, in order, into shards of at most
+    ``max_shard_size`` bytes (a larger tensor gets a shard of its own), as transformers'
+    ``save_pretrained`` does."""
+    shards: list[list[_T]] = [[]]
     size = 0
     for t in outputs:
         if shards[-1] and size + t.nbytes > max_shard_size:
