@@ -230,8 +230,10 @@ def test_ignore_and_no_default_ignore(tmp_path):
     assert qc["ignore"] == res.ignored
     convert(tmp_path / "src", tmp_path / "b", default_ignore=False, progress=False)
     got = read_dir(tmp_path / "b")
-    assert got["lm_head.weight"].dtype == FP8 and got["model.embed_tokens.weight"].dtype == FP8
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["ignore"] == []
+    # lm_head is a Linear: quantized once the defaults are dropped; an embedding never is
+    assert got["lm_head.weight"].dtype == FP8 and got["model.embed_tokens.weight"].dtype == torch.bfloat16
+    ignore = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["model.embed_tokens"]
 
 
 def test_streams_tensors_larger_than_the_budget(tmp_path):
@@ -245,6 +247,7 @@ def test_streams_tensors_larger_than_the_budget(tmp_path):
         "steps": torch.tensor(7, dtype=torch.int64),
     }
     save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 256}))
     res = convert(tmp_path / "model.safetensors", tmp_path / "out", memory_budget="64KiB", progress=False)
     got = read_dir(tmp_path / "out")
     q, s = ct_quantize(tensors["model.layers.0.mlp.up_proj.weight"])
@@ -252,12 +255,20 @@ def test_streams_tensors_larger_than_the_budget(tmp_path):
     assert same_bytes(got["model.layers.0.mlp.up_proj.weight_scale"], s)
     for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.bias", "model.norm.weight", "steps"):
         assert same_bytes(got[name], tensors[name]), name
-    assert got["empty.weight"].dtype == FP8 and got["empty.weight"].shape == (0, 8)
-    assert got["empty.weight_scale"].shape == (0, 1)
-    # a single file has no side files and no config.json of its own: only the quantization_config
+    assert same_bytes(got["empty.weight"], tensors["empty.weight"])  # empty: passed through as it is
+    assert "empty.weight_scale" not in got
+    # a single file: the config.json beside it, no side files
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert list(cfg) == ["quantization_config"]
+    assert cfg["model_type"] == "llama" and cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert res.copied_files == []
+
+
+def test_single_file_without_a_config_is_refused(tmp_path):
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(8, 8).to(torch.bfloat16)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(fastfp8.CheckpointError, match=r"no config\.json beside it.*model directory"):
+        convert(tmp_path / "model.safetensors", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
@@ -292,11 +303,12 @@ def test_failures_leave_nothing_behind(tmp_path, monkeypatch):
     bad = w.clone()
     bad[2, 3] = float("nan")
     save_file({"a.weight": w, "b.weight": bad}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "custom"}))
     dst = tmp_path / "out"
     with pytest.raises(fastfp8.NonFiniteWeightError, match=r"b\.weight"):
-        convert(tmp_path / "model.safetensors", dst, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    convert(tmp_path / "model.safetensors", dst, allow_non_finite=True, progress=False)
+        convert(tmp_path / "model.safetensors", dst, layout="names", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    convert(tmp_path / "model.safetensors", dst, layout="names", allow_non_finite=True, progress=False)
     assert read_dir(dst)["b.weight_scale"].isnan().any()
 
     # an interrupt in the middle of writing: the old output stays, the temporary goes
@@ -308,8 +320,9 @@ def test_failures_leave_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cv._ShardWriter, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert(tmp_path / "model.safetensors", dst, overwrite=True, allow_non_finite=True, progress=False)
-    assert calls and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]
+        convert(tmp_path / "model.safetensors", dst, layout="names", overwrite=True, allow_non_finite=True,
+                progress=False)
+    assert calls and sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "out"]
     assert read_dir(dst)["b.weight_scale"].isnan().any()
 
 
@@ -350,18 +363,18 @@ def test_vllm_plugin_pieces_without_vllm(tmp_path):
     assert len(stream) == len(disk) and set(dict(stream)) == set(disk)
     for name, t in stream:
         assert same_bytes(t, disk[name]), name
-    _, _, qc = vp.plan(tmp_path / "src", vp.LoaderOptions())
+    _, _, qc = vp.plan(tmp_path / "src", vp.parse_options(None))
     assert qc == json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
     assert vp.is_fp8_channel_config(qc) and not vp.is_fp8_channel_config({"quant_method": "gptq"})
 
-    opts = vp.LoaderOptions.parse({"ignore": ["re:.*self_attn"], "memory_budget": "64MiB", "threads": 4})
-    assert opts.ignore == ["re:.*self_attn"] and opts.threads == 4
-    assert vp.LoaderOptions.parse(None) == vp.LoaderOptions()
+    opts = vp.parse_options({"ignore": ["re:.*self_attn"], "memory_budget": "64MiB", "threads": 4})
+    assert opts.ignore == ("re:.*self_attn",) and opts.threads == 4 and opts.memory_budget == 64 << 20
+    assert vp.parse_options(None) == vp.parse_options({})
     for bad, msg in [({"ignores": []}, "unknown"), ({"ignore": [1]}, "ignore"), ({"ignore": ["re:("]}, "pattern"),
                      ({"threads": 0}, "threads"), ({"memory_budget": "lots"}, "byte size"),
                      ({"rounding": "up"}, "rounding"), ({"default_ignore": "no"}, "default_ignore")]:
-        with pytest.raises(ValueError, match=msg):
-            vp.LoaderOptions.parse(bad)
+        with pytest.raises((ValueError, TypeError), match=msg):
+            vp.parse_options(bad)
     import importlib.util
 
     if importlib.util.find_spec("vllm.model_executor") is None:  # no vLLM here

@@ -40,7 +40,7 @@ import fastfp8
 import pytest
 import torch
 from conftest import make_model, native_threads, rss, shard_tensors
-from fastfp8 import loader
+from fastfp8 import engine
 from fastfp8.checkpoint import ChunkReader
 from fastfp8.pinned import POOL
 from safetensors.torch import save_file
@@ -100,7 +100,7 @@ class HookReader(ChunkReader):
 
 @pytest.fixture
 def hooked(monkeypatch):
-    monkeypatch.setattr(loader, "ChunkReader", HookReader)
+    monkeypatch.setattr(engine, "ChunkReader", HookReader)
     yield HookReader
     HookReader.hook = None
 
@@ -239,13 +239,13 @@ def test_convert_fault_leaves_no_partial_output(tmp_path, hooked, monkeypatch):
     neither the destination nor its temporary directory behind."""
     from fastfp8 import convert as conv
 
-    monkeypatch.setattr(conv, "ChunkReader", HookReader)
     _, paths = make_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "custom"}')
     dst = tmp_path / "out"
     HookReader.hook = lambda r, d: truncate(paths[2]) if d[0] == 3 else None
     base = Baseline()
     with pytest.raises(fastfp8.ReadError):
-        conv.convert(tmp_path / "m", dst, memory_budget="512KiB", max_shard_size="1MB")
+        conv.convert(tmp_path / "m", dst, memory_budget="512KiB", max_shard_size="1MB", layout="names")
     assert not dst.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     make_model(tmp_path / "m")
@@ -256,7 +256,7 @@ def test_convert_fault_leaves_no_partial_output(tmp_path, hooked, monkeypatch):
 
     HookReader.hook = interrupt
     with pytest.raises(KeyboardInterrupt):
-        conv.convert(tmp_path / "m", dst, memory_budget="512KiB", max_shard_size="1MB")
+        conv.convert(tmp_path / "m", dst, memory_budget="512KiB", max_shard_size="1MB", layout="names")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     base.check("convert")
 
@@ -497,13 +497,24 @@ def stream_small(root: Path) -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in s}
 
 
+def with_config(root: Path) -> Path:
+    """Gives ``root`` the config.json convert needs (an architecture fastfp8 does not know:
+    converted with ``layout="names"``)."""
+    (root / "config.json").write_text('{"model_type": "custom"}')
+    return root
+
+
+def load_converted(dst: Path) -> dict[str, torch.Tensor]:
+    return dict(fastfp8.load_quantized(dst, device="cpu", default_ignore=False, ignore=["re:.*"], layout="names"))
+
+
 def convert_small(root: Path) -> dict[str, torch.Tensor]:
     from fastfp8.convert import convert
 
     dst = root.parent / "converted"
     try:
-        convert(root, dst, memory_budget="256KiB", max_shard_size="100KB")
-        return dict(fastfp8.load_quantized(dst, device="cpu", default_ignore=False, ignore=["re:.*"]))
+        convert(with_config(root), dst, memory_budget="256KiB", max_shard_size="100KB", layout="names")
+        return load_converted(dst)
     finally:
         shutil.rmtree(dst, ignore_errors=True)
 
@@ -638,9 +649,10 @@ def test_convert_interrupted_at_its_critical_points(tmp_path, monkeypatch, where
 
     root = tmp_path / "m"
     small_model(root)
+    with_config(root)
     dst = tmp_path / "out"
-    conv.convert(root, dst, memory_budget="256KiB", max_shard_size="100KB")
-    old = dict(fastfp8.load_quantized(dst, device="cpu", default_ignore=False, ignore=["re:.*"]))
+    conv.convert(root, dst, memory_budget="256KiB", max_shard_size="100KB", layout="names")
+    old = load_converted(dst)
     monkeypatch.setattr(conv, "os", _Os())
     if where == "after-mkdir":
         fired = interrupt_after(monkeypatch, Path, "mkdir", lambda p, *a: ".tmp-" in p.name)
@@ -649,11 +661,11 @@ def test_convert_interrupted_at_its_critical_points(tmp_path, monkeypatch, where
     else:
         fired = interrupt_after(monkeypatch, conv.os, "rename", lambda a, b: ".tmp-" in Path(a).name)
     with contextlib.suppress(KeyboardInterrupt):
-        conv.convert(root, dst, memory_budget="256KiB", max_shard_size="100KB", overwrite=True)
+        conv.convert(root, dst, memory_budget="256KiB", max_shard_size="100KB", overwrite=True, layout="names")
     monkeypatch.undo()
     assert fired
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"], f"left behind by Ctrl-C {where}"
-    got = dict(fastfp8.load_quantized(dst, device="cpu", default_ignore=False, ignore=["re:.*"]))
+    got = load_converted(dst)
     same_state(got, old)  # the old and the new checkpoint hold the same tensors: either is complete
 
 
@@ -713,13 +725,14 @@ def test_cuda_out_of_memory_mid_load(tmp_path, monkeypatch):
     allocated = torch.cuda.memory_allocated()
     base = Baseline()
     made = []
-    orig = loader._Outputs.allocate
+    orig = engine.StateSink.outputs
 
     def counting(self, job):
-        orig(self, job)
+        out = orig(self, job)
         made.append(job.target.weight_name)
+        return out
 
-    monkeypatch.setattr(loader._Outputs, "allocate", counting)
+    monkeypatch.setattr(engine.StateSink, "outputs", counting)
     total = torch.cuda.get_device_properties(0).total_memory
     # Room for what is allocated now, the two 4 MiB staging buffers and about half the output.
     allow = torch.cuda.memory_reserved() + 2 * (4 << 20) + 16 * (2 << 20) // 2
@@ -750,11 +763,12 @@ def test_cuda_error_mid_load_leaves_no_copy_writing_into_freed_memory(tmp_path, 
     save_file({"model.embed_tokens.weight": torch.full((n // 2,), 1.0, dtype=torch.bfloat16)},
               str(root / "model.safetensors"))  # copied as it is: one 1 GiB copy into the output
     ptrs = []
-    orig = loader._Outputs.allocate
+    orig = engine.StateSink.outputs
 
     def recording(self, job):
-        orig(self, job)
-        ptrs.extend(t.data_ptr() for t in self.values())
+        out = orig(self, job)
+        ptrs.extend(t.data_ptr() for t in self.state.values())
+        return out
 
     class Boom(Exception):
         pass
@@ -766,8 +780,8 @@ def test_cuda_error_mid_load_leaves_no_copy_writing_into_freed_memory(tmp_path, 
         def close(self):
             pass
 
-    monkeypatch.setattr(loader._Outputs, "allocate", recording)
-    monkeypatch.setattr(loader, "_progress", lambda total, enabled: Bar())
+    monkeypatch.setattr(engine.StateSink, "outputs", recording)
+    monkeypatch.setattr(engine, "progress_bar", lambda *a, **k: Bar())
     torch.cuda.synchronize()
     failures = 0
     for _ in range(3):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ct_oracle import same_bytes
-from fastfp8.tensor_parallel import TensorParallel, split_of
+from fastfp8.tensor_parallel import TensorParallel
 from test_load import save, tiny
 
 PR27280 = ["re:.*self_attn", "re:.*lm_head", "re:.*router", "re:.*shared_expert"]
@@ -26,27 +26,47 @@ def _rank_main(rank: int, size: int, path: str, init: str, out: str, ignore, dev
         dist.destroy_process_group()
 
 
-def expected_slice(name: str, full: torch.Tensor, src_name: str, ndim: int, tp: TensorParallel) -> torch.Tensor:
+def splits_of(path) -> dict:
+    """Source tensor name -> its :class:`fastfp8.layouts.Split` (None: replicated)."""
+    from fastfp8.layouts import layout_for
+
+    return {t.source.name: t.split for t in layout_for(path).targets(fastfp8.open_checkpoint(path))}
+
+
+def heads_span(split, tp: TensorParallel) -> tuple[int, int]:
+    """vLLM's QKVParallelLinear: whole k/v heads per rank, replicated when the ranks outnumber them."""
+    if tp.size <= split.heads:
+        per = split.heads // tp.size
+        return tp.rank * per * split.head_dim, (tp.rank + 1) * per * split.head_dim
+    h = tp.rank // (tp.size // split.heads)
+    return h * split.head_dim, (h + 1) * split.head_dim
+
+
+def expected_slice(name: str, full: torch.Tensor, split, tp: TensorParallel) -> torch.Tensor:
     """The rank's part of one output tensor of the unsharded load."""
-    split = split_of(src_name, ndim)
+    kind = split.kind if split else None
     is_scale = name.endswith("_scale")
-    if split in ("column", "vocab"):
+    if kind in ("column", "vocab"):
         a, b = tp.span(full.shape[0])
         return full[a:b]
-    if split == "row":
+    if kind == "heads":
+        a, b = heads_span(split, tp)
+        return full[a:b]
+    if kind == "row":
         if is_scale:
             return full
         a, b = tp.span(full.shape[1])
         return full[:, a:b]
-    if split == "fused_column":  # [E, 2I, H]: gate rows then up rows, each split
+    if kind == "experts_column":  # [E, 2I, H]: gate rows then up rows, each split
         half = full.shape[1] // 2
         a, b = tp.span(half)
         return torch.cat([full[:, a:b], full[:, half + a : half + b]], dim=1)
-    if split == "fused_row":  # [E, H, I]: split the input dim; scales are whole
+    if kind == "experts_row":  # [E, H, I]: split the input dim; scales are whole
         if is_scale:
             return full
         a, b = tp.span(full.shape[2])
         return full[:, :, a:b]
+    assert kind is None, kind
     return full
 
 
@@ -75,34 +95,34 @@ def test_ranks_hold_slices_of_the_single_process_result(tmp_path, arch, size, ig
     out = str(tmp_path / "rank")
     mp.start_processes(_rank_main, args=(size, str(ckpt_dir), f"file://{tmp_path}/pg", out, ignore, device),
                        nprocs=size, start_method="spawn")
-    total = sum(t.numel() * t.element_size() for t in src.values())
-    replicated = sum(t.numel() * t.element_size() for n, t in src.items() if split_of(n, t.dim()) is None)
-    read = []
+    splits = splits_of(ckpt_dir)
     for rank in range(size):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         tp = TensorParallel(rank, size)
         assert set(got["state"]) == set(full)
         for name, t in got["state"].items():
-            sname = source_of(name, src)
-            want = expected_slice(name, full[name], sname, src[sname].dim(), tp)
+            want = expected_slice(name, full[name], splits[source_of(name, src)], tp)
             assert same_bytes(t, want), (rank, name)
-        read.append(got["bytes_read"])
-        assert got["bytes_read"] <= total / size + replicated + 4096, (rank, got["bytes_read"], total)
-    assert sum(read) == total + (size - 1) * replicated
+        # the rank reads exactly its slice of every source tensor, nothing more
+        want_read = sum(expected_slice(n, t, splits[n], tp).nbytes for n, t in src.items())
+        assert got["bytes_read"] == want_read, (rank, got["bytes_read"], want_read)
 
 
-def test_split_rules():
-    assert split_of("model.layers.0.self_attn.q_proj.weight", 2) == "column"
-    assert split_of("model.layers.0.self_attn.q_proj.bias", 1) == "column"
-    assert split_of("model.layers.0.self_attn.o_proj.weight", 2) == "row"
-    assert split_of("model.layers.0.self_attn.o_proj.bias", 1) is None
-    assert split_of("model.layers.0.block_sparse_moe.experts.3.w2.weight", 2) == "row"
-    assert split_of("model.layers.0.feed_forward.experts.gate_up_proj", 3) == "fused_column"
-    assert split_of("model.layers.0.feed_forward.experts.down_proj", 3) == "fused_row"
-    assert split_of("model.embed_tokens.weight", 2) == "vocab"
-    assert split_of("lm_head.weight", 2) == "vocab"
-    assert split_of("model.norm.weight", 1) is None
-    assert split_of("model.layers.0.mlp.gate.weight", 2) is None
+def test_split_rules(tmp_path):
+    save(tiny("llama"), tmp_path / "llama")
+    sp = splits_of(tmp_path / "llama")
+    kind = {n: (v.kind if v else None) for n, v in sp.items()}
+    assert kind["model.layers.0.self_attn.q_proj.weight"] == "column"
+    assert sp["model.layers.0.self_attn.k_proj.weight"].heads == 2  # num_key_value_heads
+    assert kind["model.layers.0.self_attn.o_proj.weight"] == "row"
+    assert kind["model.layers.0.mlp.down_proj.weight"] == "row"
+    assert kind["model.embed_tokens.weight"] == "vocab" and kind["lm_head.weight"] == "vocab"
+    assert kind["model.norm.weight"] is None
+    save(tiny("llama4"), tmp_path / "llama4")
+    kind = {n: (v.kind if v else None) for n, v in splits_of(tmp_path / "llama4").items()}
+    assert kind["model.layers.0.feed_forward.experts.gate_up_proj"] == "experts_column"
+    assert kind["model.layers.0.feed_forward.experts.down_proj"] == "experts_row"
+    assert kind["model.layers.0.feed_forward.router.weight"] is None
     tp = TensorParallel(3, 4)
     assert tp.span(10) == (9, 10) and TensorParallel(0, 4).span(10) == (0, 3)
     with pytest.raises(ValueError):

@@ -26,16 +26,17 @@ from .errors import (
     CheckpointNotFoundError,
     Error,
     HeaderError,
+    LayoutError,
     NonFiniteWeightError,
     ReadError,
     SlotReleasedError,
     UnsupportedDtypeError,
 )
+from .layouts import DEFAULT_IGNORE
 from .loader import LoadStats, QuantizedState, load_quantized
 from .model import build_quantized_model, quantize_model
 from .modules import Fp8Linear, Fp8MoE
 from .quant import quantize_channelwise
-from .select import DEFAULT_IGNORE
 
 try:
     __version__ = version("fastfp8")
@@ -53,6 +54,7 @@ __all__ = [
     "Fp8Linear",
     "Fp8MoE",
     "HeaderError",
+    "LayoutError",
     "LoadStats",
     "NonFiniteWeightError",
     "QuantizedState",

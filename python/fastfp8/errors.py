@@ -67,3 +67,8 @@ __all__ = [
     "SlotReleasedError",
     "UnsupportedDtypeError",
 ]
+
+
+class LayoutError(Error, ValueError):
+    """The checkpoint's model layout is not one fastfp8 knows (an unknown architecture, or
+    a tensor whose layout it cannot tell); the message says what to pass instead."""

@@ -1,31 +1,15 @@
-"""Tensor-parallel slicing: which part of each tensor one rank reads and keeps.
-
-Megatron-style, as vLLM shards Llama, Qwen3-MoE, Mixtral and Llama4:
-
-- column-parallel (split the output dim, rows of ``[out, in]``): ``q_proj k_proj v_proj
-  qkv_proj gate_proj up_proj gate_up_proj w1 w3`` (and their biases), and the fused experts'
-  ``gate_up_proj`` (gate and up halves split separately, so each rank's ``w13`` is
-  ``[gate slice; up slice]``);
-- row-parallel (split the input dim, columns of ``[out, in]``): ``o_proj down_proj w2`` and
-  the fused experts' ``down_proj``; the per-output-channel amax of a row-parallel weight spans
-  all ranks, so it is all-reduced (MAX) before the scale is taken, and every rank's bytes
-  equal the matching slice of the one-GPU result;
-- vocabulary-parallel (rows): ``embed_tokens`` and ``lm_head``;
-- everything else (norms, routers, biases of row-parallel layers) is replicated.
+"""Tensor parallelism: this process's place in the group. How each tensor splits is the
+model layout's business (:class:`fastfp8.layouts.Split`, applied in :mod:`fastfp8.plan`).
 
 A dimension of size ``n`` splits into ``ceil(n / size)`` per rank, the last rank taking
-what is left. Column-parallel slices are one contiguous read; row-parallel slices are one
-strided read per row.
+what is left (key/value heads split in whole heads, replicated when the ranks outnumber
+them, as vLLM does).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-COLUMN = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3"})
-ROW = frozenset({"o_proj", "down_proj", "w2"})
-VOCAB = frozenset({"embed_tokens", "lm_head"})
 
 
 @dataclass(frozen=True)
@@ -45,23 +29,6 @@ class TensorParallel:
         per = -(-n // self.size)
         start = min(n, self.rank * per)
         return start, min(n, start + per)
-
-
-def split_of(name: str, ndim: int) -> str | None:
-    """``"column"``, ``"row"``, ``"vocab"`` or None (replicated) for tensor ``name``."""
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-2] == "experts" and ndim == 3:
-        return {"gate_up_proj": "fused_column", "down_proj": "fused_row"}.get(parts[-1])
-    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
-        return None
-    module = parts[-2]
-    if module in VOCAB and parts[-1] == "weight" and ndim == 2:
-        return "vocab"
-    if module in COLUMN:
-        return "column"
-    if module in ROW and parts[-1] == "weight" and ndim == 2:
-        return "row"
-    return None
 
 
 def resolve(tp_rank: int | None, tp_size: int | None, process_group: Any) -> TensorParallel | None:

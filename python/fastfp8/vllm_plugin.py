@@ -38,14 +38,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .checkpoint import open_checkpoint
-from .select import IgnoreRules, plan_targets
-from .units import parse_bytes
+from .engine import resolve_device
+from .options import LoadOptions
+from .plan import make_plan
 
 logger = logging.getLogger(__name__)
 
@@ -53,76 +53,40 @@ LOAD_FORMAT = "fastfp8"
 _registered = False
 
 
-@dataclass
-class LoaderOptions:
-    """The ``--model-loader-extra-config`` options of ``--load-format fastfp8``."""
-
-    ignore: list[str] = field(default_factory=list)
-    default_ignore: bool = True
-    memory_budget: int | str = "2GiB"
-    chunk_bytes: int | str = "64MiB"
-    threads: int | None = None
-    rounding: str = "auto"
-
-    @classmethod
-    def parse(cls, extra: dict[str, Any] | None) -> LoaderOptions:
-        """Validates ``extra`` (a dict, or None); raises ValueError naming the bad key."""
-        if extra is not None and not isinstance(extra, dict):
-            raise ValueError(f"model_loader_extra_config must be a dict, got {type(extra).__name__}")
-        extra = dict(extra or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(extra) - allowed)
-        if unknown:
-            raise ValueError(f"unknown --model-loader-extra-config keys for load format {LOAD_FORMAT!r}: "
-                             f"{unknown} (allowed: {sorted(allowed)})")
-        opts = cls(**extra)
-        if isinstance(opts.ignore, str):
-            opts.ignore = [opts.ignore]
-        if not isinstance(opts.ignore, (list, tuple)) or not all(isinstance(e, str) for e in opts.ignore):
-            raise ValueError(f"'ignore' must be a list of module names or 're:<pattern>' strings, got {opts.ignore!r}")
-        opts.ignore = list(opts.ignore)
-        IgnoreRules(opts.ignore)  # raises on a bad pattern
-        if not isinstance(opts.default_ignore, bool):
-            raise ValueError(f"'default_ignore' must be true or false, got {opts.default_ignore!r}")
-        for key in ("memory_budget", "chunk_bytes"):
-            if parse_bytes(getattr(opts, key)) <= 0:
-                raise ValueError(f"{key!r} must be a positive byte size, got {getattr(opts, key)!r}")
-        if opts.threads is not None and (not isinstance(opts.threads, int) or opts.threads <= 0):
-            raise ValueError(f"'threads' must be a positive integer, got {opts.threads!r}")
-        if opts.rounding not in ("auto", "eager", "fp32"):
-            raise ValueError(f"'rounding' must be 'auto', 'eager' or 'fp32', got {opts.rounding!r}")
-        return opts
+def parse_options(extra: dict[str, Any] | None) -> LoadOptions:
+    """The ``--model-loader-extra-config`` options (a dict, or None) as
+    :class:`fastfp8.options.LoadOptions`; raises ValueError naming the bad key."""
+    return LoadOptions.from_mapping(extra, where=f"--model-loader-extra-config of load format {LOAD_FORMAT!r}")
 
 
 # ---------------------------------------------------------------------------------------
 # vLLM-independent pieces (tested without vLLM)
 
 
-def plan(path: str | os.PathLike[str], options: LoaderOptions, extra_ignore: Iterable[str] = ()):
-    """``(checkpoint, targets, quantization_config)`` of a bf16 checkpoint, from headers.
+def plan(path: str | os.PathLike[str], options: LoadOptions, extra_ignore: Iterable[str] = ()):
+    """``(checkpoint, plan, quantization_config)`` of a bf16 checkpoint, from headers.
     ``extra_ignore``: the ``ignore`` entries of a quantization config given by hand."""
-    from .convert import ignored_modules, quantization_config
+    from .convert import quantization_config
 
     ckpt = open_checkpoint(path)
-    targets = plan_targets(ckpt, [*options.ignore, *extra_ignore], default_ignore=options.default_ignore)
-    return ckpt, targets, quantization_config(ignored_modules(targets))
+    if extra_ignore:
+        options = options.replace(ignore=(*options.ignore, *extra_ignore))
+    p = make_plan(ckpt, options)
+    return ckpt, p, quantization_config(p.ignored)
 
 
-def iter_weights(path: str | os.PathLike[str], options: LoaderOptions | None = None, *,
-                 device: str | torch.device | None = None, progress: bool | None = None,
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: str | os.PathLike[str], options: LoadOptions | None = None, *,
+                 device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The ``(name, tensor)`` stream fed to ``model.load_weights``: the tensors of the
     compressed-tensors FP8_DYNAMIC checkpoint of ``path``, quantized on ``device``
-    (default: the current CUDA device, else the CPU)."""
+    (default: the current CUDA device, else the CPU) by the one engine."""
     from .convert import iter_compressed
 
-    options = options or LoaderOptions()
+    options = options or LoadOptions.make()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    ckpt, targets, _ = plan(path, options)
-    yield from iter_compressed(ckpt, targets, device=device, rounding=options.rounding,
-                               memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
-                               threads=options.threads, progress=progress, desc="fastfp8 load")
+    ckpt, p, _ = plan(path, options)
+    yield from iter_compressed(ckpt, p, options, resolve_device(device), desc="fastfp8 load")
 
 
 def is_fp8_channel_config(cfg: Any) -> bool:
@@ -234,7 +198,7 @@ def _loader_class() -> type:
 
         def __init__(self, load_config) -> None:
             super().__init__(load_config)
-            self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
+            self.options = parse_options(load_config.model_loader_extra_config)
             self._plans: dict[tuple, tuple[Any, list, dict]] = {}
 
         def _plan(self, model_config):
@@ -260,13 +224,12 @@ def _loader_class() -> type:
         def get_all_weights(self, model_config, model=None) -> Iterator[tuple[str, torch.Tensor]]:
             from .convert import iter_compressed
 
-            _, (ckpt, targets, _) = self._plan(model_config)
+            _, (ckpt, p, _) = self._plan(model_config)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            o = self.options
-            progress = bool(getattr(self.load_config, "use_tqdm_on_load", False)) or None
-            yield from iter_compressed(ckpt, targets, device=device, rounding=o.rounding,
-                                       memory_budget=o.memory_budget, chunk_bytes=o.chunk_bytes, threads=o.threads,
-                                       progress=progress, desc="fastfp8 load")
+            options = self.options
+            if options.progress is None and getattr(self.load_config, "use_tqdm_on_load", False):
+                options = options.replace(progress=True)
+            yield from iter_compressed(ckpt, p, options, resolve_device(device), desc="fastfp8 load")
 
         def load_weights(self, model, model_config) -> None:
             import time

@@ -116,14 +116,22 @@ struct ChunkPlan {
     len: u64,
 }
 
+/// One thread's unit of work: file ranges of one shard copied, back to back, to `dst`.
+/// Small ranges close together in the file (a row-parallel slice: one range per row) share
+/// a piece, so that a thread pays the per-piece costs (the lock, the size check, the page
+/// advice) once for many of them.
 #[derive(Debug)]
 struct Piece {
     chunk: usize,
     shard: usize,
-    offset: u64,
+    /// (file offset, length), in file order
+    spans: Vec<(u64, u64)>,
     dst: u64,
     len: u64,
 }
+
+/// The largest gap between two ranges of one piece: past it they are separate pieces.
+const MAX_GAP: u64 = 1 << 20;
 
 #[derive(Debug)]
 struct State {
@@ -379,6 +387,7 @@ impl Shared {
             let mut skip = plan.item_offset;
             let mut todo = plan.len;
             let mut dst = at;
+            let mut cur: Option<Piece> = None;
             for seg in &self.items[plan.item].segments {
                 if todo == 0 {
                     break;
@@ -392,19 +401,39 @@ impl Shared {
                 skip = 0;
                 while left > 0 {
                     let l = left.min(self.cfg.piece_bytes);
-                    st.queue.push_back(Piece {
-                        chunk: c,
-                        shard: seg.shard,
-                        offset: off,
-                        dst,
-                        len: l,
+                    let joins = cur.as_ref().is_some_and(|p| {
+                        let (o, len) = *p.spans.last().expect("a piece has a span");
+                        p.shard == seg.shard
+                            && p.len + l <= self.cfg.piece_bytes
+                            && off >= o + len
+                            && off - (o + len) <= MAX_GAP
                     });
-                    n += 1;
+                    if joins {
+                        let p = cur.as_mut().expect("checked above");
+                        p.spans.push((off, l));
+                        p.len += l;
+                    } else {
+                        if let Some(p) = cur.take() {
+                            st.queue.push_back(p);
+                            n += 1;
+                        }
+                        cur = Some(Piece {
+                            chunk: c,
+                            shard: seg.shard,
+                            spans: vec![(off, l)],
+                            dst,
+                            len: l,
+                        });
+                    }
                     off += l;
                     dst += l;
                     left -= l;
                     todo -= l;
                 }
+            }
+            if let Some(p) = cur.take() {
+                st.queue.push_back(p);
+                n += 1;
             }
             st.remaining[c] = n;
         }
@@ -432,8 +461,12 @@ impl Shared {
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(self.buf.ptr.add(p.dst as usize), p.len as usize)
             };
-            let res =
-                self.ckpt.shards[p.shard].read_into(p.offset, dst, self.cfg.method, &item.name);
+            let shard = &self.ckpt.shards[p.shard];
+            let res = if let [(offset, _)] = p.spans[..] {
+                shard.read_into(offset, dst, self.cfg.method, &item.name)
+            } else {
+                shard.read_spans_into(&p.spans, dst, self.cfg.method, &item.name)
+            };
             st = self.lock();
             match res {
                 Ok(()) => {

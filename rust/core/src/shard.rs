@@ -142,6 +142,59 @@ impl Shard {
         }
     }
 
+    /// Copies the file ranges `spans` ((offset, length), in file order, not overlapping)
+    /// back to back into `dst` (their total length): one size check and one pair of page
+    /// advices over the range they cover, then one guarded copy per range.
+    pub fn read_spans_into(
+        &self,
+        spans: &[(u64, u64)],
+        dst: &mut [u8],
+        method: ReadMethod,
+        tensor: &str,
+    ) -> Result<()> {
+        debug_assert_eq!(spans.iter().map(|s| s.1).sum::<u64>(), dst.len() as u64);
+        let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
+            return Ok(());
+        };
+        if method == ReadMethod::Pread {
+            let mut at = 0usize;
+            for &(offset, len) in spans {
+                self.pread(offset, &mut dst[at..at + len as usize], tensor)?;
+                at += len as usize;
+            }
+            return Ok(());
+        }
+        self.check_unchanged()?;
+        let map = self.map()?;
+        let cover = &map[first.0 as usize..(last.0 + last.1) as usize];
+        advise(cover, MADV_POPULATE_READ);
+        let mut at = 0usize;
+        let mut failed_at = None;
+        for &(offset, len) in spans {
+            let src = &map[offset as usize..(offset + len) as usize];
+            let ok = !self.poisoned.load(Ordering::Acquire)
+                && sigbus::guarded_copy(&mut dst[at..at + len as usize], src);
+            if !ok {
+                failed_at = Some(offset);
+                break;
+            }
+            at += len as usize;
+        }
+        advise(cover, libc::MADV_DONTNEED);
+        let Some(offset) = failed_at else {
+            return Ok(());
+        };
+        self.poisoned.store(true, Ordering::Release);
+        let actual = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        Err(Error::MappedReadFailed {
+            path: self.path.clone(),
+            tensor: tensor.to_string(),
+            at: offset,
+            expected_size: self.size,
+            actual_size: actual,
+        })
+    }
+
     fn pread(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
         let mut done = 0usize;
         while done < dst.len() {

@@ -274,3 +274,65 @@ fn index_resolution_and_its_errors() {
         Error::NotFound { .. }
     ));
 }
+
+/// A row-parallel slice: one small range per row, gaps between them. The reader groups
+/// such ranges into pieces; the bytes must be the strided slice, with either method, for
+/// chunk and piece sizes that cut through the groups.
+#[test]
+fn strided_ranges_read_as_the_slice() {
+    use fastfp8_core::plan::{ReadItem, Segment};
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let (rows, width) = (300usize, 1000usize);
+    write_shard(&p, &[("w", rows * width), ("z", 5)]);
+    let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+    let base = whole_tensor(&ckpt, "w").unwrap().segments[0].offset;
+    let all = pattern("w", rows * width);
+    for (cols, piece, chunk) in [
+        ((100, 350), 4096, 10_000),
+        ((0, 1), 64, 7),
+        ((999, 1000), 1 << 20, 1 << 20),
+    ] {
+        let (a, b) = cols;
+        let segments: Vec<Segment> = (0..rows)
+            .map(|r| Segment {
+                shard: 0,
+                offset: base + (r * width + a) as u64,
+                len: (b - a) as u64,
+            })
+            .collect();
+        let want: Vec<u8> = (0..rows)
+            .flat_map(|r| all[r * width + a..r * width + b].to_vec())
+            .collect();
+        for method in [ReadMethod::Mmap, ReadMethod::Pread] {
+            let item = ReadItem {
+                name: "w".into(),
+                segments: segments.clone(),
+            };
+            let budget = 64 << 10;
+            let mut buf = vec![0u8; budget];
+            // SAFETY: `buf` outlives `reader` (dropped at the end of the loop body, first) and
+            // is only read between delivery and release.
+            let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), budget as u64) };
+            let cfg = ReaderConfig {
+                threads: 3,
+                chunk_bytes: Some(chunk.min(budget as u64 / 4)),
+                piece_bytes: piece,
+                method,
+            };
+            let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
+            let mut got = vec![0u8; want.len()];
+            while let Some(d) = reader.next().unwrap() {
+                let src = &buf[d.buf_offset as usize..(d.buf_offset + d.len) as usize];
+                got[d.item_offset as usize..(d.item_offset + d.len) as usize].copy_from_slice(src);
+                reader.release(d.buf_offset, d.len).unwrap();
+            }
+            drop(reader);
+            assert_eq!(
+                got, want,
+                "cols {cols:?}, piece {piece}, chunk {chunk}, {method:?}"
+            );
+        }
+    }
+}

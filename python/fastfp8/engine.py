@@ -1,0 +1,337 @@
+"""The one load engine: reader -> pinned ring -> copy stream -> quantize on the compute
+stream -> a sink. Every entry point (``load_quantized``, ``convert``, the vLLM plugin,
+``build_quantized_model``) runs a :class:`fastfp8.plan.Plan` through :func:`run`.
+
+On CUDA, all overlapped:
+
+1. The native reader copies the planned byte ranges on its own threads (no GIL) into pinned
+   host slots carved from one ``memory_budget``-sized pool buffer, in plan order.
+2. Each chunk goes host-to-device on a copy stream, straight into its output (tensors kept
+   as they are) or into one of two device staging buffers (tensors to quantize). The slot
+   is released once its copy's event has completed.
+3. When a job's last chunk has landed, the compute stream waits for that copy and runs the
+   fused quantization kernel from staging into the outputs. The copy stream reuses a
+   staging buffer only after the quantization that read it is done, so reading the next
+   tensor never waits for the previous tensor's quantization.
+
+Outputs come from the sink (:class:`StateSink`: each tensor allocated once at its final
+size when its first bytes arrive, so allocation overlaps with reading;
+:class:`StreamSink`: fresh tensors per job, handed to the caller). :func:`run` yields
+``(job, tensors)`` as each job is done (on CUDA: enqueued, with the caller's stream made
+to wait for it), so the caller can write, assign or keep them. Device memory at peak is
+the outputs plus two staging buffers of the largest job quantized.
+
+Tensor parallelism: row-parallel slices all-reduce their per-row amax (MAX) over the
+group on the compute stream (NCCL queues it there without blocking the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint, ChunkReader
+from .errors import NonFiniteWeightError
+from .options import LoadOptions
+from .plan import FP8, Job, Plan
+from .quant import quantize_channelwise, resolve_rounding
+
+#: names of points where the tests inject faults (``FAULT_HOOK``): "allocate", "copy",
+#: "quantize", "yield", "finish"
+FAULT_POINTS = ("allocate", "copy", "quantize", "yield", "finish")
+FAULT_HOOK = None  # tests: a callable(point: str, job) raising to simulate a fault there
+
+
+def _fault(point: str, job: Job | None) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(point, job)
+
+
+@dataclass
+class LoadStats:
+    """What a load did and how fast."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    tensors: int = 0
+    quantized: int = 0
+    memory_budget: int = 0
+    chunk_bytes: int = 0
+    peak_in_flight: int = 0
+    threads: int = 0
+    device: str = ""
+    non_finite: list[str] = field(default_factory=list)
+    #: seconds spent in each phase: "setup" (open, plan, allocate), "read_wait" (waiting
+    #: for the reader), "copy_wait" (waiting for host-to-device copies to free slots),
+    #: "finish" (draining the streams, the finiteness check)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A concrete device; a CUDA device on a machine without one is a clear error."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            from .errors import Error
+
+            raise Error(f"device={str(device)!r} but torch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}); pass device='cpu' to load on the CPU")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+# ---------------------------------------------------------------------------------------
+# sinks
+
+
+class StateSink:
+    """Outputs of ``load_quantized``: each output tensor allocated once at its final size
+    (fused experts ``[E, out, in]``, filled one expert at a time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.state: dict[str, torch.Tensor] = {}
+
+    def outputs(self, job: Job) -> list[torch.Tensor]:
+        t = job.target
+        if job.first:
+            if t.quantized:
+                self.state[t.weight_name] = torch.empty(job.out_shape, dtype=FP8, device=self.device)
+                self.state[t.scale_name] = torch.empty((*job.out_shape[:-1], 1), dtype=job.dtype, device=self.device)
+            else:
+                self.state[t.weight_name] = torch.empty(job.out_shape, dtype=job.dtype, device=self.device)
+        if not t.quantized:
+            return [self.state[t.weight_name]]
+        q, s = self.state[t.weight_name], self.state[t.scale_name]
+        return [q, s] if job.expert is None else [q[job.expert], s[job.expert]]
+
+
+class StreamSink:
+    """Fresh output tensors for every job (the caller keeps or drops them)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def outputs(self, job: Job) -> list[torch.Tensor]:
+        if not job.quantized:
+            return [torch.empty(job.shape, dtype=job.dtype, device=self.device)]
+        shape = job.quantized_shape()
+        return [torch.empty(shape, dtype=FP8, device=self.device),
+                torch.empty((shape[0], 1), dtype=job.dtype, device=self.device)]
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
+    """A tqdm bar in binary units on stderr (default: when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
+                smoothing=0.1)
+
+
+def _bytes_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+
+
+def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device, sink, stats: LoadStats,
+        *, desc: str = "fastfp8") -> Iterator[tuple[Job, list[torch.Tensor]]]:
+    """Runs ``plan`` on ``device`` into ``sink``; yields ``(job, tensors)`` per finished job.
+
+    After the last job it checks every scale for NaN/Inf (one device sync) and raises
+    :class:`NonFiniteWeightError` unless ``options.allow_non_finite`` (the names are in
+    ``stats.non_finite`` either way). Closing the generator early stops the reader."""
+    t0 = time.perf_counter()
+    rounding = resolve_rounding(options.rounding, device)
+    stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
+    stats.tensors = len(plan.targets)
+    stats.quantized = sum(t.quantized for t in plan.targets)
+    bar = progress_bar(plan.nbytes, options.progress, desc)
+    reader = ChunkReader(ckpt, plan.items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
+                         threads=options.threads, method=options.method, piece_bytes=options.piece_bytes,
+                         pin=device.type == "cuda")
+    stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
+    flags: list[tuple[Job, torch.Tensor]] = []
+    try:
+        if device.type == "cuda":
+            yield from _run_cuda(reader, plan, options, device, sink, rounding, bar, stats, flags)
+        else:
+            yield from _run_host(reader, plan, device, sink, rounding, bar, flags)
+        rs = reader.stats()
+    except BaseException:
+        if device.type == "cuda":
+            # Copies and kernels already queued on the engine's streams write into outputs and
+            # staging buffers allocated on the current stream, which the caching allocator
+            # hands out again as soon as they are freed: let them finish first.
+            with contextlib.suppress(Exception):  # a broken context: the first error stands
+                torch.cuda.synchronize(device)
+        raise
+    finally:
+        reader.close()
+        bar.close()
+    t = time.perf_counter()
+    _fault("finish", None)
+    stats.non_finite = _non_finite(flags)
+    stats.phases["finish"] = stats.phases.get("finish", 0.0) + time.perf_counter() - t
+    stats.bytes_read, stats.peak_in_flight, stats.threads = rs["bytes_read"], rs["peak_in_flight"], rs["threads"]
+    if stats.non_finite and not options.allow_non_finite:
+        names = ", ".join(stats.non_finite[:5]) + (" ..." if len(stats.non_finite) > 5 else "")
+        raise NonFiniteWeightError(
+            f"{ckpt.path}: {len(stats.non_finite)} weight(s) hold NaN or Inf and have no valid FP8 scale: "
+            f"{names} (pass allow_non_finite=True to load them anyway)")
+
+
+def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], rounding: str, plan: Plan) -> None:
+    _fault("quantize", job)
+    w = staging[: job.nbytes].view(job.dtype).view(job.shape)
+    if job.transpose:  # [in, out] as read -> [out, in], on the device, contiguous for the kernel
+        w = w.t().contiguous()
+    q, s = outs
+    reduce = None
+    if job.reduce and plan.tp is not None:
+        import torch.distributed as dist
+
+        group = plan.tp.group
+
+        def reduce(absmax: torch.Tensor) -> None:
+            dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group)
+
+    if w.numel():
+        quantize_channelwise(w, out=q, scale_out=s, check_finite=False, rounding=rounding, reduce_absmax=reduce)
+    elif s.numel():
+        if reduce is not None:  # an empty slice still takes part in the collective
+            zeros = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+            s.copy_(quantize_channelwise(zeros, check_finite=False, rounding=rounding, reduce_absmax=reduce)[1])
+        else:
+            s.fill_(torch.finfo(s.dtype).eps)
+
+
+def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar, stats, flags):
+    jobs = plan.jobs
+    copy_stream = torch.cuda.Stream(dev)
+    compute_stream = torch.cuda.Stream(dev)
+    current = torch.cuda.current_stream(dev)
+    staging_bytes = max((j.nbytes for j in jobs if j.quantized), default=0)
+    staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=dev) for _ in range(2)] if staging_bytes else []
+    quant_done: list[torch.cuda.Event | None] = [None, None]
+    pending: deque[tuple[torch.cuda.Event, int, int]] = deque()
+    held = 0
+    limit = max(0, options.memory_budget - 2 * options.chunk_bytes)  # room so the reader can always progress
+    n_quant = slot = 0
+    outs: list[torch.Tensor] = []
+    dst: torch.Tensor | None = None
+    clock = time.perf_counter
+    copy_wait = read_wait = 0.0
+    with torch.cuda.device(dev):
+        while True:
+            while pending and (held > limit or pending[0][0].query()):
+                ev, off, n = pending.popleft()
+                t = clock()
+                ev.synchronize()
+                copy_wait += clock() - t
+                reader.release(off, n)
+                held -= n
+            t = clock()
+            d = reader.next()
+            read_wait += clock() - t
+            if d is None:
+                break
+            item, ioff, boff, n = d
+            job = jobs[item]
+            if ioff == 0:
+                _fault("allocate", job)
+                outs = sink.outputs(job)
+                if job.quantized:
+                    slot = n_quant % 2
+                    n_quant += 1
+                    if quant_done[slot] is not None:
+                        copy_stream.wait_event(quant_done[slot])
+                    dst = staging[slot] if staging else None
+                else:
+                    dst = _bytes_view(outs[0])
+            if n:
+                _fault("copy", job)
+                with torch.cuda.stream(copy_stream):
+                    dst[ioff : ioff + n].copy_(reader.view(boff, n), non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(copy_stream)
+                pending.append((ev, boff, n))
+                held += n
+                bar.update(n)
+            if ioff + n < job.nbytes:
+                continue
+            done = torch.cuda.Event()
+            if job.quantized:
+                compute_stream.wait_stream(copy_stream)
+                with torch.cuda.stream(compute_stream):
+                    _quantize(job, staging[slot] if staging else torch.empty(0, dtype=torch.uint8, device=dev),
+                              outs, rounding, plan)
+                    flags.append((job, (~torch.isfinite(outs[1])).any()))
+                    done.record(compute_stream)
+                quant_done[slot] = done
+            else:
+                done.record(copy_stream)
+            current.wait_event(done)
+            _fault("yield", job)
+            yield job, outs
+        t = clock()
+        current.wait_stream(copy_stream)
+        current.wait_stream(compute_stream)
+        torch.cuda.synchronize(dev)
+        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, drain=clock() - t)
+    while pending:
+        _, off, n = pending.popleft()
+        reader.release(off, n)
+
+
+def _run_host(reader, plan: Plan, dev, sink, rounding, bar, flags):
+    jobs = plan.jobs
+    staging_bytes = max((j.nbytes for j in jobs if j.quantized), default=0)
+    staging = torch.empty(staging_bytes, dtype=torch.uint8, device=dev)
+    outs: list[torch.Tensor] = []
+    while (d := reader.next()) is not None:
+        item, ioff, boff, n = d
+        job = jobs[item]
+        if ioff == 0:
+            _fault("allocate", job)
+            outs = sink.outputs(job)
+        dst = staging if job.quantized else _bytes_view(outs[0])
+        if n:
+            _fault("copy", job)
+            dst[ioff : ioff + n].copy_(reader.view(boff, n))
+            reader.release(boff, n)
+            bar.update(n)
+        if ioff + n < job.nbytes:
+            continue
+        if job.quantized:
+            _quantize(job, staging, outs, rounding, plan)
+            flags.append((job, (~torch.isfinite(outs[1])).any()))
+        _fault("yield", job)
+        yield job, outs
+
+
+def _non_finite(flags: list[tuple[Job, torch.Tensor]]) -> list[str]:
+    """Names of the source tensors with a NaN/Inf scale (one device sync)."""
+    if not flags:
+        return []
+    bad = torch.stack([f for _, f in flags]).cpu().tolist()
+    names: list[str] = []
+    for (job, _), b in zip(flags, bad, strict=True):
+        n = job.target.source.name
+        if b and n not in names:
+            names.append(n)
+    return names

@@ -1,0 +1,138 @@
+"""``LoadOptions``: every knob of a load, its default and its validation, in one place.
+
+Every entry point (:func:`fastfp8.load_quantized`, :func:`fastfp8.convert.convert`,
+:func:`fastfp8.build_quantized_model`, the vLLM plugin, the CLI) builds one of these with
+:meth:`LoadOptions.make` and hands it to the one planner and the one engine; nothing
+else parses a byte size or resolves a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from . import host
+from .units import parse_bytes
+
+ROUNDINGS = ("auto", "eager", "fp32")
+METHODS = ("mmap", "pread")
+LAYOUTS = ("auto", "names")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load. Build it with :meth:`make` (which parses and validates); the fields
+    hold parsed values (byte sizes as ints, ``ignore`` as a tuple)."""
+
+    #: modules left unquantized, compressed-tensors style (exact names or ``re:<pattern>``),
+    #: added to :data:`fastfp8.DEFAULT_IGNORE` unless ``default_ignore`` is false
+    ignore: tuple[str, ...] = ()
+    default_ignore: bool = True
+    #: ``"auto"``: the model layout from ``config.json`` (an unknown architecture is refused);
+    #: ``"names"``: quantize every 2-D float ``*.weight`` that is not ignored, by name
+    layout: str = "auto"
+    #: pinned host memory for reading; the bytes in flight never exceed it
+    memory_budget: int = 0
+    #: the unit of host-to-device copies (at most a quarter of the budget)
+    chunk_bytes: int = 0
+    #: the unit of work of one reader thread
+    piece_bytes: int = 4 << 20
+    #: native reader threads (None: the machine's cores, at most 16)
+    threads: int | None = None
+    method: str = "mmap"
+    rounding: str = "auto"
+    allow_non_finite: bool = False
+    #: a progress bar on stderr (None: when stderr is a terminal)
+    progress: bool | None = None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        ignore: Iterable[str] | str | None = None,
+        default_ignore: bool = True,
+        layout: str = "auto",
+        memory_budget: int | str | None = None,
+        chunk_bytes: int | str | None = None,
+        piece_bytes: int | str = "4MiB",
+        threads: int | None = None,
+        method: str = "mmap",
+        rounding: str = "auto",
+        allow_non_finite: bool = False,
+        progress: bool | None = None,
+    ) -> LoadOptions:
+        """Parses and validates; raises ``ValueError``/``TypeError`` naming the knob.
+
+        ``memory_budget`` and ``chunk_bytes`` default to what fits this host's last-level
+        cache (:func:`fastfp8.host.default_staging`); a ``memory_budget`` given without
+        ``chunk_bytes`` gets 1/16 of it (1 - 64 MiB).
+        """
+        if isinstance(ignore, str):
+            ignore = [ignore]
+        ignore = tuple(ignore or ())
+        for e in ignore:
+            if not isinstance(e, str) or not e:
+                raise ValueError(f"ignore: entries must be non-empty strings, got {e!r}")
+        from .layouts import IgnoreRules
+
+        IgnoreRules(ignore)  # a bad pattern raises here, once
+        _check_bool("default_ignore", default_ignore)
+        _check_bool("allow_non_finite", allow_non_finite)
+        _check_choice("layout", layout, LAYOUTS)
+        _check_choice("method", method, METHODS)
+        _check_choice("rounding", rounding, ROUNDINGS)
+        if progress is not None:
+            _check_bool("progress", progress)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        auto_budget, auto_chunk = host.default_staging(host.last_level_cache_bytes())
+        budget = _positive_bytes("memory_budget", memory_budget) if memory_budget is not None else auto_budget
+        if chunk_bytes is not None:
+            chunk = _positive_bytes("chunk_bytes", chunk_bytes)
+        else:
+            chunk = auto_chunk if memory_budget is None else min(max(budget // 16, 1 << 20), 64 << 20)
+        chunk = max(1, min(chunk, budget // 4))
+        return cls(ignore=ignore, default_ignore=default_ignore, layout=layout, memory_budget=budget,
+                   chunk_bytes=chunk, piece_bytes=_positive_bytes("piece_bytes", piece_bytes), threads=threads,
+                   method=method, rounding=rounding, allow_non_finite=allow_non_finite, progress=progress)
+
+    @classmethod
+    def from_mapping(cls, extra: dict[str, Any] | None, *, where: str = "options") -> LoadOptions:
+        """From a JSON-like dict (the vLLM plugin's ``--model-loader-extra-config``);
+        unknown keys are a ``ValueError`` that lists the allowed ones."""
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"{where} must be a dict, got {type(extra).__name__}")
+        extra = dict(extra or {})
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(extra) - allowed)
+        if unknown:
+            raise ValueError(f"unknown {where} keys: {unknown} (allowed: {sorted(allowed)})")
+        return cls.make(**extra)
+
+    def replace(self, **changes: Any) -> LoadOptions:
+        """A copy with ``changes`` applied and validated again."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.update(changes)
+        return LoadOptions.make(**fields)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _positive_bytes(name: str, value: int | str) -> int:
+    try:
+        n = parse_bytes(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    if n <= 0:
+        raise ValueError(f"{name} must be a positive byte size, got {value!r}")
+    return n
