@@ -43,7 +43,7 @@ import torch
 from .checkpoint import TORCH_DTYPES, Checkpoint, open_checkpoint
 from .engine import LoadStats, StreamSink, resolve_device, run
 from .errors import CheckpointError
-from .layouts import read_config
+from .layouts import check_with_transformers, read_config
 from .options import LoadOptions
 from .plan import OutTensor, Plan, checkpoint_tensors, make_plan
 from .units import format_bytes, parse_bytes
@@ -251,6 +251,7 @@ def convert(
         raise ValueError(f"{src} is already quantized ({method}); convert needs a bf16/fp16/fp32 checkpoint")
     dev = resolve_device(device)
     plan = make_plan(ckpt, options)
+    check_with_transformers(plan.layout, plan.targets)  # offline work: worth the seconds it takes
     outputs = plan.checkpoint_outputs()
     shards = plan_shards(outputs, parse_bytes(max_shard_size))
     n = len(shards)

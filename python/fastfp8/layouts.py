@@ -375,3 +375,50 @@ def layout_for(path: str | Path, *, layout: str = "auto", ignore: Iterable[str] 
         f"({', '.join(sorted(LAYOUTS))}); pass layout='names' (CLI: --layout names) to quantize every 2-D "
         f"float *.weight by name, after checking that they are nn.Linear weights stored [out, in] "
         f"(ignore=[...] keeps the others as they are)")
+
+
+# ---------------------------------------------------------------------------------------
+# a second opinion: the model transformers builds
+
+
+def check_with_transformers(layout: Layout, targets: list[Target]) -> bool:
+    """Builds the checkpoint's model with transformers on the meta device (nothing is
+    allocated) and checks that every 2-D weight about to be quantized belongs to an
+    ``nn.Linear`` there, as llm-compressor and vLLM decide: a GPT-2 ``Conv1D`` (stored
+    ``[in, out]``), an embedding or a norm quantized by name is a :class:`LayoutError`.
+    Returns False when it could not check (no transformers, no config, a model transformers
+    cannot build); weights whose module the model does not name (per-expert weights that
+    transformers fuses) are not judged."""
+    if layout.config is None or layout.config.path is None:
+        return False
+    try:
+        import torch
+        from torch import nn
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        return False
+    try:
+        cfg = AutoConfig.from_pretrained(layout.config.path.parent)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # an architecture transformers does not have, remote code, ...
+        logger.info("transformers could not build %s on the meta device (%s): layout not cross-checked",
+                    layout.config.path, e)
+        return False
+    modules = dict(model.named_modules())
+    for t in targets:
+        if t.kind != "quantize":
+            continue
+        module = t.module
+        for cand in (module, module.replace(".block_sparse_moe.", ".mlp."),
+                     module.removeprefix("model."), "model." + module):
+            m = modules.get(cand)
+            if m is None:
+                continue
+            if not isinstance(m, nn.Linear):
+                raise LayoutError(
+                    f"{t.source.file}: {t.source.name} belongs to {cand}, a {type(m).__name__} in transformers' "
+                    f"{type(model).__name__}, not an nn.Linear: it cannot be quantized as one; "
+                    f"ignore=['{module}'] keeps it as it is")
+            break
+    return True

@@ -140,8 +140,8 @@ def quantize_channelwise(
             path on sm90+ (divide in fp32, round once). Same scales; the two differ in
             ~3% of the bytes of a bf16 weight, never for fp32 weights.
         reduce_absmax: an in-place reduction of the per-row absolute maxima before the
-            scales are taken (tensor-parallel row slices: an all-reduce MAX); uses the
-            torch path.
+            scales are taken (tensor-parallel row slices: an all-reduce MAX). On the Triton
+            path the maxima are taken by torch (one pass), reduced, and handed to the kernel.
 
     Returns:
         ``(q, scale)``: float8_e4m3fn of the weight's shape and a scale of the
@@ -151,14 +151,16 @@ def quantize_channelwise(
     rounding = resolve_rounding(rounding, weight.device)
     forced = os.environ.get("FASTFP8_QUANT_BACKEND", "")
     use_triton = (
-        (forced == "triton" or (forced != "reference" and triton_supported(weight.device)))
-        and weight.is_cuda
-        and reduce_absmax is None
+        (forced == "triton" or (forced != "reference" and triton_supported(weight.device))) and weight.is_cuda
     )
     if use_triton:
         from .triton_kernel import quantize_channelwise_triton
 
-        q, scale = quantize_channelwise_triton(weight, out=out, scale_out=scale_out, rounding=rounding)
+        amax = None
+        if reduce_absmax is not None and weight.numel():
+            amax = weight.abs().amax(dim=-1, keepdim=True)  # exact in the weight dtype, NaN propagates
+            reduce_absmax(amax)
+        q, scale = quantize_channelwise_triton(weight, out=out, scale_out=scale_out, rounding=rounding, amax=amax)
     else:
         q, scale = quantize_channelwise_reference(
             weight, out=out, scale_out=scale_out, rounding=rounding, reduce_absmax=reduce_absmax

@@ -124,6 +124,7 @@ def _fp8_channel_quant_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
+    a_ptr,
     n_rows,
     n_cols,
     sx_g,
@@ -140,6 +141,7 @@ def _fp8_channel_quant_kernel(
     EMULATE: tl.constexpr,
     INT64: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
+    AMAX_GIVEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -156,11 +158,19 @@ def _fp8_channel_quant_kernel(
     q_rows = q_ptr + grp * sq_g + rows[:, None] * sq_r
 
     # ---- pass 1: amax per row, as an integer max over |x| bit patterns ----
+    # (AMAX_GIVEN: read from a_ptr, fp32 [groups * rows]: a tensor-parallel slice's row
+    # maxima, all-reduced over the ranks)
     if SINGLE_PASS:
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :] * sx_c, mask=mask, other=0.0, eviction_policy="evict_first")
         x = _widen(x, DTYPE_ID, EMULATE)
-        amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+        if AMAX_GIVEN:
+            amax = tl.load(a_ptr + grp * n_rows + rows, mask=row_ok, other=0.0)
+        else:
+            amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+            amax = amax_bits.to(tl.float32, bitcast=True)
+    elif AMAX_GIVEN:
+        amax = tl.load(a_ptr + grp * n_rows + rows, mask=row_ok, other=0.0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for c0 in range(0, n_cols, BLOCK_N):
@@ -170,7 +180,7 @@ def _fp8_channel_quant_kernel(
             xb = _widen(xb, DTYPE_ID, EMULATE)
             acc = tl.maximum(acc, xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         amax_bits = tl.max(acc, axis=1)
-    amax = amax_bits.to(tl.float32, bitcast=True)
+        amax = amax_bits.to(tl.float32, bitcast=True)
 
     # ---- scale = amax / 448 in the weight dtype; 0 -> eps(dtype) ----
     scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
@@ -248,8 +258,13 @@ def quantize_channelwise_triton(
     out: torch.Tensor | None = None,
     scale_out: torch.Tensor | None = None,
     rounding: Rounding = "eager",
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize with the fused Triton kernel; same contract as the reference.
+
+    ``amax``: the per-row ``max|x|`` to take the scales from (shape ``[..., out, 1]``,
+    any float dtype holding the weight dtype's values exactly), instead of the kernel's
+    own: a tensor-parallel row slice passes the whole row's, all-reduced over the ranks.
 
     ``weight`` is 2-D ``[out, in]`` or 3-D ``[experts, out, in]`` with any strides,
     on a CUDA device with fp8 conversions (compute capability >= 8.9); under
@@ -263,7 +278,11 @@ def quantize_channelwise_triton(
         out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     if scale_out is None:
         scale_out = torch.empty(expected_scale_shape(weight.shape), dtype=weight.dtype, device=weight.device)
-    _launch(weight, out, scale_out, rounding)
+    if amax is not None:
+        if tuple(amax.shape) != tuple(expected_scale_shape(weight.shape)):
+            raise ValueError(f"amax must have shape {expected_scale_shape(weight.shape)}, got {tuple(amax.shape)}")
+        amax = amax.to(device=weight.device, dtype=torch.float32).contiguous()
+    _launch(weight, out, scale_out, rounding, amax=amax)
     return out, scale_out
 
 
@@ -311,6 +330,7 @@ def _launch(
     scale_out: torch.Tensor,
     rounding: str,
     config: tuple[int, int, bool, int] | None = None,
+    amax: torch.Tensor | None = None,
 ) -> list[Any]:
     """Launch the kernel on checked arguments; returns Triton's compiled-kernel handles
     (tests read their PTX). ``config`` overrides :func:`pick_config` (benchmark sweeps)."""
@@ -322,7 +342,8 @@ def _launch(
         handles: list[Any] = []
         for g0 in range(0, groups, _MAX_GRID_Y):
             g1 = min(groups, g0 + _MAX_GRID_Y)
-            handles += _launch(weight[g0:g1], out[g0:g1], scale_out[g0:g1], rounding, config)
+            part = None if amax is None else amax[g0:g1]
+            handles += _launch(weight[g0:g1], out[g0:g1], scale_out[g0:g1], rounding, config, part)
         return handles
 
     block_m, block_n, single_pass, num_warps = config or pick_config(rows, cols, x_s[2])
@@ -339,6 +360,7 @@ def _launch(
             weight,
             out,
             scale_out,
+            scale_out if amax is None else amax,
             rows,
             cols,
             x_s[0],
@@ -355,6 +377,7 @@ def _launch(
             EMULATE=not weight.is_cuda,
             INT64=need_int64,
             SINGLE_PASS=single_pass,
+            AMAX_GIVEN=amax is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=num_warps,
