@@ -67,8 +67,8 @@ def worker(args) -> dict:
     import fastfp8
     import peers
     import torch
+    from fastfp8.layouts import layout_for
     from fastfp8.quant import quantize_channelwise
-    from fastfp8.select import IgnoreRules, classify
 
     dev = torch.device("cuda", 0)
     torch.cuda.init()
@@ -79,14 +79,15 @@ def worker(args) -> dict:
     ckpt = fastfp8.open_checkpoint(args.ckpt)
     paths = [str(p) for p in ckpt.shards]
     nbytes = ckpt.nbytes
-    rules = IgnoreRules()
-    kinds = {t.name: classify(t, rules).kind for t in ckpt.tensors.values()}
+    layout = layout_for(args.ckpt)
+    kinds = {t.source.name: t.kind for t in layout.targets(ckpt)}
+    in_out = layout.arch is not None and layout.arch.fused == "in_out"
 
     def should_quantize(name, t):
         return kinds.get(name, "copy") != "copy"
 
     def quantize(t):
-        if t.dim() == 3:  # fused experts [E, in, out] -> [E, out, in] on the device
+        if t.dim() == 3 and in_out:  # fused experts [E, in, out] -> [E, out, in] on the device
             t = t.transpose(1, 2).contiguous()
         return quantize_channelwise(t, check_finite=False)
 
@@ -128,7 +129,9 @@ def worker(args) -> dict:
 
 def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout) -> dict:
     cmd = [sys.executable, __file__, ckpt, "--worker", "--loader", loader, "--cond", cond,
-           "--repeat", str(repeat), "--budget", budget]
+           "--repeat", str(repeat)]
+    if budget:
+        cmd += ["--budget", budget]
     if threads:
         cmd += ["--threads", str(threads)]
     try:
@@ -159,6 +162,16 @@ def largest_tensor(ckpt_dir: str) -> int:
     import fastfp8
 
     return max(t.nbytes for t in fastfp8.open_checkpoint(ckpt_dir).tensors.values())
+
+
+def host_cpu() -> str:
+    """The CPU model and core count, from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    return f"{models[0]} x {len(models)}" if models else "unknown"
 
 
 def gpu_name() -> str:
@@ -194,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loaders", default="", help="comma list (default: fastfp8 + every available peer)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold-repeat", type=int, default=1)
-    ap.add_argument("--budget", default="2GiB")
+    ap.add_argument("--budget", default=None, help="fastfp8's memory_budget (default: its own, from the host)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -211,7 +224,7 @@ def main(argv=None) -> int:
     doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
            "repeat": args.repeat, "memory_budget": args.budget, "rows": []}
     import fastfp8
-    from fastfp8.units import parse_bytes
+    from fastfp8.options import LoadOptions
 
     ckpt = fastfp8.open_checkpoint(args.ckpt)
     doc["checkpoint_bytes"] = ckpt.nbytes
@@ -249,7 +262,9 @@ def main(argv=None) -> int:
         "safetensors_warm_gbps": best("warm", {"safetensors_load_file", "safetensors_safe_open"})[0],
         "fastfp8_cold_gbps": best("cold", {"fastfp8"})[0],
         "best_peer_cold_gbps": best("cold", peer_names)[0],
-        "memory_budget_bytes": parse_bytes(args.budget),
+        "memory_budget_bytes": LoadOptions.make(memory_budget=args.budget).memory_budget,
+        "chunk_bytes": LoadOptions.make(memory_budget=args.budget).chunk_bytes,
+        "host_cpu": host_cpu(),
     })
     ff = [r for r in doc["rows"] if r["loader"] == "fastfp8" and r.get("summary")]
     if ff:

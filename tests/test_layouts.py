@@ -188,3 +188,26 @@ def test_checkpoint_without_config_is_planned_by_name(tmp_path):
               str(tmp_path / "x.safetensors"))
     state = fastfp8.load_quantized(tmp_path / "x.safetensors", device="cpu")
     assert state["a.weight"].dtype == FP8 and state["emb.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_fused_2d_gate_up_splits_each_half_and_qkv_is_refused_under_tp(tmp_path):
+    """A 2-D fused ``gate_up_proj [2I, H]`` (Phi-3 style): each rank gets its slice of gate
+    and its slice of up, as vLLM's MergedColumnParallelLinear, not the first half of the
+    rows; a fused ``qkv_proj`` cannot be split without its q/k/v sizes."""
+    from fastfp8.layouts import Split
+    from fastfp8.tensor_parallel import TensorParallel, rank_slice
+
+    w = torch.randn(16, 8).to(torch.bfloat16)
+    save_file({"model.layers.0.mlp.gate_up_proj.weight": w}, str(tmp_path / "a.safetensors"))
+    full = fastfp8.load_quantized(tmp_path / "a.safetensors", device="cpu")
+    for rank in range(2):
+        got = fastfp8.load_quantized(tmp_path / "a.safetensors", device="cpu", tp_rank=rank, tp_size=2)
+        for name in ("model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.gate_up_proj.weight_scale"):
+            want = rank_slice(Split("halves"), name, full[name], TensorParallel(rank, 2))
+            assert same_bytes(got[name], want), (rank, name)
+        rows = [*range(4 * rank, 4 * rank + 4), *range(8 + 4 * rank, 8 + 4 * rank + 4)]
+        q, _ = ct_quantize(w[rows])
+        assert same_bytes(got["model.layers.0.mlp.gate_up_proj.weight"], q)
+    save_file({"model.layers.0.self_attn.qkv_proj.weight": w}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(fastfp8.LayoutError, match="fused qkv_proj"):
+        fastfp8.load_quantized(tmp_path / "b.safetensors", device="cpu", tp_rank=0, tp_size=2)

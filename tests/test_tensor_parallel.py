@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ct_oracle import same_bytes
-from fastfp8.tensor_parallel import TensorParallel
+from fastfp8.tensor_parallel import TensorParallel, rank_slice
 from test_load import save, tiny
 
 PR27280 = ["re:.*self_attn", "re:.*lm_head", "re:.*router", "re:.*shared_expert"]
@@ -31,43 +31,6 @@ def splits_of(path) -> dict:
     from fastfp8.layouts import layout_for
 
     return {t.source.name: t.split for t in layout_for(path).targets(fastfp8.open_checkpoint(path))}
-
-
-def heads_span(split, tp: TensorParallel) -> tuple[int, int]:
-    """vLLM's QKVParallelLinear: whole k/v heads per rank, replicated when the ranks outnumber them."""
-    if tp.size <= split.heads:
-        per = split.heads // tp.size
-        return tp.rank * per * split.head_dim, (tp.rank + 1) * per * split.head_dim
-    h = tp.rank // (tp.size // split.heads)
-    return h * split.head_dim, (h + 1) * split.head_dim
-
-
-def expected_slice(name: str, full: torch.Tensor, split, tp: TensorParallel) -> torch.Tensor:
-    """The rank's part of one output tensor of the unsharded load."""
-    kind = split.kind if split else None
-    is_scale = name.endswith("_scale")
-    if kind in ("column", "vocab"):
-        a, b = tp.span(full.shape[0])
-        return full[a:b]
-    if kind == "heads":
-        a, b = heads_span(split, tp)
-        return full[a:b]
-    if kind == "row":
-        if is_scale:
-            return full
-        a, b = tp.span(full.shape[1])
-        return full[:, a:b]
-    if kind == "experts_column":  # [E, 2I, H]: gate rows then up rows, each split
-        half = full.shape[1] // 2
-        a, b = tp.span(half)
-        return torch.cat([full[:, a:b], full[:, half + a : half + b]], dim=1)
-    if kind == "experts_row":  # [E, H, I]: split the input dim; scales are whole
-        if is_scale:
-            return full
-        a, b = tp.span(full.shape[2])
-        return full[:, :, a:b]
-    assert kind is None, kind
-    return full
 
 
 def source_of(name: str, src: dict[str, torch.Tensor]) -> str:
@@ -101,10 +64,10 @@ def test_ranks_hold_slices_of_the_single_process_result(tmp_path, arch, size, ig
         tp = TensorParallel(rank, size)
         assert set(got["state"]) == set(full)
         for name, t in got["state"].items():
-            want = expected_slice(name, full[name], splits[source_of(name, src)], tp)
+            want = rank_slice(splits[source_of(name, src)], name, full[name], tp)
             assert same_bytes(t, want), (rank, name)
         # the rank reads exactly its slice of every source tensor, nothing more
-        want_read = sum(expected_slice(n, t, splits[n], tp).nbytes for n, t in src.items())
+        want_read = sum(rank_slice(splits[n], n, t, tp).nbytes for n, t in src.items())
         assert got["bytes_read"] == want_read, (rank, got["bytes_read"], want_read)
 
 

@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import LayoutError
 from .layouts import QUANTIZABLE_DTYPES, Layout, Split, Target, layout_for, module_of
 from .options import LoadOptions
-from .tensor_parallel import TensorParallel
+from .tensor_parallel import TensorParallel, heads_span
 
 FP8 = torch.float8_e4m3fn
 
@@ -212,15 +212,9 @@ def _head_rows(split: Split, rows: int, tp: TensorParallel, name: str) -> tuple[
     heads, d = split.heads, split.head_dim
     if heads * d != rows:
         raise LayoutError(f"{name}: {rows} rows are not {heads} key/value heads of {d}")
-    if tp.size <= heads:
-        if heads % tp.size:
-            raise LayoutError(f"{name}: {heads} key/value heads do not split over {tp.size} ranks")
-        per = heads // tp.size
-        return tp.rank * per * d, (tp.rank + 1) * per * d
-    if tp.size % heads:
-        raise LayoutError(f"{name}: {tp.size} ranks are not a multiple of its {heads} key/value heads")
-    h = tp.rank // (tp.size // heads)
-    return h * d, (h + 1) * d
+    if (tp.size <= heads and heads % tp.size) or (tp.size > heads and tp.size % heads):
+        raise LayoutError(f"{name}: {heads} key/value heads do not split over {tp.size} ranks")
+    return heads_span(heads, d, tp)
 
 
 def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:

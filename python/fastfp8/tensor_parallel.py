@@ -44,3 +44,54 @@ def resolve(tp_rank: int | None, tp_size: int | None, process_group: Any) -> Ten
         tp_size = dist.get_world_size(process_group) if tp_size is None else tp_size
     tp = TensorParallel(tp_rank, tp_size, process_group)
     return None if tp.size == 1 else tp
+
+
+def heads_span(heads: int, head_dim: int, tp: TensorParallel) -> tuple[int, int]:
+    """This rank's rows of a key/value projection of ``heads`` heads (vLLM's
+    QKVParallelLinear): whole heads, each replicated over ``size // heads`` ranks when the
+    ranks outnumber them."""
+    if tp.size <= heads:
+        per = heads // tp.size
+        return tp.rank * per * head_dim, (tp.rank + 1) * per * head_dim
+    h = tp.rank // (tp.size // heads)
+    return h * head_dim, (h + 1) * head_dim
+
+
+def rank_slice(split: Any, name: str, full: Any, tp: TensorParallel) -> Any:
+    """The part of ``full`` (output ``name`` of a one-process load, weight or ``_scale``)
+    that rank ``tp`` holds after a tensor-parallel load, for a
+    :class:`fastfp8.layouts.Split` (None: replicated). What the benchmarks and tests
+    compare each rank's bytes with."""
+    kind = split.kind if split is not None else None
+    is_scale = name.endswith("_scale")
+    if kind in ("column", "vocab"):
+        a, b = tp.span(full.shape[0])
+        return full[a:b]
+    if kind == "heads":
+        a, b = heads_span(split.heads, split.head_dim, tp)
+        return full[a:b]
+    if kind == "halves":
+        half = full.shape[0] // 2
+        a, b = tp.span(half)
+        import torch
+
+        return torch.cat([full[a:b], full[half + a : half + b]])
+    if kind == "row":
+        if is_scale or full.dim() < 2:
+            return full
+        a, b = tp.span(full.shape[1])
+        return full[:, a:b]
+    if kind == "experts_column":  # [E, 2I, H]: gate rows then up rows, each split
+        import torch
+
+        half = full.shape[1] // 2
+        a, b = tp.span(half)
+        return torch.cat([full[:, a:b], full[:, half + a : half + b]], dim=1)
+    if kind == "experts_row":  # [E, H, I]: the input dim; scales are whole
+        if is_scale:
+            return full
+        a, b = tp.span(full.shape[2])
+        return full[:, :, a:b]
+    if kind is None:
+        return full
+    raise ValueError(f"{name}: no slice rule for split {kind!r}")

@@ -1,0 +1,186 @@
+"""Tensor-parallel load benchmark: ``load_quantized`` with ``tp_size`` in {1, 2, ...} on one
+host, NCCL, one process per GPU, all in one run.
+
+    python benches/bench_load_tp.py CKPT_DIR --tp 1,2 --out benches/results/load_tp_h200.json
+
+For each tp size: every rank loads its slice (after a warm-up collective, so NCCL's lazy
+set-up is not timed: a serving engine has it up before it loads), ``repeat`` times; the
+time of a run is the slowest rank's, from a barrier before to a barrier after. Reported:
+checkpoint bytes / that time (GB/s), bytes read per rank, peak GPU memory per rank, and a
+check that every rank's bytes equal the matching slice of the one-GPU result (each rank
+loads the whole checkpoint once more, untimed, and compares on its GPU). The page cache is
+warmed first. NCCL's NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, verify: bool, opts: dict,
+          device: str) -> None:
+    import fastfp8
+    import torch
+    import torch.distributed as dist
+    from fastfp8.layouts import layout_for
+    from fastfp8.tensor_parallel import TensorParallel, rank_slice
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size, device_id=dev if cuda else None)
+    sync = torch.cuda.synchronize if cuda else (lambda d: None)
+    try:
+        x = torch.ones(1024, device=dev)
+        dist.all_reduce(x)  # NCCL's communicator, outside the timed region
+        from fastfp8.quant import quantize_channelwise
+
+        quantize_channelwise(torch.randn(256, 4096, device=dev).to(torch.bfloat16), check_finite=False)
+        sync(dev)
+        runs = []
+        for _ in range(repeat):
+            base = 0
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+            dist.barrier()
+            t0 = time.perf_counter()
+            state = fastfp8.load_quantized(ckpt, device=dev, tp_rank=rank, tp_size=size, progress=False, **opts)
+            sync(dev)
+            own = time.perf_counter() - t0
+            dist.barrier()
+            secs = time.perf_counter() - t0
+            runs.append({"seconds": secs, "own_seconds": own, "bytes_read": state.stats.bytes_read,
+                         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) - base if cuda else 0,
+                         "final_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+                         "phases": state.stats.phases, "memory_budget": state.stats.memory_budget,
+                         "chunk_bytes": state.stats.chunk_bytes, "threads": state.stats.threads})
+            last = state
+            del state
+        mismatched = None
+        if verify:
+            full = fastfp8.load_quantized(ckpt, device=dev, progress=False, **opts)
+            splits = {t.source.name: t.split for t in layout_for(ckpt).targets(fastfp8.open_checkpoint(ckpt))}
+            tp = TensorParallel(rank, size)
+            mismatched = []
+            for name, t in last.items():
+                base = name[: -len("_scale")] if name.endswith("_scale") else name
+                src = base if base in splits else next(
+                    base[: -len(o)] + f for f, o in (("gate_up_proj", "w13_weight"), ("down_proj", "w2_weight"))
+                    if base.endswith("experts." + o))
+                want = rank_slice(splits[src], name, full[name], tp) if size > 1 else full[name]
+                if t.shape != want.shape or not torch.equal(t.contiguous().view(torch.uint8),
+                                                            want.contiguous().view(torch.uint8)):
+                    mismatched.append(name)
+            del full
+        Path(f"{out}.{rank}").write_text(json.dumps({"rank": rank, "runs": runs, "mismatched": mismatched}))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Path, device: str) -> dict:
+    import torch.multiprocessing as mp
+
+    out = str(tmp / f"tp{size}")
+    port = 29500 + size + int(time.time()) % 1000
+    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device), nprocs=size, start_method="spawn")
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(size)]
+    times = [max(rk["runs"][i]["seconds"] for rk in ranks) for i in range(repeat)]
+    return {"tp": size, "seconds": statistics.median(times), "runs_seconds": times,
+            "bytes_read_per_rank": [rk["runs"][-1]["bytes_read"] for rk in ranks],
+            "peak_gpu_bytes_per_rank": [max(r["peak_gpu_bytes"] for r in rk["runs"]) for rk in ranks],
+            "final_bytes_per_rank": [rk["runs"][-1]["final_bytes"] for rk in ranks],
+            "phases_rank0": ranks[0]["runs"][-1]["phases"],
+            "memory_budget": ranks[0]["runs"][-1]["memory_budget"],
+            "chunk_bytes": ranks[0]["runs"][-1]["chunk_bytes"], "threads": ranks[0]["runs"][-1]["threads"],
+            "mismatched": None if not verify else sorted({n for rk in ranks for n in rk["mismatched"]})}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--budget", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="reader threads per rank (default: fastfp8's)")
+    ap.add_argument("--out", default=str(HERE / "results" / "load_tp_h200.json"))
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a smoke test")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    import tempfile
+
+    import fastfp8
+    import torch
+
+    ckpt = fastfp8.open_checkpoint(args.ckpt)
+    for p in ckpt.shards:  # warm the page cache
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    opts = {k: v for k, v in {"memory_budget": args.budget, "threads": args.threads}.items() if v is not None}
+    cuda = args.device == "cuda"
+    n_dev = torch.cuda.device_count() if cuda else 64
+    doc = {"gpu": torch.cuda.get_device_name(0) if cuda else "cpu (gloo)", "gpus": n_dev if cuda else 0,
+           "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt, "checkpoint_bytes": ckpt.nbytes,
+           "cpu_cores": os.cpu_count(), "repeat": args.repeat, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in [int(x) for x in args.tp.split(",")]:
+            if size > n_dev:
+                print(f"tp {size}: only {n_dev} GPUs, skipped", flush=True)
+                continue
+            row = run_tp(args.ckpt, size, args.repeat, not args.no_verify, opts, Path(tmp), args.device)
+            row["gbps"] = ckpt.nbytes / row["seconds"] / 1e9
+            doc["rows"].append(row)
+            print(f"tp {size}: {row['seconds']:.3f} s  {row['gbps']:.1f} GB/s  read/rank "
+                  f"{[round(b / 1e9, 2) for b in row['bytes_read_per_rank']]} GB  peak GPU/rank "
+                  f"{[round(b / 2**30, 2) for b in row['peak_gpu_bytes_per_rank']]} GiB  "
+                  f"mismatched {row['mismatched']}  phases(rank0) "
+                  f"{ {k: round(v, 3) for k, v in row['phases_rank0'].items()} }", flush=True)
+    by = {r["tp"]: r for r in doc["rows"]}
+    if 1 in by:
+        doc["single_gbps"] = by[1]["gbps"]
+    for size, r in by.items():
+        if size > 1:
+            doc[f"tp{size}_gbps"] = r["gbps"]
+            doc[f"tp{size}_bytes_read_per_rank"] = r["bytes_read_per_rank"]
+            doc[f"tp{size}_peak_gpu_bytes_per_rank"] = r["peak_gpu_bytes_per_rank"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"Tensor-parallel `load_quantized` of `{doc['checkpoint']}` ({doc['checkpoint_bytes'] / 1e9:.1f} GB "
+             f"bf16), {doc['gpus']} x {doc['gpu']}, {doc['cpu_cores']} cores, {doc['date']}; NCCL, one process per "
+             f"GPU, warm page cache, median of {doc['repeat']} (slowest rank).", "",
+             "| tp | s | GB/s (checkpoint / slowest rank) | read per rank GB | peak GPU per rank GiB "
+             "| bytes = slice of 1-GPU |",
+             "| ---: | ---: | ---: | --- | --- | --- |"]
+    for r in doc["rows"]:
+        bad = r["mismatched"]
+        ok = "not checked" if bad is None else ("yes" if not bad else f"NO: {bad[:3]}")
+        lines.append(f"| {r['tp']} | {r['seconds']:.3f} | {r['gbps']:.1f} | "
+                     f"{', '.join(f'{b / 1e9:.2f}' for b in r['bytes_read_per_rank'])} | "
+                     f"{', '.join(f'{b / 2**30:.2f}' for b in r['peak_gpu_bytes_per_rank'])} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())
