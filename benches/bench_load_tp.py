@@ -95,7 +95,8 @@ def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Pat
 
     out = str(tmp / f"tp{size}")
     port = 29500 + size + int(time.time()) % 1000
-    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device), nprocs=size, start_method="spawn")
+    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device), nprocs=size,
+                       start_method="spawn")
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(size)]
     times = [max(rk["runs"][i]["seconds"] for rk in ranks) for i in range(repeat)]
     return {"tp": size, "seconds": statistics.median(times), "runs_seconds": times,
