@@ -197,9 +197,12 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
 
 def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], rounding: str, plan: Plan) -> None:
     _fault("quantize", job)
-    w = staging[: job.nbytes].view(job.dtype).view(job.shape)
-    if job.transpose:  # [in, out] as read -> [out, in], on the device, contiguous for the kernel
-        w = w.t().contiguous()
+    w = staging[: job.nbytes].view(job.dtype)
+    if job.transpose:  # [in, out] as read (in column blocks) -> [out, in], contiguous for the kernel
+        k, n = job.shape
+        w = w.view(job.blocks, k, n // job.blocks).transpose(1, 2).reshape(n, k)
+    else:
+        w = w.view(job.shape)
     q, s = outs
     reduce = None
     if job.reduce and plan.tp is not None:
@@ -224,11 +227,11 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
     jobs = plan.jobs
     copy_stream = torch.cuda.Stream(dev)
     compute_stream = torch.cuda.Stream(dev)
-    current = torch.cuda.current_stream(dev)
     staging_bytes = max((j.nbytes for j in jobs if j.quantized), default=0)
     staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=dev) for _ in range(2)] if staging_bytes else []
     quant_done: list[torch.cuda.Event | None] = [None, None]
     pending: deque[tuple[torch.cuda.Event, int, int]] = deque()
+    spare: list[torch.cuda.Event] = []  # events of released chunks, recorded again (no re-creation)
     held = 0
     limit = max(0, options.memory_budget - 2 * options.chunk_bytes)  # room so the reader can always progress
     n_quant = slot = 0
@@ -236,61 +239,79 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
     dst: torch.Tensor | None = None
     clock = time.perf_counter
     copy_wait = read_wait = 0.0
+    update = bar.update if not bar.disable else None
     with torch.cuda.device(dev):
-        while True:
-            while pending and (held > limit or pending[0][0].query()):
-                ev, off, n = pending.popleft()
+        # The copy stream is the current stream inside the loop (a stream switch per chunk
+        # costs more than the copy's own launch); outputs are allocated, and jobs handed
+        # to the caller, on the caller's stream.
+        caller = torch.cuda.current_stream(dev)
+        torch.cuda.set_stream(copy_stream)
+        try:
+            while True:
+                while pending and (held > limit or pending[0][0].query()):
+                    ev, off, n = pending.popleft()
+                    t = clock()
+                    ev.synchronize()
+                    copy_wait += clock() - t
+                    reader.release(off, n)
+                    held -= n
+                    spare.append(ev)
                 t = clock()
-                ev.synchronize()
-                copy_wait += clock() - t
-                reader.release(off, n)
-                held -= n
-            t = clock()
-            d = reader.next()
-            read_wait += clock() - t
-            if d is None:
-                break
-            item, ioff, boff, n = d
-            job = jobs[item]
-            if ioff == 0:
-                _fault("allocate", job)
-                outs = sink.outputs(job)
-                if job.quantized:
-                    slot = n_quant % 2
-                    n_quant += 1
-                    if quant_done[slot] is not None:
-                        copy_stream.wait_event(quant_done[slot])
-                    dst = staging[slot] if staging else None
-                else:
-                    dst = _bytes_view(outs[0])
-            if n:
-                _fault("copy", job)
-                with torch.cuda.stream(copy_stream):
+                d = reader.next()
+                read_wait += clock() - t
+                if d is None:
+                    break
+                item, ioff, boff, n = d
+                job = jobs[item]
+                if ioff == 0:
+                    torch.cuda.set_stream(caller)
+                    _fault("allocate", job)
+                    outs = sink.outputs(job)
+                    torch.cuda.set_stream(copy_stream)
+                    if job.quantized:
+                        slot = n_quant % 2
+                        n_quant += 1
+                        if quant_done[slot] is not None:
+                            copy_stream.wait_event(quant_done[slot])
+                        dst = staging[slot] if staging else None
+                    else:
+                        dst = _bytes_view(outs[0])
+                if n:
+                    if FAULT_HOOK is not None:
+                        _fault("copy", job)
                     dst[ioff : ioff + n].copy_(reader.view(boff, n), non_blocking=True)
-                    ev = torch.cuda.Event()
+                    ev = spare.pop() if spare else torch.cuda.Event()
                     ev.record(copy_stream)
-                pending.append((ev, boff, n))
-                held += n
-                bar.update(n)
-            if ioff + n < job.nbytes:
-                continue
-            done = torch.cuda.Event()
-            if job.quantized:
-                compute_stream.wait_stream(copy_stream)
-                with torch.cuda.stream(compute_stream):
-                    _quantize(job, staging[slot] if staging else torch.empty(0, dtype=torch.uint8, device=dev),
-                              outs, rounding, plan)
-                    flags.append((job, (~torch.isfinite(outs[1])).any()))
+                    pending.append((ev, boff, n))
+                    held += n
+                    if update is not None:
+                        update(n)
+                if ioff + n < job.nbytes:
+                    continue
+                done = torch.cuda.Event()
+                if job.quantized:
+                    compute_stream.wait_stream(copy_stream)
+                    torch.cuda.set_stream(compute_stream)
+                    try:
+                        _quantize(job, staging[slot] if staging else torch.empty(0, dtype=torch.uint8, device=dev),
+                                  outs, rounding, plan)
+                        flags.append((job, (~torch.isfinite(outs[1])).any()))
+                    finally:
+                        torch.cuda.set_stream(copy_stream)
                     done.record(compute_stream)
-                quant_done[slot] = done
-            else:
-                done.record(copy_stream)
-            current.wait_event(done)
-            _fault("yield", job)
-            yield job, outs
+                    quant_done[slot] = done
+                else:
+                    done.record(copy_stream)
+                caller.wait_event(done)
+                torch.cuda.set_stream(caller)
+                _fault("yield", job)
+                yield job, outs
+                torch.cuda.set_stream(copy_stream)
+        finally:
+            torch.cuda.set_stream(caller)
         t = clock()
-        current.wait_stream(copy_stream)
-        current.wait_stream(compute_stream)
+        caller.wait_stream(copy_stream)
+        caller.wait_stream(compute_stream)
         torch.cuda.synchronize(dev)
         stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, drain=clock() - t)
     while pending:

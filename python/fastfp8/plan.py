@@ -25,7 +25,13 @@ from .tensor_parallel import TensorParallel, heads_span
 
 FP8 = torch.float8_e4m3fn
 
-Segments = list[tuple[int, int, int]]  # (shard, file offset, nbytes)
+#: (shard, file offset, nbytes), or (shard, file offset, nbytes, count, stride): ``count``
+#: ranges ``stride`` bytes apart (a row-parallel slice, one range per row)
+Segments = list[tuple[int, ...]]
+
+
+def segment_bytes(seg: tuple[int, ...]) -> int:
+    return seg[2] * (seg[3] if len(seg) > 3 else 1)
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,15 @@ class Job:
     transpose: bool = False
     #: row-parallel slice: the per-row amax is all-reduced (MAX) over the group
     reduce: bool = False
-    #: index of the job within its target (0 for the first expert)
+    #: the first job of its target (the first expert)
     first: bool = True
+    #: fused experts ``[in, out]`` read as ``blocks`` column blocks one after the other
+    #: (a rank's gate slice, then its up slice), each ``[in, out / blocks]``
+    blocks: int = 1
 
     @property
     def nbytes(self) -> int:
-        return sum(n for _, _, n in self.segments)
+        return sum(segment_bytes(s) for s in self.segments)
 
     @property
     def quantized(self) -> bool:
@@ -200,10 +209,16 @@ def _rows(src: TensorInfo, spans: list[tuple[int, int]]) -> Segments:
     return [(src.shard, src.begin + a * row, (b - a) * row) for a, b in spans if b > a]
 
 
-def _cols(src: TensorInfo, base: int, rows: int, width: int, spans: list[tuple[int, int]]) -> Segments:
-    """Column spans of each of ``rows`` rows of ``width`` elements starting at ``base``."""
+def _cols(src: TensorInfo, base: int, rows: int, width: int, span: tuple[int, int]) -> Segments:
+    """Columns ``[a, b)`` of each of ``rows`` rows of ``width`` elements starting at
+    ``base``: one strided segment (the reader expands and groups the ranges)."""
     es = src.torch_dtype.itemsize
-    return [(src.shard, base + (r * width + a) * es, (b - a) * es) for r in range(rows) for a, b in spans if b > a]
+    a, b = span
+    if b <= a or rows == 0:
+        return []
+    if rows == 1 or (a, b) == (0, width):
+        return [(src.shard, base + a * es, rows * (b - a) * es if (a, b) == (0, width) else (b - a) * es)]
+    return [(src.shard, base + a * es, (b - a) * es, rows, width * es)]
 
 
 def _head_rows(split: Split, rows: int, tp: TensorParallel, name: str) -> tuple[int, int]:
@@ -239,7 +254,7 @@ def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:
         elif kind == "row":
             rows, cols = src.shape
             a, b = tp.span(cols)
-            shape, segs, reduce = (rows, b - a), _cols(src, src.begin, rows, cols, [(a, b)]), t.quantized
+            shape, segs, reduce = (rows, b - a), _cols(src, src.begin, rows, cols, (a, b)), t.quantized
         elif kind == "qkv":
             raise LayoutError(f"{src.file}: {src.name} is a fused qkv_proj, which fastfp8 cannot split across "
                               "tensor-parallel ranks without knowing its q, k and v sizes")
@@ -263,19 +278,14 @@ def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:
     jobs = []
     for e in range(n_exp):
         base = src.begin + e * per
-        if in_out:  # [in, out] rows are inputs
+        if in_out:  # [in, out] rows are inputs; each output span is a column block
             (ka, kb), = spans_in
-            if spans_out == [(0, n)]:
-                segs = [(src.shard, base + ka * n * es, (kb - ka) * n * es)]
-            else:
-                segs = _cols(src, base + ka * n * es, kb - ka, n, spans_out)
+            segs = [s for span in spans_out for s in _cols(src, base + ka * n * es, kb - ka, n, span)]
             shape = (kk, nn)
         else:  # [out, in] rows are outputs
-            if spans_in == [(0, k)]:
-                segs = [(src.shard, base + a * k * es, (b - a) * k * es) for a, b in spans_out if b > a]
-            else:
-                (ka, kb), = spans_in
-                segs = [s for a, b in spans_out for s in _cols(src, base + a * k * es, b - a, k, [(ka, kb)])]
+            (ka, kb), = spans_in
+            segs = [s for a, b in spans_out for s in _cols(src, base + a * k * es, b - a, k, (ka, kb))]
             shape = (nn, kk)
-        jobs.append(Job(t, segs, shape, (n_exp, nn, kk), expert=e, transpose=in_out, reduce=reduce, first=e == 0))
+        jobs.append(Job(t, segs, shape, (n_exp, nn, kk), expert=e, transpose=in_out, reduce=reduce, first=e == 0,
+                        blocks=len(spans_out) if in_out else 1))
     return jobs

@@ -144,7 +144,16 @@ struct PyReader {
     _buffer: Py<PyAny>,
 }
 
-type ItemSpec = (String, Vec<(usize, u64, u64)>);
+/// A segment as Python passes it: `(shard, offset, len)`, or `(shard, offset, len, count,
+/// stride)` for `count` ranges of `len` bytes, `stride` bytes apart (a row-parallel slice:
+/// one range per row, described in one tuple instead of one per row).
+#[derive(FromPyObject)]
+enum SegSpec {
+    Plain(usize, u64, u64),
+    Strided(usize, u64, u64, u64, u64),
+}
+
+type ItemSpec = (String, Vec<SegSpec>);
 
 #[pymethods]
 impl PyReader {
@@ -166,13 +175,38 @@ impl PyReader {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
         }
+        for (name, segs) in &items {
+            for seg in segs {
+                if let SegSpec::Strided(_, _, len, count, _) = seg {
+                    // every range is checked against its shard once expanded; bound the
+                    // expansion itself by what a shard can hold
+                    if *count > 1 << 32 || (*len == 0 && *count > 1) {
+                        return Err(PyValueError::new_err(format!(
+                            "{name}: a strided segment of {count} ranges of {len} bytes"
+                        )));
+                    }
+                }
+            }
+        }
         let items = items
             .into_iter()
             .map(|(name, segs)| ReadItem {
                 name,
                 segments: segs
                     .into_iter()
-                    .map(|(shard, offset, len)| Segment { shard, offset, len })
+                    .flat_map(|seg| {
+                        let (shard, offset, len, count, stride) = match seg {
+                            SegSpec::Plain(shard, offset, len) => (shard, offset, len, 1, 0),
+                            SegSpec::Strided(shard, offset, len, count, stride) => {
+                                (shard, offset, len, count, stride)
+                            }
+                        };
+                        (0..count).map(move |i| Segment {
+                            shard,
+                            offset: offset.saturating_add(i.saturating_mul(stride)),
+                            len,
+                        })
+                    })
                     .collect(),
             })
             .collect();
