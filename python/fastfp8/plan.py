@@ -69,6 +69,11 @@ class Job:
     #: fused experts ``[in, out]`` read as ``blocks`` column blocks one after the other
     #: (a rank's gate slice, then its up slice), each ``[in, out / blocks]``
     blocks: int = 1
+    #: a tensor-parallel slice: where it sits in the whole output (quantized: ``[out, in]``),
+    #: ``(dim, [(start, stop), ...])``; None: the job holds the whole output
+    place: tuple[int, list[tuple[int, int]]] | None = None
+    #: the whole output's shape (quantized: ``[out, in]``; one expert's for experts)
+    full: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -165,18 +170,43 @@ def checkpoint_tensors(job: Job, tensors: list[torch.Tensor]) -> list[tuple[str,
     return [(n, p) for (n, _, _), p in zip(names, pieces, strict=True)]
 
 
+def place_in_full(job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A rank's slice (``[weight]`` or ``[q, scale]`` of a job) placed in zero tensors of
+    the whole output's shape, so that a loader that narrows whole checkpoint tensors to its
+    rank's part (vLLM's weight loaders) finds this rank's bytes where it looks; a
+    row-parallel slice's scales are whole already."""
+    if job.place is None:
+        return tensors
+    dim, spans = job.place
+    out = []
+    for i, t in enumerate(tensors):
+        is_scale = job.quantized and i == 1
+        if is_scale and dim == 1:
+            out.append(t)
+            continue
+        full = torch.zeros((job.full[0], 1) if is_scale else job.full, dtype=t.dtype, device=t.device)
+        at = 0
+        for a, b in spans:
+            full.narrow(dim, a, b - a).copy_(t.narrow(dim, at, b - a))
+            at += b - a
+        out.append(full)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 
 
 def make_plan(ckpt: Checkpoint, options: LoadOptions, tp: TensorParallel | None = None,
-              layout: Layout | None = None) -> Plan:
-    """The plan of loading ``ckpt`` with ``options`` as rank ``tp`` (None: everything)."""
+              layout: Layout | None = None, *, split_vocab: bool = True) -> Plan:
+    """The plan of loading ``ckpt`` with ``options`` as rank ``tp`` (None: everything).
+    ``split_vocab=False`` reads embeddings and lm_head whole (vLLM pads the vocabulary
+    before it splits it: its own loader narrows them)."""
     layout = layout or layout_for(ckpt.path, layout=options.layout, ignore=options.ignore,
                                   default_ignore=options.default_ignore)
     targets = layout.targets(ckpt)
     jobs: list[Job] = []
     for t in targets:
-        jobs += _jobs(t, tp)
+        jobs += _jobs(t, tp, split_vocab)
     plan = Plan(layout, targets, jobs, tp, layout.tied_lm_head(ckpt))
     plan.ignored = ignored_modules(plan)
     return plan
@@ -232,12 +262,15 @@ def _head_rows(split: Split, rows: int, tp: TensorParallel, name: str) -> tuple[
     return heads_span(heads, d, tp)
 
 
-def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:
+def _jobs(t: Target, tp: TensorParallel | None, split_vocab: bool = True) -> list[Job]:
     src = t.source
     split = t.split if tp is not None else None
     if t.kind != "experts":
         shape, segs, reduce = tuple(src.shape), [(src.shard, src.begin, src.nbytes)], False
         kind = split.kind if split else None
+        if kind == "vocab" and not split_vocab:
+            kind = None
+        place = None
         if kind in ("column", "vocab", "heads", "halves"):
             n = src.shape[0]
             if kind == "heads":
@@ -251,14 +284,16 @@ def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:
                 spans = [tp.span(n)]
             shape = (sum(b - a for a, b in spans), *src.shape[1:])
             segs = _rows(src, spans)
+            place = (0, spans)
         elif kind == "row":
             rows, cols = src.shape
             a, b = tp.span(cols)
             shape, segs, reduce = (rows, b - a), _cols(src, src.begin, rows, cols, (a, b)), t.quantized
+            place = (1, [(a, b)])
         elif kind == "qkv":
             raise LayoutError(f"{src.file}: {src.name} is a fused qkv_proj, which fastfp8 cannot split across "
                               "tensor-parallel ranks without knowing its q, k and v sizes")
-        return [Job(t, segs, shape, shape, reduce=reduce)]
+        return [Job(t, segs, shape, shape, reduce=reduce, place=place, full=tuple(src.shape))]
     # fused experts: one job per expert, quantized as [out, in]
     n_exp, d1, d2 = src.shape
     in_out = t.orientation == "in_out"
@@ -275,6 +310,7 @@ def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:
     nn = sum(b - a for a, b in spans_out)
     kk = sum(b - a for a, b in spans_in)
     reduce = kind == "experts_row"
+    place = (0, spans_out) if kind == "experts_column" else (1, spans_in) if kind == "experts_row" else None
     jobs = []
     for e in range(n_exp):
         base = src.begin + e * per
@@ -287,5 +323,5 @@ def _jobs(t: Target, tp: TensorParallel | None) -> list[Job]:
             segs = [s for a, b in spans_out for s in _cols(src, base + a * k * es, b - a, k, (ka, kb))]
             shape = (nn, kk)
         jobs.append(Job(t, segs, shape, (n_exp, nn, kk), expert=e, transpose=in_out, reduce=reduce, first=e == 0,
-                        blocks=len(spans_out) if in_out else 1))
+                        blocks=len(spans_out) if in_out else 1, place=place, full=(n, k)))
     return jobs

@@ -16,17 +16,25 @@ What :class:`Fastfp8ModelLoader` does, per worker:
    quantized linear allocates an FP8 ``weight`` and a ``weight_scale``, never bf16.
    The ``ignore`` list names the concrete modules kept unquantized (lm_head, embeddings,
    MoE routers, and whatever the ``ignore`` option adds), as llm-compressor writes it.
-2. It streams the bf16 checkpoint through fastfp8's native reader (pinned buffer of
-   ``memory_budget`` bytes), quantizes each weight on the GPU as soon as its bytes are
-   there, and feeds ``model.load_weights`` the tensors a compressed-tensors FP8_DYNAMIC
-   checkpoint would hold (``<m>.weight`` F8_E4M3 ``[out, in]``, ``<m>.weight_scale``
-   ``[out, 1]``; Llama4 fused experts as per-expert ``experts.<e>.gate_proj|up_proj|
-   down_proj``). Device memory beyond the FP8 model is one bf16 tensor and its FP8 copy.
+2. It runs fastfp8's one load engine (native reader threads into a pinned ring of
+   ``memory_budget`` bytes, copies and quantization overlapped on the GPU) and feeds
+   ``model.load_weights`` the tensors a compressed-tensors FP8_DYNAMIC checkpoint would
+   hold (``<m>.weight`` F8_E4M3 ``[out, in]``, ``<m>.weight_scale`` ``[out, 1]``; fused
+   experts as per-expert ``experts.<e>.gate_proj|up_proj|down_proj``), then vLLM runs its
+   own ``process_weights_after_loading``.
+3. Under tensor parallelism each rank reads only its slice of every split tensor
+   (column-parallel rows, row-parallel columns with the row maxima all-reduced over vLLM's
+   tensor-parallel group, k/v heads replicated past their count, per-expert slices), as
+   vLLM shards them; the slice is handed to vLLM's weight loaders inside a zero tensor of
+   the whole shape, at the place they narrow to, so vLLM's own sharding code fills the
+   parameters. Embeddings and lm_head (vLLM pads the vocabulary before splitting it),
+   expert-parallel MoE and pipeline-parallel ranks are read whole.
 
 Options (``--model-loader-extra-config`` JSON): ``ignore`` (list of module names or
 ``"re:<pattern>"``, added to fastfp8's defaults), ``default_ignore`` (bool, default true),
-``memory_budget`` (e.g. ``"2GiB"``), ``chunk_bytes``, ``threads``, ``rounding``
-(``"auto"``, ``"eager"``, ``"fp32"``).
+``layout``, ``memory_budget`` (e.g. ``"256MiB"``), ``chunk_bytes``, ``threads``,
+``method``, ``rounding`` (``"auto"``, ``"eager"``, ``"fp32"``): the fields of
+:class:`fastfp8.options.LoadOptions`.
 
 A checkpoint that already carries a ``quantization_config`` is refused, except an
 FP8-channel compressed-tensors one (for example the same config passed through
@@ -87,6 +95,24 @@ def iter_weights(path: str | os.PathLike[str], options: LoadOptions | None = Non
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     ckpt, p, _ = plan(path, options)
     yield from iter_compressed(ckpt, p, options, resolve_device(device), desc="fastfp8 load")
+
+
+def vllm_tensor_parallel(parallel_config: Any = None):
+    """This worker's :class:`fastfp8.tensor_parallel.TensorParallel` in vLLM's
+    tensor-parallel group (its device group: NCCL on GPUs, gloo on CPUs), or None when
+    every tensor must be read whole: one rank, expert parallelism (vLLM then places whole
+    experts on ranks), or pipeline parallelism."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
+
+    from .tensor_parallel import TensorParallel
+
+    size = get_tensor_model_parallel_world_size()
+    if size <= 1:
+        return None
+    if parallel_config is not None and (getattr(parallel_config, "enable_expert_parallel", False)
+                                        or getattr(parallel_config, "pipeline_parallel_size", 1) > 1):
+        return None
+    return TensorParallel(get_tensor_model_parallel_rank(), size, get_tp_group().device_group)
 
 
 def is_fp8_channel_config(cfg: Any) -> bool:
@@ -219,17 +245,25 @@ def _loader_class() -> type:
         def load_model(self, vllm_config, model_config, prefix: str = ""):
             _, (_, _, quant_config) = self._plan(model_config)
             inject_quantization_config(vllm_config, model_config, quant_config)
+            self._parallel = vllm_config.parallel_config
             return super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
 
         def get_all_weights(self, model_config, model=None) -> Iterator[tuple[str, torch.Tensor]]:
-            from .convert import iter_compressed
+            from .engine import LoadStats, StreamSink, run
+            from .plan import checkpoint_tensors, place_in_full
 
             _, (ckpt, p, _) = self._plan(model_config)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
             options = self.options
             if options.progress is None and getattr(self.load_config, "use_tqdm_on_load", False):
                 options = options.replace(progress=True)
-            yield from iter_compressed(ckpt, p, options, resolve_device(device), desc="fastfp8 load")
+            tp = vllm_tensor_parallel(getattr(self, "_parallel", None))
+            if tp is not None:
+                p = make_plan(ckpt, options, tp, p.layout, split_vocab=False)
+            self.stats = LoadStats()
+            for job, outs in run(ckpt, p, options, resolve_device(device), StreamSink(resolve_device(device)),
+                                 self.stats, desc="fastfp8 load"):
+                yield from checkpoint_tensors(job, place_in_full(job, outs))
 
         def load_weights(self, model, model_config) -> None:
             import time

@@ -61,7 +61,7 @@ def test_get_model_loader_returns_ours_with_options():
     loader = get_model_loader(LoadConfig(load_format="fastfp8", model_loader_extra_config={
         "ignore": ["re:.*self_attn"], "memory_budget": "256MiB", "threads": 2}))
     assert type(loader).__name__ == "Fastfp8ModelLoader" and isinstance(loader, BaseModelLoader)
-    assert loader.options.ignore == ["re:.*self_attn"] and loader.options.threads == 2
+    assert loader.options.ignore == ("re:.*self_attn",) and loader.options.threads == 2
     with pytest.raises(ValueError, match="unknown"):
         get_model_loader(LoadConfig(load_format="fastfp8", model_loader_extra_config={"enable_multithread_load": 1}))
 
@@ -236,7 +236,7 @@ def test_ignore_option_reaches_vllm(tmp_path, monkeypatch, dist):
 def test_existing_quantization_configs(tmp_path, monkeypatch, dist):
     save(tiny("llama"), tmp_path)
     # the same FP8 config passed by hand (PR 27280 style --hf-overrides) is used as it is
-    _, _, qc = vp.plan(tmp_path, vp.LoaderOptions())
+    _, _, qc = vp.plan(tmp_path, vp.parse_options(None))
     qc = dict(qc, ignore=["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj"])
     model, _, mc, _ = load(monkeypatch, tmp_path, hf_overrides={"quantization_config": qc})
     params = dict(model.named_parameters())
