@@ -416,3 +416,13 @@ def test_matches_fastfp8_modules(tmp_path, arch):
         mine = own(ids).logits.float()
     assert sqnr_db(ct, mine) > 35, sqnr_db(ct, mine)
     assert (ct.argmax(-1) == mine.argmax(-1)).float().mean() >= 0.95
+
+
+def test_vllm_versions_outside_the_tested_ones_are_refused():
+    from fastfp8 import vllm_plugin as vp
+
+    vp.check_vllm_version("0.33.0")
+    vp.check_vllm_version("0.33.2.dev5+gabcdef")
+    for bad in ("0.32.1", "0.34.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.33\.x.*vllm==0\.33"):
+            vp.check_vllm_version(bad)

@@ -184,6 +184,32 @@ def test_errors_name_file_and_tensor(tmp_path):
         fastfp8.load_quantized(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("shape", [[1 << 29, 0], [1 << 45, 0], [0, 1 << 40], [3_000_000, 0, 0]])
+@pytest.mark.parametrize("name", ["m.layers.0.mlp.up_proj.weight", "m.layers.0.feed_forward.experts.gate_up_proj"])
+def test_empty_tensors_cost_nothing_whatever_their_other_dimensions(raw_file, shape, name):
+    """A zero-size tensor may declare any other dimension (the header is a few bytes): it
+    is passed through as an empty tensor, with no work or memory by its dimensions."""
+    import time
+
+    if len(shape) != 3 and "experts" in name:
+        shape = [*shape, 8]
+    path = raw_file({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]},
+                     "b.weight": {"dtype": "BF16", "shape": [2, 4], "data_offsets": [0, 16]}}, bytes(range(16)))
+    t0 = time.perf_counter()
+    state = fastfp8.load_quantized(path, device="cpu")
+    assert time.perf_counter() - t0 < 10
+    assert state[name].shape == tuple(shape) and state[name].numel() == 0 and state[name].dtype == torch.bfloat16
+    assert name + "_scale" not in state and state["b.weight"].dtype == FP8
+
+
+def test_no_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    save_file({"w.weight": torch.randn(8, 8)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(fastfp8.Error, match=r"no CUDA GPU.*device='cpu'"):
+        fastfp8.load_quantized(tmp_path)  # device="cuda" by default
+
+
 @pytest.mark.cuda
 def test_cuda_peak_memory_is_bounded(tmp_path):
     gen = torch.Generator().manual_seed(9)

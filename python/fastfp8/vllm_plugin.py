@@ -58,7 +58,24 @@ from .plan import make_plan
 logger = logging.getLogger(__name__)
 
 LOAD_FORMAT = "fastfp8"
+#: the vLLM releases the plugin is tested with (``[first, last]``, major.minor): it relies on
+#: two of their private names (``_LOAD_FORMAT_TO_MODEL_LOADER``,
+#: ``VllmConfig._get_quantization_config``)
+SUPPORTED_VLLM = ((0, 33), (0, 33))
 _registered = False
+
+
+def check_vllm_version(version: str) -> None:
+    """Raises RuntimeError, saying what to do, for a vLLM outside :data:`SUPPORTED_VLLM`."""
+    import re
+
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    lo, hi = SUPPORTED_VLLM
+    if not lo <= parts <= hi:
+        want = ".".join(map(str, lo)) + ("" if lo == hi else " - " + ".".join(map(str, hi)))
+        raise RuntimeError(f"fastfp8's load format {LOAD_FORMAT!r} supports vLLM {want}.x (it relies on private "
+                           f"names that change between releases); this is vLLM {version}: install vllm=={want}.* "
+                           f"or a fastfp8 release made for it")
 
 
 def parse_options(extra: dict[str, Any] | None) -> LoadOptions:
@@ -223,6 +240,9 @@ def _loader_class() -> type:
         streamed and quantized on the GPU. See :mod:`fastfp8.vllm_plugin`."""
 
         def __init__(self, load_config) -> None:
+            import vllm
+
+            check_vllm_version(vllm.__version__)
             super().__init__(load_config)
             self.options = parse_options(load_config.model_loader_extra_config)
             self._plans: dict[tuple, tuple[Any, list, dict]] = {}
