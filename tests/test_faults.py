@@ -21,8 +21,6 @@ What each change to a shard during a load does (the tests pin it down):
 from __future__ import annotations
 
 import contextlib
-import dis
-import functools
 import gc
 import json
 import os
@@ -424,65 +422,6 @@ def test_no_fault_under_the_shim_loads_normally(shim, tmp_path):
 # KeyboardInterrupt at any point
 
 
-@functools.cache
-def _no_signal_here(code) -> frozenset[int]:
-    """Offsets where a line event can fire but an asynchronous exception (a signal) cannot be
-    raised: the interpreter checks for those only after calls and on loop back-edges, so an
-    exception a trace function raises there is an artifact. Two kinds matter: the start of a
-    ``with`` block's exit (raising there skips ``__exit__``), and the NOP of a ``try:`` line
-    (which CPython 3.11 may leave outside every handler's range)."""
-    ins = list(dis.get_instructions(code))
-    out = {i.offset for i in ins if i.opname == "NOP"}
-    for i, (a, b, c) in enumerate(zip(ins, ins[1:], ins[2:], strict=False)):
-        if a.opname == b.opname == c.opname == "LOAD_CONST" and a.argval is b.argval is c.argval is None:
-            out.add(a.offset)  # __exit__(None, None, None)
-            if i and ins[i - 1].opname == "SWAP":
-                out.add(ins[i - 1].offset)  # the same, on the way out of a return inside the block
-    return frozenset(out)
-
-
-def _signal_cannot_land(frame) -> bool:
-    return frame.f_lasti in _no_signal_here(frame.f_code)
-
-
-class Interrupt:
-    """``sys.settrace``: raises KeyboardInterrupt at the ``at``-th line executed in
-    fastfp8's own Python code (``at=None``: counts them)."""
-
-    def __init__(self, at: int | None = None) -> None:
-        self.at = at
-        self.lines = 0
-        self.where: str | None = None
-
-    def _global(self, frame, event, arg):
-        return self._local if frame.f_code.co_filename.startswith(PKG) else None
-
-    def _local(self, frame, event, arg):
-        if event == "line" and not _signal_cannot_land(frame):
-            self.lines += 1
-            if self.lines == self.at:
-                self.where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-                raise KeyboardInterrupt(self.where)
-        return self._local
-
-    def __enter__(self) -> Interrupt:
-        sys.settrace(self._global)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.settrace(None)
-
-
-def points(total: int, budget: int, seed: int) -> list[int]:
-    """Which of ``total`` lines to interrupt at: all (``FASTFP8_FAULT_POINTS=all``), else
-    ``budget`` of them spread evenly plus the first 30 (set-up) and some at random."""
-    if os.environ.get("FASTFP8_FAULT_POINTS") == "all" or total <= budget:
-        return list(range(1, total + 1))
-    rng = random.Random(seed)
-    even = {1 + i * total // budget for i in range(budget)}
-    return sorted(even | set(range(1, 31)) | set(rng.sample(range(1, total + 1), budget // 4)))
-
-
 def small_model(root: Path) -> dict[str, torch.Tensor]:
     src, _ = make_model(root, shards=2, rows=128, cols=256, n=3)
     return src
@@ -519,41 +458,55 @@ def convert_small(root: Path) -> dict[str, torch.Tensor]:
         shutil.rmtree(dst, ignore_errors=True)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # KI in a __del__
-@pytest.mark.parametrize("api", ["load", "stream", "convert"])
-def test_interrupt_at_every_point(tmp_path, api):
-    """KeyboardInterrupt raised at (a spread of) every line of fastfp8's Python code that a
-    load runs: it propagates (or the load completes correctly, when it lands where Python
-    swallows it, e.g. in a finalizer), and afterwards no reader thread runs, no staging
-    buffer is stuck, the pool's lock is free, and memory does not grow."""
+def weights_small(root: Path) -> dict[str, torch.Tensor]:
+    """The vLLM plugin's weight stream (what ``model.load_weights`` receives)."""
+    from fastfp8 import vllm_plugin as vp
+
+    return {n: t.clone() for n, t in vp.iter_weights(root, vp.parse_options({"memory_budget": "256KiB"}),
+                                                     device="cpu")}
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("api", ["load", "convert", "weights"])
+def test_interrupt_at_every_named_point(tmp_path, monkeypatch, api):
+    """KeyboardInterrupt at the engine's named points (allocating a job's outputs, queueing a
+    copy, quantizing, handing a job over, finishing), at the first, second, middle and last
+    time each is reached, for every entry point: it propagates, and afterwards no reader
+    thread runs, no staging buffer is stuck, the pool's lock is free, convert leaves nothing
+    behind, memory does not grow, and the next run gives the same bytes."""
     root = tmp_path / "m"
     small_model(root)
-    run = {"load": load_small, "stream": stream_small, "convert": convert_small}[api]
+    run = {"load": load_small, "convert": convert_small, "weights": weights_small}[api]
     want = run(root)
-    with Interrupt() as counter:
-        run(root)
-    total = counter.lines
-    assert total > 50
-    budget = 100 if api != "convert" else 40
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(engine, "FAULT_HOOK", lambda point, job: seen.__setitem__(point, seen.get(point, 0) + 1))
+    run(root)
+    assert set(seen) == set(engine.FAULT_POINTS), seen
     base = Baseline()
-    completed, where = 0, set()
-    for at in points(total, budget, seed={"load": 1, "stream": 2, "convert": 3}[api]):
-        got = None
-        with Interrupt(at) as intr, contextlib.suppress(KeyboardInterrupt):
-            got = run(root)
-        if intr.where is None:
-            continue  # this run took fewer lines (timing): nothing was raised
-        where.add(intr.where)
-        if got is not None:  # swallowed where Python ignores exceptions (a finalizer)
-            completed += 1
-            same_state(got, want)
-        del got
-        base.check(f"{api}: interrupted at line {at} ({intr.where})")
-        if api == "convert":
-            assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], intr.where
+    tried = 0
+    for point, count in seen.items():
+        for at in sorted({1, 2, (count + 1) // 2, count} & set(range(1, count + 1))):
+            hits = {"n": 0}
+
+            def hook(p, job, point=point, at=at, hits=hits):
+                if p == point:
+                    hits["n"] += 1
+                    if hits["n"] == at:
+                        raise Interrupted(f"{point} #{at}")
+
+            monkeypatch.setattr(engine, "FAULT_HOOK", hook)
+            with pytest.raises(Interrupted):
+                run(root)
+            tried += 1
+            base.check(f"{api}: interrupted at {point} #{at} of {count}")
+            if api == "convert":
+                assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], (point, at)
+    monkeypatch.setattr(engine, "FAULT_HOOK", None)
     growth = rss() - base.rss
-    print(f"\n{api}: {total} lines, interrupted at {len(where)} distinct places, {completed} completed anyway; "
-          f"RSS {growth / 2**20:+.1f} MiB")
+    print(f"\n{api}: interrupted at {tried} points; RSS {growth / 2**20:+.1f} MiB")
     assert growth < 64 << 20
     same_state(run(root), want)
 
