@@ -25,7 +25,8 @@ lock: $(STAMP)
 	uv pip compile requirements-dev.txt -c .lock-constraints.tmp --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o .lock.tmp
 	sed -i 's/, -c .lock-constraints.tmp//; s/-c .lock-constraints.tmp, //; s/  # via -c .lock-constraints.tmp$$//' .lock.tmp
-	{ sed -n '1,/^[a-z]/p' requirements-dev.lock | grep '^#'; cat .lock.tmp; } > requirements-dev.lock
+	{ grep '^#' requirements-dev.lock; cat .lock.tmp; } > .lock.new
+	mv .lock.new requirements-dev.lock
 	rm -f .lock-constraints.tmp .lock.tmp
 
 # Builds the Rust extension (release) into the venv as an editable install.
