@@ -6,15 +6,28 @@ PYTHON3 ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: setup build demo test test-rust test-python test-vllm lint fmt wheel clean
+.PHONY: setup build demo test test-rust test-python test-vllm test-latest lint lock fmt wheel clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt
+# The versions the tests last passed with (requirements-dev.lock), not whatever is newest
+# today: a new torch, transformers or ruff release cannot break a clean checkout.
+$(STAMP): requirements-dev.txt requirements-dev.lock
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -c requirements-dev.lock
 	touch $@
+
+# Pins what .venv has now (after a `pip install -U` that passed `make test`) into the lock.
+# Needs uv (pip install uv).
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^fastfp8' > .lock-constraints.tmp
+	uv pip compile requirements-dev.txt -c .lock-constraints.tmp --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o .lock.tmp
+	sed -i 's/, -c .lock-constraints.tmp//; s/-c .lock-constraints.tmp, //; s/  # via -c .lock-constraints.tmp$$//' .lock.tmp
+	{ grep '^#' requirements-dev.lock; cat .lock.tmp; } > .lock.new
+	mv .lock.new requirements-dev.lock
+	rm -f .lock-constraints.tmp .lock.tmp
 
 # Builds the Rust extension (release) into the venv as an editable install.
 build: $(STAMP)
@@ -39,7 +52,7 @@ VLLM_STAMP := $(VLLM_VENV)/.deps-installed
 $(VLLM_STAMP):
 	$(PYTHON3) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q vllm==0.33.0 pytest
+	$(VLLM_VENV)/bin/pip install -q vllm==0.33.0 "$$(grep -oE '^pytest==[^ ]+' requirements-dev.lock)"
 	touch $@
 
 test-vllm: build $(VLLM_STAMP)
@@ -50,6 +63,21 @@ lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
+	@# the native module's stub, once it exists, against the built module (needs `make build`)
+	if [ -f python/fastfp8/_native.pyi ]; then $(PY) -m mypy.stubtest fastfp8._native; fi
+
+# The newest release of every dependency, on purpose (the lock is ignored): what the next
+# `make lock` would pin. A separate venv, so that .venv keeps the tested versions.
+LATEST_VENV ?= .venv-latest
+
+test-latest:
+	$(PYTHON3) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -r requirements-dev.txt
+	VIRTUAL_ENV=$(abspath $(LATEST_VENV)) $(LATEST_VENV)/bin/maturin develop --release -q
+	$(LATEST_VENV)/bin/ruff check python tests benches
+	$(LATEST_VENV)/bin/python -m pytest -q
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable
 
 fmt: $(STAMP)
 	cargo fmt --all
@@ -61,4 +89,4 @@ wheel: $(STAMP)
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(VLLM_VENV) .wheels .demo
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) .wheels .demo

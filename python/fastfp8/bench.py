@@ -1,7 +1,9 @@
 """``fastfp8 bench``: time loading a checkpoint to FP8 with fastfp8 and with each peer loader
 that is installed (safetensors ``load_file`` and ``safe_open``, runai-model-streamer,
 fastsafetensors, instanttensor), every one followed by the same FP8 quantization; report
-seconds, GB/s and peak memory (medians of ``repeat`` runs), as a table, JSON and a plot.
+seconds, GiB/s and peak memory (medians of ``repeat`` runs), as a table, JSON and a plot.
+Sizes and rates are printed in binary units (:mod:`fastfp8.units`); the JSON also keeps
+decimal GB/s (``gbps``), the unit of the published figures in ``benches/``.
 
 The thorough benchmarks behind the published figures live in ``benches/``; this is the
 quick check a user runs on their own machine and checkpoint.
@@ -13,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from .errors import one_line
-from .units import format_bytes
+from .units import format_bytes, format_rate
 
 #: loader name -> module whose import tells whether it is installed
 LOADERS: dict[str, str] = {
@@ -25,6 +27,20 @@ LOADERS: dict[str, str] = {
     "instanttensor": "instanttensor",
 }
 _CUDA_ONLY = {"instanttensor", "fastsafetensors"}
+
+
+def check_output_path(path: str | os.PathLike[str], option: str) -> None:
+    """Raises ``ValueError`` (naming ``option``) unless ``path`` can be written: its parent
+    directory exists and is writable, and ``path`` is not a directory. Checked before any
+    run, so that a typo does not throw away minutes of timing."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory, not a file")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")
 
 
 def available_loaders(device_type: str) -> list[str]:
@@ -209,7 +225,7 @@ def _time_one(name: str, ckpt, paths, kinds, dev, *, cold: bool, load_args: dict
         if kind == "copy":
             result[k] = t if owned else t.clone()
             return
-        if kind == "fused_experts":  # [E, in, out] -> [E, out, in] on the device
+        if kind == "experts_in_out":  # [E, in, out] -> [E, out, in] on the device
             t = t.transpose(1, 2).contiguous()
         q, s = quantize_channelwise(t, check_finite=False)
         result[k] = q
@@ -236,7 +252,7 @@ def run(
     cold: bool = False,
     ignore: Sequence[str] = (),
     default_ignore: bool = True,
-    memory_budget: int | str = "2GiB",
+    memory_budget: int | str | None = None,
     threads: int | None = None,
     json_path: str | None = None,
     plot_path: str | None = None,
@@ -250,14 +266,18 @@ def run(
     import torch
 
     from .checkpoint import open_checkpoint
+    from .layouts import layout_for
     from .quant import quantize_channelwise
-    from .select import plan_targets
 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if repeat < 1 or warmup < 0:
         raise ValueError("--repeat must be at least 1 and --warmup at least 0")
+    if json_path:
+        check_output_path(json_path, "--json")
+    if plot_path:
+        check_output_path(plot_path, "--plot")
     if plot_path:
         try:
             import matplotlib  # noqa: F401
@@ -278,7 +298,9 @@ def run(
     ckpt = open_checkpoint(path)
     paths = [str(p) for p in ckpt.shards]
     nbytes = ckpt.nbytes
-    kinds = {t.source.name: t.kind for t in plan_targets(ckpt, list(ignore), default_ignore=default_ignore)}
+    layout = layout_for(ckpt.path, ignore=list(ignore), default_ignore=default_ignore)
+    kinds = {t.source.name: ("experts_in_out" if t.orientation == "in_out" else t.kind)
+             for t in layout.targets(ckpt)}
     load_args = {"ignore": list(ignore), "default_ignore": default_ignore, "memory_budget": memory_budget,
                  "threads": threads}
     print(f"{ckpt.path}: {format_bytes(nbytes)} in {len(paths)} file(s), on {device_name(dev)}; "
@@ -317,11 +339,12 @@ def run(
         secs = statistics.median(r[0] for r in runs)
         peaks = [r[2].peaks() for r in runs]
         mid = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-        row = {"loader": name, "seconds": secs, "gbps": nbytes / secs / 1e9, "runs": [r[0] for r in runs],
+        row = {"loader": name, "seconds": secs, "gbps": nbytes / secs / 1e9, "gib_per_s": nbytes / secs / 2**30,
+               "runs": [r[0] for r in runs],
                "peak_torch_bytes": max(p[0] for p in peaks), "peak_device_bytes": max(p[1] for p in peaks),
                "result_bytes": runs[0][1], "timeline": [(t, a, d) for t, a, d in mid[2].samples]}
         rows.append(row)
-        print(f"{name:22s} {secs:8.3f} s {row['gbps']:8.2f} GB/s", flush=True)
+        print(f"{name:22s} {secs:8.3f} s {format_rate(nbytes / secs):>12s}", flush=True)
         del runs
     print()
     print_table(rows, dev, nbytes)
@@ -340,12 +363,12 @@ def run(
 def device_name(dev) -> str:
     import torch
 
-    return torch.cuda.getdevice_name(dev) if dev.type == "cuda" else "cpu"
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 def print_table(rows, dev, nbytes) -> None:
     mem = "peak GPU (torch / device)" if dev.type == "cuda" else "peak host RSS growth"
-    head = ("loader", "seconds", "GB/s", mem, "result")
+    head = ("loader", "seconds", "GiB/s", mem, "result")
     lines = []
     for r in rows:
         if "error" in r:
@@ -353,7 +376,7 @@ def print_table(rows, dev, nbytes) -> None:
             continue
         m = (f"{format_bytes(r['peak_torch_bytes'])} / {format_bytes(r['peak_device_bytes'])}" if dev.type == "cuda"
              else format_bytes(r["peak_device_bytes"]))
-        lines.append((r["loader"], f"{r['seconds']:.3f}", f"{r['gbps']:.2f}", m, format_bytes(r["result_bytes"])))
+        lines.append((r["loader"], f"{r['seconds']:.3f}", f"{r['gib_per_s']:.2f}", m, format_bytes(r["result_bytes"])))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     for x in [head, *lines]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths, strict=True))))
@@ -367,11 +390,11 @@ def plot(rows, dev, path: str, title: str) -> None:
 
     ok = [r for r in rows if "error" not in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax1.barh([r["loader"] for r in ok], [r["gbps"] for r in ok], color="tab:blue")
+    ax1.barh([r["loader"] for r in ok], [r["gib_per_s"] for r in ok], color="tab:blue")
     for i, r in enumerate(ok):
-        ax1.text(r["gbps"], i, f" {r['gbps']:.2f}", va="center")
+        ax1.text(r["gib_per_s"], i, f" {r['gib_per_s']:.2f}", va="center")
     ax1.invert_yaxis()
-    ax1.set_xlabel("GB/s (checkpoint bytes / seconds, load + FP8 quantization)")
+    ax1.set_xlabel("GiB/s (checkpoint bytes / seconds, load + FP8 quantization)")
     ax1.set_title("throughput")
     col = 2 if dev.type != "cuda" else 1
     for r in ok:

@@ -33,7 +33,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -41,8 +41,10 @@ from typing import Protocol, TypeVar
 import torch
 
 from .checkpoint import TORCH_DTYPES, Checkpoint, open_checkpoint
+from .ctconfig import quantization_config
 from .engine import LoadStats, StreamSink, resolve_device, run
 from .errors import CheckpointError
+from .hub import resolve
 from .layouts import check_with_transformers, read_config
 from .options import LoadOptions
 from .plan import OutTensor, Plan, checkpoint_tensors, make_plan
@@ -51,40 +53,10 @@ from .units import format_bytes, parse_bytes
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
-#: llm-compressor's FP8_DYNAMIC scheme, as compressed-tensors serializes it.
-WEIGHT_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
-               "dynamic": False, "observer": "minmax"}
-INPUT_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
-              "dynamic": True}
-
 #: Files of a source directory never copied: weights in other formats (the safetensors
 #: shards and index are rewritten), and what a hub cache or VCS puts beside them.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
-
-
-# ---------------------------------------------------------------------------------------
-# quantization_config
-
-
-def quantization_config(ignore: Iterable[str]) -> dict:
-    """The ``quantization_config`` of an FP8_DYNAMIC compressed-tensors checkpoint, as
-    llm-compressor writes it into ``config.json`` (``ModelCompressor.update_config``):
-    one group targeting ``Linear``, FP8 per-channel static weights, FP8 per-token dynamic
-    activations, format ``float-quantized``, status ``compressed``, and ``ignore``."""
-    return {
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": dict(WEIGHT_ARGS),
-                                      "input_activations": dict(INPUT_ARGS), "output_activations": None,
-                                      "format": "float-quantized"}},
-        "format": "float-quantized",
-        "global_compression_ratio": None,
-        "ignore": list(ignore),
-        "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,12 +175,13 @@ def convert(
     device: str | torch.device = "cpu",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    revision: str | None = None,
     options: LoadOptions | None = None,
     **kwargs,
 ) -> ConvertResult:
     """Writes the FP8_DYNAMIC compressed-tensors checkpoint of the bf16/fp16/fp32
-    checkpoint ``src`` (a model directory, or one ``.safetensors`` file with the model's
-    ``config.json`` beside it) to directory ``dst``.
+    checkpoint ``src`` (a model directory, one ``.safetensors`` file with the model's
+    ``config.json`` beside it, or a Hugging Face Hub id with ``revision``) to directory ``dst``.
 
     Args:
         device: where to quantize (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
@@ -231,7 +204,7 @@ def convert(
     elif kwargs:
         options = options.replace(**kwargs)
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve(src, revision=revision), Path(dst)
     ckpt = open_checkpoint(src)
     src_dir = src if src.is_dir() else src.parent
     rs, rd = src.resolve(), dst.resolve()

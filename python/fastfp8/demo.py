@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import fastfp8
-from fastfp8.units import format_bytes
+from fastfp8.units import format_bytes, format_rate
 
 
 def make_checkpoint(path: Path, *, layers: int, hidden: int, seed: int = 0) -> Path:
@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
                      ("safetensors safe_open + copy", safetensors_copy)]:
         fn(ckpt)  # warm the page cache and the pools
         secs = min(_timed(lambda fn=fn: fn(ckpt))[0] for _ in range(3))
-        rows.append((name, secs, ckpt.nbytes / secs / 1e9))
+        rows.append((name, secs, format_rate(ckpt.nbytes / secs)))
     print()
-    print(f"| {'read path':<32} | {'tensors':>7} | {'bytes':>10} | {'seconds':>7} | {'GB/s':>6} |")
-    print(f"|{'-' * 34}|{'-' * 9}|{'-' * 12}|{'-' * 9}|{'-' * 8}|")
-    for name, secs, gbps in rows:
-        print(f"| {name:<32} | {len(ckpt):>7} | {format_bytes(ckpt.nbytes):>10} | {secs:>7.3f} | {gbps:>6.2f} |")
+    print(f"| {'read path':<32} | {'tensors':>7} | {'bytes':>10} | {'seconds':>7} | {'rate':>12} |")
+    print(f"|{'-' * 34}|{'-' * 9}|{'-' * 12}|{'-' * 9}|{'-' * 14}|")
+    for name, secs, rate in rows:
+        print(f"| {name:<32} | {len(ckpt):>7} | {format_bytes(ckpt.nbytes):>10} | {secs:>7.3f} | {rate:>12} |")
     print("\n(warm page cache, best of 3; this machine's cores and memory bound the figures)")
 
     quantize_demo(ckpt, device)
@@ -106,7 +106,8 @@ def quantize_demo(ckpt: fastfp8.Checkpoint, device: str) -> None:
     out_bytes = sum(t.numel() * t.element_size() for t in state.values())
     print(f"  {st.quantized} of {st.tensors} tensors quantized; {format_bytes(st.bytes_read)} bf16 in -> "
           f"{format_bytes(out_bytes)} out")
-    print(f"  {st.seconds:.3f} s, {st.gbps:.2f} GB/s of bf16 input ({st.threads} reader threads, "
+    rate = format_rate(st.bytes_read / st.seconds) if st.seconds > 0 else "-"
+    print(f"  {st.seconds:.3f} s, {rate} of bf16 input ({st.threads} reader threads, "
           f"{format_bytes(st.memory_budget)} budget, peak {format_bytes(st.peak_in_flight)} in flight)")
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base

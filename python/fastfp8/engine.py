@@ -41,6 +41,7 @@ from .errors import NonFiniteWeightError
 from .options import LoadOptions
 from .plan import FP8, Job, Plan
 from .quant import quantize_channelwise, resolve_rounding
+from .units import TQDM_BYTES
 
 #: names of points where the tests inject faults (``FAULT_HOOK``): "allocate", "copy",
 #: "quantize", "yield", "finish"
@@ -140,8 +141,7 @@ def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
 
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
-                smoothing=0.1)
+    return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.1, **TQDM_BYTES)
 
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .engine import LoadStats, StateSink, resolve_device, run
+from .hub import resolve
 from .options import LoadOptions
 from .plan import make_plan
 from .tensor_parallel import resolve as resolve_tp
@@ -38,6 +39,7 @@ def load_quantized(
     path: str | os.PathLike[str] | Checkpoint,
     *,
     device: str | torch.device = "cuda",
+    revision: str | None = None,
     tp_rank: int | None = None,
     tp_size: int | None = None,
     process_group: Any = None,
@@ -47,8 +49,11 @@ def load_quantized(
     """Loads a bf16/fp16/fp32 safetensors checkpoint as FP8 e4m3 per-output-channel.
 
     Args:
-        path: a ``.safetensors`` file, a model directory, or an open :class:`Checkpoint`.
+        path: a ``.safetensors`` file, a model directory, a Hugging Face Hub id
+            (``org/name``, read from the local cache, downloaded there if needed and allowed:
+            :func:`fastfp8.hub.resolve`), or an open :class:`Checkpoint`.
         device: where the result goes (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+        revision: the branch, tag or commit of a Hub id.
         tp_rank, tp_size, process_group: tensor-parallel loading: this rank reads and keeps
             only its slice of each split tensor (:mod:`fastfp8.layouts` says how each
             splits, as vLLM shards them); row-parallel scales are all-reduced over
@@ -81,7 +86,7 @@ def load_quantized(
         options = options.replace(**kwargs)
     dev = resolve_device(device)
     tp = resolve_tp(tp_rank, tp_size, process_group)
-    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(resolve(path, revision=revision))
     plan = make_plan(ckpt, options, tp)
     sink = StateSink(dev)
     stats = LoadStats()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -112,9 +111,10 @@ def build_quantized_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .hub import resolve
     from .loader import load_quantized
 
-    path = Path(path)
+    path = resolve(path, revision=load_kwargs.pop("revision", None))
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         try:

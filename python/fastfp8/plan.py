@@ -131,6 +131,10 @@ class Plan:
                 out.append(OutTensor(t.weight_name, j.dtype, j.out_shape))
         return out
 
+    def checkpoint_outputs_of(self, job: Job) -> list[OutTensor]:
+        """The compressed-tensors checkpoint's tensors that ``job`` produces."""
+        return [OutTensor(n, dt, s) for n, dt, s in _checkpoint_names(job)]
+
     def checkpoint_outputs(self) -> list[OutTensor]:
         """The tensors of the compressed-tensors checkpoint (what ``convert`` writes and the
         vLLM plugin feeds), in the order :func:`checkpoint_tensors` yields them."""

@@ -1,4 +1,10 @@
-"""Byte sizes written the way people write them: ``"1GiB"``, ``"512 MiB"``, ``2e9``."""
+"""Byte sizes written the way people write them: ``"1GiB"``, ``"512 MiB"``, ``2e9``.
+
+What fastfp8 prints (summaries, tables, progress bars) is in binary units: KiB, MiB,
+GiB, and GiB/s for rates (:func:`format_bytes`, :func:`format_rate`,
+:data:`TQDM_BYTES`), so that a progress bar and the summary after it agree. Parsing
+accepts both (``"5GB"`` is 5e9 bytes, ``"5GiB"`` 5 * 2**30).
+"""
 
 from __future__ import annotations
 
@@ -35,3 +41,13 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """2**30 bytes/s -> ``"1.00 GiB/s"`` (binary, like :func:`format_bytes`)."""
+    return f"{bytes_per_second / 2**30:.2f} GiB/s"
+
+
+#: ``tqdm(**TQDM_BYTES)``: a byte-counting progress bar in binary units (KiB, MiB, GiB),
+#: the units of :func:`format_bytes`.
+TQDM_BYTES: dict[str, object] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}

@@ -91,7 +91,7 @@ def parse_options(extra: dict[str, Any] | None) -> LoadOptions:
 def plan(path: str | os.PathLike[str], options: LoadOptions, extra_ignore: Iterable[str] = ()):
     """``(checkpoint, plan, quantization_config)`` of a bf16 checkpoint, from headers.
     ``extra_ignore``: the ``ignore`` entries of a quantization config given by hand."""
-    from .convert import quantization_config
+    from .ctconfig import quantization_config
 
     ckpt = open_checkpoint(path)
     if extra_ignore:

@@ -32,6 +32,7 @@ __all__ = [
     "NonFiniteError",
     "Rounding",
     "check_finite_scales",
+    "compressed_tensors_version",
     "quantize_channelwise",
     "quantize_channelwise_reference",
     "resolve_rounding",
@@ -97,11 +98,40 @@ def triton_supported(device: torch.device) -> bool:
     return _device_has_fp8(index) and _triton_importable()
 
 
+#: compressed-tensors quantizes on CUDA with its Triton kernel (``_quantize_triton`` in
+#: ``quantization/lifecycle/forward_helpers.py``: ``tl.div_rn`` in fp32, one rounding to
+#: e4m3) from this version on, on devices of compute capability 9.0+ when Triton imports.
+#: 0.17 has no such kernel (``_quantize`` divides in the weight dtype, then rounds);
+#: 0.18 ships it registered with priority ``"disable"`` (never used). vLLM 0.33 pins 0.17.
+CT_TRITON_SINCE = (0, 19)
+
+
+@functools.cache
+def compressed_tensors_version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the installed compressed-tensors (from its metadata, without
+    importing it), or ``None`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("compressed-tensors")
+    except PackageNotFoundError:
+        return None
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def resolve_rounding(rounding: str, device: torch.device) -> Rounding:
-    """``"auto"`` -> the rounding compressed-tensors (0.19+) uses on ``device``: ``"fp32"``
-    on CUDA devices of compute capability 9.0+ with Triton (its ``_quantize_triton``
-    backend), ``"eager"`` everywhere else (its torch path, and all versions up to 0.18)."""
+    """``"auto"`` -> the rounding the installed compressed-tensors uses on ``device``:
+    ``"fp32"`` where it runs its Triton kernel (version 0.19+, CUDA device of compute
+    capability 9.0+, Triton importable), ``"eager"`` everywhere else (its torch path; all
+    devices with 0.17 and 0.18, which vLLM 0.33 installs). Without compressed-tensors
+    installed, the newest behaviour (0.19+). See :data:`CT_TRITON_SINCE`."""
     if rounding == "auto":
+        ct = compressed_tensors_version()
+        if ct is not None and ct < CT_TRITON_SINCE:
+            return "eager"
         if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _triton_importable():
             return "fp32"
         return "eager"
