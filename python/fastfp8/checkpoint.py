@@ -254,6 +254,8 @@ class ChunkReader:
         return d
 
     def view(self, buf_offset: int, nbytes: int) -> torch.Tensor:
+        if self._closed:
+            raise ValueError("the reader is closed")
         return self.buffer[buf_offset : buf_offset + nbytes]
 
     def release(self, buf_offset: int, nbytes: int) -> None:
@@ -280,6 +282,9 @@ class ChunkReader:
             POOL.release(self.buffer)
         # else: views into the buffer are still out there; let it die with them instead of
         # handing it to the next load.
+        # Drop our reference, so that the memory goes back as soon as the pool and the
+        # views let it (the pool frees it at once outside POOL.retain()).
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -352,6 +357,14 @@ class SlotTensor(torch.Tensor):
         return torch.utils._pytree.tree_map(rebind, ret)
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 class Slot:
     """One streamed tensor in its pinned slot. Unpacks as ``(name, tensor)``."""
 
@@ -367,8 +380,17 @@ class Slot:
         if info.nbytes == 0:
             self._tensor: torch.Tensor | None = torch.empty(info.shape, dtype=info.torch_dtype)
         else:
-            raw = reader.view(buf_offset, info.nbytes)
-            t = raw.view(info.torch_dtype).reshape(info.shape).as_subclass(SlotTensor)
+            dtype = info.torch_dtype
+            if buf_offset % dtype.itemsize == 0:
+                # A tensor on the buffer's storage that is not an autograd view of the buffer
+                # tensor: once released and detached (see _invalidate), the object a caller
+                # still holds no longer keeps the staging memory alive.
+                base = torch.empty(0, dtype=dtype).set_(
+                    reader.view(0, 0).untyped_storage(), buf_offset // dtype.itemsize,
+                    info.shape, _contiguous_strides(info.shape))
+            else:
+                base = reader.view(buf_offset, info.nbytes).view(dtype).reshape(info.shape)
+            t = torch.Tensor._make_subclass(SlotTensor, base)
             t.__dict__["_fastfp8_slot"] = self._state
             self._tensor = t
 
@@ -383,8 +405,13 @@ class Slot:
         return self._tensor is None
 
     def _invalidate(self) -> None:
-        self._tensor = None
+        t, self._tensor = self._tensor, None
         self._state.released = True
+        if isinstance(t, SlotTensor):
+            # Detach the tensor object the caller may still hold (a loop variable) from the
+            # buffer, so that it does not keep the staging memory alive; using it raises.
+            with torch._C.DisableTorchFunctionSubclass():
+                t.set_()
 
     def release(self) -> None:
         """Gives the slot back to the reader; its tensor (and views of it) then raise

@@ -208,7 +208,9 @@ impl PyCheckpoint {
 struct PyReader {
     // Declared first so that it is dropped (threads joined) before the buffer.
     reader: Mutex<Option<Arc<Reader>>>,
-    _buffer: Py<PyAny>,
+    /// Let go by `close` once the threads are joined (so that the memory can be freed while
+    /// this object lives on).
+    buffer: Mutex<Option<Py<PyAny>>>,
 }
 
 type ItemSpec = (String, Vec<(usize, u64, u64)>);
@@ -250,15 +252,16 @@ impl PyReader {
             method: method_from(method)?,
         };
         // SAFETY: the caller passes the address and size of memory owned by `buffer`, which
-        // this object keeps alive; `reader` is declared before `_buffer`, so the reader (and
-        // its threads, joined in its Drop) goes first. The Python wrapper reads a region only
+        // this object keeps alive until `close` has joined the threads; `reader` is declared
+        // before `buffer`, so on drop the reader (and its threads, joined in its Drop) goes
+        // first. The Python wrapper reads a region only
         // between its delivery and its release.
         let dest = unsafe { DestBuffer::new(ptr as *mut u8, nbytes) };
         let ckpt = Arc::clone(&checkpoint.inner);
         let reader = Reader::start(ckpt, items, dest, cfg).map_err(|e| to_pyerr(py, e))?;
         Ok(PyReader {
             reader: Mutex::new(Some(Arc::new(reader))),
-            _buffer: buffer,
+            buffer: Mutex::new(Some(buffer)),
         })
     }
 
@@ -300,6 +303,9 @@ impl PyReader {
         if let Some(r) = taken {
             py.detach(move || r.close());
         }
+        // The threads are joined: nothing writes to the buffer any more.
+        let buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(buffer);
     }
 
     /// Stops the threads without waiting for them; `next()` then raises `CancelledError`.
