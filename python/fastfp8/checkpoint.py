@@ -169,11 +169,13 @@ class Checkpoint:
         pinned slots carved from one buffer of ``memory_budget`` bytes.
 
         Yields :class:`Slot` objects, which unpack as ``(name, tensor)``. The tensor is a
-        view of the slot: with ``auto_release=True`` (the default) the slot is reused once
-        the next tensor is requested, so ``.clone()`` what you keep; with
-        ``auto_release=False`` you release each slot (``slot.release()`` or ``with slot:``)
-        and the reader waits for space meanwhile. Using a slot's tensor after its release
-        raises :class:`SlotReleasedError`. Each tensor must fit the budget
+        view of the slot (a :class:`SlotTensor`): with ``auto_release=True`` (the default)
+        the slot is reused once the next tensor is requested, so ``.clone()`` what you keep
+        (``{n: t.clone() for n, t in ck.stream()}``); with ``auto_release=False`` you
+        release each slot (``slot.release()`` or ``with slot:``) and the reader waits for
+        space meanwhile. Any use of the tensor, or of a view of it, after its slot's release
+        raises :class:`SlotReleasedError` (``{n: t for n, t in ck.stream()}`` keeps tensors
+        that raise when touched, never another tensor's bytes). Each tensor must fit the budget
         (:class:`BudgetError` names the first that does not). ``method`` is ``"mmap"``
         (copies out of a file mapping, the default) or ``"pread"``; with either, a file
         that shrinks meanwhile is a :class:`ReadError`, never a crash.
