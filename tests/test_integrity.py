@@ -97,7 +97,7 @@ def test_close_joins_the_threads_while_another_thread_is_in_next(tmp_path):
             started.set()
             try:
                 outcome.append(r.next())
-            except BaseException as e:  # noqa: BLE001 - recorded and checked below
+            except BaseException as e:  # recorded and checked below
                 outcome.append(e)
 
         th = threading.Thread(target=consume)

@@ -48,11 +48,13 @@ def resolves_inside(path: Path, root: Path, blobs: Path | None) -> bool:
 
 def side_files(src_dir: Path) -> list[Path]:
     """The files of model directory ``src_dir`` to copy, as paths relative to it, in the
-    converter's order (a directory's files sorted, then its subdirectories, sorted): every file except hidden ones, weights (``SKIP_SUFFIXES``), weight indexes
+    converter's order (a directory's files sorted, then its subdirectories, sorted).
+
+    Every file except hidden ones, weights (``SKIP_SUFFIXES``), weight indexes
     (``SKIP_NAMES``) and the top-level ``config.json`` (the converter writes its own), in
-    non-hidden subdirectories (symlinked directories are not entered). A file that resolves
-    outside ``src_dir`` (see the module docs), or a dangling link, is skipped with a
-    warning."""
+    non-hidden subdirectories (symlinked directories are not entered). A file that
+    resolves outside ``src_dir`` (see the module docs), or a dangling link, is skipped
+    with a warning."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         return []

@@ -316,7 +316,12 @@ impl PyReader {
 
     /// Reader threads still running (0 once `close()` has returned).
     fn live_threads(&self) -> usize {
-        match self.reader.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        match self
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             Some(r) => r.live_threads(),
             None => 0,
         }
