@@ -217,21 +217,23 @@ def test_release_from_a_finalizer_inside_a_pool_section_does_not_deadlock(model)
             gc.collect()
         done.set()
 
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join(10)
-    assert done.is_set(), "deadlock: a release from a finalizer inside a pool section"
-    POOL.idle_bytes()  # the next section takes the queued release in
-    assert any(b is bufs[0] for b in POOL._idle)
+    with POOL.retain():  # released buffers stay idle, so the release can be seen
+        t = threading.Thread(target=body, daemon=True)
+        t.start()
+        t.join(10)
+        assert done.is_set(), "deadlock: a release from a finalizer inside a pool section"
+        POOL.idle_bytes()  # the next section takes the queued release in
+        assert any(b is bufs[0] for b in POOL._idle)
 
 
 def test_a_second_release_of_an_idle_buffer_is_a_no_op():
     pool = BufferPool()
-    buf = pool.acquire(MiB, pin=False)
-    pool.release(buf)
-    pool.release(buf)
-    assert pool.acquire(MiB, pin=False) is buf
-    assert pool.acquire(MiB, pin=False) is not buf
+    with pool.retain():
+        buf = pool.acquire(MiB, pin=False)
+        pool.release(buf)
+        pool.release(buf)
+        assert pool.acquire(MiB, pin=False) is buf
+        assert pool.acquire(MiB, pin=False) is not buf
 
 
 def test_pool_figures_follow_storage_not_tensor_objects():

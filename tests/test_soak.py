@@ -42,9 +42,21 @@ def sample(extra=None) -> dict:
 
 
 def soak(root: Path, device: str, extra=None) -> tuple[dict, dict, float]:
-    first = None
-    samples = {}
+    samples: dict[int, dict] = {}
+    gc.collect()
+    live_before = POOL.stats()["live"]
     t0 = time.perf_counter()
+    # Back-to-back loads that keep their staging buffer (POOL.retain()): nothing may grow,
+    # not even the pool's allocations; after the block the buffer is given back.
+    with POOL.retain():
+        _cycles(root, device, extra, samples)
+    gc.collect()
+    assert POOL.stats()["live"] == live_before and POOL.stats()["idle"] == 0, POOL.stats()
+    return samples[WARM], samples[CYCLES], time.perf_counter() - t0
+
+
+def _cycles(root: Path, device: str, extra, samples: dict) -> None:
+    first = None
     for i in range(1, CYCLES + 1):
         method = "mmap" if i % 2 else "pread"  # both read paths, alternately
         state = fastfp8.load_quantized(root, device=device, memory_budget="1MiB", chunk_bytes="128KiB",
@@ -56,7 +68,6 @@ def soak(root: Path, device: str, extra=None) -> tuple[dict, dict, float]:
         del state
         if i in (WARM, CYCLES):
             samples[i] = sample(extra)
-    return samples[WARM], samples[CYCLES], time.perf_counter() - t0
 
 
 def report(title: str, nbytes: int, a: dict, b: dict, seconds: float) -> str:

@@ -183,12 +183,14 @@ def test_keyboard_interrupt_stops_the_reader(tmp_path):
     assert native_threads() == base
 
 
-def test_buffers_are_pooled(ckpt):
+def test_buffers_are_pooled_inside_retain(ckpt):
     from fastfp8.pinned import POOL
 
     ckpt, _ = ckpt
-    list(ckpt.stream(memory_budget="8MiB"))
-    before = POOL.allocated_bytes
-    for _ in range(3):
+    with POOL.retain():
         list(ckpt.stream(memory_budget="8MiB"))
-    assert POOL.allocated_bytes == before
+        before = POOL.allocated_bytes
+        for _ in range(3):
+            list(ckpt.stream(memory_budget="8MiB"))
+        assert POOL.allocated_bytes == before
+    assert POOL.idle_bytes() == 0

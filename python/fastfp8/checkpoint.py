@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import _native
-from .errors import BudgetError, Error, SlotReleasedError, UnsupportedDtypeError
+from .errors import BudgetError, Error, ReadError, SlotReleasedError, UnsupportedDtypeError
 from .pinned import POOL
 from .units import parse_bytes
 
@@ -76,10 +76,13 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._native = _native.Checkpoint(os.fspath(path))
-        self._shards = [Path(p) for p, _, _ in self._native.shards()]
+        shards = self._native.shards()
+        self._shards = [Path(s.path) for s in shards]
+        self._sizes = [s.size for s in shards]
         self.tensors: dict[str, TensorInfo] = {
-            name: TensorInfo(name, dtype, tuple(shape), self._shards[shard], begin, end, shard)
-            for name, dtype, shape, shard, begin, end in self._native.tensors()
+            t.name: TensorInfo(t.name, t.dtype, tuple(t.shape), self._shards[t.shard], t.begin,
+                               t.end, t.shard)
+            for t in self._native.tensors()
         }
         self._maps: dict[int, mmap.mmap] = {}
         self._maps_lock = threading.Lock()
@@ -122,7 +125,12 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` on the CPU: a zero-copy view of the mapped file where the dtype
-        and alignment allow, else a copy. The view is copy-on-write (writes stay in memory)."""
+        and alignment allow, else a copy. The view is copy-on-write (writes stay in memory).
+
+        The mapping is of the file that was opened and validated (its descriptor), not of
+        whatever the path names now: a checkpoint replaced by rename meanwhile (how
+        safetensors' ``save_file`` and ``convert`` write) still reads its old bytes. A file
+        whose size changed since it was opened is a :class:`ReadError`."""
         info = self.info(name)
         dtype = info.torch_dtype
         if info.nbytes == 0:
@@ -138,8 +146,14 @@ class Checkpoint:
     def _map(self, shard: int) -> mmap.mmap:
         with self._maps_lock:
             if shard not in self._maps:
-                with open(self._shards[shard], "rb") as f:
-                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                # The descriptor the native checkpoint holds (mmap duplicates it).
+                m = mmap.mmap(self._native.fileno(shard), 0, access=mmap.ACCESS_COPY)
+                if len(m) != self._sizes[shard]:
+                    m.close()
+                    raise ReadError(
+                        f"{self._shards[shard]}: file changed size from {self._sizes[shard]} "
+                        f"to {len(m)} bytes after it was opened")
+                self._maps[shard] = m
             return self._maps[shard]
 
     def stream(
@@ -155,11 +169,13 @@ class Checkpoint:
         pinned slots carved from one buffer of ``memory_budget`` bytes.
 
         Yields :class:`Slot` objects, which unpack as ``(name, tensor)``. The tensor is a
-        view of the slot: with ``auto_release=True`` (the default) the slot is reused once
-        the next tensor is requested, so ``.clone()`` what you keep; with
-        ``auto_release=False`` you release each slot (``slot.release()`` or ``with slot:``)
-        and the reader waits for space meanwhile. Using a slot's tensor after its release
-        raises :class:`SlotReleasedError`. Each tensor must fit the budget
+        view of the slot (a :class:`SlotTensor`): with ``auto_release=True`` (the default)
+        the slot is reused once the next tensor is requested, so ``.clone()`` what you keep
+        (``{n: t.clone() for n, t in ck.stream()}``); with ``auto_release=False`` you
+        release each slot (``slot.release()`` or ``with slot:``) and the reader waits for
+        space meanwhile. Any use of the tensor, or of a view of it, after its slot's release
+        raises :class:`SlotReleasedError` (``{n: t for n, t in ck.stream()}`` keeps tensors
+        that raise when touched, never another tensor's bytes). Each tensor must fit the budget
         (:class:`BudgetError` names the first that does not). ``method`` is ``"mmap"``
         (copies out of a file mapping, the default) or ``"pread"``; with either, a file
         that shrinks meanwhile is a :class:`ReadError`, never a crash.
@@ -193,9 +209,12 @@ class ChunkReader:
 
     ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``. Each delivery is
     ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
-    buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``. ``chunk_bytes=None``
-    delivers items whole. Close it (or use ``with``) to stop the threads and return the
-    buffer to the pool.
+    buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``, which must name exactly a
+    delivered, unreleased chunk (else :class:`~fastfp8.errors.ReleaseError`, a
+    ``ValueError``, and nothing is freed). ``chunk_bytes=None`` delivers items whole. Close
+    it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
+    ``close`` joins them even while another thread is inside ``next()`` (which then raises
+    :class:`~fastfp8.errors.CancelledError`).
     """
 
     def __init__(
@@ -215,7 +234,7 @@ class ChunkReader:
             raise BudgetError(f"memory_budget must be positive, got {memory_budget!r}")
         if threads is not None and threads <= 0:
             raise ValueError(f"threads must be positive, got {threads}")
-        self.buffer = POOL.acquire(budget, pin=pin)
+        self.buffer: torch.Tensor = POOL.acquire(budget, pin=pin)
         self.budget = budget
         try:
             self._native = _native.Reader(
@@ -237,6 +256,8 @@ class ChunkReader:
         return d
 
     def view(self, buf_offset: int, nbytes: int) -> torch.Tensor:
+        if self._closed:
+            raise ValueError("the reader is closed")
         return self.buffer[buf_offset : buf_offset + nbytes]
 
     def release(self, buf_offset: int, nbytes: int) -> None:
@@ -245,19 +266,27 @@ class ChunkReader:
             self._held -= 1
 
     def stats(self) -> dict[str, int]:
-        return dict(self._final_stats) if self._final_stats else self._native.stats()
+        """``budget``, ``peak_in_flight`` (bytes), ``bytes_read``, ``threads``."""
+        if self._final_stats is not None:
+            return dict(self._final_stats)
+        st = self._native.stats()
+        return {"budget": st.budget, "peak_in_flight": st.peak_in_flight,
+                "bytes_read": st.bytes_read, "threads": st.threads}
 
     def close(self) -> None:
-        """Stops and joins the threads, then returns the buffer to the pool. Idempotent."""
+        """Stops and joins the threads, then gives the buffer back to the pool. Idempotent."""
         if self._closed:
             return
+        self._final_stats = self.stats()
         self._closed = True
-        self._final_stats = self._native.stats()
         self._native.close()
         if self._held == 0:
             POOL.release(self.buffer)
         # else: views into the buffer are still out there; let it die with them instead of
         # handing it to the next load.
+        # Drop our reference, so that the memory goes back as soon as the pool and the
+        # views let it (the pool frees it at once outside POOL.retain()).
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -270,10 +299,78 @@ class ChunkReader:
             self.close()
 
 
+class _SlotState:
+    """Shared by a slot and every tensor viewing it: whether the slot was given back."""
+
+    __slots__ = ("name", "released")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.released = False
+
+    def error(self) -> SlotReleasedError:
+        return SlotReleasedError(
+            f"tensor {self.name!r} was used after its slot was released for reuse (its bytes "
+            "now belong to another tensor); clone() what you keep, or stream with "
+            "auto_release=False")
+
+
+class SlotTensor(torch.Tensor):
+    """A streamed tensor: a view of its pinned slot. Any torch operation on it, or on a view
+    of it, after the slot was released raises :class:`SlotReleasedError` instead of reading
+    bytes that now belong to another tensor. Results that do not share the slot's memory
+    (``clone()``, ``.to("cuda")``, arithmetic) are plain tensors."""
+
+    _fastfp8_slot: _SlotState
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        state = None
+        for a in flat:
+            if isinstance(a, SlotTensor):
+                st = a.__dict__.get("_fastfp8_slot")
+                if st is not None and st.released:
+                    raise st.error()
+                state = state or st
+        with torch._C.DisableTorchFunctionSubclass():
+            ret = func(*args, **kwargs)
+        if state is None:
+            return ret
+        base = None
+        for a in flat:
+            if isinstance(a, SlotTensor):
+                with torch._C.DisableTorchFunctionSubclass():
+                    base = a.untyped_storage().data_ptr()
+                break
+
+        def rebind(r: Any) -> Any:
+            # Views of the slot stay bound to it; anything else comes back plain.
+            if isinstance(r, torch.Tensor) and not isinstance(r, SlotTensor):
+                with torch._C.DisableTorchFunctionSubclass():
+                    shares = r.untyped_storage().data_ptr() == base
+                    if shares:
+                        r = r.as_subclass(SlotTensor)
+                if shares:
+                    r.__dict__["_fastfp8_slot"] = state
+            return r
+
+        return torch.utils._pytree.tree_map(rebind, ret)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 class Slot:
     """One streamed tensor in its pinned slot. Unpacks as ``(name, tensor)``."""
 
-    __slots__ = ("_len", "_off", "_reader", "_tensor", "info", "name")
+    __slots__ = ("_len", "_off", "_reader", "_state", "_tensor", "info", "name")
 
     def __init__(self, reader: ChunkReader, info: TensorInfo, buf_offset: int) -> None:
         self._reader = reader
@@ -281,29 +378,48 @@ class Slot:
         self.name = info.name
         self._off = buf_offset
         self._len = info.nbytes
+        self._state = _SlotState(info.name)
         if info.nbytes == 0:
             self._tensor: torch.Tensor | None = torch.empty(info.shape, dtype=info.torch_dtype)
         else:
-            raw = reader.view(buf_offset, info.nbytes)
-            self._tensor = raw.view(info.torch_dtype).reshape(info.shape)
+            dtype = info.torch_dtype
+            if buf_offset % dtype.itemsize == 0:
+                # A tensor on the buffer's storage that is not an autograd view of the buffer
+                # tensor: once released and detached (see _invalidate), the object a caller
+                # still holds no longer keeps the staging memory alive.
+                base = torch.empty(0, dtype=dtype).set_(
+                    reader.view(0, 0).untyped_storage(), buf_offset // dtype.itemsize,
+                    info.shape, _contiguous_strides(info.shape))
+            else:
+                base = reader.view(buf_offset, info.nbytes).view(dtype).reshape(info.shape)
+            t = torch.Tensor._make_subclass(SlotTensor, base)
+            t.__dict__["_fastfp8_slot"] = self._state
+            self._tensor = t
 
     @property
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
-            raise SlotReleasedError(
-                f"tensor {self.name!r} was used after its slot was released for reuse; "
-                "clone() what you keep, or stream with auto_release=False"
-            )
+            raise self._state.error()
         return self._tensor
 
     @property
     def released(self) -> bool:
         return self._tensor is None
 
+    def _invalidate(self) -> None:
+        t, self._tensor = self._tensor, None
+        self._state.released = True
+        if isinstance(t, SlotTensor):
+            # Detach the tensor object the caller may still hold (a loop variable) from the
+            # buffer, so that it does not keep the staging memory alive; using it raises.
+            with torch._C.DisableTorchFunctionSubclass():
+                t.set_()
+
     def release(self) -> None:
-        """Gives the slot back to the reader. Idempotent."""
+        """Gives the slot back to the reader; its tensor (and views of it) then raise
+        :class:`SlotReleasedError` when used. Idempotent."""
         if self._tensor is not None:
-            self._tensor = None
+            self._invalidate()
             self._reader.release(self._off, self._len)
 
     def __iter__(self) -> Iterator[Any]:
@@ -360,7 +476,7 @@ class TensorStream:
     def close(self) -> None:
         """Stops the reader. Tensors of unreleased slots must not be used afterwards."""
         if self._last is not None:
-            self._last._tensor = None
+            self._last._invalidate()
             self._last = None
         self._reader.close()
 

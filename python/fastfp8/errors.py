@@ -33,6 +33,13 @@ class CancelledError(Error):
     """The stream was stopped (by an error elsewhere, an interrupt, or ``close()``)."""
 
 
+class ReleaseError(Error, ValueError):
+    """A release of something that is not a delivered, unreleased chunk of the reader
+    (``ChunkReader.release``): not delivered yet, released already, a wrong length, or an
+    offset where no chunk starts. Nothing is freed. A ``ValueError`` too: it is the caller's
+    argument that is wrong."""
+
+
 class SlotReleasedError(Error):
     """A streamed tensor was used after its pinned slot was given back for reuse."""
 
@@ -64,6 +71,7 @@ __all__ = [
     "HeaderError",
     "NonFiniteWeightError",
     "ReadError",
+    "ReleaseError",
     "SlotReleasedError",
     "UnsupportedDtypeError",
 ]

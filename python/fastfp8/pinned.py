@@ -1,8 +1,19 @@
 """Host staging memory: page-locked (pinned) when CUDA is present, plain otherwise.
 
-Pinning costs hundreds of milliseconds per GiB, so buffers are pooled for the process:
-``acquire`` hands out an idle buffer of at least the asked size if one exists, and
-``release`` returns it for the next load. At most ``max_idle_bytes`` stay idle.
+Pinning costs hundreds of milliseconds per GiB, but pinned memory held idle is memory no one
+else can use (a vLLM worker would keep its staging buffer for the server's life). So by
+default a released buffer is freed at once: nothing stays pinned after a load returns.
+Back-to-back loads that want to reuse one buffer say so::
+
+    with POOL.retain():          # or fastfp8.pinned.retain()
+        load_quantized(a)        # allocates (and pins) its staging buffer
+        load_quantized(b)        # reuses it
+    # idle buffers are freed here
+
+Inside a ``retain()`` block (process-wide, nestable: the outermost exit frees), ``release``
+keeps the buffer idle and ``acquire`` hands out an idle buffer of at least the asked size
+if one exists; at most ``max_idle_bytes`` stay idle. A load that acquires several buffers
+one after another should run inside ``retain()`` too.
 
 Concurrent loads each hold their own buffer, so without a limit the process holds the sum
 of their budgets. A process-wide limit bounds that sum: ``POOL.set_limit("8GiB")`` (or the
@@ -23,6 +34,7 @@ pool consistent.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import mmap
 import os
@@ -78,6 +90,7 @@ class BufferPool:
         self._alive: dict[int, int] = {}
         self._tokens = itertools.count()
         self._waiting = 0
+        self._retain = 0  # depth of retain() blocks: > 0 keeps released buffers idle
         self.allocated_bytes = 0  # pinned/plain bytes this pool has allocated in total
         self.peak_live_bytes = 0
 
@@ -150,10 +163,32 @@ class BufferPool:
         return buf
 
     def release(self, buf: torch.Tensor) -> None:
-        """Gives ``buf`` back for reuse; once, and only when nothing uses it any more (a
-        second release while it is idle is ignored). Safe from finalizers (``__del__``)."""
+        """Gives ``buf`` back; once, and only when nothing uses it any more (a second release
+        while it is idle is ignored). Inside :meth:`retain` it stays idle for reuse, else the
+        pool drops it (its memory is freed once no view of it remains). Safe from finalizers
+        (``__del__``)."""
         self._returned.append(buf)
         self._poke()
+
+    @contextlib.contextmanager
+    def retain(self):
+        """Keeps released buffers idle for reuse until the outermost ``retain()`` block ends,
+        which frees them. Process-wide: loads on other threads meanwhile reuse them too."""
+        with self._lock:
+            self._retain += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._retain -= 1
+                self._drain()
+                if self._retain == 0:
+                    self._idle.clear()
+
+    @property
+    def retaining(self) -> bool:
+        """Whether a :meth:`retain` block is active."""
+        return self._retain > 0
 
     def clear(self) -> None:
         """Frees every idle buffer (pinned memory goes back to the OS)."""
@@ -167,38 +202,42 @@ class BufferPool:
         """An idle buffer that fits, or None once ``size`` live bytes are reserved under
         ``token`` within the limit, waiting for room if need be (lock held)."""
         deadline: float | None = None
-        while True:
-            self._drain()
-            fits = [i for i, b in enumerate(self._idle) if b.numel() >= size and b.is_pinned() == pin]
-            if fits:
-                return self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
-            limit = self._limit
-            live = self._live()
-            if limit is None or live + size <= limit:
-                self._alive[token] = size
-                if live + size > self.peak_live_bytes:
-                    self.peak_live_bytes = live + size
-                return None
-            if size > limit:
-                raise BudgetError(
-                    f"a host staging buffer of {format_bytes(size)} is larger than the process-wide limit "
-                    f"of {format_bytes(limit)} (FASTFP8_PINNED_LIMIT / fastfp8.pinned.POOL.set_limit)")
-            if self._idle:  # idle buffers that cannot serve this request make way for it
-                self._idle.sort(key=lambda b: b.numel())
-                self._idle.pop()  # freed now, unless something else still holds it
-                continue
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + (self._timeout if timeout is None else timeout)
-            if now >= deadline:
-                raise BudgetError(
-                    f"timed out waiting for {format_bytes(size)} of host staging memory: "
-                    f"{format_bytes(live)} of the process-wide limit of {format_bytes(limit)} "
-                    "are held by other loads")
-            self._waiting += 1
-            try:
+        counted = False  # counted in self._waiting from the first wait until this returns
+        try:
+            while True:
+                self._drain()
+                fits = [i for i, b in enumerate(self._idle) if b.numel() >= size and b.is_pinned() == pin]
+                if fits:
+                    return self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
+                limit = self._limit
+                live = self._live()
+                if limit is None or live + size <= limit:
+                    self._alive[token] = size
+                    if live + size > self.peak_live_bytes:
+                        self.peak_live_bytes = live + size
+                    return None
+                if size > limit:
+                    raise BudgetError(
+                        f"a host staging buffer of {format_bytes(size)} is larger than the process-wide "
+                        f"limit of {format_bytes(limit)} (FASTFP8_PINNED_LIMIT / fastfp8.pinned.POOL.set_limit)")
+                if self._idle:  # idle buffers that cannot serve this request make way for it
+                    self._idle.sort(key=lambda b: b.numel())
+                    self._idle.pop()  # freed now, unless something else still holds it
+                    continue
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + (self._timeout if timeout is None else timeout)
+                if now >= deadline:
+                    raise BudgetError(
+                        f"timed out waiting for {format_bytes(size)} of host staging memory: "
+                        f"{format_bytes(live)} of the process-wide limit of {format_bytes(limit)} "
+                        "are held by other loads")
+                if not counted:
+                    counted = True
+                    self._waiting += 1
                 self._cond.wait(min(_WAIT_SLICE, deadline - now))
-            finally:
+        finally:
+            if counted:
                 self._waiting -= 1
 
     def _live(self) -> int:
@@ -213,16 +252,22 @@ class BufferPool:
             self._drain()
 
     def _drain(self) -> None:
-        """Moves released buffers to the idle list, trimming it (lock held)."""
+        """Moves released buffers to the idle list, trimming it, or drops them outside
+        :meth:`retain` unless an acquire is waiting for room (lock held)."""
         while self._returned:
             buf = self._returned.popleft()
-            if not any(b is buf for b in self._idle):  # a second release is a no-op
+            if self._retain == 0 and not self._waiting:
+                pass  # dropped: freed once no view of it remains (its finalizer then runs)
+            elif not any(b is buf for b in self._idle):  # a second release is a no-op
+                # (kept idle inside retain(), or for an acquire waiting for room meanwhile)
                 self._idle.append(buf)
                 self._idle.sort(key=lambda b: -b.numel())
                 while sum(b.numel() for b in self._idle) > self._max_idle:
                     self._idle.pop()  # freed: its finalizer drops its reservation
             if self._waiting:
                 self._cond.notify_all()
+        if self._retain == 0 and not self._waiting and self._idle:
+            self._idle.clear()  # kept for a waiter that has since been served or gave up
 
 
 def _huge_registered(size: int) -> torch.Tensor:
@@ -240,3 +285,8 @@ def _huge_registered(size: int) -> torch.Tensor:
 
 
 POOL = BufferPool(max_total_bytes=_env_limit(), timeout=_env_timeout())
+
+
+def retain():
+    """``POOL.retain()``: keep pinned staging buffers for reuse across the loads in the block."""
+    return POOL.retain()

@@ -35,13 +35,15 @@ Triton is installed (their ``_quantize_triton`` backend uses
 e4m3 directly). The scales are the same in both modes; for fp32 weights the two
 modes are identical.
 
-Signed zero: ``-0.0`` weights quantize to ``-0.0`` (byte ``0x80``), which is what
-``compressed_tensors.quantization.quantize(..., zero_point=None)`` produces (the
-llm-compressor model-free path). When a zero-point tensor of zeros is passed to
-``quantize`` (llm-compressor's default module path registers one even for
-symmetric schemes), compressed-tensors adds ``+0.0`` to the quotient, which turns
-``-0.0`` into ``+0.0`` (byte ``0x00``); that is the only difference between those
-two paths.
+Signed zero: ``-0.0`` weights quantize to ``+0.0`` (byte ``0x00``), byte for byte what
+compressed-tensors writes into a checkpoint: llm-compressor initialises its modules
+with ``force_zero_point=True`` (a zero-point tensor of zeros even for symmetric
+schemes), and the compressor passes it to ``quantize``, which adds it to the quotient
+(``scaled += zero_point``, in the quotient's dtype): ``-0.0 + 0.0 = +0.0``. Checked
+against ``ModelCompressor.compress`` of compressed-tensors 0.20.1 (see
+``tests/test_quant.py``); the same holds for its Triton path (``has_zero_point``). Only
+``quantize(..., zero_point=None)`` (no zero-point tensor at all) keeps ``-0.0`` as
+``0x80``; adding ``+0.0`` changes nothing else (it is exact for every other value).
 
 Non-finite weights: a NaN anywhere in a row makes that row's scale NaN and every
 byte of the row NaN (``0x7F`` or ``0xFF``: like compressed-tensors, the e4m3 result is
@@ -182,6 +184,9 @@ def quantize_channelwise_reference(
             scaled = weight / scale  # in dtype: rounded to bf16/fp16, then to e4m3 below
         else:
             scaled = weight.to(torch.float32) / scale.to(torch.float32)  # one rounding
+        # compressed-tensors adds the (zero) zero point: -0.0 becomes +0.0, nothing else
+        # changes (see "Signed zero" above).
+        scaled = scaled + 0.0
         q = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         # compressed-tensors casts back to the input dtype and then to e4m3 again
         # (round_to_quantized_type_args(cast_to_original_dtype=True), then .to(dtype)).

@@ -79,6 +79,7 @@ impl Checkpoint {
                     shard: (*f).clone(),
                 });
             }
+            check_inside(root, index, f, &p)?;
             shards.push(Shard::open(&p)?);
         }
         let wanted: Vec<(String, usize)> = parsed
@@ -159,6 +160,41 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|&r| self.info(r).nbytes()).sum()
     }
+}
+
+/// Refuses shard `name` (at `p`) if it resolves, through symlinks, outside the model
+/// directory `root`: an index must not make us read (or convert, and publish) files from
+/// elsewhere. The one exception is the Hugging Face cache layout, where
+/// `<repo>/snapshots/<rev>/<file>` links to `<repo>/blobs/<hash>` of the same cached repo.
+fn check_inside(root: &Path, index: &Path, name: &str, p: &Path) -> Result<()> {
+    let root_c = root
+        .canonicalize()
+        .map_err(|e| Error::io(root, "resolving", e))?;
+    let target = p.canonicalize().map_err(|e| Error::io(p, "resolving", e))?;
+    if target.starts_with(&root_c) {
+        return Ok(());
+    }
+    if let Some(blobs) = hf_cache_blobs(&root_c) {
+        if target.parent() == Some(blobs.as_path()) {
+            return Ok(());
+        }
+    }
+    Err(Error::ShardOutsideModel {
+        path: index.into(),
+        shard: name.into(),
+        target,
+    })
+}
+
+/// `<repo>/blobs` (resolved) if `root` (resolved) lies in `<repo>/snapshots/<rev>`.
+pub fn hf_cache_blobs(root: &Path) -> Option<PathBuf> {
+    root.ancestors().find_map(|rev| {
+        let snapshots = rev.parent()?;
+        if snapshots.file_name()? != "snapshots" {
+            return None;
+        }
+        snapshots.parent()?.join("blobs").canonicalize().ok()
+    })
 }
 
 /// True for `a/b.safetensors`-like names: relative, no `..`, no root or prefix.

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A caller's argument is invalid (out of range, wrong size).
     Invalid,
+    /// A release of something that is not a delivered, unreleased chunk.
+    Release,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +45,7 @@ pub enum Error {
         tensor: String,
         dtype: String,
     },
-    #[error("{path}: tensor {tensor:?}: shape {shape:?} overflows when multiplied out")]
+    #[error("{path}: tensor {tensor:?}: shape {shape:?} overflows: a dimension, or the product of the nonzero dimensions, exceeds 2^63-1 (torch's limit), or the byte size exceeds 2^64-1")]
     ShapeOverflow {
         path: PathBuf,
         tensor: String,
@@ -98,6 +100,12 @@ pub enum Error {
     IndexInvalid { path: PathBuf, msg: String },
     #[error("{path}: index names shard {shard:?}, which is not a plain relative path inside the model directory")]
     UnsafeShardPath { path: PathBuf, shard: String },
+    #[error("{path}: shard {shard:?} resolves to {target}, outside the model directory (symlinks may leave it only in a Hugging Face cache snapshot, into that repository's blobs/)")]
+    ShardOutsideModel {
+        path: PathBuf,
+        shard: String,
+        target: PathBuf,
+    },
     #[error("{path}: shard {shard:?} listed in the index does not exist")]
     MissingShard { path: PathBuf, shard: String },
     #[error("{path}: tensor {tensor:?} is listed in the index but absent from this shard")]
@@ -159,8 +167,42 @@ pub enum Error {
     },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    #[error("cannot release {len} bytes at buffer offset {buf_offset}: {why}")]
+    InvalidRelease {
+        buf_offset: u64,
+        len: u64,
+        why: String,
+    },
     #[error("the stream was cancelled")]
     Cancelled,
+}
+
+impl ErrorKind {
+    /// Every kind, for the bindings' exhaustive mapping test.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Header,
+        ErrorKind::Checkpoint,
+        ErrorKind::Read,
+        ErrorKind::Budget,
+        ErrorKind::NotFound,
+        ErrorKind::Cancelled,
+        ErrorKind::Invalid,
+        ErrorKind::Release,
+    ];
+
+    /// The kind's name (as in the source).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Header => "Header",
+            ErrorKind::Checkpoint => "Checkpoint",
+            ErrorKind::Read => "Read",
+            ErrorKind::Budget => "Budget",
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::Cancelled => "Cancelled",
+            ErrorKind::Invalid => "Invalid",
+            ErrorKind::Release => "Release",
+        }
+    }
 }
 
 impl Error {
@@ -186,6 +228,7 @@ impl Error {
             NoCheckpoint { .. }
             | IndexInvalid { .. }
             | UnsafeShardPath { .. }
+            | ShardOutsideModel { .. }
             | MissingShard { .. }
             | TensorNotInShard { .. }
             | TensorInTwoShards { .. }
@@ -195,6 +238,7 @@ impl Error {
             }
             TensorOverBudget { .. } | BudgetExhausted { .. } => ErrorKind::Budget,
             Invalid(_) => ErrorKind::Invalid,
+            InvalidRelease { .. } => ErrorKind::Release,
             Cancelled => ErrorKind::Cancelled,
         }
     }

@@ -177,10 +177,22 @@ pub fn parse_header(path: &Path, buf: &[u8], file_size: u64) -> Result<Header> {
             dtype: raw.dtype.clone(),
         })?;
         let (begin, end) = raw.data_offsets;
-        let expected = raw
+        // torch keeps sizes as i64: every dimension, and the product of the nonzero ones
+        // (what a zero-size tensor's strides multiply out to), must fit. Checked here, so
+        // nothing downstream sees a size it cannot represent.
+        let fits_i64 = raw
             .shape
             .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&&d| d != 0)
+            .try_fold(1u64, |acc, &d| {
+                acc.checked_mul(d).filter(|&p| p <= i64::MAX as u64)
+            });
+        let expected = fits_i64
+            .and_then(|_| {
+                raw.shape
+                    .iter()
+                    .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            })
             .and_then(|numel| dtype.nbytes(numel))
             .ok_or_else(|| Error::ShapeOverflow {
                 path: p(),

@@ -9,7 +9,8 @@
 //! dropping the reader stops the threads; drop joins them, after which no thread touches
 //! the buffer again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -141,6 +142,9 @@ struct State {
     buf_at: Vec<u64>,
     remaining: Vec<u32>,
     queue: VecDeque<Piece>,
+    /// Delivered, unreleased chunks of nonzero length: buffer offset -> chunk. Live ring
+    /// regions never overlap, so one offset names at most one of them.
+    held: HashMap<u64, usize>,
     error: Option<Error>,
     failed: bool,
     stopped: bool,
@@ -155,11 +159,24 @@ struct Shared {
     cfg: ReaderConfig,
     state: Mutex<State>,
     cv: Condvar,
+    /// Worker threads that have not returned yet.
+    live: AtomicUsize,
 }
 
 pub struct Reader {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    /// Taken (and joined) by the first `close`; behind a lock so that `close` works through
+    /// a shared reference while other threads are inside `next`.
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Counts a worker out when it returns, however it returns.
+struct LiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Reader {
@@ -221,21 +238,30 @@ impl Reader {
                 buf_at: vec![0; n],
                 remaining: vec![0; n],
                 queue: VecDeque::new(),
+                held: HashMap::new(),
                 error: None,
                 failed: false,
                 stopped: false,
                 bytes_read: 0,
             }),
             cv: Condvar::new(),
+            live: AtomicUsize::new(0),
             cfg,
         });
         let workers = (0..shared.cfg.threads)
             .map(|i| {
                 let s = Arc::clone(&shared);
+                shared.live.fetch_add(1, Ordering::AcqRel);
                 std::thread::Builder::new()
                     .name(format!("fastfp8-read-{i}"))
-                    .spawn(move || s.work())
-                    .map_err(|e| Error::Invalid(format!("cannot start reader thread: {e}")))
+                    .spawn(move || {
+                        let _live = LiveGuard(&s.live);
+                        s.work()
+                    })
+                    .map_err(|e| {
+                        shared.live.fetch_sub(1, Ordering::AcqRel);
+                        Error::Invalid(format!("cannot start reader thread: {e}"))
+                    })
             })
             .collect::<Result<Vec<_>>>();
         let workers = match workers {
@@ -245,7 +271,10 @@ impl Reader {
                 return Err(e);
             }
         };
-        Ok(Reader { shared, workers })
+        Ok(Reader {
+            shared,
+            workers: Mutex::new(workers),
+        })
     }
 
     pub fn items(&self) -> &[ReadItem] {
@@ -271,6 +300,10 @@ impl Reader {
             if st.next_alloc > c && st.remaining[c] == 0 {
                 st.next_deliver += 1;
                 let plan = sh.chunks[c];
+                if plan.len > 0 {
+                    let at = st.buf_at[c];
+                    st.held.insert(at, c);
+                }
                 return Ok(Next::Ready(Delivery {
                     item: plan.item,
                     item_offset: plan.item_offset,
@@ -313,16 +346,40 @@ impl Reader {
         }
     }
 
-    /// Gives the chunk at `buf_offset` back to the ring.
+    /// Gives a delivered chunk back to the ring: `buf_offset` and `len` must be those of a
+    /// delivered chunk not released yet. Anything else (a chunk not delivered yet, one
+    /// released already, a wrong length, an offset where no chunk starts) is an
+    /// [`Error::InvalidRelease`] and frees nothing: freeing a region that the threads are
+    /// still writing, or that was handed out again, would give two chunks the same bytes.
+    /// A zero-length chunk holds nothing, so releasing `len == 0` is a no-op.
     pub fn release(&self, buf_offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let sh = &self.shared;
         let mut st = sh.lock();
-        st.ring.free(buf_offset).ok_or_else(|| {
-            Error::Invalid(format!("no chunk held at buffer offset {buf_offset}"))
-        })?;
+        let Some(&c) = st.held.get(&buf_offset) else {
+            return Err(Error::InvalidRelease {
+                buf_offset,
+                len,
+                why: "no delivered, unreleased chunk starts there".into(),
+            });
+        };
+        let plan = sh.chunks[c];
+        if plan.len != len {
+            return Err(Error::InvalidRelease {
+                buf_offset,
+                len,
+                why: format!(
+                    "the chunk delivered there (of tensor {:?}) is {} bytes long",
+                    sh.items[plan.item].name, plan.len
+                ),
+            });
+        }
+        st.held.remove(&buf_offset);
+        st.ring
+            .free(buf_offset, len)
+            .expect("a held chunk is a live ring region of its length");
         sh.fill(&mut st);
         drop(st);
         sh.cv.notify_all();
@@ -332,6 +389,22 @@ impl Reader {
     /// Stops the threads; later calls of `next` fail with `Cancelled`.
     pub fn cancel(&self) {
         self.shared.stop();
+    }
+
+    /// Stops the threads and waits until every one has returned: afterwards no thread
+    /// touches the buffer again, whoever else still holds this reader (a thread inside
+    /// `next`, say). Idempotent; a second caller waits for the first one's joins.
+    pub fn close(&self) {
+        self.shared.stop();
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        for w in workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+
+    /// Worker threads still running (0 after `close`).
+    pub fn live_threads(&self) -> usize {
+        self.shared.live.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> Stats {
@@ -347,10 +420,7 @@ impl Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.shared.stop();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+        self.close();
     }
 }
 

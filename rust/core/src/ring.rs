@@ -80,12 +80,13 @@ impl Ring {
         Some(start)
     }
 
-    /// Frees the live region starting at `start`; returns its length, or None if there is none.
-    pub fn free(&mut self, start: u64) -> Option<u64> {
+    /// Frees the live region of exactly `[start, start + len)`; returns its length, or None
+    /// if there is no such live region (nothing is freed then).
+    pub fn free(&mut self, start: u64, len: u64) -> Option<u64> {
         let r = self
             .regions
             .iter_mut()
-            .find(|r| r.start == start && !r.free)?;
+            .find(|r| r.start == start && r.len == len && !r.free)?;
         r.free = true;
         let len = r.len;
         self.used -= len;
@@ -107,13 +108,15 @@ mod tests {
         let b = r.alloc(40).unwrap();
         assert_eq!((a, b), (0, 40));
         assert!(r.alloc(30).is_none());
-        r.free(b).unwrap(); // out of order: b is free but a still blocks the front
+        r.free(b, 40).unwrap(); // out of order: b is free but a still blocks the front
         assert!(r.alloc(30).is_none() || r.used() <= 100);
-        r.free(a).unwrap();
+        r.free(a, 40).unwrap();
         assert_eq!(r.used(), 0);
         let c = r.alloc(100).unwrap();
         assert_eq!(c, 0);
-        assert!(r.free(77).is_none());
+        assert!(r.free(77, 1).is_none());
+        assert!(r.free(0, 99).is_none(), "a wrong length frees nothing");
+        assert_eq!(r.used(), 100);
     }
 
     proptest::proptest! {
@@ -123,8 +126,8 @@ mod tests {
             let mut live: Vec<(u64, u64)> = Vec::new();
             for (len, free_first) in ops {
                 if free_first && !live.is_empty() {
-                    let (s, _) = live.remove(len as usize % live.len());
-                    r.free(s).unwrap();
+                    let (s, l) = live.remove(len as usize % live.len());
+                    r.free(s, l).unwrap();
                 }
                 if let Some(s) = r.alloc(len) {
                     for &(s2, l2) in &live {
@@ -136,7 +139,7 @@ mod tests {
                 proptest::prop_assert!(r.used() <= 128);
                 proptest::prop_assert_eq!(r.used(), live.iter().map(|x| x.1).sum::<u64>());
             }
-            for (s, _) in live { r.free(s).unwrap(); }
+            for (s, l) in live { r.free(s, l).unwrap(); }
             proptest::prop_assert_eq!(r.alloc(128), Some(0));
         }
     }

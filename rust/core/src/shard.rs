@@ -20,8 +20,9 @@ pub enum ReadMethod {
     Pread,
     /// `memcpy` out of a shared mapping (faster: no kernel copy, no page-table growth,
     /// since read pages are dropped from the mapping afterwards). The file's size is checked
-    /// before each piece, and a file that shrinks during a copy is caught by a SIGBUS
-    /// handler ([`crate::sigbus`]) and reported as an error. The default.
+    /// before and after each piece, and a file that shrinks during a copy is caught by a
+    /// SIGBUS handler ([`crate::sigbus`]) or by the check after it, and reported as an
+    /// error. The default.
     #[default]
     Mmap,
 }
@@ -88,6 +89,12 @@ impl Shard {
         })
     }
 
+    /// The file opened (and validated) at [`Shard::open`]: the same file even if the path
+    /// has since been replaced, say by a rename.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Errors if the file's size is no longer what it was at open.
     pub fn check_unchanged(&self) -> Result<()> {
         let actual = self
@@ -122,15 +129,22 @@ impl Shard {
                 let end = offset as usize + dst.len();
                 let src = &map[offset as usize..end];
                 advise(src, MADV_POPULATE_READ);
+                #[cfg(test)]
+                test_hook::before_copy();
                 let ok = !self.poisoned.load(Ordering::Acquire) && sigbus::guarded_copy(dst, src);
                 // Drop our page-table entries for what was read, so that the mapping does
                 // not grow the process's resident set; the pages stay in the page cache.
                 advise(src, libc::MADV_DONTNEED);
-                if ok {
+                // A file cut short inside the copy's last page raises no SIGBUS: that page
+                // still belongs to the file and its tail reads as zeros. So the size is
+                // checked again after every copy; only a copy that neither faulted nor saw
+                // the file change is good (the size is read after the copy finished, so a
+                // cut that zeroed what we read is visible here).
+                let actual = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+                if ok && actual == self.size {
                     return Ok(());
                 }
                 self.poisoned.store(true, Ordering::Release);
-                let actual = self.file.metadata().map(|m| m.len()).unwrap_or(0);
                 Err(Error::MappedReadFailed {
                     path: self.path.clone(),
                     tensor: tensor.to_string(),
@@ -236,5 +250,65 @@ impl Shard {
                 std::io::Error::other(msg.clone()),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod test_hook {
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Runs between the size check and the copy, on the copying thread.
+        pub static BEFORE_COPY: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    }
+
+    pub fn before_copy() {
+        BEFORE_COPY.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f()
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cut of a few bytes lands inside the copy's last page: no SIGBUS (the page still
+    /// belongs to the file and its tail reads as zeros), so only a check after the copy sees it.
+    #[test]
+    fn a_cut_inside_the_last_page_between_check_and_copy_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.safetensors");
+        let header = r#"{"w":{"dtype":"U8","shape":[100000],"data_offsets":[0,100000]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0x5au8, 100_000));
+        std::fs::write(&p, &bytes).unwrap();
+        let shard = Shard::open(&p).unwrap();
+        let size = shard.size;
+        let start = shard.header.data_start;
+        let cut = p.clone();
+        test_hook::BEFORE_COPY.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+                f.set_len(size - 87).unwrap();
+            }))
+        });
+        let mut dst = vec![0u8; 100_000];
+        let res = shard.read_into(start, &mut dst, ReadMethod::Mmap, "w");
+        test_hook::BEFORE_COPY.with(|h| *h.borrow_mut() = None);
+        let zeros = dst.iter().filter(|&&b| b == 0).count();
+        let err = res.expect_err(&format!("a silent read with {zeros} zero bytes"));
+        assert!(
+            matches!(
+                err,
+                Error::MappedReadFailed { .. } | Error::FileChanged { .. }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("x.safetensors"), "{msg}");
     }
 }

@@ -5,13 +5,25 @@
 //! in a thread-local; a process-wide SIGBUS handler that finds the faulting address inside
 //! the current thread's range maps an anonymous zero page over the faulting page (so the
 //! interrupted copy resumes and completes with zeros) and records the fault, and the copy
-//! reports failure. Faults anywhere else go to the handler that was installed before ours
-//! (Python's faulthandler, say), or to the default action.
+//! reports failure.
+//!
+//! Other code may install its own SIGBUS handler after ours (Python's `faulthandler.enable()`,
+//! which torch's elastic launcher calls), which would silently disable the guard. So before
+//! every guarded copy the current handler is checked, and if it is not ours, ours is
+//! installed again and the one it replaces becomes the handler to chain to.
+//!
+//! Faults outside our copies go to that previous handler: ours puts the previous
+//! disposition back and returns, so the faulting instruction runs again and faults into the
+//! previous handler exactly as the kernel would have delivered it (faulthandler then prints
+//! its traceback and re-raises). A SIGBUS sent by a process (`raise`, `kill`) rather than by a
+//! fault gets the default action (death by SIGBUS) unless SIGBUS was ignored: calling a
+//! previous handler from there could loop, as faulthandler re-raises into whatever handler
+//! it finds. The next guarded copy installs the guard again.
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 thread_local! {
     // const-initialized, no destructor: plain TLS slots, safe to touch in a signal handler
@@ -21,19 +33,23 @@ thread_local! {
 
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 
-struct OldAction(libc::sigaction);
-// SAFETY: written once before the handler is installed, only read afterwards.
-unsafe impl Sync for OldAction {}
-// SAFETY: as above.
-unsafe impl Send for OldAction {}
+/// The disposition ours replaced most recently (null: the default action). Each value is a
+/// leaked box: a handler on another thread may be reading the previous one, so none is
+/// ever freed (one small struct per re-installation).
+static OLD: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
 
-static OLD: OnceLock<Option<OldAction>> = OnceLock::new();
+/// Serializes (re-)installation.
+static INSTALL: Mutex<()> = Mutex::new(());
 
-extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+fn handler_address() -> libc::sighandler_t {
+    on_sigbus as *const () as libc::sighandler_t
+}
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
     let (lo, hi) = RANGE.with(|r| r.get());
-    if addr >= lo && addr < hi {
+    if code > 0 && addr >= lo && addr < hi {
         let page = PAGE.load(Ordering::Relaxed);
         let at = addr & !(page - 1);
         // SAFETY: `at` is a page of this thread's current source range, which lies in a
@@ -56,66 +72,80 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             return;
         }
     }
-    // Not ours: hand it to whoever had SIGBUS before us.
-    match OLD.get() {
-        Some(Some(OldAction(old))) => {
-            let h = old.sa_sigaction;
-            if h == libc::SIG_DFL || h == libc::SIG_IGN {
-                // SAFETY: restoring the previous disposition; returning re-executes the
-                // faulting instruction, which then gets the default action.
-                unsafe { libc::sigaction(libc::SIGBUS, old, std::ptr::null_mut()) };
-            } else if old.sa_flags & libc::SA_SIGINFO != 0 {
-                // SAFETY: `h` is the previous SA_SIGINFO handler, called as the kernel would.
-                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                    unsafe { std::mem::transmute(h) };
-                f(sig, info, ctx);
-            } else {
-                // SAFETY: `h` is the previous plain handler.
-                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
-                f(sig);
-            }
-        }
-        _ => {
-            // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, no flags, empty mask).
-            let mut dfl: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
-            dfl.sa_sigaction = libc::SIG_DFL;
-            // SAFETY: installs the default action; the fault repeats and gets it.
-            unsafe { libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut()) };
+    // Not ours: put the previous disposition back.
+    let old = OLD.load(Ordering::Acquire);
+    // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, no flags, empty mask).
+    let mut dfl: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    let prev: *const libc::sigaction = if old.is_null() { &dfl } else { old };
+    // SAFETY: `prev` points to a valid sigaction (a leaked box, never freed, or `dfl`);
+    // sigaction and raise are async-signal-safe.
+    unsafe {
+        if code > 0 {
+            // A fault: returning re-executes the faulting instruction, which faults again
+            // into the previous handler (or gets the default action).
+            libc::sigaction(libc::SIGBUS, prev, std::ptr::null_mut());
+        } else if (*prev).sa_sigaction != libc::SIG_IGN {
+            // Sent by a process: the default action (see the module docs).
+            libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+            libc::raise(sig);
         }
     }
 }
 
-fn install() -> bool {
-    OLD.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if page > 0 {
-            PAGE.store(page as usize, Ordering::Relaxed);
+/// Whether our handler is SIGBUS's disposition now (one syscall, no lock).
+fn current_is_ours() -> bool {
+    // SAFETY: a zeroed sigaction is valid; a null new action only reads the current one.
+    let mut cur: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut cur) };
+    rc == 0 && cur.sa_sigaction == handler_address()
+}
+
+/// Makes ours the process's SIGBUS handler unless it is already; false if that failed.
+fn ensure_installed() -> bool {
+    if current_is_ours() {
+        return true;
+    }
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: zeroed sigaction structs are valid starting points; sigaction() with a null
+    // new action only reads the current one.
+    let mut cur: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
+    // SAFETY: as above.
+    if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut cur) } != 0 {
+        return false;
+    }
+    if cur.sa_sigaction == handler_address() {
+        return true;
+    }
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        PAGE.store(page as usize, Ordering::Relaxed);
+    }
+    // SAFETY: sigaction() fills `prev` and installs `new`, whose handler only touches
+    // const-initialized TLS, atomics and async-signal-safe syscalls.
+    unsafe {
+        let mut new: libc::sigaction = MaybeUninit::zeroed().assume_init();
+        new.sa_sigaction = handler_address();
+        new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
+        libc::sigemptyset(&mut new.sa_mask);
+        let mut prev: libc::sigaction = MaybeUninit::zeroed().assume_init();
+        if libc::sigaction(libc::SIGBUS, &new, &mut prev) != 0 {
+            return false;
         }
-        // SAFETY: zeroed sigaction structs are valid starting points; sigaction() fills
-        // `old` and installs `new`, whose handler only touches const-initialized TLS,
-        // atomics and async-signal-safe syscalls.
-        unsafe {
-            let mut new: libc::sigaction = MaybeUninit::zeroed().assume_init();
-            new.sa_sigaction = on_sigbus as *const () as libc::sighandler_t;
-            new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
-            libc::sigemptyset(&mut new.sa_mask);
-            let mut old: libc::sigaction = MaybeUninit::zeroed().assume_init();
-            if libc::sigaction(libc::SIGBUS, &new, &mut old) != 0 {
-                return None;
-            }
-            Some(OldAction(old))
-        }
-    })
-    .is_some()
+        // Leaked on purpose (see OLD).
+        OLD.store(Box::into_raw(Box::new(prev)), Ordering::Release);
+    }
+    true
 }
 
 /// Copies `src` (a range of a file mapping) into `dst`. Returns false if part of `src`
 /// lay beyond the end of the file (then `dst` holds zeros there, and the mapping has
 /// anonymous pages where the file's were: do not read it again).
 pub fn guarded_copy(dst: &mut [u8], src: &[u8]) -> bool {
-    if !install() {
-        // No handler: the caller's size check is the only protection.
+    if !ensure_installed() {
+        // No handler: the caller's size checks are the only protection.
         dst.copy_from_slice(src);
         return true;
     }

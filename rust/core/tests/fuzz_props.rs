@@ -135,6 +135,12 @@ fn check_header(h: &Header, header_len: usize, file_size: u64) -> Result<(), Str
         }
         let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         let want = numel.and_then(|n| t.dtype.nbytes(n));
+        if !fits_torch(&t.shape) {
+            return Err(format!(
+                "{:?}: shape {:?} beyond torch's i64",
+                t.name, t.shape
+            ));
+        }
         if want != Some(t.nbytes()) {
             return Err(format!(
                 "{:?}: {} bytes for {} {:?}",
@@ -161,6 +167,17 @@ fn check_header(h: &Header, header_len: usize, file_size: u64) -> Result<(), Str
         return Err(format!("tensors cover {cursor} of {data_len} data bytes"));
     }
     Ok(())
+}
+
+/// Every dimension, and the product of the nonzero ones, fits torch's i64 sizes.
+fn fits_torch(shape: &[u64]) -> bool {
+    shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1u64, |a, &d| {
+            a.checked_mul(d).filter(|&p| p <= i64::MAX as u64)
+        })
+        .is_some()
 }
 
 /// Parses `header` as the header of a file with `data_len` data bytes, checking the
@@ -420,7 +437,8 @@ fn render(spec: &HeaderSpec) -> (String, u64, Expected) {
             .shape
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .and_then(|n| dtype.nbytes(n));
+            .and_then(|n| dtype.nbytes(n))
+            .filter(|_| fits_torch(&t.shape));
         size[i] = nbytes;
         match (cursor, nbytes) {
             (Some(c), Some(s)) => {
@@ -667,10 +685,12 @@ fn write_shard(path: &Path, tensors: &[(&str, usize)]) {
 /// ```text
 /// outside.safetensors            tensor "o" (outside the model directory)
 /// blobs/blob1                    tensor "s1" (a Hugging Face cache blob)
+/// model = snapshots/rev/         the model directory, a Hugging Face cache snapshot
 /// model/a.safetensors            "a0", "a1"
 /// model/b.safetensors            "b0"
 /// model/sub/c.safetensors        "c0"
-/// model/link.safetensors  ->  ../blobs/blob1
+/// model/link.safetensors  ->  ../../blobs/blob1      (allowed: the cache layout)
+/// model/escape.safetensors -> ../../outside.safetensors  (refused: outside the model)
 /// model/dirshard/                a directory
 /// model/bad.safetensors          garbage
 /// ```
@@ -683,7 +703,7 @@ struct Dirs {
 fn layout() -> Dirs {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().to_path_buf();
-    let model = base.join("model");
+    let model = base.join("snapshots/rev");
     std::fs::create_dir_all(model.join("sub")).unwrap();
     std::fs::create_dir_all(model.join("dirshard")).unwrap();
     std::fs::create_dir_all(base.join("blobs")).unwrap();
@@ -692,7 +712,12 @@ fn layout() -> Dirs {
     write_shard(&model.join("a.safetensors"), &[("a0", 4), ("a1", 2)]);
     write_shard(&model.join("b.safetensors"), &[("b0", 1)]);
     write_shard(&model.join("sub/c.safetensors"), &[("c0", 7)]);
-    std::os::unix::fs::symlink("../blobs/blob1", model.join("link.safetensors")).unwrap();
+    std::os::unix::fs::symlink("../../blobs/blob1", model.join("link.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        "../../outside.safetensors",
+        model.join("escape.safetensors"),
+    )
+    .unwrap();
     std::fs::write(
         model.join("bad.safetensors"),
         b"\xff\xff\xff\xff\xff\xff\xff\xff{",
@@ -734,10 +759,11 @@ fn map_value() -> impl Strategy<Value = MapValue> {
     prop_oneof![
         10 => prop::sample::select(vec![
             "a.safetensors", "b.safetensors", "sub/c.safetensors", "link.safetensors",
+            "escape.safetensors",
         ]).prop_map(|s| MapValue::Str(s.into())),
         6 => prop::sample::select(vec![
             "./a.safetensors", "sub/./c.safetensors", "sub//c.safetensors", "a.safetensors/",
-            "../outside.safetensors", "sub/../a.safetensors", "../model/a.safetensors",
+            "../outside.safetensors", "sub/../a.safetensors", "../rev/a.safetensors",
             "../../etc/passwd", "..", ".", "", "/", "//a.safetensors", "/etc/passwd",
             "dirshard", "missing.safetensors", "bad.safetensors", "model.safetensors.index.json",
             "sub", "a.safetensors\\u0000x", "..\\\\outside.safetensors", "~/a.safetensors",

@@ -1,6 +1,7 @@
 //! The private module `fastfp8._native`: PyO3 bindings of fastfp8-core, and the one place
 //! where core errors become Python exceptions (classes defined in `fastfp8.errors`).
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,17 +16,27 @@ use pyo3::types::{PyDict, PyType};
 /// How long one wait for the next chunk lasts before Python checks for signals (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
-    let msg = err.to_string();
-    let class = match err.kind() {
+/// The Python class of each error kind: a class name in `fastfp8.errors`, or `ValueError`.
+/// Exhaustive on purpose: a new kind does not compile until it has its class.
+fn class_name(kind: ErrorKind) -> &'static str {
+    match kind {
         ErrorKind::Header => "HeaderError",
         ErrorKind::Checkpoint => "CheckpointError",
         ErrorKind::NotFound => "CheckpointNotFoundError",
         ErrorKind::Read => "ReadError",
         ErrorKind::Budget => "BudgetError",
         ErrorKind::Cancelled => "CancelledError",
-        ErrorKind::Invalid => return PyValueError::new_err(msg),
-    };
+        ErrorKind::Release => "ReleaseError",
+        ErrorKind::Invalid => "ValueError",
+    }
+}
+
+fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
+    let msg = err.to_string();
+    let class = class_name(err.kind());
+    if class == "ValueError" {
+        return PyValueError::new_err(msg);
+    }
     let ty = py
         .import("fastfp8.errors")
         .and_then(|m| m.getattr(class))
@@ -34,6 +45,15 @@ fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
         Ok(ty) => PyErr::from_type(ty, msg),
         Err(_) => PyRuntimeError::new_err(msg),
     }
+}
+
+/// `[(kind, class name)]` for every error kind of the core (for the mapping test).
+#[pyfunction]
+fn error_classes() -> Vec<(&'static str, &'static str)> {
+    ErrorKind::ALL
+        .iter()
+        .map(|&k| (k.name(), class_name(k)))
+        .collect()
 }
 
 fn method_from(name: &str) -> PyResult<ReadMethod> {
@@ -52,7 +72,39 @@ struct PyCheckpoint {
     inner: Arc<Checkpoint>,
 }
 
-type TensorRow = (String, String, Vec<u64>, usize, u64, u64);
+/// One shard of a checkpoint.
+#[pyclass(frozen, get_all, name = "ShardInfo", module = "fastfp8._native")]
+struct PyShardInfo {
+    /// The shard's path.
+    path: PathBuf,
+    /// Its size in bytes when opened.
+    size: u64,
+    /// Absolute file offset of its data section.
+    data_start: u64,
+}
+
+/// One tensor of a checkpoint, with absolute file offsets.
+#[pyclass(frozen, get_all, name = "TensorEntry", module = "fastfp8._native")]
+struct PyTensorEntry {
+    name: String,
+    /// The safetensors dtype name (`"BF16"`, ...).
+    dtype: String,
+    shape: Vec<u64>,
+    /// Index into `Checkpoint.shards()`.
+    shard: usize,
+    /// Absolute file offsets `[begin, end)`.
+    begin: u64,
+    end: u64,
+}
+
+/// A reader's figures.
+#[pyclass(frozen, get_all, name = "ReaderStats", module = "fastfp8._native")]
+struct PyReaderStats {
+    budget: u64,
+    peak_in_flight: u64,
+    bytes_read: u64,
+    threads: usize,
+}
 
 #[pymethods]
 impl PyCheckpoint {
@@ -76,33 +128,48 @@ impl PyCheckpoint {
         self.inner.index.clone()
     }
 
-    /// `[(path, size, data_start)]`, one per shard.
-    fn shards(&self) -> Vec<(PathBuf, u64, u64)> {
+    /// One `ShardInfo` per shard.
+    fn shards(&self) -> Vec<PyShardInfo> {
         self.inner
             .shards
             .iter()
-            .map(|s| (s.path.clone(), s.size, s.header.data_start))
+            .map(|s| PyShardInfo {
+                path: s.path.clone(),
+                size: s.size,
+                data_start: s.header.data_start,
+            })
             .collect()
     }
 
-    /// `[(name, dtype, shape, shard, file_begin, file_end)]` with absolute file offsets.
-    fn tensors(&self) -> Vec<TensorRow> {
+    /// Every tensor, shard by shard, in header order.
+    fn tensors(&self) -> Vec<PyTensorEntry> {
         let c = &self.inner;
         c.tensors
             .iter()
             .map(|&r| {
                 let t = c.info(r);
                 let start = c.shards[r.shard].header.data_start;
-                (
-                    t.name.clone(),
-                    t.dtype.to_string(),
-                    t.shape.clone(),
-                    r.shard,
-                    start + t.begin,
-                    start + t.end,
-                )
+                PyTensorEntry {
+                    name: t.name.clone(),
+                    dtype: t.dtype.to_string(),
+                    shape: t.shape.clone(),
+                    shard: r.shard,
+                    begin: start + t.begin,
+                    end: start + t.end,
+                }
             })
             .collect()
+    }
+
+    /// The descriptor of shard `shard` as opened and validated: the same file even after
+    /// its path was replaced (by a rename). Valid while this object lives; map it (mmap
+    /// duplicates it), never close it.
+    fn fileno(&self, shard: usize) -> PyResult<i32> {
+        let s =
+            self.inner.shards.get(shard).ok_or_else(|| {
+                PyValueError::new_err(format!("shard index {shard} out of range"))
+            })?;
+        Ok(s.file().as_raw_fd())
     }
 
     /// The `__metadata__` of shard `shard`, or None.
@@ -141,7 +208,9 @@ impl PyCheckpoint {
 struct PyReader {
     // Declared first so that it is dropped (threads joined) before the buffer.
     reader: Mutex<Option<Arc<Reader>>>,
-    _buffer: Py<PyAny>,
+    /// Let go by `close` once the threads are joined (so that the memory can be freed while
+    /// this object lives on).
+    buffer: Mutex<Option<Py<PyAny>>>,
 }
 
 /// A segment as Python passes it: `(shard, offset, len)`, or `(shard, offset, len, count,
@@ -217,15 +286,16 @@ impl PyReader {
             method: method_from(method)?,
         };
         // SAFETY: the caller passes the address and size of memory owned by `buffer`, which
-        // this object keeps alive; `reader` is declared before `_buffer`, so the reader (and
-        // its threads, joined in its Drop) goes first. The Python wrapper reads a region only
+        // this object keeps alive until `close` has joined the threads; `reader` is declared
+        // before `buffer`, so on drop the reader (and its threads, joined in its Drop) goes
+        // first. The Python wrapper reads a region only
         // between its delivery and its release.
         let dest = unsafe { DestBuffer::new(ptr as *mut u8, nbytes) };
         let ckpt = Arc::clone(&checkpoint.inner);
         let reader = Reader::start(ckpt, items, dest, cfg).map_err(|e| to_pyerr(py, e))?;
         Ok(PyReader {
             reader: Mutex::new(Some(Arc::new(reader))),
-            _buffer: buffer,
+            buffer: Mutex::new(Some(buffer)),
         })
     }
 
@@ -251,31 +321,54 @@ impl PyReader {
         }
     }
 
-    /// Gives a delivered chunk's region back.
+    /// Gives a delivered chunk's region back: exactly the `buf_offset` and `len` of a chunk
+    /// `next()` delivered and not released yet, else `ReleaseError` (nothing is freed).
     fn release(&self, py: Python<'_>, buf_offset: u64, len: u64) -> PyResult<()> {
         self.get()?
             .release(buf_offset, len)
             .map_err(|e| to_pyerr(py, e))
     }
 
-    /// Stops the threads and waits for them; the buffer is free afterwards. Idempotent.
+    /// Stops the threads and waits for them, always, even while another thread is inside
+    /// `next()` (which then raises `CancelledError`): afterwards no thread writes to the
+    /// buffer. Idempotent.
     fn close(&self, py: Python<'_>) {
         let taken = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(r) = taken {
-            r.cancel();
-            py.detach(move || drop(r));
+            py.detach(move || r.close());
+        }
+        // The threads are joined: nothing writes to the buffer any more.
+        let buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(buffer);
+    }
+
+    /// Stops the threads without waiting for them; `next()` then raises `CancelledError`.
+    fn cancel(&self) -> PyResult<()> {
+        self.get()?.cancel();
+        Ok(())
+    }
+
+    /// Reader threads still running (0 once `close()` has returned).
+    fn live_threads(&self) -> usize {
+        match self
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(r) => r.live_threads(),
+            None => 0,
         }
     }
 
-    /// `{"budget", "peak_in_flight", "bytes_read", "threads"}`.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn stats(&self) -> PyResult<PyReaderStats> {
         let s = self.get()?.stats();
-        let d = PyDict::new(py);
-        d.set_item("budget", s.budget)?;
-        d.set_item("peak_in_flight", s.peak_in_flight)?;
-        d.set_item("bytes_read", s.bytes_read)?;
-        d.set_item("threads", s.threads)?;
-        Ok(d)
+        Ok(PyReaderStats {
+            budget: s.budget,
+            peak_in_flight: s.peak_in_flight,
+            bytes_read: s.bytes_read,
+            threads: s.threads,
+        })
     }
 }
 
@@ -299,7 +392,11 @@ fn default_thread_count() -> usize {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCheckpoint>()?;
     m.add_class::<PyReader>()?;
+    m.add_class::<PyShardInfo>()?;
+    m.add_class::<PyTensorEntry>()?;
+    m.add_class::<PyReaderStats>()?;
     m.add_function(wrap_pyfunction!(default_thread_count, m)?)?;
+    m.add_function(wrap_pyfunction!(error_classes, m)?)?;
     m.add("MAX_HEADER_LEN", fastfp8_core::header::MAX_HEADER_LEN)?;
     Ok(())
 }

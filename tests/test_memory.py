@@ -1,0 +1,122 @@
+"""What a load really keeps resident: RSS (pinned staging memory included: it is touched,
+so it counts) measured during a load against its memory budget, and pinned/staging memory
+given back after a load unless ``POOL.retain()`` asks to keep it."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import fastfp8
+import pytest
+import torch
+from conftest import rss
+from fastfp8.pinned import POOL
+from safetensors.torch import save_file
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """8 tensors of 16 MiB: a 128 MiB file, four times the 32 MiB budget used below."""
+    path = tmp_path_factory.mktemp("mem") / "m.safetensors"
+    save_file({f"t{i}": torch.full((4 * MiB,), float(i + 1)) for i in range(8)}, str(path))
+    return path
+
+
+def _settle() -> None:
+    gc.collect()
+    POOL.idle_bytes()  # takes queued releases in
+
+
+class _PeakRss:
+    def __init__(self) -> None:
+        self.peak = rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.0005):
+            self.peak = max(self.peak, rss())
+
+    def __enter__(self) -> _PeakRss:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss())
+
+
+@pytest.mark.parametrize("pin", [False, pytest.param(True, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("method", ["mmap", "pread"])
+def test_resident_memory_during_a_load_stays_within_the_budget(big, method, pin):
+    budget = 32 * MiB
+    ck = fastfp8.open_checkpoint(big)
+    _settle()
+    POOL.reset_peak()
+    base = rss()
+    from fastfp8.checkpoint import ChunkReader
+
+    infos = ck.file_order()
+    items = [(t.name, [(t.shard, t.begin, t.nbytes)]) for t in infos]
+    total = 0.0
+    with _PeakRss() as peak, ChunkReader(ck, items, memory_budget=budget, chunk_bytes=8 * MiB,
+                                         threads=2, method=method, pin=pin) as r:
+        while (d := r.next()) is not None:
+            _, _, off, n = d
+            total += float(r.view(off, n).view(torch.float32).sum())
+            r.release(off, n)
+    assert total == sum(float(i + 1) * 4 * MiB for i in range(8))
+    grown = peak.peak - base
+    # The staging buffer (the budget) plus slack for allocator and interpreter noise; the
+    # 128 MiB file, read through a mapping or not, must not stay resident in this process.
+    assert grown <= budget + 24 * MiB, f"RSS grew by {grown / MiB:.1f} MiB for a {budget // MiB} MiB budget"
+    assert POOL.stats()["peak_live"] <= budget + 2 * MiB
+
+
+def test_staging_memory_is_given_back_after_a_load(big):
+    ck = fastfp8.open_checkpoint(big)
+    _settle()
+    before = POOL.stats()
+    base = rss()
+    for _, t in ck.stream(memory_budget=48 * MiB, method="pread"):
+        float(t.sum())
+    _settle()
+    after = POOL.stats()
+    assert after["live"] == before["live"], after
+    assert after["idle"] == 0, after
+    # and the memory is really gone from the process (the buffer was 48 MiB, touched)
+    assert rss() - base < 16 * MiB, (rss() - base) / MiB
+
+
+def test_retain_keeps_one_buffer_across_back_to_back_loads(big):
+    ck = fastfp8.open_checkpoint(big)
+    _settle()
+    before = POOL.stats()
+    with POOL.retain():
+        list(ck.stream(memory_budget=20 * MiB, method="pread"))
+        first = POOL.allocated_bytes
+        assert POOL.idle_bytes() >= 20 * MiB  # kept for the next load
+        for _ in range(2):
+            list(ck.stream(memory_budget=20 * MiB, method="pread"))
+        assert POOL.allocated_bytes == first  # reused, not allocated again
+    _settle()
+    assert POOL.stats()["live"] == before["live"] and POOL.idle_bytes() == 0
+
+
+def test_retain_nests_and_frees_at_the_outermost_exit():
+    from fastfp8.pinned import BufferPool
+
+    pool = BufferPool()
+    with pool.retain():
+        with pool.retain():
+            buf = pool.acquire(MiB, pin=False)
+            pool.release(buf)
+        assert pool.idle_bytes() == 2 * MiB  # rounded to 2 MiB
+        assert pool.retaining
+    del buf
+    gc.collect()
+    assert pool.idle_bytes() == 0 and pool.live_bytes() == 0 and not pool.retaining
