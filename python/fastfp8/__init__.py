@@ -30,6 +30,7 @@ from .errors import (
     LayoutError,
     NonFiniteWeightError,
     ReadError,
+    ReleaseError,
     SlotReleasedError,
     UnsupportedDtypeError,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "NonFiniteWeightError",
     "QuantizedState",
     "ReadError",
+    "ReleaseError",
     "Slot",
     "SlotReleasedError",
     "TensorInfo",

@@ -48,15 +48,12 @@ from .hub import resolve
 from .layouts import check_with_transformers, read_config
 from .options import LoadOptions
 from .plan import OutTensor, Plan, checkpoint_tensors, make_plan
+from .sidefiles import side_files
 from .units import format_bytes, parse_bytes
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
-#: Files of a source directory never copied: weights in other formats (the safetensors
-#: shards and index are rewritten), and what a hub cache or VCS puts beside them.
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-_SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,22 +149,6 @@ class ConvertResult:
     seconds: float = 0.0
 
 
-def _source_files(src: Path) -> list[Path]:
-    """The source directory's files to copy (relative paths), hidden ones and weights excluded."""
-    if not src.is_dir():
-        return []
-    out = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if f.startswith(".") or f in _SKIP_NAMES or (f == "config.json" and Path(root) == src):
-                continue
-            if f.endswith(_SKIP_SUFFIXES):
-                continue
-            out.append((Path(root) / f).relative_to(src))
-    return out
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -229,7 +210,7 @@ def convert(
     shards = plan_shards(outputs, parse_bytes(max_shard_size))
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    files = _source_files(src)
+    files = side_files(src) if src.is_dir() else []
     result = ConvertResult(path=dst, shards=names, tensors=len(outputs),
                            quantized=sum(o.name.endswith("_scale") for o in outputs), bytes_in=ckpt.nbytes,
                            bytes_out=sum(o.nbytes for o in outputs), ignored=list(plan.ignored),

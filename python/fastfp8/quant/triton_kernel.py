@@ -110,6 +110,7 @@ def _quantize_block(x, scale_col, DTYPE_ID: tl.constexpr, DOUBLE_ROUND: tl.const
     v = tl.div_rn(x, scale_col)
     if DOUBLE_ROUND:
         v = _round_to_weight_dtype(v, DTYPE_ID, EMULATE)
+    v = v + 0.0  # -0.0 -> +0.0: compressed-tensors' compressor adds its zero point (0x00, not 0x80)
     v = tl.where(v > 448.0, 448.0, v)  # 448.0 == reference.FP8_MAX
     v = tl.where(v < -448.0, -448.0, v)
     if EMULATE:  # noqa: SIM108 (constexpr branch: Triton compiles one side)
