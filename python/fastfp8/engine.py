@@ -239,7 +239,7 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
     dst: torch.Tensor | None = None
     clock = time.perf_counter
     copy_wait = read_wait = 0.0
-    update = bar.update if not bar.disable else None
+    update = None if getattr(bar, "disable", False) else bar.update
     with torch.cuda.device(dev):
         # The copy stream is the current stream inside the loop (a stream switch per chunk
         # costs more than the copy's own launch); outputs are allocated, and jobs handed

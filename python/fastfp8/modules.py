@@ -85,7 +85,7 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rounding: str = "auto") -> Fp8Linear:
         """Quantizes an ``nn.Linear`` (compressed-tensors numerics, per output channel)."""
-        from .loader import resolve_rounding
+        from .quant import resolve_rounding
 
         w = linear.weight.detach()
         q, s = quantize_channelwise(w, rounding=resolve_rounding(rounding, w.device))
@@ -182,7 +182,7 @@ class Fp8MoE(nn.Module):
                    routing: str = "softmax_topk", norm_topk_prob: bool = True,
                    shared_expert: nn.Module | None = None, rounding: str = "auto") -> Fp8MoE:
         """Quantizes bf16/fp16/fp32 expert stacks ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``."""
-        from .loader import resolve_rounding
+        from .quant import resolve_rounding
 
         r = resolve_rounding(rounding, w13.device)
         q13, s13 = quantize_channelwise(w13.detach(), rounding=r)
