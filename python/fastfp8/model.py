@@ -104,8 +104,9 @@ def build_quantized_model(
 ) -> nn.Module:
     """A transformers causal LM from the bf16 checkpoint directory ``path``, with FP8 layers.
 
-    The model is built on the meta device from ``config.json``; the weights come from
-    :func:`fastfp8.load_quantized` (``load_kwargs`` are passed on: ``ignore``,
+    ``path`` may also be a Hugging Face Hub id (``revision=`` picks its branch, tag or
+    commit). The model is built on the meta device from ``config.json``; the weights come
+    from :func:`fastfp8.load_quantized` (``load_kwargs`` are passed on: ``ignore``,
     ``memory_budget``, ...). Returns the model in eval mode on ``device``, with
     ``.load_stats`` (the load's :class:`~fastfp8.LoadStats`); ``generate()`` works.
     """
