@@ -1,6 +1,7 @@
 """Type stubs of the private native module ``fastfp8._native`` (``rust/python/src/lib.rs``),
 checked against the built module by ``python -m mypy.stubtest fastfp8._native``."""
 
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, final
@@ -14,12 +15,14 @@ __all__ = [
     "TensorEntry",
     "default_thread_count",
     "error_classes",
+    "quantize_rows",
 ]
 
 MAX_HEADER_LEN: int
 
 def default_thread_count() -> int: ...
 def error_classes() -> list[tuple[str, str]]: ...
+def quantize_rows(src: bytes, dtype: str, cols: int, rounding: str = "fp32") -> tuple[bytes, bytes]: ...
 
 @final
 class ShardInfo:
@@ -74,7 +77,9 @@ class Reader:
     def __new__(
         cls,
         checkpoint: Checkpoint,
-        items: list[tuple[str, list[tuple[int, int, int]]]],
+        items: Sequence[
+            tuple[str, Sequence[tuple[int, ...]]] | tuple[str, Sequence[tuple[int, ...]], tuple[str, int, str]]
+        ],
         buffer: Any,
         ptr: int,
         nbytes: int,

@@ -11,7 +11,7 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,10 +204,18 @@ def _unknown(path: Path, name: str) -> Error:
     return CheckpointError(f"{path}: no tensor named {name!r}")
 
 
+#: a reader item: ``(name, segments)``, or ``(name, segments, (dtype, cols, rounding))`` to
+#: quantize its rows on the way
+ItemSpec = tuple[str, Sequence[tuple[int, ...]]] | tuple[str, Sequence[tuple[int, ...]], tuple[str, int, str]]
+
+
 class ChunkReader:
     """Low-level: byte chunks of planned items, in plan order, in a pooled host buffer.
 
-    ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``. Each delivery is
+    ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``, or ``(name, segments,
+    (dtype, cols, rounding))`` for an item whose rows the reader threads quantize on the way
+    (its chunks then hold whole rows' e4m3 bytes followed by their scales; see
+    :func:`fastfp8.engine.host_quant_spec`). Each delivery is
     ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
     buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``, which must name exactly a
     delivered, unreleased chunk (else :class:`~fastfp8.errors.ReleaseError`, a
@@ -220,7 +228,7 @@ class ChunkReader:
     def __init__(
         self,
         ckpt: Checkpoint,
-        items: list[tuple[str, list[tuple[int, int, int]]]],
+        items: Sequence[ItemSpec],
         *,
         memory_budget: int | str,
         chunk_bytes: int | None,

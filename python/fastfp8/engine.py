@@ -21,6 +21,14 @@ size when its first bytes arrive, so allocation overlaps with reading;
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
 the outputs plus two staging buffers of the largest job quantized.
 
+Quantization on the host (``quantize_on``, default ``"auto"``): the reader threads
+quantize the rows of every weight whose output rows lie whole and contiguous in the file
+(2-D linear weights, per-expert weights, column-parallel slices) as they read them, with the
+rounding the device kernel would use, into the pinned slots; FP8 bytes and scales cross the
+bus (half the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts
+stored ``[in, out]`` (transposed on the device) and row-parallel slices (their amax is
+all-reduced) are quantized on the device.
+
 Tensor parallelism: row-parallel slices all-reduce their per-row amax (MAX) over the
 group on the compute stream (NCCL queues it there without blocking the host).
 """
@@ -62,6 +70,8 @@ class LoadStats:
     bytes_read: int = 0
     tensors: int = 0
     quantized: int = 0
+    #: of ``quantized``: how many were quantized by the reader threads on the host
+    host_quantized: int = 0
     memory_budget: int = 0
     chunk_bytes: int = 0
     peak_in_flight: int = 0
@@ -144,6 +154,29 @@ def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
     return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.1, **TQDM_BYTES)
 
 
+_HOST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def host_quant_spec(job: Job, options: LoadOptions, rounding: str) -> tuple[str, int, str] | None:
+    """How the reader threads quantize ``job`` on the way (``(dtype, cols, rounding)``, the
+    native reader's spec), or None where the device does it: weights whose rows are not
+    whole in the file's order (fused experts stored ``[in, out]``), row-parallel slices
+    (their amax is all-reduced over the group first), and every weight when
+    ``quantize_on="device"`` or ``allow_non_finite`` (NaN/Inf rows keep the kernel's bytes)."""
+    if options.quantize_on == "device" or options.allow_non_finite:
+        return None
+    if not job.quantized or job.transpose or job.reduce or not job.shape:
+        return None
+    dtype = _HOST_DTYPES.get(job.dtype)
+    cols = job.shape[-1]
+    if dtype is None or cols == 0 or job.nbytes == 0:
+        return None
+    row = cols * job.dtype.itemsize
+    if any(len(seg) != 3 or seg[2] % row for seg in job.segments):
+        return None
+    return dtype, cols, rounding
+
+
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
@@ -160,17 +193,20 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)
+    specs = [host_quant_spec(j, options, rounding) for j in plan.jobs]
+    stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
+    items = [(n, segs) if sp is None else (n, segs, sp) for (n, segs), sp in zip(plan.items, specs, strict=True)]
     bar = progress_bar(plan.nbytes, options.progress, desc)
-    reader = ChunkReader(ckpt, plan.items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
+    reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
                          threads=options.threads, method=options.method, piece_bytes=options.piece_bytes,
                          pin=device.type == "cuda")
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
     flags: list[tuple[Job, torch.Tensor]] = []
     try:
         if device.type == "cuda":
-            yield from _run_cuda(reader, plan, options, device, sink, rounding, bar, stats, flags)
+            yield from _run_cuda(reader, plan, specs, options, device, sink, rounding, bar, stats, flags)
         else:
-            yield from _run_host(reader, plan, device, sink, rounding, bar, flags)
+            yield from _run_host(reader, plan, specs, device, sink, rounding, bar, flags)
         rs = reader.stats()
     except BaseException:
         if device.type == "cuda":
@@ -223,11 +259,24 @@ def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], roundin
             s.fill_(torch.finfo(s.dtype).eps)
 
 
-def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar, stats, flags):
+def _host_quantized(job: Job, spec: tuple[str, int, str], outs: list[torch.Tensor], ioff: int, n: int):
+    """(destinations, sources) of a host-quantized chunk: ``n`` bytes of the slot hold whole
+    rows' e4m3 bytes, then their scales; ``ioff`` is the rows' source offset. Returns the
+    output byte views to copy into, the slot's (offset, length) pieces, and the source
+    bytes the chunk covers."""
+    cols, eb = spec[1], job.dtype.itemsize
+    rows = n // (cols + eb)
+    r0 = ioff // (cols * eb)
+    dsts = [_bytes_view(outs[0])[r0 * cols : (r0 + rows) * cols], _bytes_view(outs[1])[r0 * eb : (r0 + rows) * eb]]
+    return dsts, [(0, rows * cols), (rows * cols, rows * eb)], rows * cols * eb
+
+
+def _run_cuda(reader, plan: Plan, specs, options: LoadOptions, dev, sink, rounding, bar, stats, flags):
     jobs = plan.jobs
     copy_stream = torch.cuda.Stream(dev)
     compute_stream = torch.cuda.Stream(dev)
-    staging_bytes = max((j.nbytes for j in jobs if j.quantized), default=0)
+    staging_bytes = max((j.nbytes for j, sp in zip(jobs, specs, strict=True) if j.quantized and sp is None),
+                        default=0)
     staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=dev) for _ in range(2)] if staging_bytes else []
     quant_done: list[torch.cuda.Event | None] = [None, None]
     pending: deque[tuple[torch.cuda.Event, int, int]] = deque()
@@ -263,12 +312,15 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
                     break
                 item, ioff, boff, n = d
                 job = jobs[item]
+                spec = specs[item]
                 if ioff == 0:
                     torch.cuda.set_stream(caller)
                     _fault("allocate", job)
                     outs = sink.outputs(job)
                     torch.cuda.set_stream(copy_stream)
-                    if job.quantized:
+                    if spec is not None:
+                        dst = None
+                    elif job.quantized:
                         slot = n_quant % 2
                         n_quant += 1
                         if quant_done[slot] is not None:
@@ -276,20 +328,26 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
                         dst = staging[slot] if staging else None
                     else:
                         dst = _bytes_view(outs[0])
+                src_n = n
                 if n:
                     if FAULT_HOOK is not None:
                         _fault("copy", job)
-                    dst[ioff : ioff + n].copy_(reader.view(boff, n), non_blocking=True)
+                    if spec is not None:
+                        dsts, parts, src_n = _host_quantized(job, spec, outs, ioff, n)
+                        for out, (o, m) in zip(dsts, parts, strict=True):
+                            out.copy_(reader.view(boff + o, m), non_blocking=True)
+                    else:
+                        dst[ioff : ioff + n].copy_(reader.view(boff, n), non_blocking=True)
                     ev = spare.pop() if spare else torch.cuda.Event()
                     ev.record(copy_stream)
                     pending.append((ev, boff, n))
                     held += n
                     if update is not None:
-                        update(n)
-                if ioff + n < job.nbytes:
+                        update(src_n)
+                if ioff + src_n < job.nbytes:
                     continue
                 done = torch.cuda.Event()
-                if job.quantized:
+                if job.quantized and spec is None:
                     compute_stream.wait_stream(copy_stream)
                     torch.cuda.set_stream(compute_stream)
                     try:
@@ -301,6 +359,9 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
                     done.record(compute_stream)
                     quant_done[slot] = done
                 else:
+                    if spec is not None:
+                        _fault("quantize", job)
+                        flags.append((job, (~torch.isfinite(outs[1])).any()))
                     done.record(copy_stream)
                 caller.wait_event(done)
                 torch.cuda.set_stream(caller)
@@ -319,27 +380,38 @@ def _run_cuda(reader, plan: Plan, options: LoadOptions, dev, sink, rounding, bar
         reader.release(off, n)
 
 
-def _run_host(reader, plan: Plan, dev, sink, rounding, bar, flags):
+def _run_host(reader, plan: Plan, specs, dev, sink, rounding, bar, flags):
     jobs = plan.jobs
-    staging_bytes = max((j.nbytes for j in jobs if j.quantized), default=0)
+    staging_bytes = max((j.nbytes for j, sp in zip(jobs, specs, strict=True) if j.quantized and sp is None),
+                        default=0)
     staging = torch.empty(staging_bytes, dtype=torch.uint8, device=dev)
     outs: list[torch.Tensor] = []
     while (d := reader.next()) is not None:
         item, ioff, boff, n = d
         job = jobs[item]
+        spec = specs[item]
         if ioff == 0:
             _fault("allocate", job)
             outs = sink.outputs(job)
-        dst = staging if job.quantized else _bytes_view(outs[0])
+        src_n = n
         if n:
             _fault("copy", job)
-            dst[ioff : ioff + n].copy_(reader.view(boff, n))
+            if spec is not None:
+                dsts, parts, src_n = _host_quantized(job, spec, outs, ioff, n)
+                for out, (o, m) in zip(dsts, parts, strict=True):
+                    out.copy_(reader.view(boff + o, m))
+            else:
+                dst = staging if job.quantized else _bytes_view(outs[0])
+                dst[ioff : ioff + n].copy_(reader.view(boff, n))
             reader.release(boff, n)
-            bar.update(n)
-        if ioff + n < job.nbytes:
+            bar.update(src_n)
+        if ioff + src_n < job.nbytes:
             continue
         if job.quantized:
-            _quantize(job, staging, outs, rounding, plan)
+            if spec is None:
+                _quantize(job, staging, outs, rounding, plan)
+            else:
+                _fault("quantize", job)
             flags.append((job, (~torch.isfinite(outs[1])).any()))
         _fault("yield", job)
         yield job, outs

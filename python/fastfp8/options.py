@@ -18,6 +18,7 @@ from .units import parse_bytes
 
 ROUNDINGS = ("auto", "eager", "fp32")
 METHODS = ("mmap", "pread")
+QUANTIZE_ON = ("auto", "host", "device")
 LAYOUTS = ("auto", "names")
 
 
@@ -43,6 +44,10 @@ class LoadOptions:
     threads: int | None = None
     method: str = "mmap"
     rounding: str = "auto"
+    #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
+    #: the bus, half the bytes), ``"device"`` (the GPU kernel, after the copy), ``"auto"``
+    #: (the host for every weight it can take; see :func:`fastfp8.engine.host_quant_spec`)
+    quantize_on: str = "auto"
     allow_non_finite: bool = False
     #: a progress bar on stderr (None: when stderr is a terminal)
     progress: bool | None = None
@@ -60,6 +65,7 @@ class LoadOptions:
         threads: int | None = None,
         method: str = "mmap",
         rounding: str = "auto",
+        quantize_on: str = "auto",
         allow_non_finite: bool = False,
         progress: bool | None = None,
     ) -> LoadOptions:
@@ -83,6 +89,7 @@ class LoadOptions:
         _check_choice("layout", layout, LAYOUTS)
         _check_choice("method", method, METHODS)
         _check_choice("rounding", rounding, ROUNDINGS)
+        _check_choice("quantize_on", quantize_on, QUANTIZE_ON)
         if progress is not None:
             _check_bool("progress", progress)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
@@ -96,7 +103,8 @@ class LoadOptions:
         chunk = max(1, min(chunk, budget // 4))
         return cls(ignore=ignore, default_ignore=default_ignore, layout=layout, memory_budget=budget,
                    chunk_bytes=chunk, piece_bytes=_positive_bytes("piece_bytes", piece_bytes), threads=threads,
-                   method=method, rounding=rounding, allow_non_finite=allow_non_finite, progress=progress)
+                   method=method, rounding=rounding, quantize_on=quantize_on, allow_non_finite=allow_non_finite,
+                   progress=progress)
 
     @classmethod
     def from_mapping(cls, extra: dict[str, Any] | None, *, where: str = "options") -> LoadOptions:

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod header;
 pub mod plan;
+pub mod quant;
 pub mod reader;
 pub mod ring;
 pub mod shard;

@@ -2,6 +2,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::quant::QuantSpec;
 
 /// A contiguous byte range of one shard, at an absolute file offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,9 @@ pub struct ReadItem {
     /// The tensor's name, for errors and for the consumer.
     pub name: String,
     pub segments: Vec<Segment>,
+    /// Quantize the rows on the way: the consumer receives e4m3 bytes and scales
+    /// (see [`crate::reader::Delivery`]). Every segment must hold whole rows.
+    pub quant: Option<QuantSpec>,
 }
 
 impl ReadItem {
@@ -40,6 +44,7 @@ pub fn whole_tensor(ckpt: &Checkpoint, name: &str) -> Result<ReadItem> {
             offset: ckpt.file_offset(r),
             len: info.nbytes(),
         }],
+        quant: None,
     })
 }
 
@@ -63,6 +68,7 @@ pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result
             offset: ckpt.file_offset(r) + start * row_bytes,
             len: (stop - start) * row_bytes,
         }],
+        quant: None,
     })
 }
 
@@ -85,6 +91,16 @@ pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
                     s.len,
                     shard.path.display()
                 )));
+            }
+            if let Some(q) = item.quant {
+                if s.len % q.row_bytes() != 0 {
+                    return Err(Error::Invalid(format!(
+                        "{}: a range of {} bytes is not whole rows of {} bytes: it cannot be quantized on the way",
+                        item.name,
+                        s.len,
+                        q.row_bytes()
+                    )));
+                }
             }
         }
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::plan::{validate, ReadItem};
+use crate::quant::quantize_rows;
 use crate::ring::Ring;
 use crate::shard::ReadMethod;
 
@@ -86,12 +87,18 @@ impl DestBuffer {
 
 /// A chunk ready for the consumer: bytes `[item_offset, item_offset + len)` of item `item`
 /// are at `[buf_offset, buf_offset + len)` of the buffer until released.
+///
+/// For an item quantized on the way ([`ReadItem::quant`]), the chunk is the whole rows at
+/// source bytes `[item_offset, item_offset + src_len)`: their e4m3 bytes (`rows * cols`),
+/// then their scales (`rows` values of the source dtype), `len` bytes in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     pub item: usize,
     pub item_offset: u64,
     pub buf_offset: u64,
     pub len: u64,
+    /// Source bytes the chunk covers (`len` unless the item is quantized).
+    pub src_len: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +120,12 @@ pub struct Stats {
 #[derive(Debug, Clone, Copy)]
 struct ChunkPlan {
     item: usize,
+    /// in source bytes
     item_offset: u64,
+    /// bytes of the buffer it takes
     len: u64,
+    /// source bytes it covers
+    src_len: u64,
 }
 
 /// One thread's unit of work: file ranges of one shard copied, back to back, to `dst`.
@@ -127,12 +138,21 @@ struct Piece {
     shard: usize,
     /// (file offset, length), in file order
     spans: Vec<(u64, u64)>,
+    /// where the bytes go (the e4m3 bytes, for a quantized item)
     dst: u64,
+    /// source bytes
     len: u64,
+    /// where the scales go, for a quantized item
+    scale_dst: Option<u64>,
 }
 
 /// The largest gap between two ranges of one piece: past it they are separate pieces.
 const MAX_GAP: u64 = 1 << 20;
+
+/// The most source bytes of one piece of a quantized item (at least one row): the thread
+/// reads them into its own scratch buffer, which stays in its core's cache, and quantizes
+/// from there.
+const QUANT_PIECE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug)]
 struct State {
@@ -198,26 +218,41 @@ impl Reader {
         let mut chunks = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let len = item.len();
-            if chunk_bytes.is_none() && len > budget {
+            // source bytes per unit, and buffer bytes per unit (a unit: a byte, or a row)
+            let (unit, out_unit) = match item.quant {
+                Some(q) => (q.row_bytes(), q.out_row_bytes()),
+                None => (1, 1),
+            };
+            let units = len / unit;
+            let over = match chunk_bytes {
+                None => units * out_unit > budget,
+                Some(_) => out_unit > budget && units > 0,
+            };
+            if over {
                 let seg = item.segments[0];
                 return Err(Error::TensorOverBudget {
                     path: ckpt.shards[seg.shard].path.clone(),
                     tensor: item.name.clone(),
-                    needed: len,
+                    needed: if chunk_bytes.is_none() {
+                        units * out_unit
+                    } else {
+                        out_unit
+                    },
                     budget,
                 });
             }
-            let step = chunk_bytes.unwrap_or(len).max(1);
-            let mut off = 0;
+            let step = chunk_bytes.map_or(units, |c| (c / out_unit).max(1)).max(1);
+            let mut at = 0;
             loop {
-                let l = step.min(len - off);
+                let n = step.min(units - at);
                 chunks.push(ChunkPlan {
                     item: i,
-                    item_offset: off,
-                    len: l,
+                    item_offset: at * unit,
+                    len: n * out_unit,
+                    src_len: n * unit,
                 });
-                off += l;
-                if off >= len {
+                at += n;
+                if at >= units {
                     break;
                 }
             }
@@ -309,6 +344,7 @@ impl Reader {
                     item_offset: plan.item_offset,
                     buf_offset: st.buf_at[c],
                     len: plan.len,
+                    src_len: plan.src_len,
                 }));
             }
             sh.fill(&mut st);
@@ -454,11 +490,20 @@ impl Shared {
             st.buf_at[c] = at;
             st.next_alloc += 1;
             let mut n = 0u32;
+            let item = &self.items[plan.item];
             let mut skip = plan.item_offset;
-            let mut todo = plan.len;
+            let mut todo = plan.src_len;
             let mut dst = at;
             let mut cur: Option<Piece> = None;
-            for seg in &self.items[plan.item].segments {
+            // a quantized item: pieces of whole rows, e4m3 bytes then scales
+            let quant = item.quant.map(|q| {
+                let rows = plan.src_len / q.row_bytes();
+                let piece_rows =
+                    (self.cfg.piece_bytes.min(QUANT_PIECE_BYTES) / q.row_bytes()).max(1);
+                (q, at + rows * q.cols, piece_rows * q.row_bytes())
+            });
+            let mut scale_at = quant.map_or(0, |(_, s, _)| s);
+            for seg in &item.segments {
                 if todo == 0 {
                     break;
                 }
@@ -470,6 +515,25 @@ impl Shared {
                 let mut left = (seg.len - skip).min(todo);
                 skip = 0;
                 while left > 0 {
+                    if let Some((q, _, piece_src)) = quant {
+                        let l = left.min(piece_src);
+                        let rows = l / q.row_bytes();
+                        st.queue.push_back(Piece {
+                            chunk: c,
+                            shard: seg.shard,
+                            spans: vec![(off, l)],
+                            dst,
+                            len: l,
+                            scale_dst: Some(scale_at),
+                        });
+                        n += 1;
+                        off += l;
+                        dst += rows * q.cols;
+                        scale_at += rows * q.elem_bytes();
+                        left -= l;
+                        todo -= l;
+                        continue;
+                    }
                     let l = left.min(self.cfg.piece_bytes);
                     let joins = cur.as_ref().is_some_and(|p| {
                         let (o, len) = *p.spans.last().expect("a piece has a span");
@@ -493,6 +557,7 @@ impl Shared {
                             spans: vec![(off, l)],
                             dst,
                             len: l,
+                            scale_dst: None,
                         });
                     }
                     off += l;
@@ -510,6 +575,7 @@ impl Shared {
     }
 
     fn work(&self) {
+        let mut scratch: Vec<u8> = Vec::new();
         let mut st = self.lock();
         loop {
             if st.stopped {
@@ -524,18 +590,49 @@ impl Shared {
             };
             drop(st);
             let item = &self.items[self.chunks[p.chunk].item];
-            // SAFETY: [p.dst, p.dst + p.len) lies inside a ring region reserved for this
-            // chunk alone (the ring never overlaps live regions and pieces of a chunk are
-            // disjoint), and the buffer outlives the threads (DestBuffer::new's contract;
-            // Drop joins them).
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(self.buf.ptr.add(p.dst as usize), p.len as usize)
-            };
             let shard = &self.ckpt.shards[p.shard];
-            let res = if let [(offset, _)] = p.spans[..] {
-                shard.read_into(offset, dst, self.cfg.method, &item.name)
-            } else {
-                shard.read_spans_into(&p.spans, dst, self.cfg.method, &item.name)
+            let res = match (item.quant, p.scale_dst) {
+                (Some(q), Some(scale_dst)) => {
+                    let rows = p.len / q.row_bytes();
+                    // SAFETY: [p.dst, p.dst + rows * cols) and [scale_dst, scale_dst + rows *
+                    // elem) lie inside the ring region reserved for this chunk alone, disjoint
+                    // from every other piece's (fill lays pieces out back to back), and the
+                    // buffer outlives the threads (DestBuffer::new's contract; Drop joins them).
+                    let (qdst, sdst) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(
+                                self.buf.ptr.add(p.dst as usize),
+                                (rows * q.cols) as usize,
+                            ),
+                            std::slice::from_raw_parts_mut(
+                                self.buf.ptr.add(scale_dst as usize),
+                                (rows * q.elem_bytes()) as usize,
+                            ),
+                        )
+                    };
+                    scratch.resize(p.len as usize, 0);
+                    let (offset, _) = p.spans[0];
+                    shard
+                        .read_into(offset, &mut scratch, self.cfg.method, &item.name)
+                        .map(|()| quantize_rows(&q, &scratch, qdst, sdst))
+                }
+                _ => {
+                    // SAFETY: [p.dst, p.dst + p.len) lies inside a ring region reserved for
+                    // this chunk alone (the ring never overlaps live regions and pieces of a
+                    // chunk are disjoint), and the buffer outlives the threads
+                    // (DestBuffer::new's contract; Drop joins them).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            self.buf.ptr.add(p.dst as usize),
+                            p.len as usize,
+                        )
+                    };
+                    if let [(offset, _)] = p.spans[..] {
+                        shard.read_into(offset, dst, self.cfg.method, &item.name)
+                    } else {
+                        shard.read_spans_into(&p.spans, dst, self.cfg.method, &item.name)
+                    }
+                }
             };
             st = self.lock();
             match res {

@@ -1117,6 +1117,7 @@ proptest! {
                     // bias towards in-range segments
                     .map(|&(shard, off, len)| Segment { shard, offset: off % (size + 2), len: len % 50 })
                     .collect(),
+                quant: None,
             })
             .collect();
         let mut buf = vec![0u8; budget as usize];

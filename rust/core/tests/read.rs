@@ -309,6 +309,7 @@ fn strided_ranges_read_as_the_slice() {
             let item = ReadItem {
                 name: "w".into(),
                 segments: segments.clone(),
+                quant: None,
             };
             let budget = 64 << 10;
             let mut buf = vec![0u8; budget];

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fastfp8_core::plan::{ReadItem, Segment};
+use fastfp8_core::quant::{quantize_rows as quantize_rows_core, QuantSpec, Rounding};
 use fastfp8_core::reader::{default_threads, DestBuffer, Next, Reader, ReaderConfig};
-use fastfp8_core::{Checkpoint, Error, ErrorKind, ReadMethod};
+use fastfp8_core::{Checkpoint, Dtype, Error, ErrorKind, ReadMethod};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyType};
+use pyo3::types::{PyBytes, PyDict, PyType};
 
 /// How long one wait for the next chunk lasts before Python checks for signals (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -222,7 +223,30 @@ enum SegSpec {
     Strided(usize, u64, u64, u64, u64),
 }
 
-type ItemSpec = (String, Vec<SegSpec>);
+/// An item as Python passes it: `(name, segments)`, or `(name, segments, (dtype, cols,
+/// rounding))` to quantize its rows on the way (dtype "BF16", "F16" or "F32"; rounding
+/// "fp32" or "eager").
+#[derive(FromPyObject)]
+enum ItemSpec {
+    Plain(String, Vec<SegSpec>),
+    Quant(String, Vec<SegSpec>, (String, u64, String)),
+}
+
+fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
+    let d: Dtype = dtype
+        .parse()
+        .map_err(|()| PyValueError::new_err(format!("unknown dtype {dtype:?}")))?;
+    let r = match rounding {
+        "fp32" => Rounding::Fp32,
+        "eager" => Rounding::Eager,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "rounding must be 'fp32' or 'eager', not {other:?}"
+            )))
+        }
+    };
+    QuantSpec::new(d, cols, r).map_err(|e| PyValueError::new_err(e.to_string()))
+}
 
 #[pymethods]
 impl PyReader {
@@ -244,7 +268,19 @@ impl PyReader {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
         }
-        for (name, segs) in &items {
+        let mut parsed = Vec::with_capacity(items.len());
+        for item in items {
+            let (name, segs, quant) = match item {
+                ItemSpec::Plain(name, segs) => (name, segs, None),
+                ItemSpec::Quant(name, segs, (dtype, cols, rounding)) => {
+                    let q = quant_spec(&dtype, cols, &rounding)
+                        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+                    (name, segs, Some(q))
+                }
+            };
+            parsed.push((name, segs, quant));
+        }
+        for (name, segs, _) in &parsed {
             for seg in segs {
                 if let SegSpec::Strided(_, _, len, count, _) = seg {
                     // every range is checked against its shard once expanded; bound the
@@ -257,9 +293,9 @@ impl PyReader {
                 }
             }
         }
-        let items = items
+        let items = parsed
             .into_iter()
-            .map(|(name, segs)| ReadItem {
+            .map(|(name, segs, quant)| ReadItem {
                 name,
                 segments: segs
                     .into_iter()
@@ -277,6 +313,7 @@ impl PyReader {
                         })
                     })
                     .collect(),
+                quant,
             })
             .collect();
         let cfg = ReaderConfig {
@@ -383,6 +420,32 @@ impl PyReader {
 }
 
 /// The default number of reader threads on this machine.
+/// Quantizes whole rows of `src` (little-endian `dtype`) as the reader does on the way:
+/// returns `(e4m3 bytes, scales)`. For tests and benchmarks; runs without the GIL.
+#[pyfunction]
+#[pyo3(signature = (src, dtype, cols, rounding="fp32"))]
+fn quantize_rows<'py>(
+    py: Python<'py>,
+    src: &[u8],
+    dtype: &str,
+    cols: u64,
+    rounding: &str,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let spec = quant_spec(dtype, cols, rounding)?;
+    if src.len() as u64 % spec.row_bytes() != 0 {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes are not whole rows of {} bytes",
+            src.len(),
+            spec.row_bytes()
+        )));
+    }
+    let rows = src.len() as u64 / spec.row_bytes();
+    let mut q = vec![0u8; (rows * spec.cols) as usize];
+    let mut s = vec![0u8; (rows * spec.elem_bytes()) as usize];
+    py.detach(|| quantize_rows_core(&spec, src, &mut q, &mut s));
+    Ok((PyBytes::new(py, &q), PyBytes::new(py, &s)))
+}
+
 #[pyfunction]
 fn default_thread_count() -> usize {
     default_threads()
@@ -396,6 +459,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTensorEntry>()?;
     m.add_class::<PyReaderStats>()?;
     m.add_function(wrap_pyfunction!(default_thread_count, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(error_classes, m)?)?;
     m.add("MAX_HEADER_LEN", fastfp8_core::header::MAX_HEADER_LEN)?;
     Ok(())

@@ -1,0 +1,376 @@
+//! FP8 (e4m3) per-output-channel quantization on the host, byte for byte what the GPU
+//! kernel (and compressed-tensors) write.
+//!
+//! Per row `x` of a weight of dtype `D` (bf16, fp16 or fp32):
+//! 1. `amax = max |x|` (exact in `D`);
+//! 2. `scale = RN_D(f32(amax) / 448)`; a zero scale becomes `eps(D)`;
+//! 3. `q = x / scale` divided in fp32 and rounded once ([`Rounding::Fp32`], what
+//!    compressed-tensors' Triton path does on sm90+ GPUs) or, for [`Rounding::Eager`] (its
+//!    torch path), the fp32 quotient rounded to `D` first; `q + 0.0` (its zero point: `-0`
+//!    becomes `+0`); clamped to `[-448, 448]`; rounded to nearest even e4m3.
+//!
+//! A row holding NaN or Inf gets a NaN scale and NaN bytes (`0x7F`): the caller reports it
+//! as a non-finite weight (the GPU path gives such rows a NaN or Inf scale, which the
+//! engine reports the same way).
+//!
+//! The loops are plain Rust; the compiler vectorizes them for the widest instruction set
+//! the CPU has (chosen at run time).
+
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// Largest finite e4m3 value.
+pub const FP8_MAX: f32 = 448.0;
+/// The e4m3 byte of a NaN row.
+const FP8_NAN: u8 = 0x7F;
+
+/// How the quotient is rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Divide in fp32, round once to e4m3.
+    Fp32,
+    /// Divide in fp32, round to the weight's dtype, then to e4m3 (division "in `D`").
+    Eager,
+}
+
+/// How to quantize the rows of one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantSpec {
+    pub dtype: Dtype,
+    /// Elements per row (the input dimension).
+    pub cols: u64,
+    pub rounding: Rounding,
+}
+
+impl QuantSpec {
+    pub fn new(dtype: Dtype, cols: u64, rounding: Rounding) -> Result<QuantSpec> {
+        if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+            return Err(Error::Invalid(format!(
+                "host quantization takes BF16, F16 or F32 rows, not {dtype}"
+            )));
+        }
+        if cols == 0 {
+            return Err(Error::Invalid(
+                "host quantization needs rows of at least one element".into(),
+            ));
+        }
+        Ok(QuantSpec {
+            dtype,
+            cols,
+            rounding,
+        })
+    }
+
+    /// Bytes of one element (and of one scale).
+    pub fn elem_bytes(&self) -> u64 {
+        self.dtype.bits() / 8
+    }
+
+    /// Bytes of one source row.
+    pub fn row_bytes(&self) -> u64 {
+        self.cols * self.elem_bytes()
+    }
+
+    /// Bytes one quantized row takes: its e4m3 bytes and its scale.
+    pub fn out_row_bytes(&self) -> u64 {
+        self.cols + self.elem_bytes()
+    }
+}
+
+/// Quantizes the whole rows in `src` (little-endian, `spec.dtype`) into `q` (one byte per
+/// element) and `scales` (one `spec.dtype` value per row).
+///
+/// # Panics
+/// If `src` is not whole rows or the outputs do not match it.
+pub fn quantize_rows(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    let rb = spec.row_bytes() as usize;
+    assert!(src.len() % rb == 0, "host quantization: a partial row");
+    let rows = src.len() / rb;
+    assert_eq!(
+        q.len(),
+        rows * spec.cols as usize,
+        "host quantization: e4m3 buffer size"
+    );
+    assert_eq!(
+        scales.len(),
+        rows * spec.elem_bytes() as usize,
+        "host quantization: scale buffer size"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { rows_avx512(spec, src, q, scales) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: as above.
+            unsafe { rows_avx2(spec, src, q, scales) };
+            return;
+        }
+    }
+    rows_generic(spec, src, q, scales);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn rows_avx512(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    rows_generic(spec, src, q, scales)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn rows_avx2(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    rows_generic(spec, src, q, scales)
+}
+
+#[inline(always)]
+fn rows_generic(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    let cols = spec.cols as usize;
+    let eb = spec.elem_bytes() as usize;
+    let eager = spec.rounding == Rounding::Eager;
+    let mut row_f32: Vec<f32> = Vec::new();
+    for (r, (row, qrow)) in src
+        .chunks_exact(cols * eb)
+        .zip(q.chunks_exact_mut(cols))
+        .enumerate()
+    {
+        let scale = &mut scales[r * eb..(r + 1) * eb];
+        match spec.dtype {
+            Dtype::BF16 => {
+                let s = bf16_row(row, qrow, eager);
+                scale.copy_from_slice(&s.to_le_bytes());
+            }
+            Dtype::F16 => {
+                let s = f16_row(row, qrow, eager, &mut row_f32);
+                scale.copy_from_slice(&s.to_le_bytes());
+            }
+            _ => {
+                let s = f32_row(row, qrow);
+                scale.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Round to nearest even bf16 (finite inputs).
+#[inline(always)]
+fn round_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+fn bf16_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// e4m3 of a finite `v`, after the zero point and the clamp.
+#[inline(always)]
+fn e4m3(v: f32) -> u8 {
+    let v = (v + 0.0).clamp(-FP8_MAX, FP8_MAX);
+    let bits = v.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let a = bits & 0x7FFF_FFFF;
+    // normal (|v| >= 2^-6): round the fp32 significand to 3 bits, nearest even, and rebias
+    // the exponent (127 -> 7); a carry moves into the exponent, which is right.
+    let normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20).wrapping_sub(120 << 3);
+    // subnormal: |v| / 2^-9 rounded to an integer (nearest even) is the byte itself; 8
+    // (2^-6) is the smallest normal's byte.
+    let sub = (f32::from_bits(a) * 512.0 + 8_388_608.0).to_bits() & 0x7F_FFFF;
+    let mag = if a >= 0x3C80_0000 { normal } else { sub };
+    sign | mag as u8
+}
+
+#[inline(always)]
+fn bf16_row(row: &[u8], q: &mut [u8], eager: bool) -> u16 {
+    let mut m: u16 = 0;
+    for b in row.chunks_exact(2) {
+        m = m.max(u16::from_le_bytes([b[0], b[1]]) & 0x7FFF);
+    }
+    if m >= 0x7F80 {
+        q.fill(FP8_NAN);
+        return 0x7FC0;
+    }
+    let mut s = round_bf16(bf16_f32(m) / FP8_MAX);
+    if s == 0 {
+        s = 0x3C00; // 2^-7, bf16's eps
+    }
+    let sf = bf16_f32(s);
+    for (o, b) in q.iter_mut().zip(row.chunks_exact(2)) {
+        let x = bf16_f32(u16::from_le_bytes([b[0], b[1]]));
+        let mut v = x / sf;
+        if eager {
+            v = bf16_f32(round_bf16(v));
+        }
+        *o = e4m3(v);
+    }
+    s
+}
+
+#[inline(always)]
+fn f16_row(row: &[u8], q: &mut [u8], eager: bool, xs: &mut Vec<f32>) -> u16 {
+    let bits: Vec<u16> = row
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let m = bits.iter().fold(0u16, |m, &b| m.max(b & 0x7FFF));
+    if m >= 0x7C00 {
+        q.fill(FP8_NAN);
+        return 0x7E00;
+    }
+    let mut s = f16::from_f32(f16::from_bits(m).to_f32() / FP8_MAX);
+    if s.to_bits() == 0 {
+        s = f16::EPSILON;
+    }
+    let sf = s.to_f32();
+    let halves: &[f16] = bits.as_slice().reinterpret_cast();
+    xs.resize(halves.len(), 0.0);
+    halves.convert_to_f32_slice(xs);
+    for v in xs.iter_mut() {
+        *v /= sf;
+    }
+    if eager {
+        let mut h = vec![f16::ZERO; xs.len()];
+        h.convert_from_f32_slice(xs);
+        h.convert_to_f32_slice(xs);
+    }
+    for (o, &v) in q.iter_mut().zip(xs.iter()) {
+        *o = e4m3(v);
+    }
+    s.to_bits()
+}
+
+#[inline(always)]
+fn f32_row(row: &[u8], q: &mut [u8]) -> f32 {
+    let mut m: u32 = 0;
+    for b in row.chunks_exact(4) {
+        m = m.max(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF);
+    }
+    if m >= 0x7F80_0000 {
+        q.fill(FP8_NAN);
+        return f32::NAN;
+    }
+    let mut s = f32::from_bits(m) / FP8_MAX;
+    if s == 0.0 {
+        s = f32::EPSILON;
+    }
+    for (o, b) in q.iter_mut().zip(row.chunks_exact(4)) {
+        *o = e4m3(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) / s);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of an e4m3fn byte (NaN for 0x7F/0xFF).
+    fn e4m3_value(b: u8) -> f64 {
+        let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((b >> 3) & 0xF) as i32;
+        let m = (b & 7) as f64;
+        if e == 15 && m == 7.0 {
+            return f64::NAN;
+        }
+        sign * if e == 0 {
+            m / 8.0 * 2f64.powi(-6)
+        } else {
+            (1.0 + m / 8.0) * 2f64.powi(e - 7)
+        }
+    }
+
+    /// Nearest e4m3 by search; ties to the even byte (the one with an even significand).
+    fn e4m3_slow(v: f32) -> u8 {
+        let v = (v as f64).clamp(-448.0, 448.0);
+        let mut best = 0u8;
+        let mut best_d = f64::INFINITY;
+        for b in 0u8..=0xFE {
+            let x = e4m3_value(b);
+            if x.is_nan() || (x == 0.0 && b == 0x80) {
+                continue;
+            }
+            let d = (x - v).abs();
+            if d < best_d || (d == best_d && b & 1 == 0) {
+                best = b;
+                best_d = d;
+            }
+        }
+        if best == 0 && v.is_sign_negative() && v != 0.0 {
+            0x80
+        } else {
+            best
+        }
+    }
+
+    #[test]
+    fn e4m3_matches_a_search_for_every_bf16_quotient() {
+        for bits in 0u16..=0xFFFF {
+            let v = bf16_f32(bits);
+            if !v.is_finite() {
+                continue;
+            }
+            assert_eq!(e4m3(v), e4m3_slow(v), "bf16 bits {bits:#06x} = {v}");
+        }
+        for v in [
+            0.0f32,
+            -0.0,
+            448.0,
+            -448.0,
+            1e30,
+            -1e30,
+            464.0,
+            2f32.powi(-10),
+            2f32.powi(-10) * 1.000001,
+        ] {
+            assert_eq!(e4m3(v), e4m3_slow(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn bf16_rows_match_the_scalar_math() {
+        let spec = QuantSpec::new(Dtype::BF16, 4, Rounding::Fp32).unwrap();
+        let row: [f32; 4] = [1.0, -2.0, 0.5, 0.0];
+        let src: Vec<u8> = row
+            .iter()
+            .flat_map(|&v| round_bf16(v).to_le_bytes())
+            .collect();
+        let mut q = [0u8; 4];
+        let mut s = [0u8; 2];
+        quantize_rows(&spec, &src, &mut q, &mut s);
+        let scale = bf16_f32(u16::from_le_bytes(s));
+        assert_eq!(u16::from_le_bytes(s), round_bf16(2.0 / 448.0));
+        for (i, &v) in row.iter().enumerate() {
+            assert_eq!(q[i], e4m3_slow(v / scale));
+        }
+    }
+
+    #[test]
+    fn zero_and_non_finite_rows() {
+        let spec = QuantSpec::new(Dtype::BF16, 3, Rounding::Fp32).unwrap();
+        let mut src = vec![0u8; 6];
+        src.extend_from_slice(&[0x80, 0x7F, 0, 0, 0, 0]); // +inf
+        let mut q = [1u8; 6];
+        let mut s = [0u8; 4];
+        quantize_rows(&spec, &src, &mut q, &mut s);
+        assert_eq!(&q[..3], &[0, 0, 0]);
+        assert_eq!(u16::from_le_bytes([s[0], s[1]]), 0x3C00);
+        assert_eq!(&q[3..], &[FP8_NAN; 3]);
+        assert!(bf16_f32(u16::from_le_bytes([s[2], s[3]])).is_nan());
+    }
+
+    #[test]
+    fn specs_are_checked() {
+        assert!(QuantSpec::new(Dtype::I8, 4, Rounding::Fp32).is_err());
+        assert!(QuantSpec::new(Dtype::BF16, 0, Rounding::Fp32).is_err());
+        let s = QuantSpec::new(Dtype::F32, 10, Rounding::Eager).unwrap();
+        assert_eq!((s.row_bytes(), s.out_row_bytes()), (40, 14));
+    }
+}

@@ -1,0 +1,204 @@
+"""Quantization on the host (the reader threads, ``quantize_on="host"``): every byte and
+scale equal to the torch reference for the same rounding, on every bf16 and fp16 bit
+pattern against a set of scales, on fp32 edge values, zero rows and non-finite rows; and
+whole loads equal byte for byte to the device path."""
+
+from __future__ import annotations
+
+import json
+
+import fastfp8
+import pytest
+import torch
+from fastfp8 import _native
+from fastfp8.quant.reference import quantize_channelwise_reference
+from safetensors.torch import save_file
+
+FP8 = torch.float8_e4m3fn
+ROUNDINGS = ["fp32", "eager"]
+NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def host(w: torch.Tensor, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.contiguous()
+    q, s = _native.quantize_rows(w.view(torch.uint8).numpy().tobytes(), NAMES[w.dtype], w.shape[-1], rounding)
+    q = torch.frombuffer(bytearray(q), dtype=torch.uint8).view(w.shape)
+    s = torch.frombuffer(bytearray(s), dtype=torch.uint8).view(w.dtype).view(w.shape[0], 1)
+    return q, s
+
+
+def check(w: torch.Tensor, rounding: str) -> None:
+    q, s = host(w, rounding)
+    rq, rs = quantize_channelwise_reference(w, rounding=rounding)
+    assert torch.equal(s.view(torch.uint8), rs.view(torch.uint8)), "scales differ"
+    bad = (q != rq.view(torch.uint8)).nonzero()
+    if len(bad):
+        r, c = bad[0].tolist()
+        ref = rq.view(torch.uint8)[r, c].item()
+        raise AssertionError(f"{len(bad)} bytes differ; first at row {r} col {c}: x={w[r, c].item()!r} "
+                             f"scale={s[r, 0].item()!r} host={q[r, c].item():#04x} ref={ref:#04x}")
+
+
+def all_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of a 16-bit dtype."""
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return x[torch.isfinite(x)]
+
+
+def rows_at(x: torch.Tensor, amaxes: list[float]) -> torch.Tensor:
+    """One row per amax: every value of ``x`` within it (the rest zeroed), and the amax."""
+    rows = []
+    for a in amaxes:
+        a_t = torch.tensor(a, dtype=x.dtype)
+        r = torch.where(x.abs() <= a_t, x, torch.zeros((), dtype=x.dtype))
+        r[0] = a_t
+        rows.append(r)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_pattern_against_a_set_of_scales(dtype, rounding):
+    x = all_patterns(dtype)
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal
+    amaxes = [big, 65504.0 if dtype == torch.float16 else 3e38, 1e4, 448.0, 100.0, 3.0, 1.0, 0.7, 0.01, 1e-3,
+              tiny * 1000, tiny, tiny / 8]
+    check(rows_at(x, [a for a in amaxes if a <= big]), rounding)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_every_bf16_pattern_as_its_own_rows_amax(rounding):
+    # each bf16 value v sits in a row [v, 1.5 v, ...]: the quotients near every e4m3 boundary
+    x = all_patterns(torch.bfloat16)
+    x = x[(x != 0) & (x.abs() < 1e38)]
+    w = torch.stack([x, x * 1.5, -x * 0.75, x / 3, x * 0.001, x * 0.333], dim=1).to(torch.bfloat16)
+    check(w, rounding)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 4096), (17, 1000), (5, 14336)])
+def test_random_rows(dtype, shape, rounding):
+    gen = torch.Generator().manual_seed(hash((str(dtype), shape, rounding)) % 2**31)
+    w = (torch.randn(shape, generator=gen) * torch.logspace(-6, 3, shape[0])[:, None]).to(dtype)
+    check(w, rounding)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_fp32_edges_and_zero_rows(rounding):
+    f = torch.finfo(torch.float32)
+    rows = torch.tensor([
+        [0.0, -0.0, 0.0, 0.0],
+        [f.tiny, -f.tiny / 4, 1e-45, 0.0],  # subnormals: the scale underflows to eps
+        [f.max, -f.max / 3, 1.0, -0.0],
+        [448.0, 447.9, -0.001, 2.0 ** -9],
+        [1.0, 1.0 + 2 ** -23, 1.0625, -1.0625],
+    ], dtype=torch.float32)
+    check(rows, rounding)
+    check(rows.clamp(-3e38, 3e38).to(torch.bfloat16), rounding)
+    check(torch.zeros(3, 5, dtype=torch.bfloat16), rounding)
+
+
+def test_non_finite_rows_get_a_nan_scale():
+    w = torch.tensor([[1.0, float("nan")], [float("inf"), 1.0], [1.0, 2.0]], dtype=torch.bfloat16)
+    q, s = host(w, "fp32")
+    assert torch.isnan(s[:2]).all() and torch.isfinite(s[2]).all()
+    assert (q[:2] == 0x7F).all()
+
+
+def test_bad_specs_are_value_errors():
+    with pytest.raises(ValueError, match="whole rows"):
+        _native.quantize_rows(b"\0" * 6, "BF16", 2)
+    with pytest.raises(ValueError, match="I8"):
+        _native.quantize_rows(b"\0" * 4, "I8", 2)
+    with pytest.raises(ValueError, match="rounding"):
+        _native.quantize_rows(b"\0" * 4, "BF16", 2, "nearest")
+
+
+# ---------------------------------------------------------------------------------------
+# whole loads: the host path against the device path
+
+
+def llama(root, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h, inter, vocab = 128, 352, 96
+    t = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen),
+         "lm_head.weight": torch.randn(vocab, h, generator=gen), "model.norm.weight": torch.ones(h)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for n, shape in [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (64, h)), ("self_attn.v_proj", (64, h)),
+                         ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                         ("mlp.down_proj", (h, inter))]:
+            t[p + n + ".weight"] = torch.randn(shape, generator=gen) * (i + 1) * 0.02
+        t[p + "input_layernorm.weight"] = torch.ones(h)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    t = {k: v.to(dtype) for k, v in t.items()}
+    root.mkdir(exist_ok=True)
+    save_file(t, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": inter,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 2,
+        "vocab_size": vocab, "tie_word_embeddings": False}))
+    return t
+
+
+def same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+def load(path, device, **kw):
+    res = fastfp8.load_quantized(path, device=device, progress=False, **kw)
+    return dict(res), res.stats
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("budget", [None, ("64KiB", "8KiB"), ("1MiB", "1000")])
+def test_host_and_device_paths_give_the_same_bytes(tmp_path, device, dtype, budget):
+    llama(tmp_path / "m", dtype)
+    kw = {} if budget is None else {"memory_budget": budget[0], "chunk_bytes": budget[1]}
+    host_state, host_stats = load(tmp_path / "m", device, quantize_on="host", **kw)
+    dev_state, dev_stats = load(tmp_path / "m", device, quantize_on="device", **kw)
+    assert host_stats.host_quantized == host_stats.quantized == 14
+    assert dev_stats.host_quantized == 0
+    same_state(host_state, dev_state)
+    assert host_stats.bytes_read == dev_stats.bytes_read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rounding_follows_the_option(tmp_path, device):
+    llama(tmp_path / "m")
+    for rounding in ("eager", "fp32"):
+        a, _ = load(tmp_path / "m", device, quantize_on="host", rounding=rounding)
+        b, _ = load(tmp_path / "m", device, quantize_on="device", rounding=rounding)
+        same_state(a, b)
+
+
+def test_non_finite_weights_are_reported_by_the_host_path(tmp_path):
+    t = llama(tmp_path / "m")
+    w = t["model.layers.1.mlp.up_proj.weight"].clone()
+    w[3, 5] = float("nan")
+    t["model.layers.1.mlp.up_proj.weight"] = w
+    save_file(t, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(fastfp8.NonFiniteWeightError, match="up_proj"):
+        load(tmp_path / "m", "cpu", quantize_on="host")
+    _, stats = load(tmp_path / "m", "cpu", allow_non_finite=True)  # the device path's exact bytes
+    assert stats.host_quantized == 0 and stats.non_finite == ["model.layers.1.mlp.up_proj.weight"]
+
+
+def test_a_budget_smaller_than_one_quantized_row_is_a_budget_error(tmp_path):
+    llama(tmp_path / "m")
+    with pytest.raises(fastfp8.BudgetError):
+        load(tmp_path / "m", "cpu", quantize_on="host", memory_budget="200", chunk_bytes="100")
+
+
+def test_quantize_on_is_validated():
+    with pytest.raises(ValueError, match="quantize_on"):
+        fastfp8.LoadOptions.make(quantize_on="gpu")
