@@ -44,7 +44,7 @@ from fastfp8.pinned import POOL
 from safetensors.torch import save_file
 
 PKG = os.path.dirname(fastfp8.__file__)
-METHODS = ["pread", "mmap"]
+METHODS = ["pread", "mmap", "direct"]
 HERE = Path(__file__).parent
 
 

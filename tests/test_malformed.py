@@ -84,7 +84,7 @@ def test_truncated_copies_of_a_real_file(tmp_path):
             fastfp8.open_checkpoint(p)
 
 
-@pytest.mark.parametrize("method", ["mmap", "pread"])
+@pytest.mark.parametrize("method", ["mmap", "pread", "direct"])
 def test_file_truncated_after_open(tmp_path, method):
     path = tmp_path / "t.safetensors"
     tensors = {f"w{i}": torch.randn(256, 256) for i in range(8)}
@@ -98,7 +98,7 @@ def test_file_truncated_after_open(tmp_path, method):
         ckpt.get("w7")
 
 
-@pytest.mark.parametrize("method", ["mmap", "pread"])
+@pytest.mark.parametrize("method", ["mmap", "pread", "direct"])
 def test_file_rewritten_shorter_during_stream(tmp_path, method):
     path = tmp_path / "t.safetensors"
     save_file({f"w{i}": torch.randn(512, 512) for i in range(16)}, str(path))

@@ -177,8 +177,9 @@ class Checkpoint:
         raises :class:`SlotReleasedError` (``{n: t for n, t in ck.stream()}`` keeps tensors
         that raise when touched, never another tensor's bytes). Each tensor must fit the budget
         (:class:`BudgetError` names the first that does not). ``method`` is ``"mmap"``
-        (copies out of a file mapping, the default) or ``"pread"``; with either, a file
-        that shrinks meanwhile is a :class:`ReadError`, never a crash.
+        (copies out of a file mapping, the default), ``"pread"`` or ``"direct"``
+        (``O_DIRECT``); with any, a file that shrinks meanwhile is a :class:`ReadError`,
+        never a crash.
         """
         infos = self.file_order() if names is None else [self.info(n) for n in names]
         items = [(t.name, [(t.shard, t.begin, t.nbytes)]) for t in infos]

@@ -76,6 +76,8 @@ class LoadStats:
     chunk_bytes: int = 0
     peak_in_flight: int = 0
     threads: int = 0
+    #: the read method used (``"auto"`` resolved)
+    method: str = ""
     device: str = ""
     non_finite: list[str] = field(default_factory=list)
     #: seconds spent in each phase: "setup" (open, plan, allocate), "read_wait" (waiting
@@ -177,6 +179,26 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str) -> tuple[str,
     return dtype, cols, rounding
 
 
+#: reader threads of a direct (cold) read when ``threads`` is not set: each keeps one
+#: ``piece_bytes`` request in flight, so more threads make a deeper disk queue
+DIRECT_THREADS = 32
+#: ``method="auto"`` reads with ``O_DIRECT`` below this fraction of the data in the page cache
+DIRECT_BELOW_CACHED = 0.5
+
+
+def resolve_method(ckpt: Checkpoint, options: LoadOptions) -> tuple[str, int | None]:
+    """The read method and thread count for ``options`` on ``ckpt``: ``method="auto"`` is
+    ``"direct"`` when less than half of the checkpoint is in the page cache (sampled), else
+    ``"mmap"``; a direct read gets :data:`DIRECT_THREADS` threads unless ``threads`` is set."""
+    method = options.method
+    if method == "auto":
+        method = "direct" if ckpt._native.cached_fraction() < DIRECT_BELOW_CACHED else "mmap"
+    threads = options.threads
+    if method == "direct" and threads is None:
+        threads = DIRECT_THREADS
+    return method, threads
+
+
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
@@ -197,8 +219,9 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
     items = [(n, segs) if sp is None else (n, segs, sp) for (n, segs), sp in zip(plan.items, specs, strict=True)]
     bar = progress_bar(plan.nbytes, options.progress, desc)
+    stats.method, threads = resolve_method(ckpt, options)
     reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
-                         threads=options.threads, method=options.method, piece_bytes=options.piece_bytes,
+                         threads=threads, method=stats.method, piece_bytes=options.piece_bytes,
                          pin=device.type == "cuda")
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
     flags: list[tuple[Job, torch.Tensor]] = []

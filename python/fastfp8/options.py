@@ -17,7 +17,7 @@ from . import host
 from .units import parse_bytes
 
 ROUNDINGS = ("auto", "eager", "fp32")
-METHODS = ("mmap", "pread")
+METHODS = ("auto", "mmap", "pread", "direct")
 QUANTIZE_ON = ("auto", "host", "device")
 LAYOUTS = ("auto", "names")
 
@@ -42,7 +42,11 @@ class LoadOptions:
     piece_bytes: int = 4 << 20
     #: native reader threads (None: the machine's cores, at most 16)
     threads: int | None = None
-    method: str = "mmap"
+    #: how the reader reads: ``"mmap"`` (copies out of a mapping of the page cache),
+    #: ``"pread"``, ``"direct"`` (``O_DIRECT``, past the page cache, deep queues: cold
+    #: files), ``"auto"``: ``"direct"`` when most of the checkpoint is not in the page cache,
+    #: else ``"mmap"`` (:func:`fastfp8.engine.resolve_method`)
+    method: str = "auto"
     rounding: str = "auto"
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
     #: the bus, half the bytes), ``"device"`` (the GPU kernel, after the copy), ``"auto"``
@@ -63,7 +67,7 @@ class LoadOptions:
         chunk_bytes: int | str | None = None,
         piece_bytes: int | str = "4MiB",
         threads: int | None = None,
-        method: str = "mmap",
+        method: str = "auto",
         rounding: str = "auto",
         quantize_on: str = "auto",
         allow_non_finite: bool = False,

@@ -25,6 +25,70 @@ pub enum ReadMethod {
     /// error. The default.
     #[default]
     Mmap,
+    /// `O_DIRECT` reads of whole aligned blocks, copied out of a per-thread aligned buffer:
+    /// no page cache on the way, for files that are not cached (a cold load); many threads
+    /// keep the disk's queue deep. Where the file system refuses `O_DIRECT` (tmpfs), `pread`.
+    Direct,
+}
+
+/// Alignment of `O_DIRECT` offsets, lengths and buffers (the largest logical block size).
+const DIRECT_ALIGN: usize = 4096;
+/// The most bytes of one `O_DIRECT` read.
+const DIRECT_BLOCK: usize = 4 << 20;
+
+/// A per-thread buffer aligned for `O_DIRECT`.
+struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+impl AlignedBuf {
+    const fn empty() -> AlignedBuf {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+
+    /// At least `len` bytes (`len` > 0, a multiple of [`DIRECT_ALIGN`]).
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.cap < len {
+            self.free();
+            let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("a valid layout");
+            // SAFETY: the layout has a nonzero size.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            if ptr.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            self.ptr = ptr;
+            self.cap = len;
+        }
+        // SAFETY: `ptr` is a live allocation of `cap >= len` bytes owned by this buffer, and
+        // the returned borrow of `self` keeps anyone else from using it meanwhile. The bytes
+        // may be uninitialized for u8 purposes only until the read fills them; callers only
+        // read what the kernel wrote.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            let layout = std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN).expect("a valid layout");
+            // SAFETY: `ptr` was allocated by `get` with exactly this layout and is freed once.
+            unsafe { std::alloc::dealloc(self.ptr, layout) };
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+thread_local! {
+    static DIRECT_BUF: std::cell::RefCell<AlignedBuf> = const { std::cell::RefCell::new(AlignedBuf::empty()) };
 }
 
 /// Linux 5.14+: fault a range in with one call instead of a fault per page.
@@ -57,6 +121,8 @@ pub struct Shard {
     pub header: Header,
     file: File,
     map: OnceLock<std::result::Result<Mmap, String>>,
+    /// The same file opened with `O_DIRECT`, on first use (None: the file system refuses it).
+    direct: OnceLock<Option<File>>,
     /// Set once a copy out of the mapping faulted: the mapping now holds zero pages.
     poisoned: AtomicBool,
 }
@@ -85,6 +151,7 @@ impl Shard {
             header,
             file,
             map: OnceLock::new(),
+            direct: OnceLock::new(),
             poisoned: AtomicBool::new(false),
         })
     }
@@ -123,6 +190,7 @@ impl Shard {
     ) -> Result<()> {
         match method {
             ReadMethod::Pread => self.pread(offset, dst, tensor),
+            ReadMethod::Direct => self.direct_read(offset, dst, tensor),
             ReadMethod::Mmap => {
                 self.check_unchanged()?;
                 let map = self.map()?;
@@ -170,10 +238,10 @@ impl Shard {
         let (Some(first), Some(last)) = (spans.first(), spans.last()) else {
             return Ok(());
         };
-        if method == ReadMethod::Pread {
+        if method != ReadMethod::Mmap {
             let mut at = 0usize;
             for &(offset, len) in spans {
-                self.pread(offset, &mut dst[at..at + len as usize], tensor)?;
+                self.read_into(offset, &mut dst[at..at + len as usize], method, tensor)?;
                 at += len as usize;
             }
             return Ok(());
@@ -209,6 +277,108 @@ impl Shard {
             expected_size: self.size,
             actual_size: actual,
         })
+    }
+
+    /// The file opened again with `O_DIRECT`, or None where that fails.
+    fn direct_file(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT | libc::O_NONBLOCK)
+                    .open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file)))
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// `O_DIRECT` reads of the aligned blocks covering `[offset, offset + dst.len())`
+    /// through this thread's aligned buffer; `pread` where `O_DIRECT` is refused.
+    fn direct_read(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
+        let Some(file) = self.direct_file() else {
+            return self.pread(offset, dst, tensor);
+        };
+        let align = DIRECT_ALIGN as u64;
+        let mut done = 0usize;
+        while done < dst.len() {
+            let at = offset + done as u64;
+            let start = at & !(align - 1);
+            let lead = (at - start) as usize;
+            let want = (lead + dst.len() - done).min(DIRECT_BLOCK);
+            let len = want.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+            let got = DIRECT_BUF.with(|b| -> std::io::Result<usize> {
+                let mut b = b.borrow_mut();
+                let buf = b.get(len);
+                let mut n = 0usize;
+                while n < len {
+                    match file.read_at(&mut buf[n..len], start + n as u64) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                    if n % DIRECT_ALIGN != 0 {
+                        break; // the end of the file
+                    }
+                }
+                let usable = n.min(want).saturating_sub(lead);
+                dst[done..done + usable].copy_from_slice(&buf[lead..lead + usable]);
+                Ok(usable)
+            });
+            match got {
+                Ok(0) => {
+                    return Err(Error::ShortRead {
+                        path: self.path.clone(),
+                        tensor: tensor.to_string(),
+                        at,
+                        expected_size: self.size,
+                    })
+                }
+                Ok(k) => done += k,
+                // an alignment the device does not take: the page cache instead
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return self.pread(at, &mut dst[done..], tensor)
+                }
+                Err(e) => return Err(Error::io(&self.path, "reading (O_DIRECT)", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// How many of `samples` 4 KiB blocks spread evenly over the data section are in the
+    /// page cache (`preadv2(RWF_NOWAIT)`: a read that would go to the disk fails at once).
+    /// Unlike `mincore`, this works on files the caller does not own.
+    pub fn cached_blocks(&self, samples: usize) -> usize {
+        let start = self.header.data_start;
+        if samples == 0 || self.size <= start {
+            return 0;
+        }
+        let span = self.size - start;
+        let mut buf = [0u8; 4096];
+        let mut hits = 0;
+        for i in 0..samples as u64 {
+            let at = (start + span * i / samples as u64) & !4095;
+            let len = buf.len().min((self.size - at) as usize);
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: len,
+            };
+            // SAFETY: `iov` points into `buf`, valid for `len` writable bytes for the call;
+            // the descriptor is our open file.
+            let n = unsafe {
+                libc::preadv2(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    &iov,
+                    1,
+                    at as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            if n > 0 {
+                hits += 1;
+            }
+        }
+        hits
     }
 
     fn pread(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
