@@ -54,7 +54,8 @@ impl AlignedBuf {
     fn get(&mut self, len: usize) -> &mut [u8] {
         if self.cap < len {
             self.free();
-            let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("a valid layout");
+            let layout =
+                std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("a valid layout");
             // SAFETY: the layout has a nonzero size.
             let ptr = unsafe { std::alloc::alloc(layout) };
             if ptr.is_null() {
@@ -72,7 +73,8 @@ impl AlignedBuf {
 
     fn free(&mut self) {
         if !self.ptr.is_null() {
-            let layout = std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN).expect("a valid layout");
+            let layout = std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN)
+                .expect("a valid layout");
             // SAFETY: `ptr` was allocated by `get` with exactly this layout and is freed once.
             unsafe { std::alloc::dealloc(self.ptr, layout) };
             self.ptr = std::ptr::null_mut();
@@ -286,7 +288,10 @@ impl Shard {
                 std::fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_DIRECT | libc::O_NONBLOCK)
-                    .open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file)))
+                    .open(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&self.file)
+                    ))
                     .ok()
             })
             .as_ref()
