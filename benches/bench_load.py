@@ -6,6 +6,14 @@ Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
 ``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
 
+fastfp8 runs with its defaults (``fastfp8``: quantization on the host where it can, the
+read method chosen by the page cache), with the GPU quantizing everything
+(``fastfp8_device``), with ``pread``, and, for ``--sweep-threads``, at several thread
+counts. The same run measures the ceilings: pinned host-to-device copies
+(``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
+queue depths (``disk_direct_gbps``: the best; cold runs are compared with it), and one
+core's host quantization rate (``host_quant_core_gbps``).
+
     python benches/bench_load.py CKPT_DIR --out benches/results/load_h100.json
 
 writes the JSON (headline keys plus every row) and a markdown table beside it.
@@ -27,7 +35,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_pread"]
+FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_pread"]
+COLD_FASTFP8 = ["fastfp8", "fastfp8_mmap"]
+#: fastfp8 variants: loader name -> load_quantized options
+VARIANTS = {"fastfp8": {}, "fastfp8_device": {"quantize_on": "device"}, "fastfp8_pread": {"method": "pread"},
+            "fastfp8_mmap": {"method": "mmap"}}
+
+
+def fastfp8_options(loader: str) -> dict:
+    if loader in VARIANTS:
+        return dict(VARIANTS[loader])
+    if loader.startswith("fastfp8_t"):  # fastfp8_t<threads>[_device]
+        n, _, rest = loader[len("fastfp8_t"):].partition("_")
+        return {"threads": int(n), **({"quantize_on": "device"} if rest == "device" else {})}
+    raise ValueError(f"unknown fastfp8 variant {loader!r}")
 WARM_PEERS = ["safetensors_load_file", "safetensors_safe_open", "runai", "fastsafetensors_buffered",
               "instanttensor_buffered"]
 COLD_PEERS = ["safetensors_safe_open", "runai", "fastsafetensors", "instanttensor_direct"]
@@ -93,9 +114,8 @@ def worker(args) -> dict:
 
     def run_once():
         if args.loader.startswith("fastfp8"):
-            method = "pread" if args.loader == "fastfp8_pread" else "mmap"
-            return fastfp8.load_quantized(ckpt, device=dev, memory_budget=args.budget, method=method,
-                                          threads=args.threads, progress=False)
+            kw = {"memory_budget": args.budget, "threads": args.threads, **fastfp8_options(args.loader)}
+            return fastfp8.load_quantized(ckpt, device=dev, progress=False, **kw)
         return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))
 
     runs = []
@@ -180,6 +200,86 @@ def gpu_name() -> str:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def h2d_pinned_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Pinned host -> device copy rate (median of ``repeat`` copies of ``nbytes``)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeat + 1):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def disk_direct(paths: list[str], depth: int, limit: int, block: int = 4 << 20) -> float:
+    """The disk's own rate: ``depth`` threads reading the files' blocks with ``O_DIRECT``
+    (each thread one request in flight), at most ``limit`` bytes, page cache evicted first."""
+    import mmap
+
+    import peers
+
+    peers.evict_page_cache(paths)
+    tasks = []
+    for p in paths:
+        size = os.path.getsize(p)
+        tasks += [(p, off, min(block, size - off)) for off in range(0, size, block)]
+    # spread over every file, in file order within each thread's share
+    step = max(1, len(tasks) * block // max(limit, 1))
+    tasks = tasks[::step]
+    lock = threading.Lock()
+    it = iter(tasks)
+    done = [0]
+
+    def work():
+        buf = mmap.mmap(-1, block)
+        fds = {}
+        try:
+            while True:
+                with lock:
+                    t = next(it, None)
+                if t is None:
+                    return
+                p, off, n = t
+                fd = fds.get(p)
+                if fd is None:
+                    fd = fds[p] = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                got = os.preadv(fd, [memoryview(buf)[: (n + 4095) // 4096 * 4096]], off)
+                with lock:
+                    done[0] += min(got, n)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(depth)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0] / (time.perf_counter() - t0) / 1e9
+
+
+def host_quant_core_gbps(nbytes: int = 8 << 20, cols: int = 4096) -> float:
+    """One core's host quantization rate, in bf16 bytes per second (best of 10 calls on
+    ``nbytes``, which stay in the cache as the reader's per-thread pieces do)."""
+    import torch
+    from fastfp8 import _native
+
+    src = torch.randn(nbytes // 2, dtype=torch.float32).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        _native.quantize_rows(src, "BF16", cols, "fp32")
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
 def markdown(doc: dict) -> str:
     gib = 2**30
     lines = [
@@ -196,7 +296,38 @@ def markdown(doc: dict) -> str:
             continue
         lines.append(f"| {r['loader']} | {r['cond']} | {s['seconds']:.2f} | {s['gbps']:.2f} | "
                      f"{s['peak_gpu_bytes'] / gib:.2f} | {s['host_rss_growth_bytes'] / gib:.2f} |")
+    ceilings = [("pinned host -> device copy", doc.get("h2d_pinned_gbps")),
+                ("disk, O_DIRECT, best queue depth", doc.get("disk_direct_gbps")),
+                ("host quantization, one core (bf16 in)", doc.get("host_quant_core_gbps"))]
+    lines += ["", "| ceiling | GB/s |", "| --- | ---: |"]
+    lines += [f"| {name} | {v:.2f} |" for name, v in ceilings if v]
     return "\n".join(lines) + "\n"
+
+
+def targets(doc: dict) -> dict:
+    """Issue 15's targets: value, bound, met (None where a figure is missing)."""
+
+    def t(value, bound):
+        ok = None if value is None or bound is None else value >= bound
+        return {"value": value, "bound": bound, "met": ok}
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    out = {
+        "warm_gbps_ge_55": t(doc.get("fastfp8_warm_gbps"), 55.0),
+        "warm_ge_1.25x_best_peer": t(ratio(doc.get("fastfp8_warm_gbps"), doc.get("best_peer_warm_gbps")), 1.25),
+        "cold_ge_best_peer": t(ratio(doc.get("fastfp8_cold_gbps"), doc.get("best_peer_cold_gbps")), 1.0),
+        "cold_ge_0.95x_disk": t(ratio(doc.get("fastfp8_cold_gbps"), doc.get("disk_direct_gbps")), 0.95),
+    }
+    if "fastfp8_peak_gpu_bytes" in doc:
+        bound = doc["final_bytes"] + 2 * doc["largest_tensor_bytes"]
+        out["peak_gpu_le_final_plus_2_largest"] = {"value": doc["fastfp8_peak_gpu_bytes"], "bound": bound,
+                                                   "met": doc["fastfp8_peak_gpu_bytes"] <= bound}
+        bound = doc["memory_budget_bytes"] + (256 << 20)
+        out["rss_growth_le_budget_plus_256MiB"] = {"value": doc["host_rss_growth_bytes"], "bound": bound,
+                                                   "met": doc["host_rss_growth_bytes"] <= bound}
+    return out
 
 
 def main(argv=None) -> int:
@@ -210,6 +341,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default=None, help="fastfp8's memory_budget (default: its own, from the host)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--sweep-threads", default="", help="comma list: also run fastfp8 (host and device "
+                    "quantization) warm at these thread counts")
+    ap.add_argument("--disk-depths", default="8,32,64", help="queue depths of the direct disk read")
+    ap.add_argument("--disk-bytes", default="4GiB", help="bytes of the checkpoint read per disk depth")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loader", help=argparse.SUPPRESS)
     ap.add_argument("--cond", help=argparse.SUPPRESS)
@@ -231,7 +366,12 @@ def main(argv=None) -> int:
     doc["largest_tensor_bytes"] = largest_tensor(args.ckpt)
     wanted = [x for x in args.loaders.split(",") if x]
     for cond in args.conds.split(","):
-        loaders = wanted or FASTFP8 + [p for p in (WARM_PEERS if cond == "warm" else COLD_PEERS) if p in avail]
+        if cond == "warm":
+            loaders = wanted or FASTFP8 + [p for p in WARM_PEERS if p in avail]
+            for n in filter(None, args.sweep_threads.split(",")):
+                loaders += [f"fastfp8_t{n}", f"fastfp8_t{n}_device"]
+        else:
+            loaders = wanted or COLD_FASTFP8 + [p for p in COLD_PEERS if p in avail]
         if cond == "warm":  # fill the page cache
             for p in ckpt.shards:
                 with open(p, "rb") as f:
@@ -242,6 +382,7 @@ def main(argv=None) -> int:
             res = run_worker(args.ckpt, loader, cond, repeat, args.budget, args.threads, args.timeout)
             res["summary"] = summarize(res)
             doc["rows"].append(res)
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(doc, indent=1) + "\n")
             s = res["summary"]
             print(f"{loader:26s} {cond:5s} " + (f"{s['seconds']:7.2f} s {s['gbps']:6.2f} GB/s  peak GPU "
                   f"{s['peak_gpu_bytes'] / 2**30:6.2f} GiB  RSS +{s['host_rss_growth_bytes'] / 2**30:5.2f} GiB"
@@ -252,13 +393,30 @@ def main(argv=None) -> int:
                 if r["cond"] == cond and r["loader"] in names and r.get("summary")]
         return max(vals) if vals else (None, None)
 
+    if "cold" in args.conds.split(","):
+        from fastfp8.units import parse_bytes
+
+        paths = [str(p) for p in ckpt.shards]
+        depths = {int(d): disk_direct(paths, int(d), parse_bytes(args.disk_bytes))
+                  for d in args.disk_depths.split(",") if d}
+        doc["disk_direct_by_depth_gbps"] = depths
+        doc["disk_direct_gbps"] = max(depths.values()) if depths else None
+        print(f"disk O_DIRECT by queue depth: {depths}", flush=True)
+    doc["h2d_pinned_gbps"] = h2d_pinned_gbps()
+    doc["host_quant_core_gbps"] = host_quant_core_gbps()
+    print(f"pinned H2D {doc['h2d_pinned_gbps']:.2f} GB/s, host quantization {doc['host_quant_core_gbps']:.2f} "
+          "GB/s per core", flush=True)
     peer_names = set(WARM_PEERS) | set(COLD_PEERS)
     ff_warm = best("warm", {"fastfp8"})[0]
     doc.update({
         "fastfp8_warm_gbps": ff_warm,
         "fastfp8_pread_warm_gbps": best("warm", {"fastfp8_pread"})[0],
+        "fastfp8_device_warm_gbps": best("warm", {"fastfp8_device"})[0],
+        "fastfp8_mmap_cold_gbps": best("cold", {"fastfp8_mmap"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],
         "best_peer_warm": best("warm", peer_names)[1],
+        "best_peer": best("warm", peer_names)[1],
+        "best_peer_cold": best("cold", peer_names)[1],
         "safetensors_warm_gbps": best("warm", {"safetensors_load_file", "safetensors_safe_open"})[0],
         "fastfp8_cold_gbps": best("cold", {"fastfp8"})[0],
         "best_peer_cold_gbps": best("cold", peer_names)[0],
@@ -271,6 +429,9 @@ def main(argv=None) -> int:
         doc["fastfp8_peak_gpu_bytes"] = max(r["summary"]["peak_gpu_bytes"] for r in ff)
         doc["final_bytes"] = ff[0]["summary"]["final_bytes"]
         doc["host_rss_growth_bytes"] = max(r["summary"]["host_rss_growth_bytes"] for r in ff)
+    doc["targets"] = targets(doc)
+    for name, t in doc["targets"].items():
+        print(f"target {name}: {t}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
