@@ -103,12 +103,16 @@ pub fn quantize_rows(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u
     {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the CPU has the features the function is compiled for.
             unsafe { rows_avx512(spec, src, q, scales) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: as above.
@@ -120,13 +124,13 @@ pub fn quantize_rows(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn rows_avx512(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
     rows_generic(spec, src, q, scales)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
     rows_generic(spec, src, q, scales)
 }
@@ -189,12 +193,41 @@ fn e4m3(v: f32) -> u8 {
     sign | mag as u8
 }
 
+/// `RN(x / s)` in fp32, for `x` and `s` bf16 values (`s` positive, normal), without a
+/// division: `r = RN(1/s)`, `q = RN(x r)`, the exact remainder `x - q s` (one fma), and
+/// `RN(q + rem r)` (Markstein's correction). Equal to `x / s` for every pair of bf16
+/// significands (`quotient_matches_division_for_every_bf16_significand_pair`); the steps
+/// scale exactly with the exponents, so it is equal for every bf16 pair whose quotient is a
+/// normal fp32, and quotients below that are far below e4m3's smallest step (2^-10) and
+/// keep their sign, so their e4m3 bytes are equal too (the tests check every bf16 value).
+/// Subnormal scales (whose reciprocal overflows) divide instead.
+#[inline(always)]
+fn bf16_quotient(x: f32, s: f32, r: f32) -> f32 {
+    let q = x * r;
+    let rem = (-q).mul_add(s, x);
+    rem.mul_add(r, q)
+}
+
 #[inline(always)]
 fn bf16_row(row: &[u8], q: &mut [u8], eager: bool) -> u16 {
-    let mut m: u16 = 0;
-    for b in row.chunks_exact(2) {
-        m = m.max(u16::from_le_bytes([b[0], b[1]]) & 0x7FFF);
+    // SAFETY: every bit pattern is a valid u16, and align_to leaves an unaligned head or
+    // tail as bytes (then the row is converted element by element instead).
+    let (head, xs, tail) = unsafe { row.align_to::<u16>() };
+    if !head.is_empty() || !tail.is_empty() {
+        let xs: Vec<u16> = row
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        return bf16_row_u16(&xs, q, eager);
     }
+    bf16_row_u16(xs, q, eager)
+}
+
+#[inline(always)]
+fn bf16_row_u16(xs: &[u16], q: &mut [u8], eager: bool) -> u16 {
+    let m = xs
+        .iter()
+        .fold(0u16, |m, &b| m.max(u16::from_le(b) & 0x7FFF));
     if m >= 0x7F80 {
         q.fill(FP8_NAN);
         return 0x7FC0;
@@ -204,13 +237,18 @@ fn bf16_row(row: &[u8], q: &mut [u8], eager: bool) -> u16 {
         s = 0x3C00; // 2^-7, bf16's eps
     }
     let sf = bf16_f32(s);
-    for (o, b) in q.iter_mut().zip(row.chunks_exact(2)) {
-        let x = bf16_f32(u16::from_le_bytes([b[0], b[1]]));
-        let mut v = x / sf;
-        if eager {
-            v = bf16_f32(round_bf16(v));
+    if sf < f32::MIN_POSITIVE {
+        // a subnormal scale: 1/s overflows, so divide
+        for (o, &b) in q.iter_mut().zip(xs) {
+            let v = bf16_f32(u16::from_le(b)) / sf;
+            *o = e4m3(if eager { bf16_f32(round_bf16(v)) } else { v });
         }
-        *o = e4m3(v);
+        return s;
+    }
+    let r = 1.0 / sf;
+    for (o, &b) in q.iter_mut().zip(xs) {
+        let v = bf16_quotient(bf16_f32(u16::from_le(b)), sf, r);
+        *o = e4m3(if eager { bf16_f32(round_bf16(v)) } else { v });
     }
     s
 }
@@ -331,6 +369,24 @@ mod tests {
             2f32.powi(-10) * 1.000001,
         ] {
             assert_eq!(e4m3(v), e4m3_slow(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn quotient_matches_division_for_every_bf16_significand_pair() {
+        // x = +-(1 + i/128) 2^ex, s = (1 + j/128) 2^es: in the normal range the fma steps
+        // are exact scalings of these
+        for i in 0..128u32 {
+            for j in 0..128u32 {
+                for (ex, es) in [(0i32, 0i32), (3, -5), (-20, 40), (100, -20), (-100, 20)] {
+                    for sign in [1.0f32, -1.0] {
+                        let x = sign * (1.0 + i as f32 / 128.0) * 2f32.powi(ex);
+                        let s = (1.0 + j as f32 / 128.0) * 2f32.powi(es);
+                        let got = bf16_quotient(x, s, 1.0 / s);
+                        assert_eq!(got.to_bits(), (x / s).to_bits(), "{x} / {s}");
+                    }
+                }
+            }
         }
     }
 

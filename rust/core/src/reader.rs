@@ -25,6 +25,22 @@ use crate::shard::ReadMethod;
 /// The most threads used by default.
 pub const MAX_DEFAULT_THREADS: usize = 16;
 
+/// The nice value reader threads give themselves: when they keep every core busy, the
+/// thread that consumes their chunks (and feeds the GPU) still gets a core the moment it
+/// wakes, instead of waiting for a time slice.
+pub const READER_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to [`READER_NICE`] (best effort: raising one's own
+/// nice value needs no privilege, and a failure only leaves the priority as it was).
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS and a thread id
+    // changes only that thread's nice value (Linux).
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, READER_NICE);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
     pub threads: usize,
@@ -291,6 +307,7 @@ impl Reader {
                     .name(format!("fastfp8-read-{i}"))
                     .spawn(move || {
                         let _live = LiveGuard(&s.live);
+                        lower_priority();
                         s.work()
                     })
                     .map_err(|e| {
