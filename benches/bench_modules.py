@@ -49,6 +49,8 @@ except ImportError:
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
+from fastfp8.kernels.moe import grouped as kgrouped
+from fastfp8.kernels.moe import sort as ksort
 from fastfp8.modules import Fp8Linear, Fp8MoE
 
 FP8 = torch.float8_e4m3fn
@@ -407,10 +409,10 @@ def probe(rep_ms, out):
     x = torch.randn(4096, h, device="cuda", dtype=BF16)
     wts, ids = km.route_softmax_topk(F.linear(x, weights[2]), top_k)
     for fast in (True, False):
-        km.GROUPED_FAST_ACCUM = fast
+        kgrouped.GROUPED_FAST_ACCUM = fast
         out[f"moe_grouped_4096_fast{int(fast)}_us"] = timeit([lambda: km.moe_grouped(x, ids, wts, *args)],
                                                              graph=False, rep_ms=rep_ms)
-    km.GROUPED_FAST_ACCUM = True
+    kgrouped.GROUPED_FAST_ACCUM = True
     for g in (False, True):
         out[f"moe_sort_4096_graph{int(g)}_us"] = timeit([lambda: km.sort_tokens(ids, e)], graph=g, rep_ms=rep_ms)
         out[f"moe_sort_torch_4096_graph{int(g)}_us"] = timeit([lambda: km.sort_tokens_torch(ids, e)], graph=g,
@@ -420,7 +422,7 @@ def probe(rep_ms, out):
     out["moe_sort_4096_us"] = out["moe_sort_4096_graph0_us"]
     order, _, _ = km.sort_tokens(ids, e)
     y = torch.randn(4096 * top_k, h, device="cuda", dtype=BF16)
-    out["moe_combine_4096_us"] = timeit([lambda: km._combine(y, order, wts, 4096, top_k, False)], graph=False,
+    out["moe_combine_4096_us"] = timeit([lambda: ksort._combine(y, order, wts, 4096, top_k, False)], graph=False,
                                         rep_ms=rep_ms)
     print(f"probe moe grouped fast {out['moe_grouped_4096_fast1_us']:.1f} slow {out['moe_grouped_4096_fast0_us']:.1f}"
           f" sort {out['moe_sort_4096_us']:.1f} combine {out['moe_combine_4096_us']:.1f} gated quant "

@@ -1,5 +1,6 @@
 """The Triton FP8 GEMM (:mod:`fastfp8.kernels.gemm`) against its fp32 reference, on fresh
-random inputs, outputs poisoned (NaN) before each run."""
+random inputs, outputs poisoned (NaN) before each run. (The CPU run of the ``tile`` kernel
+under ``TRITON_INTERPRET=1`` is part of ``test_modules.test_triton_kernels_under_interpreter``.)"""
 
 from __future__ import annotations
 
@@ -38,21 +39,6 @@ def check(m, n, k, cfg, *, bias, device, seed=0):
     assert y.shape == (m, n) and y.dtype == BF16
     assert torch.isfinite(y).all(), (m, n, k, cfg)
     assert sqnr(y, ref) > 45, (m, n, k, cfg, sqnr(y, ref))
-
-
-@pytest.mark.parametrize(("m", "n", "k", "cfg", "bias"), [
-    (5, 64, 128, ("tile", 16, 32, 32, 4, 1, 4, 2), False),
-    (33, 96, 100, ("tile", 16, 32, 32, 2, 2, 4, 2), True),
-    (20, 40, 64, ("tile", 16, 16, 32, 1, 1, 4, 2), True),
-])
-def test_gemm_tile_interpreter_or_cpu(monkeypatch, m, n, k, cfg, bias):
-    """CPU: only under ``TRITON_INTERPRET=1`` (the interpreter runs the kernel on CPU tensors)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1" or gm.triton is None:
-        pytest.skip("runs the Triton kernel under TRITON_INTERPRET=1")
-    monkeypatch.setattr(common, "POISON", True)
-    check(m, n, k, cfg, bias=bias, device="cpu")
 
 
 def test_reference_matches_dequantized_matmul():

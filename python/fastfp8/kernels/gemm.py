@@ -30,7 +30,7 @@ import torch
 from . import common
 from .common import FP8, tl, triton
 
-__all__ = ["GemmConfig", "fp8_gemm", "fp8_gemm_reference", "tma_supported"]
+__all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported"]
 
 
 @torch.no_grad()
@@ -151,6 +151,18 @@ if triton is not None:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+def default_config(m: int, n: int, k: int, kernel: str = "tile") -> GemmConfig:
+    """A reasonable tile for ``M`` rows where the selection table names none (Hopper-sized:
+    at most 64 KiB of operands per pipeline stage)."""
+    if kernel == "tma":
+        return ("tma", 128, 128, 128, 8, 1, 8, 3) if m > 64 else ("tma", 64, 128, 128, 8, 1, 4, 4)
+    if m <= 16:
+        return ("tile", 16, 64, 128, 8, 1, 4, 4)
+    if m <= 64:
+        return ("tile", 64, 64, 128, 8, 1, 4, 4)
+    return ("tile", 128, 128, 128, 8, 1, 8, 3)
 
 
 @functools.cache
