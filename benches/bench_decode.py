@@ -50,21 +50,24 @@ except ImportError:
 BF16 = torch.bfloat16
 
 
-def llama8b_config(layers: int):
+def llama8b_config(layers: int, tiny: bool = False):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    h, i, heads, kv, vocab = (256, 512, 4, 2, 1000) if tiny else (4096, 14336, 32, 8, 128256)
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=None,
                        pad_token_id=0)
 
 
-def qwen3moe_config(layers: int):
+def qwen3moe_config(layers: int, tiny: bool = False):
     from transformers import Qwen3MoeConfig
 
-    cfg = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-                         num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=8192,
+    h, i, e, heads, kv, vocab = (256, 128, 8, 4, 2, 1000) if tiny else (2048, 768, 128, 32, 4, 151936)
+    cfg = Qwen3MoeConfig(hidden_size=h, intermediate_size=3 * h, moe_intermediate_size=i, num_experts=e,
+                         num_experts_per_tok=2 if tiny else 8, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=128 if not tiny else 64, vocab_size=vocab,
+                         max_position_embeddings=8192,
                          rope_theta=1000000.0, tie_word_embeddings=False, norm_topk_prob=True, decoder_sparse_step=1,
                          mlp_only_layers=[], bos_token_id=0, eos_token_id=None, pad_token_id=0)
     if hasattr(cfg, "_experts_implementation"):  # the bf16 baseline: grouped GEMMs, not a loop over experts
@@ -81,11 +84,19 @@ def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
 
 
+DEVICE = torch.device("cuda")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _sync_time(fn) -> float:
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -101,30 +112,37 @@ def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str
     """Seconds per greedy decode step (CUDA graphs via transformers' auto-compile)."""
     from transformers import CompileConfig
 
-    g = torch.Generator(device="cuda").manual_seed(batch)
-    ids = torch.randint(1, vocab, (batch, prompt), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(batch)
+    ids = torch.randint(1, vocab, (batch, prompt), device=DEVICE, generator=g)
     mask = torch.ones_like(ids)
-    cc = CompileConfig(backend=backend, mode="reduce-overhead" if backend == "inductor" else None, fullgraph=False)
+    kw: dict[str, Any] = {}
+    if backend == "none":
+        kw["disable_compile"] = True
+    else:
+        kw["compile_config"] = CompileConfig(backend=backend, fullgraph=False,
+                                             mode="reduce-overhead" if backend == "inductor" else None)
 
     def gen(n):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              compile_config=cc, cache_implementation="static", do_sample=False)
+                              cache_implementation="static", do_sample=False, **kw)
 
     t0 = time.perf_counter()
     out = gen(n2)  # compiles (and captures the graphs of) the decode step
-    torch.cuda.synchronize()
+    _sync()
     first = time.perf_counter() - t0
     assert out.shape[1] == prompt + n2, out.shape
     gen(n1)
     t1 = statistics.median(_sync_time(lambda: gen(n1)) for _ in range(3))
     t2 = statistics.median(_sync_time(lambda: gen(n2)) for _ in range(3))
     step = (t2 - t1) / (n2 - n1)
+    if step <= 0:
+        raise RuntimeError(f"timing noise: generate({n2}) took {t2:.4f} s, generate({n1}) {t1:.4f} s")
     return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2}
 
 
 def prefill_s(model, tokens: int, vocab: int) -> float:
-    g = torch.Generator(device="cuda").manual_seed(7)
-    ids = torch.randint(1, vocab, (1, tokens), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    ids = torch.randint(1, vocab, (1, tokens), device=DEVICE, generator=g)
 
     def run():
         with torch.no_grad():
@@ -135,8 +153,8 @@ def prefill_s(model, tokens: int, vocab: int) -> float:
 
 
 def logits_sqnr(fp8, bf16, vocab: int) -> dict[str, float]:
-    g = torch.Generator(device="cuda").manual_seed(3)
-    ids = torch.randint(1, vocab, (2, 128), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    ids = torch.randint(1, vocab, (2, 128), device=DEVICE, generator=g)
     with torch.no_grad():
         a = fp8(input_ids=ids, use_cache=False).logits.float()
         b = bf16(input_ids=ids, use_cache=False).logits.float()
@@ -158,10 +176,11 @@ def run_model(name: str, config, args) -> dict[str, Any]:
     from fastfp8.model import build_quantized_model
     from transformers import AutoModelForCausalLM
 
-    res: dict[str, Any] = {"model": name, "layers": config.num_hidden_layers}
+    res: dict[str, Any] = {"model": name, "layers": config.num_hidden_layers,
+                           "bf16_experts_implementation": getattr(config, "_experts_implementation", None)}
     torch.manual_seed(0)
     t = time.perf_counter()
-    with torch.device("cuda"):
+    with DEVICE:
         bf16 = AutoModelForCausalLM.from_config(config, dtype=BF16)
     bf16.eval().requires_grad_(False)
     nbytes = sum(p.numel() * p.element_size() for p in bf16.parameters())
@@ -171,8 +190,8 @@ def run_model(name: str, config, args) -> dict[str, Any]:
         bf16.save_pretrained(work, max_shard_size="4GB")
         res["write_checkpoint_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        fp8 = build_quantized_model(work, device="cuda")
-        torch.cuda.synchronize()
+        fp8 = build_quantized_model(work, device=DEVICE)
+        _sync()
         res["build_quantized_model_s"] = time.perf_counter() - t
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -206,7 +225,8 @@ def run_model(name: str, config, args) -> dict[str, Any]:
     del bf16, fp8
     gc.collect()
     torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
     return res
 
 
@@ -221,10 +241,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n1", type=int, default=16)
     ap.add_argument("--n2", type=int, default=80)
     ap.add_argument("--prefill", type=int, default=4096)
-    ap.add_argument("--backend", default="inductor", help="torch.compile backend of generate(): inductor, cudagraphs")
+    ap.add_argument("--backend", default="inductor",
+                    help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (smoke test)")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     import transformers
@@ -232,10 +257,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {}
     e2e: dict[str, Any] = {"transformers": transformers.__version__, "backend": args.backend, "prompt": args.prompt,
+                           "device": str(DEVICE), "tiny": args.tiny,
                            "n1": args.n1, "n2": args.n2, "models": {}, "errors": []}
     t0 = time.perf_counter()
     for name in args.models.split(","):
-        cfg = llama8b_config(args.layers) if name == "llama8b" else qwen3moe_config(args.moe_layers)
+        if name == "llama8b":
+            cfg = llama8b_config(args.layers, args.tiny)
+        else:
+            cfg = qwen3moe_config(args.moe_layers, args.tiny)
         try:
             r = run_model(name, cfg, args)
         except Exception as e:
@@ -250,6 +279,11 @@ def main(argv=None) -> int:
         report["logits_sqnr_8b" if name == "llama8b" else "logits_sqnr_moe"] = r["logits_sqnr"]["all"]
     e2e["wall_s"] = time.perf_counter() - t0
     report["e2e"] = e2e
+    targets = report.get("targets") or {"decode_speedup_b1": 1.5, "prefill_speedup_4096": 1.5}
+    met = report.setdefault("targets_met", {})
+    for k, v in targets.items():
+        if k in report:
+            met[k] = report[k] is not None and report[k] >= v
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: v for k, v in report.items() if "speedup" in k or "sqnr" in k}, indent=1, default=str))

@@ -150,7 +150,9 @@ def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float) -> None:
     from fastfp8.quant import quantize_channelwise
 
     t0 = time.monotonic()
-    report = {"gpu": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    cap = torch.cuda.get_device_capability()
+    report = {"gpu": torch.cuda.get_device_name(), "sm": f"{cap[0]}.{cap[1]}",
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
               "torch": torch.__version__, "cases": [], "errors": []}
     for n, k in shapes:
         copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k))))
@@ -179,18 +181,123 @@ def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float) -> None:
     out_path.write_text(json.dumps(report, indent=1))
 
 
+# ---------------------------------------------------------------------------------------
+# sweep JSON -> selection table
+# ---------------------------------------------------------------------------------------
+
+TABLE_OUT = Path(__file__).resolve().parents[1] / "python" / "fastfp8" / "kernels" / "linear_table.json"
+
+
+def _row_of(name: str) -> tuple[str, list | None]:
+    """A candidate's name in the sweep -> ``(backend, config)`` of the table."""
+    parts = name.split("/")
+    if parts[0] == "scaled_mm":
+        return "scaled_mm", None
+    if parts[0] == "gemv":
+        return "gemv", [int(v) for v in parts[1:]]
+    return parts[0], [parts[0], *(int(v) for v in parts[1:])]
+
+
+def _pick(case: dict, margin: float) -> str | None:
+    """The fastest checked candidate; a Triton GEMM must beat the known paths (GEMV,
+    ``_scaled_mm``) by ``margin`` to be chosen."""
+    us = {c: v for c, v in case["us"].items() if c != "bf16"}
+    if not us:
+        return None
+    known = {c: v for c, v in us.items() if c == "scaled_mm" or c.startswith("gemv/")}
+    best = min(us, key=us.get)
+    if known:
+        best_known = min(known, key=known.get)
+        if best not in known and us[best] * (1 + margin) > known[best_known]:
+            return best_known
+    return best
+
+
+def _rows(picks: list[tuple[int, str]]) -> list[list]:
+    """``[(M sample, candidate)]`` sorted by M -> table rows, equal neighbours merged; the
+    last row is open. A GEMV row never serves more than 16 rows."""
+    rows: list[list] = []
+    for i, (m, cand) in enumerate(picks):
+        backend, cfg = _row_of(cand)
+        m_max = None if i == len(picks) - 1 else m
+        if backend == "gemv" and (m_max is None or m_max > 16):
+            backend, cfg = "scaled_mm", None
+        if rows and rows[-1][1:] == [backend, cfg]:
+            rows[-1][0] = m_max
+        else:
+            rows.append([m_max, backend, cfg])
+    return rows
+
+
+def make_table(sweep_json: dict, *, margin: float = 0.03) -> dict:
+    """The selection table (``linear_table.json``) from a sweep: per measured ``(N, K)`` the
+    picked candidate per ``M`` sample (it serves the rows above the previous sample up to
+    its own M), and ``generic`` rows for other shapes: per ``M`` the candidate with the best
+    worst-case speedup over the shapes where it was measured."""
+    by_shape: dict[tuple[int, int], list[dict]] = {}
+    for c in sweep_json["cases"]:
+        by_shape.setdefault((c["N"], c["K"]), []).append(c)
+    entries = {}
+    summary = []
+    per_m: dict[int, dict[str, list[float]]] = {}
+    for (n, k), cases in sorted(by_shape.items()):
+        cases.sort(key=lambda c: c["M"])
+        picks = []
+        for c in cases:
+            best = _pick(c, margin)
+            if best is None:
+                continue
+            picks.append((c["M"], best))
+            summary.append(f"N={n} K={k} M={c['M']}: {best} x{c['us']['bf16'] / c['us'][best]:.2f} vs bf16")
+            for cand, us in c["us"].items():
+                if cand != "bf16":
+                    per_m.setdefault(c["M"], {}).setdefault(cand, []).append(c["us"]["bf16"] / us)
+        if picks:
+            entries[f"{n},{k}"] = _rows(picks)
+    n_shapes = {m: max(len(v) for v in d.values()) for m, d in per_m.items()}
+    generic_picks = []
+    for m in sorted(per_m):
+        full = {c: min(v) for c, v in per_m[m].items() if len(v) == n_shapes[m] and not c.startswith("tma")}
+        if full:  # tma needs 16-byte aligned rows: an unknown shape gets the tile kernel or _scaled_mm
+            generic_picks.append((m, max(full, key=full.get)))
+    return {
+        "sm": _sm(sweep_json),
+        "gpu": sweep_json.get("gpu"),
+        "date": sweep_json.get("date"),
+        "source": f"benches/tune_linear.py sweep (torch {sweep_json.get('torch')}), margin {margin}",
+        "entries": entries,
+        "generic": _rows(generic_picks) if generic_picks else [[16, "gemv", None], [None, "scaled_mm", None]],
+        "summary": summary,
+    }
+
+
+def _sm(sweep_json: dict) -> list[int]:
+    sm = sweep_json.get("sm")
+    if sm:
+        return [int(v) for v in str(sm).split(".")][:2]
+    return [9, 0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tune_linear.json")
     ap.add_argument("--rep-ms", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=200)
-    ap.add_argument("--table", default=None, help="write python/fastfp8/kernels/linear_table.py from this JSON")
+    ap.add_argument("--table", default=None, help="a sweep JSON: write the selection table from it (no GPU needed)")
+    ap.add_argument("--table-out", default=str(TABLE_OUT), help="where --table writes (default: the packaged table)")
+    ap.add_argument("--margin", type=float, default=0.03,
+                    help="a Triton GEMM replaces _scaled_mm / the GEMV only when this much faster")
     args = ap.parse_args(argv)
     if args.table:
-        from fastfp8.kernels.linear_table_gen import write_table
-
-        write_table(json.loads(Path(args.table).read_text()))
+        t = make_table(json.loads(Path(args.table).read_text()), margin=args.margin)
+        Path(args.table_out).write_text(json.dumps(t, indent=1) + "\n")
+        print(f"wrote {args.table_out}: {len(t['entries'])} shapes; generic {t['generic']}")
+        for line in t["summary"]:
+            print(line)
         return 0
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
     sweep(Path(args.out), args.rep_ms, SHAPES, MS, args.budget_s)
     return 0
 

@@ -85,6 +85,8 @@ def _gemv_config(cfg, m):
     if cfg is None:
         return None
     bn, bk, nw, ns = cfg
+    if m > 1:
+        bn = max(bn, 16)  # the dot variant needs 16 columns
     return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, USE_DOT=m > 1)
 
 
