@@ -42,34 +42,30 @@ SHAPES = [  # (N, K), most used first: Llama-3-8B / Mixtral attention and MLP, L
 ]
 MS = [1, 16, 32, 64, 128, 256, 1024, 4096, 8192]
 ROTATE_BYTES = 120 << 20
-GEMV_M1 = [(8, 1024, 4, 3), (16, 512, 4, 3), (16, 1024, 8, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 128, 4, 4)]
-GEMV_M16 = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
+GEMV_M1 = [(8, 1024, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (16, 1024, 8, 3)]
+GEMV_M16 = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3)]
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)
-TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + \
-             [("tile", 16, 128, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 64, 256, 8, 1, 4, 3)]
-TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)] + \
-           [("tile", 64, 256, 128, 8, 1, 8, 3)]
-TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1, 8, 3),
-              ("tile", 64, 256, 128, 8, 1, 4, 4), ("tile", 128, 128, 128, 8, 1, 4, 4)]
+TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
+TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
+TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1, 8, 3)]
 TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4),
-       ("tma", 64, 128, 128, 8, 1, 4, 4), ("tma", 128, 128, 128, 8, 1, 4, 4)]
+       ("tma", 64, 128, 128, 8, 1, 4, 4)]
 
 
 def candidates(m: int) -> list:
+    """What is tried for ``M`` rows (no duplicates)."""
     out: list = [("scaled_mm",)]
     if m == 1:
         out += [("gemv", *c) for c in GEMV_M1]
     elif m <= 16:
         out += [("gemv", *c) for c in GEMV_M16]
-    if m <= 16:
+    if m <= 32:
         out += TILE_SMALL
-    elif m <= 128:
-        out += TILE_MID + TILE_SMALL[:3]
+    if 16 < m <= 512:
+        out += TILE_MID
     if m >= 128:
         out += TILE_LARGE + TMA
-    if 128 <= m <= 512:
-        out += TILE_MID[2:]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def sqnr(out, ref) -> float:
