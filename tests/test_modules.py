@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastfp8 import ops
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
+from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
 from fastfp8.kernels.moe import sort as ksort
@@ -580,13 +581,16 @@ def test_gemv_kernel(m, n, k, bias):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("backend", ["gemv", "scaled_mm", "fallback"])
+@pytest.mark.parametrize("backend", ["gemv", "scaled_mm", "tile", "tma", "fallback"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336), (1024, 6144, 4096),
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     if backend == "gemv" and m > 16:
         pytest.skip("the GEMV serves M <= 16")
+    if backend == "tma" and not gm.tma_supported(torch.device("cuda")):
+        pytest.skip("the TMA GEMM needs sm90")
+    monkeypatch.setattr(common, "POISON", True)
     monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", backend)
     x, lin = linear_case(m, n, k, bias=bias, device="cuda")
     f = Fp8Linear.from_linear(lin)
@@ -595,7 +599,7 @@ def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     ref = lin(x)
     assert y.dtype == BF16 and y.shape == (m, n)
     assert sqnr(y, ref) >= LAYER_SQNR_DB
-    if backend == "scaled_mm":  # against an emulation: per-token quantization + fp32 matmul
+    if backend in ("scaled_mm", "tile", "tma"):  # against an emulation: per-token quantization + fp32 matmul
         q, s = aq.act_quant_reference(x)
         emu = (q.float() * s) @ (f.weight.float() * f.weight_scale).t() + (f.bias.float() if bias else 0)
         assert sqnr(y, emu) > 40

@@ -65,6 +65,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
     if backend == "scaled_mm" and not mm_ok:
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
+    if backend in ("tile", "tma") and cfg is None:
+        cfg = _gemm.default_config(m, n, k, backend)
     return backend, cfg
 
 
@@ -105,6 +107,8 @@ def fp8_linear(
         return fp8_linear_fallback(x, weight, weight_scale, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
     if backend == "gemv":
         y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=_gemv_config(cfg, x2.shape[0]))
         return y.reshape(*x.shape[:-1], n)
