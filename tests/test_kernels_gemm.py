@@ -88,3 +88,68 @@ def test_gemm_tile_cuda(monkeypatch, cfg, m, n, k, bias):
 def test_gemm_tma_cuda(monkeypatch, cfg, m, n, k, bias):
     monkeypatch.setattr(common, "POISON", True)
     check(m, n, k, cfg, bias=bias, device="cuda", seed=m + 2 * n)
+
+
+def _compile_sm90(cfg, bias):
+    """Compiles one GEMM configuration for sm90 on the CPU (no GPU needed); returns its
+    shared-memory bytes. Pointers and strides are declared 16-divisible, as the launcher
+    specializes them at run time (without that Triton would not pipeline the loads)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kind, bm, bn, bk, g, sk, nw, ns = cfg
+    if kind == "tile":
+        sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
+               "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
+               "s_bn": "i32", "s_cm": "i32",
+               **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                "GROUP_M"), "constexpr")}
+        consts = {"HAS_BIAS": bias, "SPLIT_K": sk, "EVEN_K": True, "EMULATE": False, "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk, "GROUP_M": g}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)}
+        fn = gm._fp8_gemm_tile_kernel
+    else:
+        sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}]>", "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}]>",
+               "c_desc": f"tensordesc<bf16[{bm}, {bn}]>", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
+               "M": "i32", "N": "i32", "K": "i32",
+               **dict.fromkeys(("HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS"), "constexpr")}
+        consts = {"HAS_BIAS": bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "NUM_SMS": 132}
+        attrs = {}
+        fn = gm._fp8_gemm_tma_kernel
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = gm.triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns))
+    return k.metadata.shared
+
+
+def _table_gemm_configs():
+    from fastfp8.kernels import linear_table as lt
+
+    t = lt.load()
+    cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows if r[1] in ("tile", "tma")}
+    for m in (1, 32, 200):
+        cfgs.add(gm.default_config(m, 4096, 4096, "tile"))
+        cfgs.add(gm.default_config(m, 4096, 4096, "tma"))
+    return sorted(cfgs)
+
+
+def test_table_configs_compile_for_sm90_and_fit():
+    """Every GEMM configuration of the table in use (and the defaults) compiles for Hopper
+    and fits its 227 KiB of shared memory: checked here, on the CPU, before a GPU run."""
+    if gm.triton is None:
+        pytest.skip("needs Triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no offline compilation API or no tensor descriptors")
+    for cfg in _table_gemm_configs():
+        try:
+            smem = _compile_sm90(cfg, bias=True)
+        except (TypeError, AttributeError, KeyError) as e:  # another Triton's compile API
+            pytest.skip(f"offline compilation API differs: {type(e).__name__}: {e}")
+        except Exception as e:
+            if "ptxas" in str(e).lower():
+                pytest.skip(f"no ptxas here: {e}")
+            raise
+        assert smem <= 232448, (cfg, smem)
