@@ -210,6 +210,9 @@ def run_model(name: str, config, args) -> dict[str, Any]:
         _prep_generation(model)
     for batch in args.batches:
         for tag, model in (("bf16", bf16), ("fp8", fp8)):
+            if time.perf_counter() - args.t0 > args.budget_s:
+                res[f"decode_b{batch}_{tag}_error"] = f"skipped: past --budget-s {args.budget_s}"
+                continue
             try:
                 d = decode_step_s(model, batch, args.prompt, args.n1, args.n2, args.backend, vocab)
             except Exception as e:
@@ -245,7 +248,10 @@ def main(argv=None) -> int:
                     help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (smoke test)")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="start no new model or decode measurement after this many seconds")
     args = ap.parse_args(argv)
+    args.t0 = time.perf_counter()
     args.batches = [int(b) for b in args.batches.split(",")]
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -259,8 +265,11 @@ def main(argv=None) -> int:
     e2e: dict[str, Any] = {"transformers": transformers.__version__, "backend": args.backend, "prompt": args.prompt,
                            "device": str(DEVICE), "tiny": args.tiny,
                            "n1": args.n1, "n2": args.n2, "models": {}, "errors": []}
-    t0 = time.perf_counter()
+    t0 = args.t0
     for name in args.models.split(","):
+        if time.perf_counter() - t0 > args.budget_s:
+            e2e["errors"].append(f"{name}: skipped, past --budget-s {args.budget_s}")
+            continue
         if name == "llama8b":
             cfg = llama8b_config(args.layers, args.tiny)
         else:
