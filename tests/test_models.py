@@ -188,3 +188,33 @@ def test_model_cuda(checkpoints, arch):
     decode = gen.logits[1].float()
     print(f"{arch}: decode vs prefill logits SQNR {sqnr(decode, prefill):.1f} dB")
     assert sqnr(decode, prefill) > 15
+
+
+def test_bench_decode_smoke_cpu(tmp_path):
+    """benches/bench_decode.py end to end on tiny models on the CPU (no compilation): the
+    checkpoint it writes, build_quantized_model, logits SQNR, prefill, generate() timings
+    and the keys it merges into the benchmark JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benches" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "modules.json"
+    out.write_text(json.dumps({"gpu": "x", "targets": {"decode_speedup_b1": 1.5}}))
+    rc = mod.main(["--device", "cpu", "--tiny", "--layers", "1", "--moe-layers", "1", "--backend", "none",
+                   "--n1", "2", "--n2", "4", "--prefill", "16", "--prompt", "4", "--batches", "1,2",
+                   "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["gpu"] == "x" and not rep["e2e"]["errors"], rep["e2e"]["errors"]
+    assert set(rep["e2e"]["models"]) == {"llama8b", "qwen3moe"}
+    for key in ("prefill_speedup_16", "moe_prefill_speedup_16", "logits_sqnr_8b", "logits_sqnr_moe"):
+        assert rep[key] is not None and rep[key] > 0, key
+    assert rep["logits_sqnr_8b"] > 20 and rep["logits_sqnr_moe"] > 15
+    assert "decode_speedup_b1" in rep["targets_met"]
+    llama = rep["e2e"]["models"]["llama8b"]
+    assert all(f"decode_b{b}_{t}" in llama or f"decode_b{b}_{t}_error" in llama for b in (1, 2)
+               for t in ("bf16", "fp8"))
+    assert rc in (0, 1)

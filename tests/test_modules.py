@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from fastfp8 import ops
 from fastfp8.kernels import act_quant as aq
+from fastfp8.kernels import common
+from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
+from fastfp8.kernels.moe import sort as ksort
 from fastfp8.modules import Fp8Linear, Fp8MoE
 from fastfp8.quant import quantize_channelwise
 
@@ -376,7 +379,8 @@ def test_torch_compile_inductor_cpu():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from fastfp8.kernels import act_quant as aq, gemv as gv, moe as km
+    from fastfp8.kernels import act_quant as aq, common, gemm as gm, gemv as gv, moe as km
+    from fastfp8.kernels.moe import sort as ksort
     from fastfp8.quant import quantize_channelwise
     from test_modules import gen, sqnr, same_bytes, moe_case
 
@@ -433,10 +437,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         g = gen("interp-sort", t, e, k)
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
         o1, t1, f1 = km.sort_tokens_torch(ids, e)
-        o2, t2, f2, _, _ = km._sort_triton(ids, e, 1, pad=False)
+        o2, t2, f2, _, _ = ksort._sort_triton(ids, e, 1, pad=False)
         assert torch.equal(o1, o2) and torch.equal(t1, t2) and torch.equal(f1, f2)
         s1, e1, n1 = km.align_tokens_torch(ids, e, bm)
-        s2, _, _, e2, n2 = km._sort_triton(ids.int(), e, bm, pad=True)
+        s2, _, _, e2, n2 = ksort._sort_triton(ids.int(), e, bm, pad=True)
         n = int(n1)
         assert int(n2) == n and torch.equal(s1[:n], s2[:n]) and torch.equal(e1[: n // bm], e2[: n // bm])
 
@@ -447,17 +451,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         w = torch.rand(t, k, generator=g)
         order, _, _ = km.sort_tokens(ids, 16)
         y = torch.randn(t * k, h, generator=g).to(torch.bfloat16)
-        ref = km._combine(y, order, w, t, k, woi)
+        ref = ksort._combine(y, order, w, t, k, woi)
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel())
         out = torch.full((t, h), float("nan"), dtype=torch.bfloat16)
-        bh = min(1024, km.triton.next_power_of_2(max(h, 16)))
-        km._combine_kernel[(t, km.triton.cdiv(h, bh))](y, inv, w.reshape(-1).contiguous(), out, h, y.stride(0),
+        bh = min(1024, ksort.triton.next_power_of_2(max(h, 16)))
+        ksort._combine_kernel[(t, ksort.triton.cdiv(h, bh))](y, inv, w.reshape(-1).contiguous(), out, h, y.stride(0),
                                                        out.stride(0), K=k, HAS_W=not woi, BLOCK_H=bh)
         assert sqnr(out, ref) > 45
 
     # fused MoE kernel: W8A16 and W8A8, weights on the output and on the input
-    km.POISON = True
+    common.POISON = True
     for t, e, k, h, i, woi in [(5, 4, 2, 64, 32, False), (33, 8, 2, 64, 48, False), (7, 4, 1, 64, 32, True),
                                (40, 16, 4, 128, 64, False), (1, 4, 2, 32, 32, False), (3, 32, 2, 64, 32, False)]:
         x, w13, w2, router = moe_case(t, e, k, h, i)
@@ -474,6 +478,21 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         small = (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1),) * 2
         y8b = km.moe_triton(x, ids, w, q13, s13, q2, s2, weights_on_input=woi, a8=True, configs=small)
         assert sqnr(y8b, y8) > 40
+        n += 1
+
+    # the W8A8 GEMM ("tile", split-K included) against its fp32 reference, outputs poisoned
+    for m, nn_, k, cfg, bias in [(5, 64, 128, ("tile", 16, 32, 32, 4, 1, 4, 2), False),
+                                 (33, 96, 100, ("tile", 16, 32, 32, 2, 2, 4, 2), True),
+                                 (20, 40, 64, ("tile", 16, 16, 32, 1, 1, 4, 2), True)]:
+        g = gen("interp-gemm", m, nn_, k)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        w = (torch.randn(nn_, k, generator=g) * 64).clamp(-448, 448).to(FP8)
+        ws = torch.rand(nn_, generator=g) / 64 + 1e-3
+        b = torch.randn(nn_, generator=g).to(torch.bfloat16) if bias else None
+        q, s = aq.act_quant_reference(x)
+        y = gm.fp8_gemm(q, s, w, ws, b, config=cfg)
+        ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
+        assert sqnr(y, ref) > 45, (m, nn_, k, cfg, sqnr(y, ref))
         n += 1
     print("OK", n)
     """
@@ -562,13 +581,16 @@ def test_gemv_kernel(m, n, k, bias):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("backend", ["gemv", "scaled_mm", "fallback"])
+@pytest.mark.parametrize("backend", ["gemv", "scaled_mm", "tile", "tma", "fallback"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336), (1024, 6144, 4096),
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     if backend == "gemv" and m > 16:
         pytest.skip("the GEMV serves M <= 16")
+    if backend == "tma" and not gm.tma_supported(torch.device("cuda")):
+        pytest.skip("the TMA GEMM needs sm90")
+    monkeypatch.setattr(common, "POISON", True)
     monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", backend)
     x, lin = linear_case(m, n, k, bias=bias, device="cuda")
     f = Fp8Linear.from_linear(lin)
@@ -577,7 +599,7 @@ def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     ref = lin(x)
     assert y.dtype == BF16 and y.shape == (m, n)
     assert sqnr(y, ref) >= LAYER_SQNR_DB
-    if backend == "scaled_mm":  # against an emulation: per-token quantization + fp32 matmul
+    if backend in ("scaled_mm", "tile", "tma"):  # against an emulation: per-token quantization + fp32 matmul
         q, s = aq.act_quant_reference(x)
         emu = (q.float() * s) @ (f.weight.float() * f.weight_scale).t() + (f.bias.float() if bias else 0)
         assert sqnr(y, emu) > 40
@@ -621,7 +643,7 @@ def _backends():
 @pytest.mark.parametrize("case", MOE_CUDA_CASES)
 @pytest.mark.parametrize("routing", ["softmax_topk", "llama4"])
 def test_moe_backends_cuda(case, routing, monkeypatch):
-    monkeypatch.setattr(km, "POISON", True)
+    monkeypatch.setattr(common, "POISON", True)
     t, e, k, h, i = case
     if routing == "llama4":
         k = 1
@@ -653,13 +675,13 @@ def test_token_sort_cuda():
     for t, e, k, bm in [(1, 8, 2, 16), (16, 128, 8, 16), (4096, 128, 8, 64), (3000, 8, 2, 32), (5, 64, 8, 128)]:
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
         o1, t1, f1 = km.sort_tokens_torch(ids, e)
-        o2, t2, f2, _, _ = km._sort_triton(ids, e, 1, pad=False)
+        o2, t2, f2, _, _ = ksort._sort_triton(ids, e, 1, pad=False)
         assert torch.equal(o1, o2) and torch.equal(t1, t2) and torch.equal(f1, f2)
         s1, e1, n1 = km.align_tokens_torch(ids, e, bm)
-        s2, _, _, e2, n2 = km._sort_triton(ids, e, bm, pad=True)
+        s2, _, _, e2, n2 = ksort._sort_triton(ids, e, bm, pad=True)
         n = int(n1)
         assert int(n2) == n and torch.equal(s1[:n], s2[:n]) and torch.equal(e1[: n // bm], e2[: n // bm])
-    assert km._TRITON_SORT  # no fallback happened
+    assert ksort._TRITON_SORT  # no fallback happened
 
 
 @cuda

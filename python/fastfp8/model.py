@@ -23,9 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .kernels.common import FP8
 from .modules import Fp8Linear, Fp8MoE
-
-FP8 = torch.float8_e4m3fn
 
 __all__ = ["Fp8Llama4TextMoe", "Fp8SparseMoeBlock", "build_quantized_model", "quantize_model"]
 

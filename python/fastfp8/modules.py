@@ -18,9 +18,8 @@ from torch import nn
 
 from . import ops
 from .kernels import moe as _moe
+from .kernels.common import FP8
 from .quant import quantize_channelwise
-
-FP8 = torch.float8_e4m3fn
 
 __all__ = ["Fp8Linear", "Fp8MoE"]
 

@@ -6,7 +6,7 @@ so that ``torch.compile`` (``fullgraph=True`` included) and CUDA graphs see opaq
 - ``torch.ops.fastfp8.gemv(x, weight, weight_scale, bias?) -> y``: the small-M W8A16 kernel
   (CUDA only).
 - ``torch.ops.fastfp8.linear(x, weight, weight_scale, bias?) -> y``: ``Fp8Linear``'s forward
-  for ``x [..., K]``, dispatching on the device (see :func:`fp8_linear`).
+  for ``x [..., K]``, dispatching on the device and the shape (see :func:`fp8_linear`).
 - ``torch.ops.fastfp8.moe(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
   weights_on_input, backend) -> y``: the routed experts (:func:`fastfp8.kernels.moe.fused_moe`).
 
@@ -16,50 +16,63 @@ on torch 2.8 through the newest.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import act_quant as _aq
+from .kernels import gemm as _gemm
 from .kernels import gemv as _gemv
+from .kernels import linear_table as _table
 from .kernels import moe as _moe
+from .kernels.common import FP8, capability, fp8_supported, triton
 
-FP8 = torch.float8_e4m3fn
 _NS = "fastfp8"
 
-__all__ = ["fp8_linear", "fp8_linear_fallback", "linear_backend", "moe_experts"]
+__all__ = ["fp8_linear", "fp8_linear_fallback", "linear_backend", "linear_choice", "moe_experts"]
 
-
-@functools.cache
-def _fp8_cuda(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 9)
+_FORCED = ("gemv", "scaled_mm", "tile", "tma", "fallback")
 
 
 def _fast_path(x: torch.Tensor) -> bool:
-    if not x.is_cuda or _aq.triton is None:
-        return False
-    return _fp8_cuda(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return x.is_cuda and triton is not None and fp8_supported(x.device)
 
 
-def linear_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which path :func:`fp8_linear` takes for ``x``: ``"gemv"``, ``"scaled_mm"`` or
-    ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces one (where it can run)."""
+def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | None]:
+    """``(backend, config)`` that :func:`fp8_linear` uses for ``x [..., K]`` and ``weight [N, K]``:
+    ``"gemv"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection table,
+    :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces
+    one of them where it can run (``tile``/``tma`` with a default tile)."""
     forced = os.environ.get("FASTFP8_LINEAR_BACKEND", "")
     if forced == "fallback" or not _fast_path(x):
-        return "fallback"
+        return "fallback", None
     n, k = weight.shape
     m = x.numel() // k if k else 0
     gemv_ok = x.dtype in (torch.bfloat16, torch.float16)
     mm_ok = k % 16 == 0 and n % 16 == 0
-    if forced == "gemv" and gemv_ok and m <= 16:
-        return "gemv"
-    if forced == "scaled_mm" and mm_ok:
-        return "scaled_mm"
-    if gemv_ok and m <= _gemv.GEMV_MAX_M:
-        return "gemv"
-    return "scaled_mm" if mm_ok else "fallback"
+    if forced in _FORCED:
+        if forced == "gemv" and gemv_ok and m <= 16:
+            return "gemv", None
+        if forced == "scaled_mm" and mm_ok:
+            return "scaled_mm", None
+        if forced == "tile" or (forced == "tma" and mm_ok and _gemm.tma_supported(x.device)):
+            return forced, _gemm.default_config(m, n, k, forced)
+    backend, cfg = _table.select(m, n, k, capability(x.device))
+    if backend == "gemv" and not (gemv_ok and m <= 16):
+        backend, cfg = "scaled_mm", None
+    if backend == "tma" and not (mm_ok and _gemm.tma_supported(x.device)):
+        backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
+    if backend == "scaled_mm" and not mm_ok:
+        backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
+    if backend in ("tile", "tma") and cfg is None:
+        cfg = _gemm.default_config(m, n, k, backend)
+    return backend, cfg
+
+
+def linear_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The backend name of :func:`linear_choice`."""
+    return linear_choice(x, weight)[0]
 
 
 def fp8_linear_fallback(
@@ -70,24 +83,40 @@ def fp8_linear_fallback(
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 
 
+def _gemv_config(cfg, m):
+    if cfg is None:
+        return None
+    bn, bk, nw, ns = cfg
+    if m > 1:
+        bn = max(bn, 16)  # the dot variant needs 16 columns
+    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, USE_DOT=m > 1)
+
+
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x [..., K] @ (weight [N, K] * weight_scale [N, 1]).T + bias``, in ``x.dtype``.
 
-    CUDA sm89+: ``M <= 16`` rows of bf16/fp16 go to the W8A16 GEMV kernel; otherwise the
-    fused per-token activation quantization, then ``torch._scaled_mm`` rowwise with fast
-    accumulation (bf16 out, bias added after). Elsewhere: :func:`fp8_linear_fallback`.
+    CUDA sm89+: the path of the selection table (:func:`linear_choice`): the W8A16 GEMV
+    kernel for a few rows (bf16/fp16), else the fused per-token activation quantization
+    followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias added after) or by the
+    Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere: :func:`fp8_linear_fallback`.
     """
-    backend = linear_backend(x, weight)
+    backend, cfg = linear_choice(x, weight)
     if backend == "fallback":
         return fp8_linear_fallback(x, weight, weight_scale, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
     if backend == "gemv":
-        y = _gemv.fp8_gemv(x2, weight, weight_scale, bias)
+        y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=_gemv_config(cfg, x2.shape[0]))
+        return y.reshape(*x.shape[:-1], n)
+    q, s = _aq.triton_act_quant(x2)
+    if backend in ("tile", "tma"):
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        y = _gemm.fp8_gemm(q, s, weight, weight_scale, bias, config=cfg, out_dtype=out_dtype)
     else:
-        q, s = _aq.triton_act_quant(x2)
         scale_b = weight_scale.reshape(1, n)
         if scale_b.dtype != torch.float32:
             scale_b = scale_b.float()
@@ -95,8 +124,8 @@ def fp8_linear(
                              use_fast_accum=True)
         if bias is not None:
             y.add_(bias.to(y.dtype))
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 

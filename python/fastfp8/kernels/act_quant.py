@@ -30,8 +30,9 @@ import contextlib
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from . import common
+from .common import FP8, FP8_MAX, fp8_supported, tl, triton
+
 #: The smallest per-token scale (vLLM's ``1 / (448 * 512)``): rows whose amax is below
 #: ``448 * SCALE_FLOOR`` (including all-zero rows) use this scale.
 SCALE_FLOOR = 1.0 / (FP8_MAX * 512.0)
@@ -118,13 +119,6 @@ def _empty_outputs(x, cols, out, scale_out):
 # ---------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton: the reference does everything
-    triton = None
-    tl = None
 
 if triton is not None:
 
@@ -249,8 +243,8 @@ def triton_act_quant(
         x = x.contiguous()
     rows = x.shape[0]
     cols = x.shape[1] // 2 if gated else x.shape[1]
-    q = out if out is not None else torch.empty((rows, cols), dtype=FP8, device=x.device)
-    s = scale_out if scale_out is not None else torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    q = out if out is not None else common.empty((rows, cols), FP8, x.device)
+    s = scale_out if scale_out is not None else common.empty((rows, 1), torch.float32, x.device)
     if tuple(q.shape) != (rows, cols) or q.dtype != FP8 or (cols > 1 and q.stride(1) != 1):
         raise ValueError(f"out must be a row-contiguous float8_e4m3fn [{rows}, {cols}] tensor")
     if tuple(s.shape) != (rows, 1) or s.dtype != torch.float32 or not s.is_contiguous():
@@ -281,17 +275,6 @@ def triton_act_quant(
 def act_quant(x: torch.Tensor, *, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token dynamic quantization: the Triton kernel on CUDA devices with fp8
     conversions (sm89+), the torch reference elsewhere."""
-    if x.is_cuda and triton is not None and _has_fp8(x.device):
+    if x.is_cuda and triton is not None and fp8_supported(x.device):
         return triton_act_quant(x, gated=gated)
     return gated_act_quant_reference(x) if gated else act_quant_reference(x)
-
-
-_FP8_DEVICES: dict[int, bool] = {}
-
-
-def _has_fp8(device: torch.device) -> bool:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _FP8_DEVICES.get(idx)
-    if ok is None:
-        ok = _FP8_DEVICES[idx] = torch.version.hip is None and torch.cuda.get_device_capability(idx) >= (8, 9)
-    return ok

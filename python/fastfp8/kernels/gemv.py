@@ -24,7 +24,9 @@ import os
 
 import torch
 
-FP8 = torch.float8_e4m3fn
+from . import common
+from .common import FP8, tl, triton
+
 #: Largest M the GEMV kernel serves by default (``Fp8Linear`` switches to ``_scaled_mm`` above).
 GEMV_MAX_M = int(os.environ.get("FASTFP8_GEMV_MAX_M", "16"))
 
@@ -42,13 +44,6 @@ def fp8_gemv_reference(
         y = y + bias.float()
     return y.to(x.dtype)
 
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-    tl = None
 
 if triton is not None:
 
@@ -175,7 +170,7 @@ def fp8_gemv(
         raise ValueError(f"scale must hold {n} values, got {scale.numel()}")
     if not scale.is_contiguous():
         scale = scale.contiguous()
-    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = out if out is not None else common.empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y
     if k == 0:

@@ -1,0 +1,305 @@
+"""End-to-end benchmark: a transformers model built by ``build_quantized_model`` (FP8) against
+the same model in bf16: greedy decode tokens/s (CUDA graphs) and prefill time.
+
+On the GPU machine (from the repo root), after ``bench_modules.py`` wrote its JSON::
+
+    python benches/bench_decode.py --out benches/results/modules_h200.json
+
+The bf16 model is built with random weights directly on the GPU (``from_config``), written
+as a bf16 checkpoint (``save_pretrained``, under ``/dev/shm`` when it has room), and
+``build_quantized_model`` builds the FP8 model from that checkpoint (meta device, weights
+streamed and quantized by ``load_quantized``). Both models then run:
+
+- logits SQNR of FP8 against bf16 on a 128-token prompt (last position and all positions),
+- prefill: one forward of ``--prefill`` tokens (batch 1, ``logits_to_keep=1``), eager,
+  median of 3 after a warm-up,
+- decode: ``generate()`` greedy with a static cache, which transformers compiles
+  (``CompileConfig(backend=--backend, mode="reduce-overhead")``: CUDA graphs). Time per
+  step = (time of ``generate(n2)`` - time of ``generate(n1)``) / (n2 - n1), so that the
+  prompt and the first call's compilation drop out; tokens/s = batch / time per step.
+
+Models: ``llama8b`` (Llama-3-8B shapes, 32 layers) and ``qwen3moe`` (Qwen3-30B-A3B shapes,
+``--moe-layers`` of its 48 layers so that both copies and the checkpoint fit). Merges
+``decode_speedup_b1``, ``decode_speedup_b32``, ``prefill_speedup_4096``,
+``logits_sqnr_8b`` (and ``moe_*`` counterparts) and an ``e2e`` section into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import fastfp8  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+BF16 = torch.bfloat16
+
+
+def llama8b_config(layers: int, tiny: bool = False):
+    from transformers import LlamaConfig
+
+    h, i, heads, kv, vocab = (256, 512, 4, 2, 1000) if tiny else (4096, 14336, 32, 8, 128256)
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=None,
+                       pad_token_id=0)
+
+
+def qwen3moe_config(layers: int, tiny: bool = False):
+    from transformers import Qwen3MoeConfig
+
+    h, i, e, heads, kv, vocab = (256, 128, 8, 4, 2, 1000) if tiny else (2048, 768, 128, 32, 4, 151936)
+    cfg = Qwen3MoeConfig(hidden_size=h, intermediate_size=3 * h, moe_intermediate_size=i, num_experts=e,
+                         num_experts_per_tok=2 if tiny else 8, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=128 if not tiny else 64, vocab_size=vocab,
+                         max_position_embeddings=8192,
+                         rope_theta=1000000.0, tie_word_embeddings=False, norm_topk_prob=True, decoder_sparse_step=1,
+                         mlp_only_layers=[], bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    if hasattr(cfg, "_experts_implementation"):  # the bf16 baseline: grouped GEMMs, not a loop over experts
+        with contextlib.suppress(Exception):
+            cfg._experts_implementation = "grouped_mm"
+    return cfg
+
+
+def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    err = (out - ref).pow(2).sum()
+    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
+
+
+DEVICE = torch.device("cuda")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sync_time(fn) -> float:
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t
+
+
+def _prep_generation(model) -> None:
+    from transformers import GenerationConfig
+
+    gc_ = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=0,
+                           cache_implementation="static")
+    model.generation_config = gc_
+
+
+def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str, vocab: int) -> dict[str, float]:
+    """Seconds per greedy decode step (CUDA graphs via transformers' auto-compile)."""
+    from transformers import CompileConfig
+
+    g = torch.Generator(device=DEVICE).manual_seed(batch)
+    ids = torch.randint(1, vocab, (batch, prompt), device=DEVICE, generator=g)
+    mask = torch.ones_like(ids)
+    kw: dict[str, Any] = {}
+    if backend == "none":
+        kw["disable_compile"] = True
+    else:
+        kw["compile_config"] = CompileConfig(backend=backend, fullgraph=False,
+                                             mode="reduce-overhead" if backend == "inductor" else None)
+
+    def gen(n):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              cache_implementation="static", do_sample=False, **kw)
+
+    t0 = time.perf_counter()
+    out = gen(n2)  # compiles (and captures the graphs of) the decode step
+    _sync()
+    first = time.perf_counter() - t0
+    assert out.shape[1] == prompt + n2, out.shape
+    gen(n1)
+    t1 = statistics.median(_sync_time(lambda: gen(n1)) for _ in range(3))
+    t2 = statistics.median(_sync_time(lambda: gen(n2)) for _ in range(3))
+    step = (t2 - t1) / (n2 - n1)
+    if step <= 0:
+        raise RuntimeError(f"timing noise: generate({n2}) took {t2:.4f} s, generate({n1}) {t1:.4f} s")
+    return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2}
+
+
+def prefill_s(model, tokens: int, vocab: int) -> float:
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    ids = torch.randint(1, vocab, (1, tokens), device=DEVICE, generator=g)
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    run()
+    return statistics.median(_sync_time(run) for _ in range(3))
+
+
+def logits_sqnr(fp8, bf16, vocab: int) -> dict[str, float]:
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    ids = torch.randint(1, vocab, (2, 128), device=DEVICE, generator=g)
+    with torch.no_grad():
+        a = fp8(input_ids=ids, use_cache=False).logits.float()
+        b = bf16(input_ids=ids, use_cache=False).logits.float()
+    return {"all": sqnr(a, b), "last": sqnr(a[:, -1], b[:, -1]),
+            "top1_agree": float((a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).float().mean())}
+
+
+def _workdir(need_bytes: int) -> Path:
+    for base in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            if shutil.disk_usage(base).free > need_bytes * 1.2:
+                return Path(tempfile.mkdtemp(prefix="fastfp8_e2e_", dir=base))
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(prefix="fastfp8_e2e_"))
+
+
+def run_model(name: str, config, args) -> dict[str, Any]:
+    from fastfp8.model import build_quantized_model
+    from transformers import AutoModelForCausalLM
+
+    res: dict[str, Any] = {"model": name, "layers": config.num_hidden_layers,
+                           "bf16_experts_implementation": getattr(config, "_experts_implementation", None)}
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with DEVICE:
+        bf16 = AutoModelForCausalLM.from_config(config, dtype=BF16)
+    bf16.eval().requires_grad_(False)
+    nbytes = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    res["bf16_gb"] = nbytes / 1e9
+    work = _workdir(nbytes)
+    try:
+        bf16.save_pretrained(work, max_shard_size="4GB")
+        res["write_checkpoint_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fp8 = build_quantized_model(work, device=DEVICE)
+        _sync()
+        res["build_quantized_model_s"] = time.perf_counter() - t
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["fp8_gb"] = sum(p.numel() * p.element_size() for p in fp8.parameters()) / 1e9
+    vocab = config.vocab_size
+    res["logits_sqnr"] = logits_sqnr(fp8, bf16, vocab)
+    print(f"[{name}] built: bf16 {res['bf16_gb']:.1f} GB, fp8 {res['fp8_gb']:.1f} GB, logits SQNR "
+          f"{res['logits_sqnr']}", flush=True)
+    for tag, model in (("bf16", bf16), ("fp8", fp8)):
+        res[f"prefill_{args.prefill}_ms_{tag}"] = prefill_s(model, args.prefill, vocab) * 1e3
+    pf = f"prefill_{args.prefill}_ms_"
+    res[f"prefill_speedup_{args.prefill}"] = res[pf + "bf16"] / res[pf + "fp8"]
+    print(f"[{name}] prefill {args.prefill}: bf16 {res[f'prefill_{args.prefill}_ms_bf16']:.1f} ms, fp8 "
+          f"{res[f'prefill_{args.prefill}_ms_fp8']:.1f} ms", flush=True)
+    for model in (bf16, fp8):
+        _prep_generation(model)
+    for batch in args.batches:
+        for tag, model in (("bf16", bf16), ("fp8", fp8)):
+            if time.perf_counter() - args.t0 > args.budget_s:
+                res[f"decode_b{batch}_{tag}_error"] = f"skipped: past --budget-s {args.budget_s}"
+                continue
+            try:
+                d = decode_step_s(model, batch, args.prompt, args.n1, args.n2, args.backend, vocab)
+            except Exception as e:
+                traceback.print_exc()
+                res[f"decode_b{batch}_{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
+            res[f"decode_b{batch}_{tag}"] = d
+            print(f"[{name}] decode b={batch} {tag}: {d['step_ms']:.2f} ms/step, {d['tokens_per_s']:.0f} tok/s "
+                  f"(first call {d['first_call_s']:.0f} s)", flush=True)
+        if f"decode_b{batch}_bf16" in res and f"decode_b{batch}_fp8" in res:
+            res[f"decode_speedup_b{batch}"] = (res[f"decode_b{batch}_bf16"]["step_ms"]
+                                               / res[f"decode_b{batch}_fp8"]["step_ms"])
+    del bf16, fp8
+    gc.collect()
+    torch._dynamo.reset()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benches/results/modules_h200.json", help="JSON to merge the figures into")
+    ap.add_argument("--models", default="llama8b,qwen3moe")
+    ap.add_argument("--layers", type=int, default=32, help="llama8b layers (32 = Llama-3-8B)")
+    ap.add_argument("--moe-layers", type=int, default=12, help="qwen3moe layers (Qwen3-30B-A3B has 48)")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--n1", type=int, default=16)
+    ap.add_argument("--n2", type=int, default=80)
+    ap.add_argument("--prefill", type=int, default=4096)
+    ap.add_argument("--backend", default="inductor",
+                    help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (smoke test)")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="start no new model or decode measurement after this many seconds")
+    args = ap.parse_args(argv)
+    args.t0 = time.perf_counter()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    e2e: dict[str, Any] = {"transformers": transformers.__version__, "backend": args.backend, "prompt": args.prompt,
+                           "device": str(DEVICE), "tiny": args.tiny,
+                           "n1": args.n1, "n2": args.n2, "models": {}, "errors": []}
+    t0 = args.t0
+    for name in args.models.split(","):
+        if time.perf_counter() - t0 > args.budget_s:
+            e2e["errors"].append(f"{name}: skipped, past --budget-s {args.budget_s}")
+            continue
+        if name == "llama8b":
+            cfg = llama8b_config(args.layers, args.tiny)
+        else:
+            cfg = qwen3moe_config(args.moe_layers, args.tiny)
+        try:
+            r = run_model(name, cfg, args)
+        except Exception as e:
+            traceback.print_exc()
+            e2e["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:500]}")
+            continue
+        e2e["models"][name] = r
+        prefix = "" if name == "llama8b" else "moe_"
+        for b in args.batches:
+            report[f"{prefix}decode_speedup_b{b}"] = r.get(f"decode_speedup_b{b}")
+        report[f"{prefix}prefill_speedup_{args.prefill}"] = r.get(f"prefill_speedup_{args.prefill}")
+        report["logits_sqnr_8b" if name == "llama8b" else "logits_sqnr_moe"] = r["logits_sqnr"]["all"]
+    e2e["wall_s"] = time.perf_counter() - t0
+    report["e2e"] = e2e
+    targets = report.get("targets") or {"decode_speedup_b1": 1.5, "prefill_speedup_4096": 1.5}
+    met = report.setdefault("targets_met", {})
+    for k, v in targets.items():
+        if k in report:
+            met[k] = report[k] is not None and report[k] >= v
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps({k: v for k, v in report.items() if "speedup" in k or "sqnr" in k}, indent=1, default=str))
+    print(f"e2e wall {e2e['wall_s']:.0f} s; merged into {out}", flush=True)
+    return 1 if e2e["errors"] else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Sweep of the FP8 linear paths per shape, the source of ``fastfp8/kernels/linear_table.py``.
+
+On the GPU machine (from the repo root)::
+
+    python benches/tune_linear.py --out $OUT/tune_linear.json        # ~3 min on an H200
+    python benches/tune_linear.py --table tune_linear.json            # here: JSON -> linear_table.py
+
+For every ``(N, K)`` of :data:`SHAPES` and every ``M`` of :data:`MS`, times (CUDA graphs,
+weights rotated past L2, ``do_bench`` medians) bf16 ``F.linear`` and each fp8 candidate,
+activation quantization included where the candidate needs it: the GEMV kernel (W8A16,
+M <= 16), fused act-quant + ``torch._scaled_mm`` rowwise, fused act-quant + the Triton GEMM
+(``"tile"`` and ``"tma"`` configs). Each candidate's output is first checked against an fp32
+emulation (a failure drops it). The JSON is written after every shape, so a run cut short
+keeps what it measured. ``--table`` picks the fastest candidate per ``(N, K, M)`` and writes
+the table module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+try:
+    import fastfp8  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+BF16 = torch.bfloat16
+FP8 = torch.float8_e4m3fn
+SHAPES = [  # (N, K), most used first: Llama-3-8B / Mixtral attention and MLP, Llama-3-70B, Qwen3 dense and MoE
+    (14336, 4096), (4096, 4096), (1024, 4096), (4096, 14336), (6144, 4096),
+    (28672, 8192), (8192, 28672), (8192, 8192), (10240, 8192), (1024, 8192),
+    (12288, 4096), (4096, 12288), (4096, 2048), (512, 2048), (5120, 2048), (2048, 4096),
+]
+MS = [1, 16, 32, 64, 128, 256, 1024, 4096, 8192]
+ROTATE_BYTES = 120 << 20
+GEMV_M1 = [(8, 1024, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (16, 1024, 8, 3)]
+GEMV_M16 = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3)]
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)
+TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
+TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
+TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1, 8, 3)]
+TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4),
+       ("tma", 64, 128, 128, 8, 1, 4, 4)]
+
+
+def candidates(m: int) -> list:
+    """What is tried for ``M`` rows (no duplicates)."""
+    out: list = [("scaled_mm",)]
+    if m == 1:
+        out += [("gemv", *c) for c in GEMV_M1]
+    elif m <= 16:
+        out += [("gemv", *c) for c in GEMV_M16]
+    if m <= 32:
+        out += TILE_SMALL
+    if 16 < m <= 512:
+        out += TILE_MID
+    if m >= 128:
+        out += TILE_LARGE + TMA
+    return list(dict.fromkeys(out))
+
+
+def sqnr(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    err = (out - ref).pow(2).sum()
+    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
+
+
+def timeit(fns, rep_ms: int) -> float:
+    from triton.testing import do_bench
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    ms = do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median")
+    return ms * 1e3 / len(fns)
+
+
+def run_case(n, k, m, ws, sws, wbs, rep_ms):
+    from fastfp8.kernels import act_quant as aq
+    from fastfp8.kernels import gemm as gm
+    from fastfp8.kernels import gemv as gv
+
+    copies = len(ws)
+    xs = [torch.randn(m, k, device="cuda", dtype=BF16) for _ in range(copies)]
+    q0, s0 = aq.triton_act_quant(xs[0])
+    emu8 = gm.fp8_gemm_reference(q0, s0, ws[0], sws[0], out_dtype=torch.float32)
+    emu16 = gv.fp8_gemv_reference(xs[0].float(), ws[0], sws[0])
+    res = {"N": n, "K": k, "M": m, "copies": copies, "us": {}, "sqnr": {}, "err": {}}
+    res["us"]["bf16"] = timeit([lambda i=i: torch.nn.functional.linear(xs[i], wbs[i]) for i in range(copies)], rep_ms)
+    for cand in candidates(m):
+        name = "/".join(str(c) for c in cand)
+        try:
+            if cand[0] == "scaled_mm":
+                def f(i):
+                    q, s = aq.triton_act_quant(xs[i])
+                    return torch._scaled_mm(q, ws[i].t(), scale_a=s, scale_b=sws[i].reshape(1, n),
+                                            out_dtype=BF16, use_fast_accum=True)
+                ref = emu8
+            elif cand[0] == "gemv":
+                cfg = dict(BLOCK_N=cand[1], BLOCK_K=cand[2], num_warps=cand[3], num_stages=cand[4], USE_DOT=m > 1)
+
+                def f(i, cfg=cfg):
+                    return gv.fp8_gemv(xs[i], ws[i], sws[i], config=cfg)
+                ref = emu16
+            else:
+                def f(i, cand=cand):
+                    q, s = aq.triton_act_quant(xs[i])
+                    return gm.fp8_gemm(q, s, ws[i], sws[i], config=cand)
+                ref = emu8
+            db = sqnr(f(0), ref)
+            res["sqnr"][name] = db
+            if not db >= 35:
+                res["err"][name] = f"sqnr {db:.1f}"
+                continue
+            res["us"][name] = timeit([lambda i=i, f=f: f(i) for i in range(copies)], rep_ms)
+        except Exception as e:  # a config that does not compile or fit: skip it
+            res["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+    fp8 = {c: us for c, us in res["us"].items() if c != "bf16"}
+    best = min(fp8, key=fp8.get) if fp8 else None
+    res["best"] = best
+    res["speedup"] = res["us"]["bf16"] / fp8[best] if best else None
+    res["speedup_scaled_mm"] = res["us"]["bf16"] / fp8["scaled_mm"] if "scaled_mm" in fp8 else None
+    return res
+
+
+def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float) -> None:
+    from fastfp8.quant import quantize_channelwise
+
+    t0 = time.monotonic()
+    cap = torch.cuda.get_device_capability()
+    report = {"gpu": torch.cuda.get_device_name(), "sm": f"{cap[0]}.{cap[1]}",
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+              "torch": torch.__version__, "cases": [], "errors": []}
+    for n, k in shapes:
+        copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k))))
+        wbs = [torch.randn(n, k, device="cuda", dtype=BF16) / math.sqrt(k) for _ in range(copies)]
+        qs = [quantize_channelwise(w, rounding="fp32") for w in wbs]
+        ws = [q for q, _ in qs]
+        sws = [s.float().reshape(n) for _, s in qs]
+        for m in ms:
+            if time.monotonic() - t0 > budget_s:
+                report["errors"].append(f"budget: stopped before N={n} K={k} M={m}")
+                break
+            try:
+                r = run_case(n, k, m, ws, sws, wbs, rep_ms)
+            except Exception as e:
+                traceback.print_exc()
+                report["errors"].append(f"N={n} K={k} M={m}: {type(e).__name__}: {e}")
+                continue
+            report["cases"].append(r)
+            print(f"N={n:6d} K={k:6d} M={m:5d} bf16 {r['us']['bf16']:8.1f}  best {r['best']} "
+                  f"{r['us'].get(r['best'], float('nan')):8.1f} x{r['speedup'] or 0:5.2f}  "
+                  f"scaled_mm x{r['speedup_scaled_mm'] or 0:5.2f}  errs {len(r['err'])}  "
+                  f"t={time.monotonic() - t0:.0f}s", flush=True)
+        wbs = ws = qs = None
+        torch.cuda.empty_cache()
+        out_path.write_text(json.dumps(report, indent=1))
+    out_path.write_text(json.dumps(report, indent=1))
+
+
+# ---------------------------------------------------------------------------------------
+# sweep JSON -> selection table
+# ---------------------------------------------------------------------------------------
+
+TABLE_OUT = Path(__file__).resolve().parents[1] / "python" / "fastfp8" / "kernels" / "linear_table.json"
+
+
+def _row_of(name: str) -> tuple[str, list | None]:
+    """A candidate's name in the sweep -> ``(backend, config)`` of the table."""
+    parts = name.split("/")
+    if parts[0] == "scaled_mm":
+        return "scaled_mm", None
+    if parts[0] == "gemv":
+        return "gemv", [int(v) for v in parts[1:]]
+    return parts[0], [parts[0], *(int(v) for v in parts[1:])]
+
+
+def _pick(case: dict, margin: float) -> str | None:
+    """The fastest checked candidate; a Triton GEMM must beat the known paths (GEMV,
+    ``_scaled_mm``) by ``margin`` to be chosen."""
+    us = {c: v for c, v in case["us"].items() if c != "bf16"}
+    if not us:
+        return None
+    known = {c: v for c, v in us.items() if c == "scaled_mm" or c.startswith("gemv/")}
+    best = min(us, key=us.get)
+    if known:
+        best_known = min(known, key=known.get)
+        if best not in known and us[best] * (1 + margin) > known[best_known]:
+            return best_known
+    return best
+
+
+def _rows(picks: list[tuple[int, str]]) -> list[list]:
+    """``[(M sample, candidate)]`` sorted by M -> table rows, equal neighbours merged; the
+    last row is open. A GEMV row never serves more than 16 rows."""
+    rows: list[list] = []
+    for i, (m, cand) in enumerate(picks):
+        backend, cfg = _row_of(cand)
+        m_max = None if i == len(picks) - 1 else m
+        if backend == "gemv" and (m_max is None or m_max > 16):
+            backend, cfg = "scaled_mm", None
+        if rows and rows[-1][1:] == [backend, cfg]:
+            rows[-1][0] = m_max
+        else:
+            rows.append([m_max, backend, cfg])
+    return rows
+
+
+def make_table(sweep_json: dict, *, margin: float = 0.03) -> dict:
+    """The selection table (``linear_table.json``) from a sweep: per measured ``(N, K)`` the
+    picked candidate per ``M`` sample (it serves the rows above the previous sample up to
+    its own M), and ``generic`` rows for other shapes: per ``M`` the candidate with the best
+    worst-case speedup over the shapes where it was measured."""
+    by_shape: dict[tuple[int, int], list[dict]] = {}
+    for c in sweep_json["cases"]:
+        by_shape.setdefault((c["N"], c["K"]), []).append(c)
+    entries = {}
+    summary = []
+    per_m: dict[int, dict[str, list[float]]] = {}
+    for (n, k), cases in sorted(by_shape.items()):
+        cases.sort(key=lambda c: c["M"])
+        picks = []
+        for c in cases:
+            best = _pick(c, margin)
+            if best is None:
+                continue
+            picks.append((c["M"], best))
+            summary.append(f"N={n} K={k} M={c['M']}: {best} x{c['us']['bf16'] / c['us'][best]:.2f} vs bf16")
+            for cand, us in c["us"].items():
+                if cand != "bf16":
+                    per_m.setdefault(c["M"], {}).setdefault(cand, []).append(c["us"]["bf16"] / us)
+        if picks:
+            entries[f"{n},{k}"] = _rows(picks)
+    n_shapes = {m: max(len(v) for v in d.values()) for m, d in per_m.items()}
+    generic_picks = []
+    for m in sorted(per_m):
+        full = {c: min(v) for c, v in per_m[m].items() if len(v) == n_shapes[m] and not c.startswith("tma")}
+        if full:  # tma needs 16-byte aligned rows: an unknown shape gets the tile kernel or _scaled_mm
+            generic_picks.append((m, max(full, key=full.get)))
+    return {
+        "sm": _sm(sweep_json),
+        "gpu": sweep_json.get("gpu"),
+        "date": sweep_json.get("date"),
+        "source": f"benches/tune_linear.py sweep (torch {sweep_json.get('torch')}), margin {margin}",
+        "entries": entries,
+        "generic": _rows(generic_picks) if generic_picks else [[16, "gemv", None], [None, "scaled_mm", None]],
+        "summary": summary,
+    }
+
+
+def _sm(sweep_json: dict) -> list[int]:
+    sm = sweep_json.get("sm")
+    if sm:
+        return [int(v) for v in str(sm).split(".")][:2]
+    return [9, 0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="tune_linear.json")
+    ap.add_argument("--rep-ms", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=200)
+    ap.add_argument("--table", default=None, help="a sweep JSON: write the selection table from it (no GPU needed)")
+    ap.add_argument("--table-out", default=str(TABLE_OUT), help="where --table writes (default: the packaged table)")
+    ap.add_argument("--margin", type=float, default=0.03,
+                    help="a Triton GEMM replaces _scaled_mm / the GEMV only when this much faster")
+    args = ap.parse_args(argv)
+    if args.table:
+        t = make_table(json.loads(Path(args.table).read_text()), margin=args.margin)
+        Path(args.table_out).write_text(json.dumps(t, indent=1) + "\n")
+        print(f"wrote {args.table_out}: {len(t['entries'])} shapes; generic {t['generic']}")
+        for line in t["summary"]:
+            print(line)
+        return 0
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sweep(Path(args.out), args.rep_ms, SHAPES, MS, args.budget_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

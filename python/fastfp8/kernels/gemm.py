@@ -1,0 +1,282 @@
+"""W8A8 FP8 GEMM with per-token and per-channel scales in the epilogue (Triton, Hopper first).
+
+``y = (a_q [M, K] * a_scale [M, 1]) @ (w [N, K] * w_scale [N, 1]).T + bias``, fp8 e4m3
+operands, fp32 accumulation, the two scales and the bias applied once per output tile,
+stored in ``out_dtype`` (bf16 by default). ``a_q``/``a_scale`` come from the fused per-token
+activation quantization (:func:`fastfp8.kernels.act_quant.triton_act_quant`); ``w`` is the
+per-output-channel weight, row-major, so both operands are K-major as fp8 ``wgmma`` wants.
+
+Two kernels (the selection table, :mod:`fastfp8.kernels.linear_table`, says which one and
+which tile for a shape):
+
+- ``"tile"``: one program per output tile (grouped ordering for L2 reuse), pointer loads
+  that Triton pipelines (``num_stages``), optional split-K (``SPLIT_K > 1``: each split adds
+  its scaled partial into an fp32 buffer with atomics; the bias and the cast follow). The
+  small and mid-M case, where the grid would otherwise be too small to fill the GPU.
+- ``"tma"``: persistent (one program per SM walking the tiles), operands through TMA
+  descriptors (host-side ``TensorDescriptor``), the large-M case.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) the ``"tile"`` kernel widens the operands to fp32
+(the interpreter has no fp8 dot); ``"tma"`` is GPU only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from . import common
+from .common import FP8, tl, triton
+
+__all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported"]
+
+
+@torch.no_grad()
+def fp8_gemm_reference(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """fp32 reference: ``(a_q.float() @ w.float().T) * a_scale * w_scale.T + bias``."""
+    y = a_q.float() @ w.float().t()
+    y = y * a_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+#: ``(kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)``
+GemmConfig = tuple[str, int, int, int, int, int, int, int]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_gemm_tile_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+        M, N, K, s_am, s_bn, s_cm,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EMULATE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % in_group) % size_m)
+        pid_n = (pid % in_group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        rm_s = tl.where(m_ok, rm, 0).to(tl.int64)  # clamped rows: loads stay unpredicated
+        rn_s = tl.where(n_ok, rn, 0).to(tl.int64)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm_s[:, None] * s_am + rk[None, :]
+        b_ptrs = b_ptr + rn_s[None, :] * s_bn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = (k0 - pid_k * BLOCK_K + rk) < K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if EMULATE:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * SPLIT_K
+            b_ptrs += BLOCK_K * SPLIT_K
+        sa = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+        sb = tl.load(bs_ptr + rn, mask=n_ok, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * s_cm + rn[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+
+    @triton.jit
+    def _fp8_gemm_tma_kernel(
+        a_desc, b_desc, c_desc, as_ptr, bs_ptr, bias_ptr,
+        M, N, K,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr,
+    ):
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        num_tiles = num_pid_m * num_pid_n
+        in_group = GROUP_M * num_pid_n
+        for tile in tl.range(start, num_tiles, NUM_SMS):
+            first_m = (tile // in_group) * GROUP_M
+            size_m = min(num_pid_m - first_m, GROUP_M)
+            pid_m = first_m + ((tile % in_group) % size_m)
+            pid_n = (tile % in_group) // size_m
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for ki in range(k_tiles):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                b = b_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc)
+            rm = off_m + tl.arange(0, BLOCK_M)
+            rn = off_n + tl.arange(0, BLOCK_N)
+            sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
+            sb = tl.load(bs_ptr + rn, mask=rn < N, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+def default_config(m: int, n: int, k: int, kernel: str = "tile") -> GemmConfig:
+    """A reasonable tile for ``M`` rows where the selection table names none (Hopper-sized:
+    at most 64 KiB of operands per pipeline stage)."""
+    if kernel == "tma":
+        return ("tma", 128, 128, 128, 8, 1, 8, 3) if m > 64 else ("tma", 64, 128, 128, 8, 1, 4, 4)
+    if m <= 16:
+        return ("tile", 16, 64, 128, 8, 1, 4, 4)
+    if m <= 64:
+        return ("tile", 64, 64, 128, 8, 1, 4, 4)
+    return ("tile", 128, 128, 128, 8, 1, 8, 3)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def tma_supported(device: torch.device) -> bool:
+    """The ``"tma"`` kernel runs on ``device`` (sm90+, a Triton with host tensor descriptors)."""
+    from .common import capability
+
+    return device.type == "cuda" and triton is not None and _tensor_descriptor() is not None \
+        and capability(device) >= (9, 0)
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@torch.no_grad()
+def fp8_gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``a_q [M, K]`` fp8 (row stride any, unit column stride) with fp32 ``a_scale`` (``M``
+    values) times the fp8 ``w [N, K]`` with ``w_scale`` (``N`` values, fp32), plus ``bias [N]``.
+    Returns ``[M, N]`` in ``out_dtype``. ``config``: a :data:`GemmConfig`."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m, k = a_q.shape
+    n = w.shape[0]
+    if a_q.dtype != FP8 or w.dtype != FP8 or w.shape[1] != k:
+        raise ValueError(f"a_q [M, K] and w [N, K] must be float8_e4m3fn, got {a_q.dtype} {tuple(a_q.shape)} "
+                         f"and {w.dtype} {tuple(w.shape)}")
+    kernel, bm, bn, bk, gm, split, nw, ns = config
+    if a_q.stride(1) != 1:
+        a_q = a_q.contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    sa = a_scale.reshape(-1)
+    sb = w_scale.reshape(-1)
+    if sa.dtype != torch.float32:
+        sa = sa.float()
+    if sb.dtype != torch.float32:
+        sb = sb.float()
+    if sa.numel() != m or sb.numel() != n:
+        raise ValueError(f"a_scale must hold {m} values and w_scale {n}, got {sa.numel()} and {sb.numel()}")
+    sa = sa.contiguous()
+    sb = sb.contiguous()
+    if m == 0 or n == 0 or k == 0:
+        y = torch.zeros((m, n), dtype=out_dtype, device=a_q.device)
+        return y + bias.to(out_dtype) if bias is not None and m else y
+    switch = a_q.is_cuda and a_q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(a_q.device) if switch else contextlib.nullcontext():
+        if kernel == "tma":
+            return _launch_tma(a_q, sa, w, sb, bias, out_dtype, bm, bn, bk, gm, nw, ns)
+        if kernel != "tile":
+            raise ValueError(f"unknown GEMM kernel {kernel!r}")
+        if split > 1:
+            c = torch.zeros((m, n), dtype=torch.float32, device=a_q.device)
+        else:
+            c = common.empty((m, n), out_dtype, a_q.device)
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        _fp8_gemm_tile_kernel[grid](
+            a_q, w, c, sa, sb, bias if bias is not None else sb,
+            m, n, k, a_q.stride(0), w.stride(0), c.stride(0),
+            HAS_BIAS=bias is not None,
+            SPLIT_K=split,
+            EVEN_K=k % (bk * split) == 0,
+            EMULATE=not a_q.is_cuda,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+            num_warps=nw, num_stages=ns,
+        )
+    if split > 1:
+        if bias is not None:
+            c += bias.float()
+        return c.to(out_dtype)
+    return c
+
+
+def _launch_tma(a_q, sa, w, sb, bias, out_dtype, bm, bn, bk, gm, nw, ns):
+    desc = _tensor_descriptor()
+    if desc is None:
+        raise RuntimeError("this Triton has no host tensor descriptors")
+    m, k = a_q.shape
+    n = w.shape[0]
+    if (a_q.stride(0) * a_q.element_size()) % 16 or (w.stride(0) % 16) or (n * torch.finfo(out_dtype).bits // 8) % 16:
+        raise ValueError("the TMA kernel needs 16-byte aligned row strides (K and N multiples of 16 / 8)")
+    c = common.empty((m, n), out_dtype, a_q.device)
+    a_d = desc.from_tensor(a_q, [bm, bk])
+    b_d = desc.from_tensor(w, [bn, bk])
+    c_d = desc.from_tensor(c, [bm, bn])
+    sms = _num_sms(_device_index(a_q))
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    grid = (min(sms, tiles),)
+    _fp8_gemm_tma_kernel[grid](
+        a_d, b_d, c_d, sa, sb, bias if bias is not None else sb, m, n, k,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, NUM_SMS=sms,
+        num_warps=nw, num_stages=ns,
+    )
+    return c

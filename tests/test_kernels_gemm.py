@@ -1,0 +1,155 @@
+"""The Triton FP8 GEMM (:mod:`fastfp8.kernels.gemm`) against its fp32 reference, on fresh
+random inputs, outputs poisoned (NaN) before each run. (The CPU run of the ``tile`` kernel
+under ``TRITON_INTERPRET=1`` is part of ``test_modules.test_triton_kernels_under_interpreter``.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastfp8.kernels import act_quant as aq
+from fastfp8.kernels import common
+from fastfp8.kernels import gemm as gm
+
+FP8 = torch.float8_e4m3fn
+BF16 = torch.bfloat16
+
+
+def sqnr(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    err = (out - ref).pow(2).sum()
+    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
+
+
+def gemm_case(m, n, k, *, bias, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=device, dtype=BF16)
+    w = (torch.randn(n, k, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
+    ws = torch.rand(n, generator=g, device=device) / 64 + 1e-3
+    b = torch.randn(n, generator=g, device=device, dtype=BF16) if bias else None
+    q, s = aq.act_quant(x)
+    return q, s, w, ws, b
+
+
+def check(m, n, k, cfg, *, bias, device, seed=0):
+    q, s, w, ws, b = gemm_case(m, n, k, bias=bias, device=device, seed=seed)
+    y = gm.fp8_gemm(q, s, w, ws, b, config=cfg)
+    ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
+    assert y.shape == (m, n) and y.dtype == BF16
+    assert torch.isfinite(y).all(), (m, n, k, cfg)
+    assert sqnr(y, ref) > 45, (m, n, k, cfg, sqnr(y, ref))
+
+
+def test_reference_matches_dequantized_matmul():
+    q, s, w, ws, b = gemm_case(7, 48, 64, bias=True, device="cpu")
+    ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
+    emu = (q.float() * s) @ (w.float() * ws.reshape(-1, 1)).t() + b.float()
+    torch.testing.assert_close(ref, emu, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_rejects_bad_inputs():
+    q, s, w, ws, _ = gemm_case(4, 32, 64, bias=False, device="cpu")
+    with pytest.raises(ValueError):
+        gm.fp8_gemm(q.float(), s, w, ws, config=("tile", 16, 32, 32, 1, 1, 4, 2))
+    with pytest.raises(ValueError):
+        gm.fp8_gemm(q, s[:2], w, ws, config=("tile", 16, 32, 32, 1, 1, 4, 2))
+
+
+cuda = pytest.mark.cuda
+needs_fp8 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                               reason="needs a GPU with fp8 (sm89+)")
+needs_tma = pytest.mark.skipif(not (torch.cuda.is_available() and gm.tma_supported(torch.device("cuda"))),
+                               reason="needs sm90 and Triton tensor descriptors")
+
+TILE_CONFIGS = [("tile", 16, 64, 128, 8, 1, 4, 4), ("tile", 16, 128, 128, 8, 4, 4, 4),
+                ("tile", 64, 128, 128, 8, 2, 4, 4), ("tile", 128, 256, 128, 8, 1, 8, 3),
+                ("tile", 32, 64, 128, 8, 1, 4, 4)]
+TMA_CONFIGS = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4), ("tma", 64, 128, 128, 8, 1, 4, 4)]
+ODD = [(1, 4096, 4096), (17, 1000, 4096), (300, 4096, 1040), (1024, 6144, 4096), (2, 96, 80)]
+
+
+@cuda
+@needs_fp8
+@pytest.mark.parametrize("cfg", TILE_CONFIGS)
+@pytest.mark.parametrize(("m", "n", "k"), ODD)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_tile_cuda(monkeypatch, cfg, m, n, k, bias):
+    monkeypatch.setattr(common, "POISON", True)
+    check(m, n, k, cfg, bias=bias, device="cuda", seed=m + n)
+
+
+@cuda
+@needs_fp8
+@needs_tma
+@pytest.mark.parametrize("cfg", TMA_CONFIGS)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (300, 4096, 1040), (1024, 6144, 4096), (4100, 512, 2048)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_tma_cuda(monkeypatch, cfg, m, n, k, bias):
+    monkeypatch.setattr(common, "POISON", True)
+    check(m, n, k, cfg, bias=bias, device="cuda", seed=m + 2 * n)
+
+
+def _compile_sm90(cfg, bias):
+    """Compiles one GEMM configuration for sm90 on the CPU (no GPU needed); returns its
+    shared-memory bytes. Pointers and strides are declared 16-divisible, as the launcher
+    specializes them at run time (without that Triton would not pipeline the loads)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kind, bm, bn, bk, g, sk, nw, ns = cfg
+    if kind == "tile":
+        sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
+               "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
+               "s_bn": "i32", "s_cm": "i32",
+               **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                "GROUP_M"), "constexpr")}
+        consts = {"HAS_BIAS": bias, "SPLIT_K": sk, "EVEN_K": True, "EMULATE": False, "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk, "GROUP_M": g}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)}
+        fn = gm._fp8_gemm_tile_kernel
+    else:
+        sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}]>", "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}]>",
+               "c_desc": f"tensordesc<bf16[{bm}, {bn}]>", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
+               "M": "i32", "N": "i32", "K": "i32",
+               **dict.fromkeys(("HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS"), "constexpr")}
+        consts = {"HAS_BIAS": bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "NUM_SMS": 132}
+        attrs = {}
+        fn = gm._fp8_gemm_tma_kernel
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = gm.triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns))
+    return k.metadata.shared
+
+
+def _table_gemm_configs():
+    from fastfp8.kernels import linear_table as lt
+
+    t = lt.load()
+    cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows if r[1] in ("tile", "tma")}
+    for m in (1, 32, 200):
+        cfgs.add(gm.default_config(m, 4096, 4096, "tile"))
+        cfgs.add(gm.default_config(m, 4096, 4096, "tma"))
+    return sorted(cfgs)
+
+
+def test_table_configs_compile_for_sm90_and_fit():
+    """Every GEMM configuration of the table in use (and the defaults) compiles for Hopper
+    and fits its 227 KiB of shared memory: checked here, on the CPU, before a GPU run."""
+    if gm.triton is None:
+        pytest.skip("needs Triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no offline compilation API or no tensor descriptors")
+    for cfg in _table_gemm_configs():
+        try:
+            smem = _compile_sm90(cfg, bias=True)
+        except (TypeError, AttributeError, KeyError) as e:  # another Triton's compile API
+            pytest.skip(f"offline compilation API differs: {type(e).__name__}: {e}")
+        except Exception as e:
+            if "ptxas" in str(e).lower():
+                pytest.skip(f"no ptxas here: {e}")
+            raise
+        assert smem <= 232448, (cfg, smem)
