@@ -1,6 +1,5 @@
-"""Cold loads: ``method="direct"`` (``O_DIRECT`` reads through aligned per-thread buffers)
-gives the bytes of the page-cache paths, and ``method="auto"`` picks it when the
-checkpoint is not in the page cache."""
+"""``method="direct"`` (``O_DIRECT`` reads through aligned per-thread buffers) gives the
+bytes of the page-cache paths, on cold files, at any offsets and sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import os
 import fastfp8
 import pytest
 import torch
-from fastfp8.engine import resolve_method
+from fastfp8.engine import DIRECT_THREADS, reader_threads
 from fastfp8.options import LoadOptions
 from safetensors.torch import save_file
 from test_host_quant import llama, load, same_state
@@ -23,13 +22,6 @@ def evict(paths) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def warm(paths) -> None:
-    for p in paths:
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
 
 
 @pytest.mark.parametrize("quantize_on", ["host", "device"])
@@ -56,18 +48,8 @@ def test_direct_stream_of_odd_sizes_and_offsets(tmp_path):
         assert torch.equal(got[n], t[n]), n
 
 
-def test_auto_reads_cold_checkpoints_directly(tmp_path):
-    llama(tmp_path / "m")
-    files = list(tmp_path.glob("m/*.safetensors"))
-    opts = LoadOptions.make()
-    assert opts.method == "auto"
-    with fastfp8.Checkpoint(tmp_path / "m") as ck:
-        evict(files)
-        if ck._native.cached_fraction() >= 0.5:
-            pytest.skip("this file system keeps the pages cached after POSIX_FADV_DONTNEED")
-        assert resolve_method(ck, opts) == ("direct", 32)
-        assert resolve_method(ck, opts.replace(threads=4)) == ("direct", 4)
-        warm(files)
-        assert ck._native.cached_fraction() > 0.9
-        assert resolve_method(ck, opts) == ("mmap", None)
-        assert resolve_method(ck, opts.replace(method="pread")) == ("pread", None)
+def test_direct_reads_are_deep_by_default():
+    assert reader_threads(LoadOptions.make(method="direct")) == DIRECT_THREADS
+    assert reader_threads(LoadOptions.make(method="direct", threads=4)) == 4
+    assert reader_threads(LoadOptions.make()) is None  # the native default
+    assert LoadOptions.make().method == "mmap"

@@ -21,7 +21,7 @@ size when its first bytes arrive, so allocation overlaps with reading;
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
 the outputs plus two staging buffers of the largest job quantized.
 
-Quantization on the host (``quantize_on``, default ``"auto"``): the reader threads
+Quantization on the host (``quantize_on="host"``; ``"auto"``: on a CPU device): the reader threads
 quantize the rows of every weight whose output rows lie whole and contiguous in the file
 (2-D linear weights, per-expert weights, column-parallel slices) as they read them, with the
 rounding the device kernel would use, into the pinned slots; FP8 bytes and scales cross the
@@ -76,7 +76,7 @@ class LoadStats:
     chunk_bytes: int = 0
     peak_in_flight: int = 0
     threads: int = 0
-    #: the read method used (``"auto"`` resolved)
+    #: the read method
     method: str = ""
     device: str = ""
     non_finite: list[str] = field(default_factory=list)
@@ -159,13 +159,17 @@ def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
 _HOST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def host_quant_spec(job: Job, options: LoadOptions, rounding: str) -> tuple[str, int, str] | None:
+def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch.device) -> tuple[str, int, str] | None:
     """How the reader threads quantize ``job`` on the way (``(dtype, cols, rounding)``, the
     native reader's spec), or None where the device does it: weights whose rows are not
     whole in the file's order (fused experts stored ``[in, out]``), row-parallel slices
     (their amax is all-reduced over the group first), and every weight when
-    ``quantize_on="device"`` or ``allow_non_finite`` (NaN/Inf rows keep the kernel's bytes)."""
-    if options.quantize_on == "device" or options.allow_non_finite:
+    ``quantize_on="device"``, or ``"auto"`` on a GPU, or ``allow_non_finite`` (NaN/Inf rows
+    keep the kernel's bytes)."""
+    where = options.quantize_on
+    if where == "auto":
+        where = "device" if device.type == "cuda" else "host"
+    if where == "device" or options.allow_non_finite:
         return None
     if not job.quantized or job.transpose or job.reduce or not job.shape:
         return None
@@ -182,21 +186,14 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str) -> tuple[str,
 #: reader threads of a direct (cold) read when ``threads`` is not set: each keeps one
 #: ``piece_bytes`` request in flight, so more threads make a deeper disk queue
 DIRECT_THREADS = 32
-#: ``method="auto"`` reads with ``O_DIRECT`` below this fraction of the data in the page cache
-DIRECT_BELOW_CACHED = 0.5
 
 
-def resolve_method(ckpt: Checkpoint, options: LoadOptions) -> tuple[str, int | None]:
-    """The read method and thread count for ``options`` on ``ckpt``: ``method="auto"`` is
-    ``"direct"`` when less than half of the checkpoint is in the page cache (sampled), else
-    ``"mmap"``; a direct read gets :data:`DIRECT_THREADS` threads unless ``threads`` is set."""
-    method = options.method
-    if method == "auto":
-        method = "direct" if ckpt._native.cached_fraction() < DIRECT_BELOW_CACHED else "mmap"
-    threads = options.threads
-    if method == "direct" and threads is None:
-        threads = DIRECT_THREADS
-    return method, threads
+def reader_threads(options: LoadOptions) -> int | None:
+    """The reader's thread count: ``options.threads``; else :data:`DIRECT_THREADS` for
+    ``method="direct"`` and the native default (the cores but one, at most 16) otherwise."""
+    if options.threads is None and options.method == "direct":
+        return DIRECT_THREADS
+    return options.threads
 
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
@@ -215,13 +212,13 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)
-    specs = [host_quant_spec(j, options, rounding) for j in plan.jobs]
+    specs = [host_quant_spec(j, options, rounding, device) for j in plan.jobs]
     stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
     items = [(n, segs) if sp is None else (n, segs, sp) for (n, segs), sp in zip(plan.items, specs, strict=True)]
     bar = progress_bar(plan.nbytes, options.progress, desc)
-    stats.method, threads = resolve_method(ckpt, options)
+    stats.method = options.method
     reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
-                         threads=threads, method=stats.method, piece_bytes=options.piece_bytes,
+                         threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
                          pin=device.type == "cuda")
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
     flags: list[tuple[Job, torch.Tensor]] = []

@@ -17,7 +17,7 @@ from . import host
 from .units import parse_bytes
 
 ROUNDINGS = ("auto", "eager", "fp32")
-METHODS = ("auto", "mmap", "pread", "direct")
+METHODS = ("mmap", "pread", "direct")
 QUANTIZE_ON = ("auto", "host", "device")
 LAYOUTS = ("auto", "names")
 
@@ -42,15 +42,16 @@ class LoadOptions:
     piece_bytes: int = 4 << 20
     #: native reader threads (None: the machine's cores, at most 16)
     threads: int | None = None
-    #: how the reader reads: ``"mmap"`` (copies out of a mapping of the page cache),
-    #: ``"pread"``, ``"direct"`` (``O_DIRECT``, past the page cache, deep queues: cold
-    #: files), ``"auto"``: ``"direct"`` when most of the checkpoint is not in the page cache,
-    #: else ``"mmap"`` (:func:`fastfp8.engine.resolve_method`)
-    method: str = "auto"
+    #: how the reader reads: ``"mmap"`` (copies out of a mapping of the page cache; with
+    #: read-ahead, also the fastest cold read measured), ``"pread"``, ``"direct"``
+    #: (``O_DIRECT`` past the page cache, 32 threads deep unless ``threads`` is set)
+    method: str = "mmap"
     rounding: str = "auto"
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
-    #: the bus, half the bytes), ``"device"`` (the GPU kernel, after the copy), ``"auto"``
-    #: (the host for every weight it can take; see :func:`fastfp8.engine.host_quant_spec`)
+    #: the bus, half the bytes), ``"device"`` (the device's kernel, after the copy),
+    #: ``"auto"``: ``"device"`` on a GPU (faster on the H200 machines: the cores cannot
+    #: quantize as fast as the bus moves bf16), ``"host"`` on the CPU
+    #: (:func:`fastfp8.engine.host_quant_spec`)
     quantize_on: str = "auto"
     allow_non_finite: bool = False
     #: a progress bar on stderr (None: when stderr is a terminal)
@@ -67,7 +68,7 @@ class LoadOptions:
         chunk_bytes: int | str | None = None,
         piece_bytes: int | str = "4MiB",
         threads: int | None = None,
-        method: str = "auto",
+        method: str = "mmap",
         rounding: str = "auto",
         quantize_on: str = "auto",
         allow_non_finite: bool = False,

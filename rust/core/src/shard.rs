@@ -350,42 +350,6 @@ impl Shard {
         Ok(())
     }
 
-    /// How many of `samples` 4 KiB blocks spread evenly over the data section are in the
-    /// page cache (`preadv2(RWF_NOWAIT)`: a read that would go to the disk fails at once).
-    /// Unlike `mincore`, this works on files the caller does not own.
-    pub fn cached_blocks(&self, samples: usize) -> usize {
-        let start = self.header.data_start;
-        if samples == 0 || self.size <= start {
-            return 0;
-        }
-        let span = self.size - start;
-        let mut buf = [0u8; 4096];
-        let mut hits = 0;
-        for i in 0..samples as u64 {
-            let at = (start + span * i / samples as u64) & !4095;
-            let len = buf.len().min((self.size - at) as usize);
-            let iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: len,
-            };
-            // SAFETY: `iov` points into `buf`, valid for `len` writable bytes for the call;
-            // the descriptor is our open file.
-            let n = unsafe {
-                libc::preadv2(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                    &iov,
-                    1,
-                    at as libc::off_t,
-                    libc::RWF_NOWAIT,
-                )
-            };
-            if n > 0 {
-                hits += 1;
-            }
-        }
-        hits
-    }
-
     fn pread(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
         let mut done = 0usize;
         while done < dst.len() {

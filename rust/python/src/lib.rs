@@ -200,24 +200,6 @@ impl PyCheckpoint {
             })?;
         s.check_unchanged().map_err(|e| to_pyerr(py, e))
     }
-
-    /// The fraction of the checkpoint's data in the page cache, estimated from `samples`
-    /// blocks per shard (each weighted by its shard's size).
-    #[pyo3(signature = (samples=64))]
-    fn cached_fraction(&self, py: Python<'_>, samples: usize) -> f64 {
-        let shards = &self.inner.shards;
-        py.detach(|| {
-            let total: u64 = shards.iter().map(|s| s.size).sum();
-            if total == 0 || samples == 0 {
-                return 1.0;
-            }
-            shards
-                .iter()
-                .map(|s| s.cached_blocks(samples) as f64 / samples as f64 * s.size as f64)
-                .sum::<f64>()
-                / total as f64
-        })
-    }
 }
 
 /// A running read of planned byte ranges into a caller-owned buffer.
