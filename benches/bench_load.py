@@ -6,10 +6,10 @@ Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
 ``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
 
-fastfp8 runs with its defaults (``fastfp8``: quantization on the host where it can, the
-read method chosen by the page cache), with the GPU quantizing everything
-(``fastfp8_device``), with ``pread``, and, for ``--sweep-threads``, at several thread
-counts. The same run measures the ceilings: pinned host-to-device copies
+fastfp8 runs with its defaults (``fastfp8``), with the reader threads quantizing on the
+host (``fastfp8_host``), with ``pread``, cold also with ``O_DIRECT`` (``fastfp8_direct``),
+and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``). The
+same run measures the ceilings: pinned host-to-device copies
 (``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
 queue depths (``disk_direct_gbps``: the best; cold runs are compared with it), and one
 core's host quantization rate (``host_quant_core_gbps``).
@@ -35,19 +35,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_pread"]
-COLD_FASTFP8 = ["fastfp8", "fastfp8_mmap"]
+FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_pread"]
+COLD_FASTFP8 = ["fastfp8", "fastfp8_direct"]
 #: fastfp8 variants: loader name -> load_quantized options
-VARIANTS = {"fastfp8": {}, "fastfp8_device": {"quantize_on": "device"}, "fastfp8_pread": {"method": "pread"},
-            "fastfp8_mmap": {"method": "mmap"}}
+VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_pread": {"method": "pread"},
+            "fastfp8_direct": {"method": "direct"}}
 
 
 def fastfp8_options(loader: str) -> dict:
     if loader in VARIANTS:
         return dict(VARIANTS[loader])
-    if loader.startswith("fastfp8_t"):  # fastfp8_t<threads>[_device]
+    if loader.startswith("fastfp8_t"):  # fastfp8_t<threads>[_host]
         n, _, rest = loader[len("fastfp8_t"):].partition("_")
-        return {"threads": int(n), **({"quantize_on": "device"} if rest == "device" else {})}
+        return {"threads": int(n), **({"quantize_on": "host"} if rest == "host" else {})}
     raise ValueError(f"unknown fastfp8 variant {loader!r}")
 WARM_PEERS = ["safetensors_load_file", "safetensors_safe_open", "runai", "fastsafetensors_buffered",
               "instanttensor_buffered"]
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
         if cond == "warm":
             loaders = wanted or FASTFP8 + [p for p in WARM_PEERS if p in avail]
             for n in filter(None, args.sweep_threads.split(",")):
-                loaders += [f"fastfp8_t{n}", f"fastfp8_t{n}_device"]
+                loaders += [f"fastfp8_t{n}", f"fastfp8_t{n}_host"]
         else:
             loaders = wanted or COLD_FASTFP8 + [p for p in COLD_PEERS if p in avail]
         if cond == "warm":  # fill the page cache
@@ -411,8 +411,8 @@ def main(argv=None) -> int:
     doc.update({
         "fastfp8_warm_gbps": ff_warm,
         "fastfp8_pread_warm_gbps": best("warm", {"fastfp8_pread"})[0],
-        "fastfp8_device_warm_gbps": best("warm", {"fastfp8_device"})[0],
-        "fastfp8_mmap_cold_gbps": best("cold", {"fastfp8_mmap"})[0],
+        "fastfp8_host_warm_gbps": best("warm", {"fastfp8_host"})[0],
+        "fastfp8_direct_cold_gbps": best("cold", {"fastfp8_direct"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],
         "best_peer_warm": best("warm", peer_names)[1],
         "best_peer": best("warm", peer_names)[1],
