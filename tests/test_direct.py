@@ -3,25 +3,14 @@ bytes of the page-cache paths, on cold files, at any offsets and sizes."""
 
 from __future__ import annotations
 
-import os
-
 import fastfp8
 import pytest
 import torch
+from fastfp8.bench import evict_page_cache as evict
 from fastfp8.engine import DIRECT_THREADS, reader_threads
 from fastfp8.options import LoadOptions
 from safetensors.torch import save_file
 from test_host_quant import llama, load, same_state
-
-
-def evict(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @pytest.mark.parametrize("quantize_on", ["host", "device"])

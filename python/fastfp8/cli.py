@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output file (default 5GB)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="host buffer for reading, e.g. 512MiB (default: sized from the host's last-level cache)")
-    p.add_argument("--threads", type=int, default=None, help="reader threads (default: cores, at most 16)")
+    p.add_argument("--threads", type=int, default=None, help="reader threads (default: the cores but one, at most 16)")
     p.add_argument("--rounding", choices=["auto", "eager", "fp32"], default="auto",
                    help="auto (default): the bytes compressed-tensors itself produces on --device "
                         "(fp32 on H100-class GPUs, eager on CPU); pick one to force it")
