@@ -27,10 +27,7 @@ import torch
 from . import common
 from .common import FP8, tl, triton
 
-#: Largest M the GEMV kernel serves by default (``Fp8Linear`` switches to ``_scaled_mm`` above).
-GEMV_MAX_M = int(os.environ.get("FASTFP8_GEMV_MAX_M", "16"))
-
-__all__ = ["GEMV_MAX_M", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
+__all__ = ["fp8_gemv", "fp8_gemv_reference", "gemv_config"]
 
 
 @torch.no_grad()
