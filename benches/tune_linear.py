@@ -33,6 +33,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from fastfp8.kernels.linear_table import GEMV_MAX_ROWS
+
 BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 SHAPES = [  # (N, K), most used first: Llama-3-8B / Mixtral attention and MLP, Llama-3-70B, Qwen3 dense and MoE
@@ -42,8 +44,13 @@ SHAPES = [  # (N, K), most used first: Llama-3-8B / Mixtral attention and MLP, L
 ]
 MS = [1, 16, 32, 64, 128, 256, 1024, 4096, 8192]
 ROTATE_BYTES = 120 << 20
-GEMV_M1 = [(8, 1024, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (16, 1024, 8, 3)]
-GEMV_M16 = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3)]
+# GEMV (BLOCK_N, BLOCK_K, num_warps, num_stages): M == 1 (elementwise), M <= 16 (dot, 16 rows),
+# M <= 128 (dot, rows padded to 32/64/128: one W8A16 kernel, no activation quantization)
+GEMV_M1 = [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 256),
+                                          (32, 512), (64, 256)) for w in (4, 8) for s in (2, 3)]
+GEMV_M16 = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
+GEMV_M64 = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
+GEMV_M128 = [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3)]
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)
 TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
 TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
@@ -59,6 +66,10 @@ def candidates(m: int) -> list:
         out += [("gemv", *c) for c in GEMV_M1]
     elif m <= 16:
         out += [("gemv", *c) for c in GEMV_M16]
+    elif m <= 64:
+        out += [("gemv", *c) for c in GEMV_M64]
+    elif m <= 128:
+        out += [("gemv", *c) for c in GEMV_M128]
     if m <= 32:
         out += TILE_SMALL
     if 16 < m <= 512:
@@ -211,12 +222,12 @@ def _pick(case: dict, margin: float) -> str | None:
 
 def _rows(picks: list[tuple[int, str]]) -> list[list]:
     """``[(M sample, candidate)]`` sorted by M -> table rows, equal neighbours merged; the
-    last row is open. A GEMV row never serves more than 16 rows."""
+    last row is open. A GEMV row never serves more than ``GEMV_MAX_ROWS`` rows."""
     rows: list[list] = []
     for i, (m, cand) in enumerate(picks):
         backend, cfg = _row_of(cand)
         m_max = None if i == len(picks) - 1 else m
-        if backend == "gemv" and (m_max is None or m_max > 16):
+        if backend == "gemv" and (m_max is None or m_max > GEMV_MAX_ROWS):
             backend, cfg = "scaled_mm", None
         if rows and rows[-1][1:] == [backend, cfg]:
             rows[-1][0] = m_max

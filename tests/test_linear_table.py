@@ -69,7 +69,7 @@ def test_select_rows_and_capability(table_file):
     {"entries": {"8,8": [[16, "gemv", None]]}},  # no open row
     {"entries": {"8,8": [[16, "nope", None], [None, "scaled_mm", None]]}},
     {"entries": {"8,8": [[16, "scaled_mm", None], [8, "scaled_mm", None], [None, "scaled_mm", None]]}},
-    {"entries": {"8,8": [[32, "gemv", None], [None, "scaled_mm", None]]}},  # GEMV past 16 rows
+    {"entries": {"8,8": [[256, "gemv", None], [None, "scaled_mm", None]]}},  # GEMV past its rows
 ])
 def test_malformed_tables_are_rejected(tmp_path, bad):
     p = tmp_path / "t.json"

@@ -415,8 +415,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     q2, s2 = aq.act_quant_reference(x)
     assert same_bytes(q, q2) and same_bytes(s, s2)
 
-    # gemv: M = 1 (elementwise) and 2..16 (dot), bias, odd N and K, poisoned output
-    for m, nn_, k in [(1, 64, 128), (1, 100, 300), (1, 4, 4096), (2, 100, 300), (16, 64, 512), (5, 17, 33)]:
+    # gemv: M = 1 (elementwise) and 2..128 (dot, rows padded to 16/32/64/128), bias, odd N and K, poisoned output
+    for m, nn_, k in [(1, 64, 128), (1, 100, 300), (1, 4, 4096), (2, 100, 300), (16, 64, 512), (5, 17, 33),
+                      (33, 40, 70), (128, 24, 64)]:
         for dtype in (torch.bfloat16, torch.float16):
             for bias in (False, True):
                 g = gen("interp-gemv", m, nn_, k, dtype, bias)
@@ -561,7 +562,7 @@ def test_act_quant_kernel_bit_exact(shape, dtype):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17, 32, 64, 100, 128])
 @pytest.mark.parametrize(("n", "k"), [(14336, 4096), (4096, 14336), (100, 300), (17, 4096), (6144, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_kernel(m, n, k, bias):
@@ -586,8 +587,8 @@ def test_gemv_kernel(m, n, k, bias):
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
-    if backend == "gemv" and m > 16:
-        pytest.skip("the GEMV serves M <= 16")
+    if backend == "gemv" and m > gv.MAX_ROWS:
+        pytest.skip(f"the GEMV serves M <= {gv.MAX_ROWS}")
     if backend == "tma" and not gm.tma_supported(torch.device("cuda")):
         pytest.skip("the TMA GEMM needs sm90")
     monkeypatch.setattr(common, "POISON", True)

@@ -52,14 +52,14 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
     gemv_ok = x.dtype in (torch.bfloat16, torch.float16)
     mm_ok = k % 16 == 0 and n % 16 == 0
     if forced in _FORCED:
-        if forced == "gemv" and gemv_ok and m <= 16:
+        if forced == "gemv" and gemv_ok and m <= _gemv.MAX_ROWS:
             return "gemv", None
         if forced == "scaled_mm" and mm_ok:
             return "scaled_mm", None
         if forced == "tile" or (forced == "tma" and mm_ok and _gemm.tma_supported(x.device)):
             return forced, _gemm.default_config(m, n, k, forced)
     backend, cfg = _table.select(m, n, k, capability(x.device))
-    if backend == "gemv" and not (gemv_ok and m <= 16):
+    if backend == "gemv" and not (gemv_ok and m <= _gemv.MAX_ROWS):
         backend, cfg = "scaled_mm", None
     if backend == "tma" and not (mm_ok and _gemm.tma_supported(x.device)):
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")

@@ -1,5 +1,5 @@
-"""Small-batch (decode) FP8 linear: ``y = x @ (w * scale).T + bias`` for ``M`` up to ~16 rows,
-as a Triton kernel that streams the fp8 weight once at HBM speed.
+"""Small-batch (decode) FP8 linear: ``y = x @ (w * scale).T + bias`` for ``M`` up to
+:data:`MAX_ROWS` rows, as a Triton kernel that streams the fp8 weight once at HBM speed.
 
 Weight-only FP8 (W8A16): the fp8 weight ``[N, K]`` is widened in registers (exactly: every
 e4m3 value is a bf16/fp16 value) and multiplied with the bf16/fp16 activations, fp32
@@ -10,7 +10,9 @@ costs nothing and is more accurate than the W8A8 ``torch._scaled_mm`` path.
 Each program owns ``BLOCK_N`` output channels and walks the whole ``K`` in ``BLOCK_K``
 steps (rows of the weight are contiguous, so every load is a run of ``BLOCK_K`` bytes).
 ``M == 1`` accumulates elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and
-reduces once at the end; ``M > 1`` pads the rows to 16 and uses ``tl.dot``.
+reduces once at the end; ``M > 1`` pads the rows to 16, 32, 64 or 128 and uses ``tl.dot``
+(one kernel, no activation quantization: where the weight's bytes bound the time, this beats
+the two-kernel W8A8 paths up to a few dozen rows; the selection table measures where).
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 (the interpreter's bf16
 dot is broken); on a GPU it runs in the activation dtype.
@@ -26,8 +28,14 @@ import torch
 
 from . import common
 from .common import FP8, tl, triton
+from .linear_table import GEMV_MAX_ROWS as MAX_ROWS
 
-__all__ = ["fp8_gemv", "fp8_gemv_reference", "gemv_config"]
+__all__ = ["MAX_ROWS", "block_m", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
+
+
+def block_m(m: int, use_dot: bool) -> int:
+    """Rows per program: 1 for the elementwise variant, else ``M`` padded to 16, 32, 64 or 128."""
+    return max(16, triton.next_power_of_2(m)) if use_dot else 1
 
 
 @torch.no_grad()
@@ -145,7 +153,7 @@ def fp8_gemv(
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """``x [M, K]`` (bf16/fp16, M <= 16) times the fp8 ``weight [N, K]`` with per-channel
+    """``x [M, K]`` (bf16/fp16, ``M <= MAX_ROWS``) times the fp8 ``weight [N, K]`` with per-channel
     ``scale`` (``N`` values: ``[N, 1]`` or ``[1, N]``, any float dtype), plus ``bias [N]``.
     Returns ``[M, N]`` in ``x.dtype`` (written into ``out`` when given)."""
     if triton is None:
@@ -156,8 +164,8 @@ def fp8_gemv(
         raise ValueError(f"weight must be float8_e4m3fn [N, {k}], got {weight.dtype} {tuple(weight.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"fp8_gemv takes bf16/fp16 activations, got {x.dtype}")
-    if m > 16:
-        raise ValueError(f"fp8_gemv serves at most 16 rows, got {m}")
+    if m > MAX_ROWS:
+        raise ValueError(f"fp8_gemv serves at most {MAX_ROWS} rows, got {m}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(1) != 1:
@@ -176,7 +184,7 @@ def fp8_gemv(
     sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 132
     cfg = dict(config) if config else gemv_config(m, n, k, sms)
     use_dot = cfg.pop("USE_DOT", m > 1)
-    block_m = 16 if use_dot else 1
+    bm = block_m(m, use_dot)
     if not use_dot and m != 1:
         raise ValueError("the elementwise (no-dot) variant serves M == 1 only")
     int64 = n * weight.stride(0) + cfg["BLOCK_K"] >= 2**31 - 1
@@ -191,7 +199,7 @@ def fp8_gemv(
             EMULATE=not x.is_cuda,
             EVEN_K=k % cfg["BLOCK_K"] == 0,
             INT64=int64,
-            BLOCK_M=block_m,
+            BLOCK_M=bm,
             **cfg,
         )
     return y

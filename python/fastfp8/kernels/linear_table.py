@@ -1,7 +1,7 @@
 """Which path :func:`fastfp8.ops.fp8_linear` takes for a shape: a selection table measured on
 the GPU, stored in the package (``linear_table.json``), read once, never re-tuned at import.
 
-Backends: ``"gemv"`` (W8A16 weight streaming, M <= 16, :mod:`.gemv`), ``"scaled_mm"`` (fused
+Backends: ``"gemv"`` (W8A16 weight streaming, M <= :data:`GEMV_MAX_ROWS`, :mod:`.gemv`), ``"scaled_mm"`` (fused
 per-token activation quantization + ``torch._scaled_mm`` rowwise), ``"tile"`` / ``"tma"``
 (the same quantization + the Triton W8A8 GEMM of :mod:`.gemm`).
 
@@ -34,6 +34,8 @@ __all__ = ["DEFAULT", "TABLE_PATH", "load", "rows_for", "select", "table"]
 
 TABLE_PATH = Path(__file__).with_name("linear_table.json")
 #: the rule where no table applies
+#: the most rows a ``"gemv"`` row may serve (the W8A16 kernel pads them to one ``tl.dot`` tile)
+GEMV_MAX_ROWS = 128
 DEFAULT: list[list[Any]] = [[16, "gemv", None], [None, "scaled_mm", None]]
 BACKENDS = ("gemv", "scaled_mm", "tile", "tma")
 
@@ -65,8 +67,8 @@ def _check_rows(key, rows, path) -> None:
             if m_max <= last:
                 raise ValueError(f"{path}: rows of {key} are not sorted by m_max")
             last = m_max
-        if backend == "gemv" and (m_max is None or m_max > 16):
-            raise ValueError(f"{path}: the GEMV serves at most 16 rows ({key})")
+        if backend == "gemv" and (m_max is None or m_max > GEMV_MAX_ROWS):
+            raise ValueError(f"{path}: the GEMV serves at most {GEMV_MAX_ROWS} rows ({key})")
 
 
 def table() -> dict[str, Any]:
