@@ -13,14 +13,19 @@
 //! as a non-finite weight (the GPU path gives such rows a NaN or Inf scale, which the
 //! engine reports the same way).
 //!
-//! The loops are plain Rust; the compiler vectorizes them for the widest instruction set
-//! the CPU has (chosen at run time).
+//! The bf16 rows (the common case) run on explicit AVX-512 or AVX2 intrinsics where the CPU
+//! has them ([`x86`], chosen at run time), byte for byte what the plain Rust loops here
+//! give; fp16 and fp32 rows are plain Rust loops, which the compiler vectorizes for the
+//! widest instruction set the CPU has.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Largest finite e4m3 value.
 pub const FP8_MAX: f32 = 448.0;
@@ -166,16 +171,37 @@ fn quantize_rows_on(isa: Isa, spec: &QuantSpec, src: &[u8], q: &mut [u8], scales
     }
 }
 
+/// bf16 rows with explicit intrinsics; fp16 and fp32 rows as the compiler vectorizes
+/// [`rows_generic`] for these features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn rows_avx512(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
-    rows_generic(spec, src, q, scales)
+fn rows_avx512(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    match spec.dtype {
+        Dtype::BF16 => x86::bf16_rows_avx512(
+            spec.cols as usize,
+            spec.rounding == Rounding::Eager,
+            src,
+            q,
+            scales,
+        ),
+        _ => rows_generic(spec, src, q, scales),
+    }
 }
 
+/// As [`rows_avx512`], on AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
-    rows_generic(spec, src, q, scales)
+fn rows_avx2(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    match spec.dtype {
+        Dtype::BF16 => x86::bf16_rows_avx2(
+            spec.cols as usize,
+            spec.rounding == Rounding::Eager,
+            src,
+            q,
+            scales,
+        ),
+        _ => rows_generic(spec, src, q, scales),
+    }
 }
 
 #[inline(always)]
@@ -504,17 +530,31 @@ mod tests {
         for rounding in [Rounding::Fp32, Rounding::Eager] {
             let spec = QuantSpec::new(Dtype::BF16, COLS as u64, rounding).unwrap();
             for &isa in isas.iter().filter(|i| i.available()) {
-                for (align, src) in [("aligned", &src[..]), ("unaligned", &shifted[1..])] {
-                    let mut best = f64::INFINITY;
-                    for _ in 0..5 {
-                        let t = std::time::Instant::now();
-                        quantize_rows_on(isa, &spec, src, &mut q, &mut s);
-                        best = best.min(t.elapsed().as_secs_f64());
+                let shapes = [("aligned", &src[..]), ("unaligned", &shifted[1..])];
+                for (align, src) in shapes {
+                    // all of it (from memory), and 256 KiB again and again (from L2)
+                    for (len, reps) in [(BYTES, 1), (256 << 10, BYTES >> 18)] {
+                        let mut best = f64::INFINITY;
+                        for _ in 0..5 {
+                            let t = std::time::Instant::now();
+                            for _ in 0..reps {
+                                let rows = len / (2 * COLS);
+                                quantize_rows_on(
+                                    isa,
+                                    &spec,
+                                    &src[..len],
+                                    &mut q[..rows * COLS],
+                                    &mut s[..rows * 2],
+                                );
+                            }
+                            best = best.min(t.elapsed().as_secs_f64());
+                        }
+                        println!(
+                            "bf16 {rounding:?} {isa:?} {align} {} KiB: {:.2} GB/s",
+                            len >> 10,
+                            (len * reps) as f64 / best / 1e9
+                        );
                     }
-                    println!(
-                        "bf16 {rounding:?} {isa:?} {align}: {:.2} GB/s",
-                        BYTES as f64 / best / 1e9
-                    );
                 }
             }
         }

@@ -1,0 +1,348 @@
+//! The bf16 rows with explicit x86-64 intrinsics: AVX-512 (F, BW, VL) and AVX2 (+ FMA).
+//!
+//! Every step is the scalar code's ([`super::bf16_row`]) on 16 (or 8) lanes at once, with
+//! the same IEEE operations in the same order (`x r`, `fma(-q, s, x)`, `fma(rem, r, q)`,
+//! `+ 0`, the clamp, `|v| 512 + 2^23`) and the same integer steps, so every byte is the
+//! scalar one; the tests compare the two byte for byte. A row whose scale is subnormal
+//! (rare: its largest magnitude is below about 2^-117) is left to the scalar code.
+//!
+//! Rows are read with unaligned loads, so a row at an odd address costs nothing extra.
+
+use std::arch::x86_64::*;
+
+use super::{bf16_f32, bf16_quotient, bf16_row, e4m3, round_bf16, FP8_MAX, FP8_NAN};
+
+/// What a row's largest magnitude `m` (bf16 bits without the sign) makes of it.
+enum Scale {
+    /// NaN or Inf in the row: its bytes are [`FP8_NAN`] and its scale this NaN.
+    NonFinite(u16),
+    /// A subnormal scale: the scalar code divides.
+    Subnormal,
+    /// The bf16 scale, its value and the fp32 reciprocal of that.
+    Normal(u16, f32, f32),
+}
+
+#[inline(always)]
+fn bf16_scale(m: u16) -> Scale {
+    if m >= 0x7F80 {
+        return Scale::NonFinite(0x7FC0);
+    }
+    let mut s = round_bf16(bf16_f32(m) / FP8_MAX);
+    if s == 0 {
+        s = 0x3C00; // 2^-7, bf16's eps
+    }
+    let sf = bf16_f32(s);
+    if sf < f32::MIN_POSITIVE {
+        return Scale::Subnormal;
+    }
+    Scale::Normal(s, sf, 1.0 / sf)
+}
+
+/// Quantizes the bf16 rows of `cols` elements in `src` into `q` and `scales` (two bytes a
+/// row) on AVX-512; the buffers are whole rows ([`super::quantize_rows`] checks).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub(super) fn bf16_rows_avx512(
+    cols: usize,
+    eager: bool,
+    src: &[u8],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
+    let rows = src
+        .chunks_exact(2 * cols)
+        .zip(q.chunks_exact_mut(cols))
+        .zip(scales.chunks_exact_mut(2));
+    for ((row, qrow), scale) in rows {
+        let s = if eager {
+            bf16_row_avx512::<true>(row, qrow)
+        } else {
+            bf16_row_avx512::<false>(row, qrow)
+        };
+        scale.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// As [`bf16_rows_avx512`], on AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn bf16_rows_avx2(
+    cols: usize,
+    eager: bool,
+    src: &[u8],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
+    let rows = src
+        .chunks_exact(2 * cols)
+        .zip(q.chunks_exact_mut(cols))
+        .zip(scales.chunks_exact_mut(2));
+    for ((row, qrow), scale) in rows {
+        let s = if eager {
+            bf16_row_avx2::<true>(row, qrow)
+        } else {
+            bf16_row_avx2::<false>(row, qrow)
+        };
+        scale.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// One row (`row` holds `q.len()` bf16 values); returns its scale.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
+    let n = q.len();
+    assert_eq!(row.len(), 2 * n);
+    let (s, sf, r) = match bf16_scale(amax_avx512(row)) {
+        Scale::Normal(s, sf, r) => (s, sf, r),
+        Scale::NonFinite(s) => {
+            q.fill(FP8_NAN);
+            return s;
+        }
+        Scale::Subnormal => return bf16_row(row, q, EAGER),
+    };
+    let (vs, vr) = (_mm512_set1_ps(sf), _mm512_set1_ps(r));
+    let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row` (2n bytes); the load
+        // takes any alignment.
+        let x = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
+        let b = _mm512_cvtepi32_epi8(e4m3_x16::<EAGER>(x, vs, vr));
+        // SAFETY: the 16 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+        // the store takes any alignment.
+        unsafe { _mm_storeu_si128(dst.add(i).cast(), b) };
+        i += 16;
+    }
+    if i < n {
+        let k: __mmask16 = (1 << (n - i)) - 1; // n - i < 16 lanes
+                                               // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
+                                               // the lanes masked off are not read (they cannot fault) and come back as zero.
+        let x = unsafe { _mm256_maskz_loadu_epi16(k, src.add(2 * i).cast()) };
+        let v = e4m3_x16::<EAGER>(x, vs, vr);
+        // SAFETY: the masked store writes only the n - i bytes of k, which lie inside `q`.
+        unsafe { _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, v) };
+    }
+    s
+}
+
+/// The largest `bits & 0x7FFF` of the bf16 values in `row`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn amax_avx512(row: &[u8]) -> u16 {
+    let n = row.len() / 2;
+    let src = row.as_ptr();
+    let mask = _mm512_set1_epi16(0x7FFF);
+    let (mut m0, mut m1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let mut i = 0;
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n: both 64-byte loads lie inside `row` (2n bytes); they take
+        // any alignment.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_si512(src.add(2 * i).cast()),
+                _mm512_loadu_si512(src.add(2 * i + 64).cast()),
+            )
+        };
+        m0 = _mm512_max_epu16(m0, _mm512_and_si512(a, mask));
+        m1 = _mm512_max_epu16(m1, _mm512_and_si512(b, mask));
+        i += 64;
+    }
+    if i + 32 <= n {
+        // SAFETY: i + 32 <= n: the 64 bytes at 2i lie inside `row`.
+        let a = unsafe { _mm512_loadu_si512(src.add(2 * i).cast()) };
+        m0 = _mm512_max_epu16(m0, _mm512_and_si512(a, mask));
+        i += 32;
+    }
+    if i < n {
+        let k: __mmask32 = (1 << (n - i)) - 1; // n - i < 32 lanes
+                                               // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
+                                               // the lanes masked off are not read and come back as zero (which leaves the max).
+        let a = unsafe { _mm512_maskz_loadu_epi16(k, src.add(2 * i).cast()) };
+        m1 = _mm512_max_epu16(m1, _mm512_and_si512(a, mask));
+    }
+    let m = _mm512_max_epu16(m0, m1);
+    let m = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64::<1>(m));
+    hmax_epu15(_mm_max_epu16(
+        _mm256_castsi256_si128(m),
+        _mm256_extracti128_si256::<1>(m),
+    ))
+}
+
+/// The largest of 8 u16 lanes, each at most 0x7FFF.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hmax_epu15(m: __m128i) -> u16 {
+    // 0x7FFF - v (an xor, v <= 0x7FFF) turns the max into a min, which one instruction finds
+    let flip = _mm_set1_epi16(0x7FFF);
+    let min = _mm_minpos_epu16(_mm_xor_si128(m, flip));
+    (_mm_cvtsi128_si32(min) as u16 & 0x7FFF) ^ 0x7FFF
+}
+
+/// The e4m3 bytes (in the low byte of each 32-bit lane; the rest zero) of 16 bf16 values
+/// `x` divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER rounded to bf16, and
+/// [`e4m3`], lane by lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_x16<const EAGER: bool>(x: __m256i, s: __m512, r: __m512) -> __m512i {
+    let x = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)));
+    // Markstein: q = x r, rem = fma(-q, s, x) (exactly -(q s) + x, rounded once), fma(rem, r, q)
+    let q = _mm512_mul_ps(x, r);
+    let rem = _mm512_fnmadd_ps(q, s, x);
+    let mut v = _mm512_fmadd_ps(rem, r, q);
+    if EAGER {
+        // round_bf16: (b + 0x7FFF + ((b >> 16) & 1)) with the low 16 bits cleared
+        let one = _mm512_set1_epi32(1);
+        let b = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+        let b = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+        v = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(-0x1_0000)));
+    }
+    // the zero point (-0 becomes +0), then the clamp
+    let v = _mm512_add_ps(v, _mm512_setzero_ps());
+    let v = _mm512_min_ps(
+        _mm512_max_ps(v, _mm512_set1_ps(-FP8_MAX)),
+        _mm512_set1_ps(FP8_MAX),
+    );
+    let bits = _mm512_castps_si512(v);
+    let a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
+    // normal: ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<20>(a), _mm512_set1_epi32(1));
+    let normal = _mm512_sub_epi32(
+        _mm512_srli_epi32::<20>(_mm512_add_epi32(
+            _mm512_add_epi32(a, _mm512_set1_epi32(0x7FFFF)),
+            lsb,
+        )),
+        _mm512_set1_epi32(120 << 3),
+    );
+    // subnormal: (|v| 512 + 2^23).to_bits() & 0x7FFFFF (a multiply, then an add: no fma)
+    let sub = _mm512_add_ps(
+        _mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0)),
+        _mm512_set1_ps(8_388_608.0),
+    );
+    let sub = _mm512_and_si512(_mm512_castps_si512(sub), _mm512_set1_epi32(0x7F_FFFF));
+    let is_normal = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x3C80_0000));
+    let mag = _mm512_mask_blend_epi32(is_normal, sub, normal);
+    // sign | mag as u8: the sign bit to 0x80; mag (of the lane kept) is at most 0x7E
+    let sign = _mm512_and_si512(_mm512_srli_epi32::<24>(bits), _mm512_set1_epi32(0x80));
+    _mm512_or_si512(sign, mag)
+}
+
+/// One row on AVX2 (`row` holds `q.len()` bf16 values); returns its scale.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
+    let n = q.len();
+    assert_eq!(row.len(), 2 * n);
+    let (s, sf, r) = match bf16_scale(amax_avx2(row)) {
+        Scale::Normal(s, sf, r) => (s, sf, r),
+        Scale::NonFinite(s) => {
+            q.fill(FP8_NAN);
+            return s;
+        }
+        Scale::Subnormal => return bf16_row(row, q, EAGER),
+    };
+    let (vs, vr) = (_mm256_set1_ps(sf), _mm256_set1_ps(r));
+    let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row` (2n bytes); the load
+        // takes any alignment.
+        let x = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
+        let lo = e4m3_x8::<EAGER>(_mm256_castsi256_si128(x), vs, vr);
+        let hi = e4m3_x8::<EAGER>(_mm256_extracti128_si256::<1>(x), vs, vr);
+        // lanes of at most 0xFF: the saturating packs keep them. packus_epi32 interleaves
+        // the 128-bit halves (lo 0-3, hi 0-3 | lo 4-7, hi 4-7); the permute restores lo 0-7,
+        // hi 0-7.
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
+        let b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+        // SAFETY: the 16 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+        // the store takes any alignment.
+        unsafe { _mm_storeu_si128(dst.add(i).cast(), b) };
+        i += 16;
+    }
+    // the last n % 16 elements: the scalar steps
+    for (o, b) in q[i..].iter_mut().zip(row[2 * i..].chunks_exact(2)) {
+        let v = bf16_quotient(bf16_f32(u16::from_le_bytes([b[0], b[1]])), sf, r);
+        *o = e4m3(if EAGER { bf16_f32(round_bf16(v)) } else { v });
+    }
+    s
+}
+
+/// The largest `bits & 0x7FFF` of the bf16 values in `row`, on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn amax_avx2(row: &[u8]) -> u16 {
+    let n = row.len() / 2;
+    let src = row.as_ptr();
+    let mask = _mm256_set1_epi16(0x7FFF);
+    let (mut m0, mut m1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n: both 32-byte loads lie inside `row` (2n bytes); they take
+        // any alignment.
+        let (a, b) = unsafe {
+            (
+                _mm256_loadu_si256(src.add(2 * i).cast()),
+                _mm256_loadu_si256(src.add(2 * i + 32).cast()),
+            )
+        };
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(a, mask));
+        m1 = _mm256_max_epu16(m1, _mm256_and_si256(b, mask));
+        i += 32;
+    }
+    if i + 16 <= n {
+        // SAFETY: i + 16 <= n: the 32 bytes at 2i lie inside `row`.
+        let a = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(a, mask));
+        i += 16;
+    }
+    let m = _mm256_max_epu16(m0, m1);
+    let m = hmax_epu15(_mm_max_epu16(
+        _mm256_castsi256_si128(m),
+        _mm256_extracti128_si256::<1>(m),
+    ));
+    row[2 * i..]
+        .chunks_exact(2)
+        .fold(m, |m, b| m.max(u16::from_le_bytes([b[0], b[1]]) & 0x7FFF))
+}
+
+/// As [`e4m3_x16`], for 8 values on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_x8<const EAGER: bool>(x: __m128i, s: __m256, r: __m256) -> __m256i {
+    let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)));
+    let q = _mm256_mul_ps(x, r);
+    let rem = _mm256_fnmadd_ps(q, s, x);
+    let mut v = _mm256_fmadd_ps(rem, r, q);
+    if EAGER {
+        let one = _mm256_set1_epi32(1);
+        let b = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), one);
+        let b = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
+        v = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-0x1_0000)));
+    }
+    let v = _mm256_add_ps(v, _mm256_setzero_ps());
+    let v = _mm256_min_ps(
+        _mm256_max_ps(v, _mm256_set1_ps(-FP8_MAX)),
+        _mm256_set1_ps(FP8_MAX),
+    );
+    let bits = _mm256_castps_si256(v);
+    let a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<20>(a), _mm256_set1_epi32(1));
+    let normal = _mm256_sub_epi32(
+        _mm256_srli_epi32::<20>(_mm256_add_epi32(
+            _mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF)),
+            lsb,
+        )),
+        _mm256_set1_epi32(120 << 3),
+    );
+    let sub = _mm256_add_ps(
+        _mm256_mul_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(512.0)),
+        _mm256_set1_ps(8_388_608.0),
+    );
+    let sub = _mm256_and_si256(_mm256_castps_si256(sub), _mm256_set1_epi32(0x7F_FFFF));
+    // a >= 0x3C80_0000, as a signed compare (a < 2^31)
+    let is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3C7F_FFFF));
+    let mag = _mm256_blendv_epi8(sub, normal, is_normal);
+    let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), _mm256_set1_epi32(0x80));
+    _mm256_or_si256(sign, mag)
+}
