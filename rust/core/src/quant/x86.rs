@@ -102,13 +102,29 @@ fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
     let (vs, vr) = (_mm512_set1_ps(sf), _mm512_set1_ps(r));
     let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
     let mut i = 0;
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n, so the 128 bytes at 2i lie inside `row` (2n bytes); the
+        // loads take any alignment.
+        let x: [__m256i; 4] = std::array::from_fn(|j| unsafe {
+            _mm256_loadu_si256(src.add(2 * (i + 16 * j)).cast())
+        });
+        let [a, b, c, d] = x.map(|x| e4m3_x16::<EAGER>(x, vs, vr));
+        // lanes of at most 0xFF, which the saturating packs keep: per 128-bit lane l they
+        // give a[4l..4l+4], b[4l..], c[4l..], d[4l..]; the dword permute puts a, b, c, d
+        // back in order
+        let w = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let w = _mm512_permutexvar_epi32(order, w);
+        // SAFETY: the 64 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+        // the store takes any alignment.
+        unsafe { _mm512_storeu_si512(dst.add(i).cast(), w) };
+        i += 64;
+    }
     while i + 16 <= n {
-        // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row` (2n bytes); the load
-        // takes any alignment.
+        // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row`.
         let x = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
         let b = _mm512_cvtepi32_epi8(e4m3_x16::<EAGER>(x, vs, vr));
-        // SAFETY: the 16 bytes at i lie inside `q` (n bytes), which nothing else borrows;
-        // the store takes any alignment.
+        // SAFETY: the 16 bytes at i lie inside `q`; the store takes any alignment.
         unsafe { _mm_storeu_si128(dst.add(i).cast(), b) };
         i += 16;
     }
@@ -180,6 +196,11 @@ fn hmax_epu15(m: __m128i) -> u16 {
 /// The e4m3 bytes (in the low byte of each 32-bit lane; the rest zero) of 16 bf16 values
 /// `x` divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER rounded to bf16, and
 /// [`e4m3`], lane by lane.
+///
+/// Two of [`e4m3`]'s steps take an equivalent form here (for finite `v`, and only finite
+/// values get here): the clamp to +-448 is an integer min of the magnitude bits (the order
+/// of non-negative floats is that of their bits, and the clamp keeps the sign), and the
+/// sign of `v + 0` (which only turns -0 into +0) is `v < 0`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 fn e4m3_x16<const EAGER: bool>(x: __m256i, s: __m512, r: __m512) -> __m512i {
@@ -190,21 +211,15 @@ fn e4m3_x16<const EAGER: bool>(x: __m256i, s: __m512, r: __m512) -> __m512i {
     let mut v = _mm512_fmadd_ps(rem, r, q);
     if EAGER {
         // round_bf16: (b + 0x7FFF + ((b >> 16) & 1)) with the low 16 bits cleared
-        let one = _mm512_set1_epi32(1);
         let b = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         let b = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
         v = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(-0x1_0000)));
     }
-    // the zero point (-0 becomes +0), then the clamp
-    let v = _mm512_add_ps(v, _mm512_setzero_ps());
-    let v = _mm512_min_ps(
-        _mm512_max_ps(v, _mm512_set1_ps(-FP8_MAX)),
-        _mm512_set1_ps(FP8_MAX),
-    );
-    let bits = _mm512_castps_si512(v);
-    let a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
-    // normal: ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+    let a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFF_FFFF));
+    let a = _mm512_min_epu32(a, _mm512_set1_epi32(0x43E0_0000)); // 448
+                                                                 // normal: ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
     let lsb = _mm512_and_si512(_mm512_srli_epi32::<20>(a), _mm512_set1_epi32(1));
     let normal = _mm512_sub_epi32(
         _mm512_srli_epi32::<20>(_mm512_add_epi32(
@@ -213,17 +228,18 @@ fn e4m3_x16<const EAGER: bool>(x: __m256i, s: __m512, r: __m512) -> __m512i {
         )),
         _mm512_set1_epi32(120 << 3),
     );
-    // subnormal: (|v| 512 + 2^23).to_bits() & 0x7FFFFF (a multiply, then an add: no fma)
-    let sub = _mm512_add_ps(
-        _mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0)),
+    // subnormal: (|v| 512 + 2^23).to_bits() & 0x7FFFFF; |v| 512 is exact, so one fma
+    // rounds as the multiply and the add do
+    let sub = _mm512_fmadd_ps(
+        _mm512_castsi512_ps(a),
+        _mm512_set1_ps(512.0),
         _mm512_set1_ps(8_388_608.0),
     );
     let sub = _mm512_and_si512(_mm512_castps_si512(sub), _mm512_set1_epi32(0x7F_FFFF));
     let is_normal = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x3C80_0000));
     let mag = _mm512_mask_blend_epi32(is_normal, sub, normal);
-    // sign | mag as u8: the sign bit to 0x80; mag (of the lane kept) is at most 0x7E
-    let sign = _mm512_and_si512(_mm512_srli_epi32::<24>(bits), _mm512_set1_epi32(0x80));
-    _mm512_or_si512(sign, mag)
+    // sign | mag as u8: mag (of the lane kept) is at most 0x7E
+    _mm512_mask_or_epi32(mag, negative, mag, _mm512_set1_epi32(0x80))
 }
 
 /// One row on AVX2 (`row` holds `q.len()` bf16 values); returns its scale.
@@ -243,23 +259,22 @@ fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
     let (vs, vr) = (_mm256_set1_ps(sf), _mm256_set1_ps(r));
     let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
     let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row` (2n bytes); the load
-        // takes any alignment.
-        let x = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
-        let lo = e4m3_x8::<EAGER>(_mm256_castsi256_si128(x), vs, vr);
-        let hi = e4m3_x8::<EAGER>(_mm256_extracti128_si256::<1>(x), vs, vr);
-        // lanes of at most 0xFF: the saturating packs keep them. packus_epi32 interleaves
-        // the 128-bit halves (lo 0-3, hi 0-3 | lo 4-7, hi 4-7); the permute restores lo 0-7,
-        // hi 0-7.
-        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
-        let b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
-        // SAFETY: the 16 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n, so the 64 bytes at 2i lie inside `row` (2n bytes); the
+        // loads take any alignment.
+        let x: [__m128i; 4] =
+            std::array::from_fn(|j| unsafe { _mm_loadu_si128(src.add(2 * (i + 8 * j)).cast()) });
+        let [a, b, c, d] = x.map(|x| e4m3_x8::<EAGER>(x, vs, vr));
+        // lanes of at most 0xFF, which the saturating packs keep: they give, per 128-bit
+        // lane l, a[4l..4l+4], b[4l..], c[4l..], d[4l..]; the dword permute restores the order
+        let w = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: the 32 bytes at i lie inside `q` (n bytes), which nothing else borrows;
         // the store takes any alignment.
-        unsafe { _mm_storeu_si128(dst.add(i).cast(), b) };
-        i += 16;
+        unsafe { _mm256_storeu_si256(dst.add(i).cast(), w) };
+        i += 32;
     }
-    // the last n % 16 elements: the scalar steps
+    // the last n % 32 elements: the scalar steps
     for (o, b) in q[i..].iter_mut().zip(row[2 * i..].chunks_exact(2)) {
         let v = bf16_quotient(bf16_f32(u16::from_le_bytes([b[0], b[1]])), sf, r);
         *o = e4m3(if EAGER { bf16_f32(round_bf16(v)) } else { v });
@@ -314,19 +329,14 @@ fn e4m3_x8<const EAGER: bool>(x: __m128i, s: __m256, r: __m256) -> __m256i {
     let rem = _mm256_fnmadd_ps(q, s, x);
     let mut v = _mm256_fmadd_ps(rem, r, q);
     if EAGER {
-        let one = _mm256_set1_epi32(1);
         let b = _mm256_castps_si256(v);
-        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), one);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
         let b = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
         v = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-0x1_0000)));
     }
-    let v = _mm256_add_ps(v, _mm256_setzero_ps());
-    let v = _mm256_min_ps(
-        _mm256_max_ps(v, _mm256_set1_ps(-FP8_MAX)),
-        _mm256_set1_ps(FP8_MAX),
-    );
-    let bits = _mm256_castps_si256(v);
-    let a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+    let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps());
+    let a = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFF_FFFF));
+    let a = _mm256_min_epu32(a, _mm256_set1_epi32(0x43E0_0000)); // 448
     let lsb = _mm256_and_si256(_mm256_srli_epi32::<20>(a), _mm256_set1_epi32(1));
     let normal = _mm256_sub_epi32(
         _mm256_srli_epi32::<20>(_mm256_add_epi32(
@@ -335,14 +345,15 @@ fn e4m3_x8<const EAGER: bool>(x: __m128i, s: __m256, r: __m256) -> __m256i {
         )),
         _mm256_set1_epi32(120 << 3),
     );
-    let sub = _mm256_add_ps(
-        _mm256_mul_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(512.0)),
+    let sub = _mm256_fmadd_ps(
+        _mm256_castsi256_ps(a),
+        _mm256_set1_ps(512.0),
         _mm256_set1_ps(8_388_608.0),
     );
     let sub = _mm256_and_si256(_mm256_castps_si256(sub), _mm256_set1_epi32(0x7F_FFFF));
     // a >= 0x3C80_0000, as a signed compare (a < 2^31)
     let is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3C7F_FFFF));
     let mag = _mm256_blendv_epi8(sub, normal, is_normal);
-    let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), _mm256_set1_epi32(0x80));
+    let sign = _mm256_and_si256(_mm256_castps_si256(negative), _mm256_set1_epi32(0x80));
     _mm256_or_si256(sign, mag)
 }
