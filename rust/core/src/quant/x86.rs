@@ -105,16 +105,30 @@ fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
     while i + 64 <= n {
         // SAFETY: i + 64 <= n, so the 128 bytes at 2i lie inside `row` (2n bytes); the
         // loads take any alignment.
-        let x: [__m256i; 4] = std::array::from_fn(|j| unsafe {
-            _mm256_loadu_si256(src.add(2 * (i + 16 * j)).cast())
-        });
-        let [a, b, c, d] = x.map(|x| e4m3_x16::<EAGER>(x, vs, vr));
-        // lanes of at most 0xFF, which the saturating packs keep: per 128-bit lane l they
-        // give a[4l..4l+4], b[4l..], c[4l..], d[4l..]; the dword permute puts a, b, c, d
-        // back in order
-        let w = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
-        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-        let w = _mm512_permutexvar_epi32(order, w);
+        let (x0, x1) = unsafe {
+            (
+                _mm512_loadu_si512(src.add(2 * i).cast()),
+                _mm512_loadu_si512(src.add(2 * i + 64).cast()),
+            )
+        };
+        // bf16 to f32 is a shift by 16: interleaving zero words below the values does it
+        // for elements 0-3 (lo) and 4-7 (hi) of each 128-bit lane; the packs below work
+        // lane by lane too and undo the interleaving
+        let zero = _mm512_setzero_si512();
+        let f = |x| e4m3_x16::<EAGER>(_mm512_castsi512_ps(x), vs, vr);
+        let (lo0, hi0) = (
+            f(_mm512_unpacklo_epi16(zero, x0)),
+            f(_mm512_unpackhi_epi16(zero, x0)),
+        );
+        let (lo1, hi1) = (
+            f(_mm512_unpacklo_epi16(zero, x1)),
+            f(_mm512_unpackhi_epi16(zero, x1)),
+        );
+        // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
+        // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
+        // before x1's
+        let w = _mm512_packus_epi16(_mm512_packus_epi32(lo0, hi0), _mm512_packus_epi32(lo1, hi1));
+        let w = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), w);
         // SAFETY: the 64 bytes at i lie inside `q` (n bytes), which nothing else borrows;
         // the store takes any alignment.
         unsafe { _mm512_storeu_si512(dst.add(i).cast(), w) };
@@ -123,17 +137,18 @@ fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
     while i + 16 <= n {
         // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row`.
         let x = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
-        let b = _mm512_cvtepi32_epi8(e4m3_x16::<EAGER>(x, vs, vr));
+        let b = _mm512_cvtepi32_epi8(e4m3_x16::<EAGER>(bf16_x16(x), vs, vr));
         // SAFETY: the 16 bytes at i lie inside `q`; the store takes any alignment.
         unsafe { _mm_storeu_si128(dst.add(i).cast(), b) };
         i += 16;
     }
     if i < n {
-        let k: __mmask16 = (1 << (n - i)) - 1; // n - i < 16 lanes
-                                               // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
-                                               // the lanes masked off are not read (they cannot fault) and come back as zero.
+        // n - i < 16 lanes
+        let k: __mmask16 = (1 << (n - i)) - 1;
+        // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
+        // the lanes masked off are not read (they cannot fault) and come back as zero.
         let x = unsafe { _mm256_maskz_loadu_epi16(k, src.add(2 * i).cast()) };
-        let v = e4m3_x16::<EAGER>(x, vs, vr);
+        let v = e4m3_x16::<EAGER>(bf16_x16(x), vs, vr);
         // SAFETY: the masked store writes only the n - i bytes of k, which lie inside `q`.
         unsafe { _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, v) };
     }
@@ -193,18 +208,25 @@ fn hmax_epu15(m: __m128i) -> u16 {
     (_mm_cvtsi128_si32(min) as u16 & 0x7FFF) ^ 0x7FFF
 }
 
-/// The e4m3 bytes (in the low byte of each 32-bit lane; the rest zero) of 16 bf16 values
-/// `x` divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER rounded to bf16, and
+/// 16 bf16 values as f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn bf16_x16(x: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+}
+
+/// The e4m3 bytes (in the low byte of each 32-bit lane; the rest zero) of 16 values
+/// `x` (bf16 values as f32) divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER rounded to bf16, and
 /// [`e4m3`], lane by lane.
 ///
 /// Two of [`e4m3`]'s steps take an equivalent form here (for finite `v`, and only finite
 /// values get here): the clamp to +-448 is an integer min of the magnitude bits (the order
 /// of non-negative floats is that of their bits, and the clamp keeps the sign), and the
-/// sign of `v + 0` (which only turns -0 into +0) is `v < 0`.
+/// sign of `v + 0` (which only turns -0 into +0) is that of `v` unless `v` is -0: the
+/// bits of `v` are above 0x8000_0000.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn e4m3_x16<const EAGER: bool>(x: __m256i, s: __m512, r: __m512) -> __m512i {
-    let x = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)));
+fn e4m3_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> __m512i {
     // Markstein: q = x r, rem = fma(-q, s, x) (exactly -(q s) + x, rounded once), fma(rem, r, q)
     let q = _mm512_mul_ps(x, r);
     let rem = _mm512_fnmadd_ps(q, s, x);
@@ -216,8 +238,9 @@ fn e4m3_x16<const EAGER: bool>(x: __m256i, s: __m512, r: __m512) -> __m512i {
         let b = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
         v = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(-0x1_0000)));
     }
-    let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-    let a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFF_FFFF));
+    let bits = _mm512_castps_si512(v);
+    let negative = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(i32::MIN));
+    let a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
     let a = _mm512_min_epu32(a, _mm512_set1_epi32(0x43E0_0000)); // 448
                                                                  // normal: ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
     let lsb = _mm512_and_si512(_mm512_srli_epi32::<20>(a), _mm512_set1_epi32(1));
@@ -262,13 +285,29 @@ fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
     while i + 32 <= n {
         // SAFETY: i + 32 <= n, so the 64 bytes at 2i lie inside `row` (2n bytes); the
         // loads take any alignment.
-        let x: [__m128i; 4] =
-            std::array::from_fn(|j| unsafe { _mm_loadu_si128(src.add(2 * (i + 8 * j)).cast()) });
-        let [a, b, c, d] = x.map(|x| e4m3_x8::<EAGER>(x, vs, vr));
-        // lanes of at most 0xFF, which the saturating packs keep: they give, per 128-bit
-        // lane l, a[4l..4l+4], b[4l..], c[4l..], d[4l..]; the dword permute restores the order
-        let w = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
-        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_si256(src.add(2 * i).cast()),
+                _mm256_loadu_si256(src.add(2 * i + 32).cast()),
+            )
+        };
+        // as in bf16_row_avx512: zero words interleaved below the values make them f32
+        // (elements 0-3 and 4-7 of each 128-bit lane), and the packs undo the interleaving
+        let zero = _mm256_setzero_si256();
+        let f = |x| e4m3_x8::<EAGER>(_mm256_castsi256_ps(x), vs, vr);
+        let (lo0, hi0) = (
+            f(_mm256_unpacklo_epi16(zero, x0)),
+            f(_mm256_unpackhi_epi16(zero, x0)),
+        );
+        let (lo1, hi1) = (
+            f(_mm256_unpacklo_epi16(zero, x1)),
+            f(_mm256_unpackhi_epi16(zero, x1)),
+        );
+        // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
+        // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
+        // before x1's
+        let w = _mm256_packus_epi16(_mm256_packus_epi32(lo0, hi0), _mm256_packus_epi32(lo1, hi1));
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
         // SAFETY: the 32 bytes at i lie inside `q` (n bytes), which nothing else borrows;
         // the store takes any alignment.
         unsafe { _mm256_storeu_si256(dst.add(i).cast(), w) };
@@ -323,8 +362,7 @@ fn amax_avx2(row: &[u8]) -> u16 {
 /// As [`e4m3_x16`], for 8 values on AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn e4m3_x8<const EAGER: bool>(x: __m128i, s: __m256, r: __m256) -> __m256i {
-    let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)));
+fn e4m3_x8<const EAGER: bool>(x: __m256, s: __m256, r: __m256) -> __m256i {
     let q = _mm256_mul_ps(x, r);
     let rem = _mm256_fnmadd_ps(q, s, x);
     let mut v = _mm256_fmadd_ps(rem, r, q);
@@ -334,8 +372,13 @@ fn e4m3_x8<const EAGER: bool>(x: __m128i, s: __m256, r: __m256) -> __m256i {
         let b = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
         v = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-0x1_0000)));
     }
-    let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps());
-    let a = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFF_FFFF));
+    let bits = _mm256_castps_si256(v);
+    // v < 0 (not -0): bits above 0x8000_0000, as a signed compare (bits - 1 < -1)
+    let negative = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(-1),
+        _mm256_sub_epi32(bits, _mm256_set1_epi32(1)),
+    );
+    let a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
     let a = _mm256_min_epu32(a, _mm256_set1_epi32(0x43E0_0000)); // 448
     let lsb = _mm256_and_si256(_mm256_srli_epi32::<20>(a), _mm256_set1_epi32(1));
     let normal = _mm256_sub_epi32(
@@ -354,6 +397,6 @@ fn e4m3_x8<const EAGER: bool>(x: __m128i, s: __m256, r: __m256) -> __m256i {
     // a >= 0x3C80_0000, as a signed compare (a < 2^31)
     let is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3C7F_FFFF));
     let mag = _mm256_blendv_epi8(sub, normal, is_normal);
-    let sign = _mm256_and_si256(_mm256_castps_si256(negative), _mm256_set1_epi32(0x80));
+    let sign = _mm256_and_si256(negative, _mm256_set1_epi32(0x80));
     _mm256_or_si256(sign, mag)
 }
