@@ -92,7 +92,10 @@ impl QuantSpec {
 /// If `src` is not whole rows or the outputs do not match it.
 pub fn quantize_rows(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
     let rb = spec.row_bytes() as usize;
-    assert!(src.len() % rb == 0, "host quantization: a partial row");
+    assert!(
+        src.len().is_multiple_of(rb),
+        "host quantization: a partial row"
+    );
     let rows = src.len() / rb;
     assert_eq!(
         q.len(),
