@@ -713,60 +713,65 @@ mod tests {
 
     /// Single-core throughput of every path, in GB/s of bf16 input:
     /// `cargo test -p fastfp8-core --release quant_throughput -- --ignored --nocapture`.
+    /// Two kinds of rows of 4096: bf16 with random exponents over 2^-7..2^3 (no quotient
+    /// in e4m3's subnormal range), and weight-like ones (a sum of four uniforms: some
+    /// quotients are tiny); each from memory (128 MiB, at an even address and at an odd
+    /// one) and from L2 (the first 256 KiB again and again).
     #[test]
     #[ignore]
     fn quant_throughput() {
         const COLS: usize = 4096;
         const BYTES: usize = 128 << 20;
         let rows = BYTES / (2 * COLS);
-        // finite bf16 around 2^-7..2^3, random sign and significand
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let src: Vec<u8> = (0..rows * COLS)
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let exps: Vec<u8> = (0..rows * COLS)
             .flat_map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let b = (state >> 32) as u32;
+                let b = (rng.next() >> 32) as u32;
                 let exp = 120 + (b >> 8) % 11;
                 (((b & 0x8000) | (exp << 7) | (b & 0x7F)) as u16).to_le_bytes()
             })
             .collect();
-        // the same rows one byte further on: u16 loads off their alignment
-        let mut shifted = vec![0u8; src.len() + 1];
-        shifted[1..].copy_from_slice(&src);
+        let weights: Vec<u8> = (0..rows * COLS)
+            .flat_map(|_| {
+                let u: f32 = (0..4)
+                    .map(|_| (rng.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+                    .sum();
+                round_bf16(u * 0.02).to_le_bytes()
+            })
+            .collect();
         let mut q = vec![0u8; rows * COLS];
         let mut s = vec![0u8; rows * 2];
         let mut isas = vec![Isa::Generic];
         #[cfg(target_arch = "x86_64")]
         isas.extend([Isa::Avx2, Isa::Avx512]);
-        for rounding in [Rounding::Fp32, Rounding::Eager] {
-            let spec = QuantSpec::new(Dtype::BF16, COLS as u64, rounding).unwrap();
-            for &isa in isas.iter().filter(|i| i.available()) {
-                let shapes = [("aligned", &src[..]), ("unaligned", &shifted[1..])];
-                for (align, src) in shapes {
-                    // all of it (from memory), and 256 KiB again and again (from L2)
-                    for (len, reps) in [(BYTES, 1), (256 << 10, BYTES >> 18)] {
+        for (data, src) in [("exponents", &exps), ("weights", &weights)] {
+            // the same rows one byte further on: u16 loads off their alignment
+            let mut shifted = vec![0u8; src.len() + 1];
+            shifted[1..].copy_from_slice(src);
+            for rounding in [Rounding::Fp32, Rounding::Eager] {
+                let spec = QuantSpec::new(Dtype::BF16, COLS as u64, rounding).unwrap();
+                for &isa in isas.iter().filter(|i| i.available()) {
+                    let mut line = format!("bf16 {data:9} {rounding:?} {isa:?}:");
+                    let shapes = [
+                        ("memory", &src[..], 1),
+                        ("memory, odd address", &shifted[1..], 1),
+                        ("L2", &src[..256 << 10], BYTES >> 18),
+                    ];
+                    for (shape, src, reps) in shapes {
+                        let rows = src.len() / (2 * COLS);
+                        let (q, s) = (&mut q[..rows * COLS], &mut s[..rows * 2]);
                         let mut best = f64::INFINITY;
                         for _ in 0..5 {
                             let t = std::time::Instant::now();
                             for _ in 0..reps {
-                                let rows = len / (2 * COLS);
-                                quantize_rows_on(
-                                    isa,
-                                    &spec,
-                                    &src[..len],
-                                    &mut q[..rows * COLS],
-                                    &mut s[..rows * 2],
-                                );
+                                quantize_rows_on(isa, &spec, src, q, s);
                             }
                             best = best.min(t.elapsed().as_secs_f64());
                         }
-                        println!(
-                            "bf16 {rounding:?} {isa:?} {align} {} KiB: {:.2} GB/s",
-                            len >> 10,
-                            (len * reps) as f64 / best / 1e9
-                        );
+                        let gbs = (src.len() * reps) as f64 / best / 1e9;
+                        line += &format!(" {gbs:.2} GB/s ({shape})");
                     }
+                    println!("{line}");
                 }
             }
         }

@@ -115,15 +115,13 @@ fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
         // for elements 0-3 (lo) and 4-7 (hi) of each 128-bit lane; the packs below work
         // lane by lane too and undo the interleaving
         let zero = _mm512_setzero_si512();
-        let f = |x| e4m3_x16::<EAGER>(_mm512_castsi512_ps(x), vs, vr);
-        let (lo0, hi0) = (
-            f(_mm512_unpacklo_epi16(zero, x0)),
-            f(_mm512_unpackhi_epi16(zero, x0)),
-        );
-        let (lo1, hi1) = (
-            f(_mm512_unpacklo_epi16(zero, x1)),
-            f(_mm512_unpackhi_epi16(zero, x1)),
-        );
+        let x = [
+            _mm512_unpacklo_epi16(zero, x0),
+            _mm512_unpackhi_epi16(zero, x0),
+            _mm512_unpacklo_epi16(zero, x1),
+            _mm512_unpackhi_epi16(zero, x1),
+        ];
+        let [lo0, hi0, lo1, hi1] = e4m3_x64::<EAGER>(x.map(|x| _mm512_castsi512_ps(x)), vs, vr);
         // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
         // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
         // before x1's
@@ -216,8 +214,46 @@ fn bf16_x16(x: __m256i) -> __m512 {
 }
 
 /// The e4m3 bytes (in the low byte of each 32-bit lane; the rest zero) of 16 values
-/// `x` (bf16 values as f32) divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER rounded to bf16, and
-/// [`e4m3`], lane by lane.
+/// `x` (bf16 values as f32) divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER
+/// rounded to bf16, and [`e4m3`], lane by lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> __m512i {
+    let (a, negative) = magnitude_x16::<EAGER>(x, s, r);
+    let mag = e4m3_small_x16(a, e4m3_normal_x16(a));
+    _mm512_mask_or_epi32(mag, negative, mag, _mm512_set1_epi32(0x80))
+}
+
+/// As [`e4m3_x16`] for 4 x 16 values; the step for e4m3's subnormals (which weights seldom
+/// need: quotients below 2^-6, i.e. below 2^-15 of the row's largest) runs only where one
+/// of the 64 needs it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_x64<const EAGER: bool>(x: [__m512; 4], s: __m512, r: __m512) -> [__m512i; 4] {
+    let [m0, m1, m2, m3] = x.map(|x| magnitude_x16::<EAGER>(x, s, r));
+    let mut mag = [m0.0, m1.0, m2.0, m3.0].map(|a| e4m3_normal_x16(a));
+    let small = _mm512_set1_epi32(0x3C80_0000);
+    let any_small = _mm512_cmplt_epu32_mask(_mm512_min_epu32(m0.0, m1.0), small)
+        | _mm512_cmplt_epu32_mask(_mm512_min_epu32(m2.0, m3.0), small);
+    if any_small != 0 {
+        mag = [
+            e4m3_small_x16(m0.0, mag[0]),
+            e4m3_small_x16(m1.0, mag[1]),
+            e4m3_small_x16(m2.0, mag[2]),
+            e4m3_small_x16(m3.0, mag[3]),
+        ];
+    }
+    let sign = _mm512_set1_epi32(0x80);
+    [
+        _mm512_mask_or_epi32(mag[0], m0.1, mag[0], sign),
+        _mm512_mask_or_epi32(mag[1], m1.1, mag[1], sign),
+        _mm512_mask_or_epi32(mag[2], m2.1, mag[2], sign),
+        _mm512_mask_or_epi32(mag[3], m3.1, mag[3], sign),
+    ]
+}
+
+/// The bits of the clamped `|v|` of [`e4m3`] and where `v + 0` is negative, for `v` the
+/// quotients of `x` (bf16 values as f32) by `s` (`r` = 1/s), for EAGER rounded to bf16.
 ///
 /// Two of [`e4m3`]'s steps take an equivalent form here (for finite `v`, and only finite
 /// values get here): the clamp to +-448 is an integer min of the magnitude bits (the order
@@ -226,7 +262,7 @@ fn bf16_x16(x: __m256i) -> __m512 {
 /// bits of `v` are above 0x8000_0000.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn e4m3_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> __m512i {
+fn magnitude_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> (__m512i, __mmask16) {
     // Markstein: q = x r, rem = fma(-q, s, x) (exactly -(q s) + x, rounded once), fma(rem, r, q)
     let q = _mm512_mul_ps(x, r);
     let rem = _mm512_fnmadd_ps(q, s, x);
@@ -241,28 +277,39 @@ fn e4m3_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> __m512i {
     let bits = _mm512_castps_si512(v);
     let negative = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(i32::MIN));
     let a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
-    let a = _mm512_min_epu32(a, _mm512_set1_epi32(0x43E0_0000)); // 448
-                                                                 // normal: ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    // the clamp: 448 is 0x43E0_0000
+    (
+        _mm512_min_epu32(a, _mm512_set1_epi32(0x43E0_0000)),
+        negative,
+    )
+}
+
+/// [`e4m3`]'s byte for a magnitude `a` (bits) from 2^-6 (0x3C80_0000) up:
+/// `((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)`; other lanes are garbage.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_normal_x16(a: __m512i) -> __m512i {
     let lsb = _mm512_and_si512(_mm512_srli_epi32::<20>(a), _mm512_set1_epi32(1));
-    let normal = _mm512_sub_epi32(
-        _mm512_srli_epi32::<20>(_mm512_add_epi32(
-            _mm512_add_epi32(a, _mm512_set1_epi32(0x7FFFF)),
-            lsb,
-        )),
-        _mm512_set1_epi32(120 << 3),
-    );
-    // subnormal: (|v| 512 + 2^23).to_bits() & 0x7FFFFF; |v| 512 is exact, so one fma
-    // rounds as the multiply and the add do
+    // the - (120 << 3) after the shift is a - (120 << 23) before it: no borrow for a
+    // from 2^-6 up
+    let a = _mm512_add_epi32(a, _mm512_set1_epi32(0x7FFFF - (120 << 23)));
+    _mm512_srli_epi32::<20>(_mm512_add_epi32(a, lsb))
+}
+
+/// `normal`, with the lanes of `a` below 2^-6 replaced by [`e4m3`]'s subnormal bytes:
+/// `(|v| 512 + 2^23).to_bits() & 0x7FFFFF` (|v| 512 is exact, so one fma rounds as the
+/// multiply and the add do).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_small_x16(a: __m512i, normal: __m512i) -> __m512i {
     let sub = _mm512_fmadd_ps(
         _mm512_castsi512_ps(a),
         _mm512_set1_ps(512.0),
         _mm512_set1_ps(8_388_608.0),
     );
     let sub = _mm512_and_si512(_mm512_castps_si512(sub), _mm512_set1_epi32(0x7F_FFFF));
-    let is_normal = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x3C80_0000));
-    let mag = _mm512_mask_blend_epi32(is_normal, sub, normal);
-    // sign | mag as u8: mag (of the lane kept) is at most 0x7E
-    _mm512_mask_or_epi32(mag, negative, mag, _mm512_set1_epi32(0x80))
+    let small = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x3C80_0000));
+    _mm512_mask_blend_epi32(small, normal, sub)
 }
 
 /// One row on AVX2 (`row` holds `q.len()` bf16 values); returns its scale.
