@@ -341,15 +341,13 @@ fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
         // as in bf16_row_avx512: zero words interleaved below the values make them f32
         // (elements 0-3 and 4-7 of each 128-bit lane), and the packs undo the interleaving
         let zero = _mm256_setzero_si256();
-        let f = |x| e4m3_x8::<EAGER>(_mm256_castsi256_ps(x), vs, vr);
-        let (lo0, hi0) = (
-            f(_mm256_unpacklo_epi16(zero, x0)),
-            f(_mm256_unpackhi_epi16(zero, x0)),
-        );
-        let (lo1, hi1) = (
-            f(_mm256_unpacklo_epi16(zero, x1)),
-            f(_mm256_unpackhi_epi16(zero, x1)),
-        );
+        let x = [
+            _mm256_unpacklo_epi16(zero, x0),
+            _mm256_unpackhi_epi16(zero, x0),
+            _mm256_unpacklo_epi16(zero, x1),
+            _mm256_unpackhi_epi16(zero, x1),
+        ];
+        let [lo0, hi0, lo1, hi1] = e4m3_x32::<EAGER>(x.map(|x| _mm256_castsi256_ps(x)), vs, vr);
         // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
         // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
         // before x1's
@@ -406,10 +404,37 @@ fn amax_avx2(row: &[u8]) -> u16 {
         .fold(m, |m, b| m.max(u16::from_le_bytes([b[0], b[1]]) & 0x7FFF))
 }
 
-/// As [`e4m3_x16`], for 8 values on AVX2.
+/// As [`e4m3_x64`], for 4 x 8 values on AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn e4m3_x8<const EAGER: bool>(x: __m256, s: __m256, r: __m256) -> __m256i {
+fn e4m3_x32<const EAGER: bool>(x: [__m256; 4], s: __m256, r: __m256) -> [__m256i; 4] {
+    let [m0, m1, m2, m3] = x.map(|x| magnitude_x8::<EAGER>(x, s, r));
+    let mut mag = [m0.0, m1.0, m2.0, m3.0].map(|a| e4m3_normal_x8(a));
+    // a lane below 2^-6 (0x3C80_0000), as a signed compare (a < 2^31)
+    let small = _mm256_set1_epi32(0x3C80_0000);
+    let min = _mm256_min_epu32(_mm256_min_epu32(m0.0, m1.0), _mm256_min_epu32(m2.0, m3.0));
+    if _mm256_movemask_epi8(_mm256_cmpgt_epi32(small, min)) != 0 {
+        mag = [
+            e4m3_small_x8(m0.0, mag[0]),
+            e4m3_small_x8(m1.0, mag[1]),
+            e4m3_small_x8(m2.0, mag[2]),
+            e4m3_small_x8(m3.0, mag[3]),
+        ];
+    }
+    let sign = _mm256_set1_epi32(0x80);
+    [
+        _mm256_or_si256(mag[0], _mm256_and_si256(m0.1, sign)),
+        _mm256_or_si256(mag[1], _mm256_and_si256(m1.1, sign)),
+        _mm256_or_si256(mag[2], _mm256_and_si256(m2.1, sign)),
+        _mm256_or_si256(mag[3], _mm256_and_si256(m3.1, sign)),
+    ]
+}
+
+/// As [`magnitude_x16`], for 8 values on AVX2; the lanes where `v + 0` is negative are
+/// all ones.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn magnitude_x8<const EAGER: bool>(x: __m256, s: __m256, r: __m256) -> (__m256i, __m256i) {
     let q = _mm256_mul_ps(x, r);
     let rem = _mm256_fnmadd_ps(q, s, x);
     let mut v = _mm256_fmadd_ps(rem, r, q);
@@ -426,24 +451,33 @@ fn e4m3_x8<const EAGER: bool>(x: __m256, s: __m256, r: __m256) -> __m256i {
         _mm256_sub_epi32(bits, _mm256_set1_epi32(1)),
     );
     let a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
-    let a = _mm256_min_epu32(a, _mm256_set1_epi32(0x43E0_0000)); // 448
+    // the clamp: 448 is 0x43E0_0000
+    (
+        _mm256_min_epu32(a, _mm256_set1_epi32(0x43E0_0000)),
+        negative,
+    )
+}
+
+/// As [`e4m3_normal_x16`], for 8 values on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_normal_x8(a: __m256i) -> __m256i {
     let lsb = _mm256_and_si256(_mm256_srli_epi32::<20>(a), _mm256_set1_epi32(1));
-    let normal = _mm256_sub_epi32(
-        _mm256_srli_epi32::<20>(_mm256_add_epi32(
-            _mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF)),
-            lsb,
-        )),
-        _mm256_set1_epi32(120 << 3),
-    );
+    let a = _mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF - (120 << 23)));
+    _mm256_srli_epi32::<20>(_mm256_add_epi32(a, lsb))
+}
+
+/// As [`e4m3_small_x16`], for 8 values on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_small_x8(a: __m256i, normal: __m256i) -> __m256i {
     let sub = _mm256_fmadd_ps(
         _mm256_castsi256_ps(a),
         _mm256_set1_ps(512.0),
         _mm256_set1_ps(8_388_608.0),
     );
     let sub = _mm256_and_si256(_mm256_castps_si256(sub), _mm256_set1_epi32(0x7F_FFFF));
-    // a >= 0x3C80_0000, as a signed compare (a < 2^31)
-    let is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3C7F_FFFF));
-    let mag = _mm256_blendv_epi8(sub, normal, is_normal);
-    let sign = _mm256_and_si256(negative, _mm256_set1_epi32(0x80));
-    _mm256_or_si256(sign, mag)
+    // a < 2^-6, as a signed compare (a < 2^31)
+    let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3C80_0000), a);
+    _mm256_blendv_epi8(normal, sub, small)
 }
