@@ -14,7 +14,7 @@
 //! engine reports the same way).
 //!
 //! The bf16 rows (the common case) run on explicit AVX-512 or AVX2 intrinsics where the CPU
-//! has them ([`x86`], chosen at run time), byte for byte what the plain Rust loops here
+//! has them (module `x86`, chosen at run time), byte for byte what the plain Rust loops here
 //! give; fp16 and fp32 rows are plain Rust loops, which the compiler vectorizes for the
 //! widest instruction set the CPU has.
 

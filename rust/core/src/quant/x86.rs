@@ -1,10 +1,13 @@
 //! The bf16 rows with explicit x86-64 intrinsics: AVX-512 (F, BW, VL) and AVX2 (+ FMA).
 //!
-//! Every step is the scalar code's ([`super::bf16_row`]) on 16 (or 8) lanes at once, with
-//! the same IEEE operations in the same order (`x r`, `fma(-q, s, x)`, `fma(rem, r, q)`,
-//! `+ 0`, the clamp, `|v| 512 + 2^23`) and the same integer steps, so every byte is the
-//! scalar one; the tests compare the two byte for byte. A row whose scale is subnormal
-//! (rare: its largest magnitude is below about 2^-117) is left to the scalar code.
+//! Each lane does what the scalar code ([`super::bf16_row`]) does to one element: the same
+//! IEEE operations on the same values (`x r`, `fma(-q, s, x)`, `fma(rem, r, q)`), the same
+//! integer rounding to bf16 (Eager) and to e4m3; three steps of [`e4m3`] take forms that
+//! give the same bits for every finite value (see [`magnitude_x16`] and
+//! [`e4m3_small_x16`]): the zero point, the clamp and `|v| 512 + 2^23`. So every byte is
+//! the scalar one; the tests compare the two byte for byte, over every bf16 value. A row
+//! whose scale is subnormal (rare: its largest magnitude is below about 2^-117) is left to
+//! the scalar code.
 //!
 //! Rows are read with unaligned loads, so a row at an odd address costs nothing extra.
 
@@ -182,9 +185,10 @@ fn amax_avx512(row: &[u8]) -> u16 {
         i += 32;
     }
     if i < n {
-        let k: __mmask32 = (1 << (n - i)) - 1; // n - i < 32 lanes
-                                               // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
-                                               // the lanes masked off are not read and come back as zero (which leaves the max).
+        // n - i < 32 lanes
+        let k: __mmask32 = (1 << (n - i)) - 1;
+        // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
+        // the lanes masked off are not read and come back as zero (which leaves the max).
         let a = unsafe { _mm512_maskz_loadu_epi16(k, src.add(2 * i).cast()) };
         m1 = _mm512_max_epu16(m1, _mm512_and_si512(a, mask));
     }
