@@ -270,17 +270,23 @@ fn magnitude_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> (__m512i
     // Markstein: q = x r, rem = fma(-q, s, x) (exactly -(q s) + x, rounded once), fma(rem, r, q)
     let q = _mm512_mul_ps(x, r);
     let rem = _mm512_fnmadd_ps(q, s, x);
-    let mut v = _mm512_fmadd_ps(rem, r, q);
-    if EAGER {
-        // round_bf16: (b + 0x7FFF + ((b >> 16) & 1)) with the low 16 bits cleared
-        let b = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let b = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
-        v = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(-0x1_0000)));
-    }
-    let bits = _mm512_castps_si512(v);
-    let negative = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(i32::MIN));
-    let a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
+    let v = _mm512_castps_si512(_mm512_fmadd_ps(rem, r, q));
+    let (negative, a) = if EAGER {
+        // round_bf16: b = v + 0x7FFF + ((v >> 16) & 1), whose low 16 bits are then cleared:
+        // of the rounded value, bits above 0x8000_0000 are b above 0x8000_FFFF, and the
+        // magnitude is b & 0x7FFF_0000
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
+        let b = _mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), lsb);
+        (
+            _mm512_cmpgt_epu32_mask(b, _mm512_set1_epi32(0x8000_FFFFu32 as i32)),
+            _mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_0000)),
+        )
+    } else {
+        (
+            _mm512_cmpgt_epu32_mask(v, _mm512_set1_epi32(i32::MIN)),
+            _mm512_and_si512(v, _mm512_set1_epi32(0x7FFF_FFFF)),
+        )
+    };
     // the clamp: 448 is 0x43E0_0000
     (
         _mm512_min_epu32(a, _mm512_set1_epi32(0x43E0_0000)),
@@ -441,20 +447,23 @@ fn e4m3_x32<const EAGER: bool>(x: [__m256; 4], s: __m256, r: __m256) -> [__m256i
 fn magnitude_x8<const EAGER: bool>(x: __m256, s: __m256, r: __m256) -> (__m256i, __m256i) {
     let q = _mm256_mul_ps(x, r);
     let rem = _mm256_fnmadd_ps(q, s, x);
-    let mut v = _mm256_fmadd_ps(rem, r, q);
-    if EAGER {
-        let b = _mm256_castps_si256(v);
-        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-        let b = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
-        v = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-0x1_0000)));
-    }
-    let bits = _mm256_castps_si256(v);
-    // v < 0 (not -0): bits above 0x8000_0000, as a signed compare (bits - 1 < -1)
+    let v = _mm256_castps_si256(_mm256_fmadd_ps(rem, r, q));
+    // (bits, magnitude mask, the largest bits of a -0): as in magnitude_x16
+    let (bits, abs, zero) = if EAGER {
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(v), _mm256_set1_epi32(1));
+        let b = _mm256_add_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(0x7FFF)), lsb);
+        (b, 0x7FFF_0000, 0x8000_FFFFu32 as i32)
+    } else {
+        (v, 0x7FFF_FFFF, i32::MIN)
+    };
+    // v < 0 (not -0): bits above `zero` (unsigned), as a signed compare of both with their
+    // top bits flipped
+    let flip = _mm256_set1_epi32(i32::MIN);
     let negative = _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(-1),
-        _mm256_sub_epi32(bits, _mm256_set1_epi32(1)),
+        _mm256_xor_si256(bits, flip),
+        _mm256_set1_epi32(zero ^ i32::MIN),
     );
-    let a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+    let a = _mm256_and_si256(bits, _mm256_set1_epi32(abs));
     // the clamp: 448 is 0x43E0_0000
     (
         _mm256_min_epu32(a, _mm256_set1_epi32(0x43E0_0000)),
