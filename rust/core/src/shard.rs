@@ -322,7 +322,7 @@ impl Shard {
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
                     }
-                    if n % DIRECT_ALIGN != 0 {
+                    if !n.is_multiple_of(DIRECT_ALIGN) {
                         break; // the end of the file
                     }
                 }

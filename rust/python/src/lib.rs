@@ -433,7 +433,7 @@ fn quantize_rows<'py>(
     rounding: &str,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let spec = quant_spec(dtype, cols, rounding)?;
-    if src.len() as u64 % spec.row_bytes() != 0 {
+    if !(src.len() as u64).is_multiple_of(spec.row_bytes()) {
         return Err(PyValueError::new_err(format!(
             "{} bytes are not whole rows of {} bytes",
             src.len(),

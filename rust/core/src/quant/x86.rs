@@ -1,0 +1,496 @@
+//! The bf16 rows with explicit x86-64 intrinsics: AVX-512 (F, BW, VL) and AVX2 (+ FMA).
+//!
+//! Each lane does what the scalar code ([`super::bf16_row`]) does to one element: the same
+//! IEEE operations on the same values (`x r`, `fma(-q, s, x)`, `fma(rem, r, q)`), the same
+//! integer rounding to bf16 (Eager) and to e4m3; three steps of [`e4m3`] take forms that
+//! give the same bits for every finite value (see [`magnitude_x16`] and
+//! [`e4m3_small_x16`]): the zero point, the clamp and `|v| 512 + 2^23`. So every byte is
+//! the scalar one; the tests compare the two byte for byte, over every bf16 value. A row
+//! whose scale is subnormal (rare: its largest magnitude is below about 2^-117) is left to
+//! the scalar code.
+//!
+//! Rows are read with unaligned loads, so a row at an odd address costs nothing extra.
+
+use std::arch::x86_64::*;
+
+use super::{bf16_f32, bf16_quotient, bf16_row, e4m3, round_bf16, FP8_MAX, FP8_NAN};
+
+/// What a row's largest magnitude `m` (bf16 bits without the sign) makes of it.
+enum Scale {
+    /// NaN or Inf in the row: its bytes are [`FP8_NAN`] and its scale this NaN.
+    NonFinite(u16),
+    /// A subnormal scale: the scalar code divides.
+    Subnormal,
+    /// The bf16 scale, its value and the fp32 reciprocal of that.
+    Normal(u16, f32, f32),
+}
+
+#[inline(always)]
+fn bf16_scale(m: u16) -> Scale {
+    if m >= 0x7F80 {
+        return Scale::NonFinite(0x7FC0);
+    }
+    let mut s = round_bf16(bf16_f32(m) / FP8_MAX);
+    if s == 0 {
+        s = 0x3C00; // 2^-7, bf16's eps
+    }
+    let sf = bf16_f32(s);
+    if sf < f32::MIN_POSITIVE {
+        return Scale::Subnormal;
+    }
+    Scale::Normal(s, sf, 1.0 / sf)
+}
+
+/// Quantizes the bf16 rows of `cols` elements in `src` into `q` and `scales` (two bytes a
+/// row) on AVX-512; the buffers are whole rows ([`super::quantize_rows`] checks).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub(super) fn bf16_rows_avx512(
+    cols: usize,
+    eager: bool,
+    src: &[u8],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
+    let rows = src
+        .chunks_exact(2 * cols)
+        .zip(q.chunks_exact_mut(cols))
+        .zip(scales.chunks_exact_mut(2));
+    for ((row, qrow), scale) in rows {
+        let s = if eager {
+            bf16_row_avx512::<true>(row, qrow)
+        } else {
+            bf16_row_avx512::<false>(row, qrow)
+        };
+        scale.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// As [`bf16_rows_avx512`], on AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn bf16_rows_avx2(
+    cols: usize,
+    eager: bool,
+    src: &[u8],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
+    let rows = src
+        .chunks_exact(2 * cols)
+        .zip(q.chunks_exact_mut(cols))
+        .zip(scales.chunks_exact_mut(2));
+    for ((row, qrow), scale) in rows {
+        let s = if eager {
+            bf16_row_avx2::<true>(row, qrow)
+        } else {
+            bf16_row_avx2::<false>(row, qrow)
+        };
+        scale.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// One row (`row` holds `q.len()` bf16 values); returns its scale.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
+    let n = q.len();
+    assert_eq!(row.len(), 2 * n);
+    let (s, sf, r) = match bf16_scale(amax_avx512(row)) {
+        Scale::Normal(s, sf, r) => (s, sf, r),
+        Scale::NonFinite(s) => {
+            q.fill(FP8_NAN);
+            return s;
+        }
+        Scale::Subnormal => return bf16_row(row, q, EAGER),
+    };
+    let (vs, vr) = (_mm512_set1_ps(sf), _mm512_set1_ps(r));
+    let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
+    let mut i = 0;
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n, so the 128 bytes at 2i lie inside `row` (2n bytes); the
+        // loads take any alignment.
+        let (x0, x1) = unsafe {
+            (
+                _mm512_loadu_si512(src.add(2 * i).cast()),
+                _mm512_loadu_si512(src.add(2 * i + 64).cast()),
+            )
+        };
+        // bf16 to f32 is a shift by 16: interleaving zero words below the values does it
+        // for elements 0-3 (lo) and 4-7 (hi) of each 128-bit lane; the packs below work
+        // lane by lane too and undo the interleaving
+        let zero = _mm512_setzero_si512();
+        let x = [
+            _mm512_unpacklo_epi16(zero, x0),
+            _mm512_unpackhi_epi16(zero, x0),
+            _mm512_unpacklo_epi16(zero, x1),
+            _mm512_unpackhi_epi16(zero, x1),
+        ];
+        let [lo0, hi0, lo1, hi1] = e4m3_x64::<EAGER>(x.map(|x| _mm512_castsi512_ps(x)), vs, vr);
+        // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
+        // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
+        // before x1's
+        let w = _mm512_packus_epi16(_mm512_packus_epi32(lo0, hi0), _mm512_packus_epi32(lo1, hi1));
+        let w = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), w);
+        // SAFETY: the 64 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+        // the store takes any alignment.
+        unsafe { _mm512_storeu_si512(dst.add(i).cast(), w) };
+        i += 64;
+    }
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, so the 32 bytes at 2i lie inside `row`.
+        let x = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
+        let b = _mm512_cvtepi32_epi8(e4m3_x16::<EAGER>(bf16_x16(x), vs, vr));
+        // SAFETY: the 16 bytes at i lie inside `q`; the store takes any alignment.
+        unsafe { _mm_storeu_si128(dst.add(i).cast(), b) };
+        i += 16;
+    }
+    if i < n {
+        // n - i < 16 lanes
+        let k: __mmask16 = (1 << (n - i)) - 1;
+        // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
+        // the lanes masked off are not read (they cannot fault) and come back as zero.
+        let x = unsafe { _mm256_maskz_loadu_epi16(k, src.add(2 * i).cast()) };
+        let v = e4m3_x16::<EAGER>(bf16_x16(x), vs, vr);
+        // SAFETY: the masked store writes only the n - i bytes of k, which lie inside `q`.
+        unsafe { _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, v) };
+    }
+    s
+}
+
+/// The largest `bits & 0x7FFF` of the bf16 values in `row`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn amax_avx512(row: &[u8]) -> u16 {
+    let n = row.len() / 2;
+    let src = row.as_ptr();
+    let mask = _mm512_set1_epi16(0x7FFF);
+    let (mut m0, mut m1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let mut i = 0;
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n: both 64-byte loads lie inside `row` (2n bytes); they take
+        // any alignment.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_si512(src.add(2 * i).cast()),
+                _mm512_loadu_si512(src.add(2 * i + 64).cast()),
+            )
+        };
+        m0 = _mm512_max_epu16(m0, _mm512_and_si512(a, mask));
+        m1 = _mm512_max_epu16(m1, _mm512_and_si512(b, mask));
+        i += 64;
+    }
+    if i + 32 <= n {
+        // SAFETY: i + 32 <= n: the 64 bytes at 2i lie inside `row`.
+        let a = unsafe { _mm512_loadu_si512(src.add(2 * i).cast()) };
+        m0 = _mm512_max_epu16(m0, _mm512_and_si512(a, mask));
+        i += 32;
+    }
+    if i < n {
+        // n - i < 32 lanes
+        let k: __mmask32 = (1 << (n - i)) - 1;
+        // SAFETY: the masked load reads only the n - i lanes of k, which lie inside `row`;
+        // the lanes masked off are not read and come back as zero (which leaves the max).
+        let a = unsafe { _mm512_maskz_loadu_epi16(k, src.add(2 * i).cast()) };
+        m1 = _mm512_max_epu16(m1, _mm512_and_si512(a, mask));
+    }
+    let m = _mm512_max_epu16(m0, m1);
+    let m = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64::<1>(m));
+    hmax_epu15(_mm_max_epu16(
+        _mm256_castsi256_si128(m),
+        _mm256_extracti128_si256::<1>(m),
+    ))
+}
+
+/// The largest of 8 u16 lanes, each at most 0x7FFF.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hmax_epu15(m: __m128i) -> u16 {
+    // 0x7FFF - v (an xor, v <= 0x7FFF) turns the max into a min, which one instruction finds
+    let flip = _mm_set1_epi16(0x7FFF);
+    let min = _mm_minpos_epu16(_mm_xor_si128(m, flip));
+    (_mm_cvtsi128_si32(min) as u16 & 0x7FFF) ^ 0x7FFF
+}
+
+/// 16 bf16 values as f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn bf16_x16(x: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+}
+
+/// The e4m3 bytes (in the low byte of each 32-bit lane; the rest zero) of 16 values
+/// `x` (bf16 values as f32) divided by `s` (`r` = 1/s): [`bf16_quotient`], for EAGER
+/// rounded to bf16, and [`e4m3`], lane by lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> __m512i {
+    let (a, negative) = magnitude_x16::<EAGER>(x, s, r);
+    let mag = e4m3_small_x16(a, e4m3_normal_x16(a));
+    _mm512_mask_or_epi32(mag, negative, mag, _mm512_set1_epi32(0x80))
+}
+
+/// As [`e4m3_x16`] for 4 x 16 values; the step for e4m3's subnormals (which weights seldom
+/// need: quotients below 2^-6, i.e. below 2^-15 of the row's largest) runs only where one
+/// of the 64 needs it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_x64<const EAGER: bool>(x: [__m512; 4], s: __m512, r: __m512) -> [__m512i; 4] {
+    let [m0, m1, m2, m3] = x.map(|x| magnitude_x16::<EAGER>(x, s, r));
+    let mut mag = [m0.0, m1.0, m2.0, m3.0].map(|a| e4m3_normal_x16(a));
+    let small = _mm512_set1_epi32(0x3C80_0000);
+    let any_small = _mm512_cmplt_epu32_mask(_mm512_min_epu32(m0.0, m1.0), small)
+        | _mm512_cmplt_epu32_mask(_mm512_min_epu32(m2.0, m3.0), small);
+    if any_small != 0 {
+        mag = [
+            e4m3_small_x16(m0.0, mag[0]),
+            e4m3_small_x16(m1.0, mag[1]),
+            e4m3_small_x16(m2.0, mag[2]),
+            e4m3_small_x16(m3.0, mag[3]),
+        ];
+    }
+    let sign = _mm512_set1_epi32(0x80);
+    [
+        _mm512_mask_or_epi32(mag[0], m0.1, mag[0], sign),
+        _mm512_mask_or_epi32(mag[1], m1.1, mag[1], sign),
+        _mm512_mask_or_epi32(mag[2], m2.1, mag[2], sign),
+        _mm512_mask_or_epi32(mag[3], m3.1, mag[3], sign),
+    ]
+}
+
+/// The bits of the clamped `|v|` of [`e4m3`] and where `v + 0` is negative, for `v` the
+/// quotients of `x` (bf16 values as f32) by `s` (`r` = 1/s), for EAGER rounded to bf16.
+///
+/// Two of [`e4m3`]'s steps take an equivalent form here (for finite `v`, and only finite
+/// values get here): the clamp to +-448 is an integer min of the magnitude bits (the order
+/// of non-negative floats is that of their bits, and the clamp keeps the sign), and the
+/// sign of `v + 0` (which only turns -0 into +0) is that of `v` unless `v` is -0: the
+/// bits of `v` are above 0x8000_0000.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn magnitude_x16<const EAGER: bool>(x: __m512, s: __m512, r: __m512) -> (__m512i, __mmask16) {
+    // Markstein: q = x r, rem = fma(-q, s, x) (exactly -(q s) + x, rounded once), fma(rem, r, q)
+    let q = _mm512_mul_ps(x, r);
+    let rem = _mm512_fnmadd_ps(q, s, x);
+    let v = _mm512_castps_si512(_mm512_fmadd_ps(rem, r, q));
+    let (negative, a) = if EAGER {
+        // round_bf16: b = v + 0x7FFF + ((v >> 16) & 1), whose low 16 bits are then cleared:
+        // of the rounded value, bits above 0x8000_0000 are b above 0x8000_FFFF, and the
+        // magnitude is b & 0x7FFF_0000
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
+        let b = _mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), lsb);
+        (
+            _mm512_cmpgt_epu32_mask(b, _mm512_set1_epi32(0x8000_FFFFu32 as i32)),
+            _mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_0000)),
+        )
+    } else {
+        (
+            _mm512_cmpgt_epu32_mask(v, _mm512_set1_epi32(i32::MIN)),
+            _mm512_and_si512(v, _mm512_set1_epi32(0x7FFF_FFFF)),
+        )
+    };
+    // the clamp: 448 is 0x43E0_0000
+    (
+        _mm512_min_epu32(a, _mm512_set1_epi32(0x43E0_0000)),
+        negative,
+    )
+}
+
+/// [`e4m3`]'s byte for a magnitude `a` (bits) from 2^-6 (0x3C80_0000) up:
+/// `((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)`; other lanes are garbage.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_normal_x16(a: __m512i) -> __m512i {
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<20>(a), _mm512_set1_epi32(1));
+    // the - (120 << 3) after the shift is a - (120 << 23) before it: no borrow for a
+    // from 2^-6 up
+    let a = _mm512_add_epi32(a, _mm512_set1_epi32(0x7FFFF - (120 << 23)));
+    _mm512_srli_epi32::<20>(_mm512_add_epi32(a, lsb))
+}
+
+/// `normal`, with the lanes of `a` below 2^-6 replaced by [`e4m3`]'s subnormal bytes:
+/// `(|v| 512 + 2^23).to_bits() & 0x7FFFFF` (|v| 512 is exact, so one fma rounds as the
+/// multiply and the add do).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn e4m3_small_x16(a: __m512i, normal: __m512i) -> __m512i {
+    let sub = _mm512_fmadd_ps(
+        _mm512_castsi512_ps(a),
+        _mm512_set1_ps(512.0),
+        _mm512_set1_ps(8_388_608.0),
+    );
+    let sub = _mm512_and_si512(_mm512_castps_si512(sub), _mm512_set1_epi32(0x7F_FFFF));
+    let small = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x3C80_0000));
+    _mm512_mask_blend_epi32(small, normal, sub)
+}
+
+/// One row on AVX2 (`row` holds `q.len()` bf16 values); returns its scale.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
+    let n = q.len();
+    assert_eq!(row.len(), 2 * n);
+    let (s, sf, r) = match bf16_scale(amax_avx2(row)) {
+        Scale::Normal(s, sf, r) => (s, sf, r),
+        Scale::NonFinite(s) => {
+            q.fill(FP8_NAN);
+            return s;
+        }
+        Scale::Subnormal => return bf16_row(row, q, EAGER),
+    };
+    let (vs, vr) = (_mm256_set1_ps(sf), _mm256_set1_ps(r));
+    let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n, so the 64 bytes at 2i lie inside `row` (2n bytes); the
+        // loads take any alignment.
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_si256(src.add(2 * i).cast()),
+                _mm256_loadu_si256(src.add(2 * i + 32).cast()),
+            )
+        };
+        // as in bf16_row_avx512: zero words interleaved below the values make them f32
+        // (elements 0-3 and 4-7 of each 128-bit lane), and the packs undo the interleaving
+        let zero = _mm256_setzero_si256();
+        let x = [
+            _mm256_unpacklo_epi16(zero, x0),
+            _mm256_unpackhi_epi16(zero, x0),
+            _mm256_unpacklo_epi16(zero, x1),
+            _mm256_unpackhi_epi16(zero, x1),
+        ];
+        let [lo0, hi0, lo1, hi1] = e4m3_x32::<EAGER>(x.map(|x| _mm256_castsi256_ps(x)), vs, vr);
+        // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
+        // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
+        // before x1's
+        let w = _mm256_packus_epi16(_mm256_packus_epi32(lo0, hi0), _mm256_packus_epi32(lo1, hi1));
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
+        // SAFETY: the 32 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+        // the store takes any alignment.
+        unsafe { _mm256_storeu_si256(dst.add(i).cast(), w) };
+        i += 32;
+    }
+    // the last n % 32 elements: the scalar steps
+    for (o, b) in q[i..].iter_mut().zip(row[2 * i..].chunks_exact(2)) {
+        let v = bf16_quotient(bf16_f32(u16::from_le_bytes([b[0], b[1]])), sf, r);
+        *o = e4m3(if EAGER { bf16_f32(round_bf16(v)) } else { v });
+    }
+    s
+}
+
+/// The largest `bits & 0x7FFF` of the bf16 values in `row`, on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn amax_avx2(row: &[u8]) -> u16 {
+    let n = row.len() / 2;
+    let src = row.as_ptr();
+    let mask = _mm256_set1_epi16(0x7FFF);
+    let (mut m0, mut m1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n: both 32-byte loads lie inside `row` (2n bytes); they take
+        // any alignment.
+        let (a, b) = unsafe {
+            (
+                _mm256_loadu_si256(src.add(2 * i).cast()),
+                _mm256_loadu_si256(src.add(2 * i + 32).cast()),
+            )
+        };
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(a, mask));
+        m1 = _mm256_max_epu16(m1, _mm256_and_si256(b, mask));
+        i += 32;
+    }
+    if i + 16 <= n {
+        // SAFETY: i + 16 <= n: the 32 bytes at 2i lie inside `row`.
+        let a = unsafe { _mm256_loadu_si256(src.add(2 * i).cast()) };
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(a, mask));
+        i += 16;
+    }
+    let m = _mm256_max_epu16(m0, m1);
+    let m = hmax_epu15(_mm_max_epu16(
+        _mm256_castsi256_si128(m),
+        _mm256_extracti128_si256::<1>(m),
+    ));
+    row[2 * i..]
+        .chunks_exact(2)
+        .fold(m, |m, b| m.max(u16::from_le_bytes([b[0], b[1]]) & 0x7FFF))
+}
+
+/// As [`e4m3_x64`], for 4 x 8 values on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_x32<const EAGER: bool>(x: [__m256; 4], s: __m256, r: __m256) -> [__m256i; 4] {
+    let [m0, m1, m2, m3] = x.map(|x| magnitude_x8::<EAGER>(x, s, r));
+    let mut mag = [m0.0, m1.0, m2.0, m3.0].map(|a| e4m3_normal_x8(a));
+    // a lane below 2^-6 (0x3C80_0000), as a signed compare (a < 2^31)
+    let small = _mm256_set1_epi32(0x3C80_0000);
+    let min = _mm256_min_epu32(_mm256_min_epu32(m0.0, m1.0), _mm256_min_epu32(m2.0, m3.0));
+    if _mm256_movemask_epi8(_mm256_cmpgt_epi32(small, min)) != 0 {
+        mag = [
+            e4m3_small_x8(m0.0, mag[0]),
+            e4m3_small_x8(m1.0, mag[1]),
+            e4m3_small_x8(m2.0, mag[2]),
+            e4m3_small_x8(m3.0, mag[3]),
+        ];
+    }
+    let sign = _mm256_set1_epi32(0x80);
+    [
+        _mm256_or_si256(mag[0], _mm256_and_si256(m0.1, sign)),
+        _mm256_or_si256(mag[1], _mm256_and_si256(m1.1, sign)),
+        _mm256_or_si256(mag[2], _mm256_and_si256(m2.1, sign)),
+        _mm256_or_si256(mag[3], _mm256_and_si256(m3.1, sign)),
+    ]
+}
+
+/// As [`magnitude_x16`], for 8 values on AVX2; the lanes where `v + 0` is negative are
+/// all ones.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn magnitude_x8<const EAGER: bool>(x: __m256, s: __m256, r: __m256) -> (__m256i, __m256i) {
+    let q = _mm256_mul_ps(x, r);
+    let rem = _mm256_fnmadd_ps(q, s, x);
+    let v = _mm256_castps_si256(_mm256_fmadd_ps(rem, r, q));
+    // (bits, magnitude mask, the largest bits of a -0): as in magnitude_x16
+    let (bits, abs, zero) = if EAGER {
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(v), _mm256_set1_epi32(1));
+        let b = _mm256_add_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(0x7FFF)), lsb);
+        (b, 0x7FFF_0000, 0x8000_FFFFu32 as i32)
+    } else {
+        (v, 0x7FFF_FFFF, i32::MIN)
+    };
+    // v < 0 (not -0): bits above `zero` (unsigned), as a signed compare of both with their
+    // top bits flipped
+    let flip = _mm256_set1_epi32(i32::MIN);
+    let negative = _mm256_cmpgt_epi32(
+        _mm256_xor_si256(bits, flip),
+        _mm256_set1_epi32(zero ^ i32::MIN),
+    );
+    let a = _mm256_and_si256(bits, _mm256_set1_epi32(abs));
+    // the clamp: 448 is 0x43E0_0000
+    (
+        _mm256_min_epu32(a, _mm256_set1_epi32(0x43E0_0000)),
+        negative,
+    )
+}
+
+/// As [`e4m3_normal_x16`], for 8 values on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_normal_x8(a: __m256i) -> __m256i {
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<20>(a), _mm256_set1_epi32(1));
+    let a = _mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF - (120 << 23)));
+    _mm256_srli_epi32::<20>(_mm256_add_epi32(a, lsb))
+}
+
+/// As [`e4m3_small_x16`], for 8 values on AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_small_x8(a: __m256i, normal: __m256i) -> __m256i {
+    let sub = _mm256_fmadd_ps(
+        _mm256_castsi256_ps(a),
+        _mm256_set1_ps(512.0),
+        _mm256_set1_ps(8_388_608.0),
+    );
+    let sub = _mm256_and_si256(_mm256_castps_si256(sub), _mm256_set1_epi32(0x7F_FFFF));
+    // a < 2^-6, as a signed compare (a < 2^31)
+    let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3C80_0000), a);
+    _mm256_blendv_epi8(normal, sub, small)
+}
