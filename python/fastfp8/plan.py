@@ -19,11 +19,10 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import LayoutError
+from .fp8 import FP8
 from .layouts import QUANTIZABLE_DTYPES, Layout, Split, Target, layout_for, module_of
 from .options import LoadOptions
 from .tensor_parallel import TensorParallel, heads_span
-
-FP8 = torch.float8_e4m3fn
 
 #: (shard, file offset, nbytes), or (shard, file offset, nbytes, count, stride): ``count``
 #: ranges ``stride`` bytes apart (a row-parallel slice, one range per row)

@@ -1,15 +1,11 @@
-"""What every kernel module shares: the FP8 dtype, the optional Triton import and the one
-GPU capability check of the package."""
+"""What every kernel module shares: the FP8 dtype and the capability check (from
+:mod:`fastfp8.fp8`), the optional Triton import, and the poisoned allocations of the tests."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-#: The fp8 format of fastfp8's weights and activations (e4m3, no infinities, max 448).
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from ..fp8 import FP8, FP8_MAX, capability, fp8_supported
 
 try:
     import triton
@@ -19,24 +15,6 @@ except ImportError:  # CPU-only installs without Triton: the torch references do
     tl = None
 
 __all__ = ["FP8", "FP8_MAX", "capability", "fp8_supported", "tl", "triton"]
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def capability(device: torch.device) -> tuple[int, int]:
-    """``(major, minor)`` of a CUDA ``device`` (cached per index); ``(0, 0)`` for other devices
-    and for ROCm."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return (0, 0)
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def fp8_supported(device: torch.device) -> bool:
-    """fp8 conversions and tensor-core dots on ``device``: NVIDIA sm89+ (Ada, Hopper, Blackwell)."""
-    return capability(device) >= (8, 9)
 
 
 #: Tests set this: kernel outputs and intermediate buffers are filled with NaN (fp8: 0x7F)

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from ..fp8 import capability, fp8_supported
 from .reference import FP8_MAX, SUPPORTED_DTYPES, Rounding, quantize_channelwise_reference
 
 __all__ = [
@@ -85,17 +86,9 @@ def _triton_importable() -> bool:
     return True
 
 
-@functools.cache
-def _device_has_fp8(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 9)
-
-
 def triton_supported(device: torch.device) -> bool:
     """Whether :func:`quantize_channelwise` uses the Triton kernel on ``device``."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_has_fp8(index) and _triton_importable()
+    return fp8_supported(device) and _triton_importable()
 
 
 #: compressed-tensors quantizes on CUDA with its Triton kernel (``_quantize_triton`` in
@@ -132,7 +125,7 @@ def resolve_rounding(rounding: str, device: torch.device) -> Rounding:
         ct = compressed_tensors_version()
         if ct is not None and ct < CT_TRITON_SINCE:
             return "eager"
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _triton_importable():
+        if device.type == "cuda" and capability(device) >= (9, 0) and _triton_importable():
             return "fp32"
         return "eager"
     if rounding not in ("eager", "fp32"):

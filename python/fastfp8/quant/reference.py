@@ -61,6 +61,8 @@ from typing import Literal
 
 import torch
 
+from ..fp8 import FP8, FP8_MAX
+
 __all__ = [
     "FP8_MAX",
     "SUPPORTED_DTYPES",
@@ -70,8 +72,6 @@ __all__ = [
     "quantize_channelwise_reference",
 ]
 
-#: Largest finite float8_e4m3fn value; the quantization range is [-448, 448].
-FP8_MAX: float = 448.0
 
 #: Weight dtypes accepted by the quantizers (the scale has the weight's dtype).
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
@@ -106,7 +106,7 @@ def check_args(
     if rounding not in ("eager", "fp32"):
         raise ValueError(f"rounding must be 'eager' or 'fp32', got {rounding!r}")
     if out is not None:
-        if out.dtype != torch.float8_e4m3fn:
+        if out.dtype != FP8:
             raise TypeError(f"out must be float8_e4m3fn, got {out.dtype}")
         if tuple(out.shape) != tuple(weight.shape):
             raise ValueError(f"out shape {tuple(out.shape)} != weight shape {tuple(weight.shape)}")
@@ -160,7 +160,7 @@ def quantize_channelwise_reference(
     device = weight.device
 
     if weight.numel() == 0:
-        q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=device)
+        q = torch.empty(weight.shape, dtype=FP8, device=device)
         scale = torch.empty(expected_scale_shape(weight.shape), dtype=dtype, device=device)
     else:
         # 1. observer (llm-compressor min-max, strategy="channel"): reduce the last dim.
@@ -187,11 +187,11 @@ def quantize_channelwise_reference(
         # compressed-tensors adds the (zero) zero point: -0.0 becomes +0.0, nothing else
         # changes (see "Signed zero" above).
         scaled = scaled + 0.0
-        q = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(FP8)
         # compressed-tensors casts back to the input dtype and then to e4m3 again
         # (round_to_quantized_type_args(cast_to_original_dtype=True), then .to(dtype)).
         # Exact for every e4m3 value; it only changes the sign bit of NaN bytes.
-        q = q.to(dtype).to(torch.float8_e4m3fn)
+        q = q.to(dtype).to(FP8)
 
     if out is not None:
         out.copy_(q)

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import FP8
 from .reference import Rounding, check_args, expected_scale_shape
 
 __all__ = ["launch_config", "pick_config", "quantize_channelwise_triton"]
@@ -276,7 +277,7 @@ def quantize_channelwise_triton(
     """
     check_args(weight, out, scale_out, rounding)
     if out is None:
-        out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+        out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
     if scale_out is None:
         scale_out = torch.empty(expected_scale_shape(weight.shape), dtype=weight.dtype, device=weight.device)
     if amax is not None:
@@ -310,7 +311,7 @@ def _geometry(
 def launch_config(weight: torch.Tensor) -> dict[str, Any]:
     """The launch the kernel would use for ``weight`` with fresh contiguous outputs
     (for benchmarks and debugging)."""
-    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta")
+    out = torch.empty(weight.shape, dtype=FP8, device="meta")
     scale_out = torch.empty(expected_scale_shape(weight.shape), dtype=weight.dtype, device="meta")
     groups, rows, cols, x_s, _, _ = _geometry(weight, out, scale_out)
     block_m, block_n, single_pass, num_warps = pick_config(rows, cols, x_s[2])
