@@ -137,7 +137,11 @@ def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str
     step = (t2 - t1) / (n2 - n1)
     if step <= 0:
         raise RuntimeError(f"timing noise: generate({n2}) took {t2:.4f} s, generate({n1}) {t1:.4f} s")
-    return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2}
+    from torch._dynamo.utils import counters
+
+    return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2,
+            # > 0: a compiled graph ran without CUDA graphs (launch-bound steps)
+            "cudagraph_skips_so_far": int(counters["inductor"].get("cudagraph_skips", 0))}
 
 
 def prefill_s(model, tokens: int, vocab: int) -> float:

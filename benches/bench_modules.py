@@ -518,6 +518,11 @@ def markdown(report) -> str:
             continue  # measured by bench_decode.py
         val = report.get(k)
         lines.append(f"| {k} | {val:.2f}x | >= {v}x |" if val is not None else f"| {k} | - | >= {v}x |")
+    e2e = [k for k in report if k.startswith(("decode_", "prefill_", "moe_decode_", "moe_prefill_", "logits_sqnr"))]
+    if e2e:  # merged in by bench_decode.py
+        lines += ["", "## End to end (`bench_decode.py`)", "", "| key | value |", "| --- | --- |"]
+        lines += [f"| {k} | {report[k]:.2f}{'' if 'sqnr' in k else 'x'} |" if isinstance(report[k], (int, float))
+                  else f"| {k} | - |" for k in e2e]
     lines += ["", "## Linear", "",
               "| shape | N | K | M | path | bf16 µs | Fp8Linear µs | torch quant + _scaled_mm µs | speedup vs bf16 "
               "| vs torch fp8 | fp8 TFLOP/s | SQNR dB |",

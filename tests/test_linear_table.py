@@ -45,7 +45,7 @@ def test_packaged_table_loads_and_is_well_formed():
             if backend in ("tile", "tma"):
                 assert cfg[0] == backend and len(cfg) == 8
             if backend == "gemv":
-                assert m_max is not None and m_max <= 16 and len(cfg or [0] * 4) == 4
+                assert m_max is not None and m_max <= lt.GEMV_MAX_ROWS and len(cfg or [0] * 4) == 4
 
 
 def test_select_rows_and_capability(table_file):
