@@ -35,10 +35,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_mmap"]
+FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_split", "fastfp8_mmap"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_mmap", "fastfp8_direct"]
 #: fastfp8 variants: loader name -> load_quantized options
-VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_mmap": {"method": "mmap"},
+VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"},
+            "fastfp8_split": {"quantize_on": "split"}, "fastfp8_mmap": {"method": "mmap"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"}}
 
 
@@ -413,6 +414,7 @@ def main(argv=None) -> int:
         "fastfp8_mmap_warm_gbps": best("warm", {"fastfp8_mmap"})[0],
         "fastfp8_mmap_cold_gbps": best("cold", {"fastfp8_mmap"})[0],
         "fastfp8_host_warm_gbps": best("warm", {"fastfp8_host"})[0],
+        "fastfp8_split_warm_gbps": best("warm", {"fastfp8_split"})[0],
         "fastfp8_direct_cold_gbps": best("cold", {"fastfp8_direct"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],
         "best_peer_warm": best("warm", peer_names)[1],

@@ -11,6 +11,9 @@ import fastfp8
 import pytest
 import torch
 from fastfp8 import _native
+from fastfp8.checkpoint import open_checkpoint
+from fastfp8.engine import host_quant_specs
+from fastfp8.plan import make_plan
 from fastfp8.quant.reference import quantize_channelwise_reference
 from safetensors.torch import save_file
 
@@ -170,6 +173,22 @@ def test_host_and_device_paths_give_the_same_bytes(tmp_path, device, dtype, budg
     assert dev_stats.host_quantized == 0
     same_state(host_state, dev_state)
     assert host_stats.bytes_read == dev_stats.bytes_read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_quantizes_half_the_bytes_on_each_side(tmp_path, device):
+    llama(tmp_path / "m")
+    split_state, split_stats = load(tmp_path / "m", device, quantize_on="split", memory_budget="64KiB",
+                                    chunk_bytes="8KiB")
+    dev_state, _ = load(tmp_path / "m", device, quantize_on="device")
+    assert 0 < split_stats.host_quantized < split_stats.quantized
+    same_state(split_state, dev_state)
+    opts = fastfp8.LoadOptions.make(quantize_on="split")
+    plan = make_plan(open_checkpoint(tmp_path / "m"), opts)
+    specs = host_quant_specs(plan.jobs, opts, "fp32", torch.device("cpu"))
+    host = sum(j.nbytes for j, s in zip(plan.jobs, specs, strict=True) if s)
+    device_side = sum(j.nbytes for j, s in zip(plan.jobs, specs, strict=True) if s is None and j.quantized)
+    assert abs(host - device_side) <= max(j.nbytes for j in plan.jobs)  # balanced to within one tensor
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -188,6 +188,24 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
 DIRECT_THREADS = 32
 
 
+def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
+                     device: torch.device) -> list[tuple[str, int, str] | None]:
+    """:func:`host_quant_spec` of every job. ``quantize_on="split"``: of the weights the host
+    can quantize, each goes to whichever side (host or device) has been given fewer bytes so
+    far, so that the two alternate through the load and both stay busy: the cores quantize
+    half the bytes, and the bus and the GPU's kernel take the other half."""
+    host = options.replace(quantize_on="host") if options.quantize_on == "split" else options
+    specs = [host_quant_spec(j, host, rounding, device) for j in jobs]
+    if options.quantize_on == "split":
+        given = {True: 0, False: 0}
+        for i, (job, spec) in enumerate(zip(jobs, specs, strict=True)):
+            if spec is not None:
+                on_host = given[True] <= given[False]
+                given[on_host] += job.nbytes
+                specs[i] = spec if on_host else None
+    return specs
+
+
 def reader_threads(options: LoadOptions) -> int | None:
     """The reader's thread count: ``options.threads``; else :data:`DIRECT_THREADS` for
     ``method="direct"`` and the native default (the cores but one, at most 16) otherwise."""
@@ -212,7 +230,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)
-    specs = [host_quant_spec(j, options, rounding, device) for j in plan.jobs]
+    specs = host_quant_specs(plan.jobs, options, rounding, device)
     stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
     items = [(n, segs) if sp is None else (n, segs, sp) for (n, segs), sp in zip(plan.items, specs, strict=True)]
     bar = progress_bar(plan.nbytes, options.progress, desc)

@@ -18,7 +18,7 @@ from .units import parse_bytes
 
 ROUNDINGS = ("auto", "eager", "fp32")
 METHODS = ("mmap", "pread", "direct")
-QUANTIZE_ON = ("auto", "host", "device")
+QUANTIZE_ON = ("auto", "host", "device", "split")
 LAYOUTS = ("auto", "names")
 
 
@@ -50,9 +50,10 @@ class LoadOptions:
     rounding: str = "auto"
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
     #: the bus, half the bytes), ``"device"`` (the device's kernel, after the copy),
-    #: ``"auto"``: ``"device"`` on a GPU (faster on the H200 machines: the cores cannot
-    #: quantize as fast as the bus moves bf16), ``"host"`` on the CPU
-    #: (:func:`fastfp8.engine.host_quant_spec`)
+    #: ``"auto"``: ``"device"`` on a GPU (on the H200 machines the two measure within noise
+    #: of each other), ``"host"`` on the CPU; ``"split"``: half the bytes each way, tensor by
+    #: tensor, so that the cores and the bus are both busy (not yet measured on a GPU)
+    #: (:func:`fastfp8.engine.host_quant_specs`)
     quantize_on: str = "auto"
     allow_non_finite: bool = False
     #: a progress bar on stderr (None: when stderr is a terminal)
