@@ -8,7 +8,7 @@ import importlib.metadata
 
 import pytest
 import torch
-from fastfp8 import quant
+from fastfp8 import fp8, quant
 from fastfp8.quant import CT_TRITON_SINCE, compressed_tensors_version, resolve_rounding
 
 
@@ -25,10 +25,12 @@ def fake(monkeypatch):
         monkeypatch.setattr(importlib.metadata, "version", version)
         compressed_tensors_version.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        fp8._capability.cache_clear()  # the capability is cached per device index
         monkeypatch.setattr(quant, "_triton_importable", lambda: triton)
 
     yield set_
     compressed_tensors_version.cache_clear()
+    fp8._capability.cache_clear()
 
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
