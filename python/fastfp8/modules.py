@@ -40,10 +40,11 @@ def _compiling() -> bool:
 class Fp8Linear(nn.Module):
     """A linear layer with an fp8 weight ``[out, in]`` and a per-output-channel scale.
 
-    ``forward(x [..., in]) -> [..., out]`` in ``x.dtype``. On CUDA sm89+: up to 16 rows
-    (bf16/fp16) go to the W8A16 GEMV kernel, more rows through the fused per-token
-    activation quantization and ``torch._scaled_mm`` (rowwise, fast accumulation); on the
-    CPU and older GPUs the weight is dequantized for an ``F.linear``.
+    ``forward(x [..., in]) -> [..., out]`` in ``x.dtype``. On CUDA sm89+ the path is the
+    selection table's for the shape and row count (:func:`fastfp8.ops.linear_choice`): the
+    W8A16 GEMV kernel (bf16/fp16, up to 128 rows), or the fused per-token activation
+    quantization followed by ``torch._scaled_mm`` (rowwise, fast accumulation) or by the
+    Triton W8A8 GEMM; on the CPU and older GPUs the weight is dequantized for an ``F.linear``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, device=None,
