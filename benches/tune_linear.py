@@ -51,6 +51,9 @@ GEMV_M1 = [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 5
 GEMV_M16 = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
 GEMV_M64 = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
 GEMV_M128 = [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3)]
+# split-K GEMV (..., SPLIT_K): more programs for narrow weights (N / BLOCK_N below the SM count)
+GEMV_SPLIT_M1 = [(bn, bk, 4, 2, s) for bn, bk in ((4, 1024), (8, 512), (16, 256)) for s in (2, 4, 8)]
+GEMV_SPLIT_DOT = [(bn, bk, 4, 3, s) for bn, bk in ((16, 256), (32, 128), (64, 128)) for s in (2, 4, 8)]
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)
 TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
 TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
@@ -63,13 +66,13 @@ def candidates(m: int) -> list:
     """What is tried for ``M`` rows (no duplicates)."""
     out: list = [("scaled_mm",)]
     if m == 1:
-        out += [("gemv", *c) for c in GEMV_M1]
+        out += [("gemv", *c) for c in GEMV_M1 + GEMV_SPLIT_M1]
     elif m <= 16:
-        out += [("gemv", *c) for c in GEMV_M16]
+        out += [("gemv", *c) for c in GEMV_M16 + GEMV_SPLIT_DOT]
     elif m <= 64:
-        out += [("gemv", *c) for c in GEMV_M64]
+        out += [("gemv", *c) for c in GEMV_M64 + GEMV_SPLIT_DOT]
     elif m <= 128:
-        out += [("gemv", *c) for c in GEMV_M128]
+        out += [("gemv", *c) for c in GEMV_M128 + GEMV_SPLIT_DOT]
     if m <= 32:
         out += TILE_SMALL
     if 16 < m <= 512:
@@ -127,7 +130,7 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
                                             out_dtype=BF16, use_fast_accum=True)
                 ref = emu8
             elif cand[0] == "gemv":
-                cfg = dict(BLOCK_N=cand[1], BLOCK_K=cand[2], num_warps=cand[3], num_stages=cand[4], USE_DOT=m > 1)
+                cfg = gv.config_of(cand[1:], m)
 
                 def f(i, cfg=cfg):
                     return gv.fp8_gemv(xs[i], ws[i], sws[i], config=cfg)

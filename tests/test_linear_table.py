@@ -70,6 +70,8 @@ def test_select_rows_and_capability(table_file):
     {"entries": {"8,8": [[16, "nope", None], [None, "scaled_mm", None]]}},
     {"entries": {"8,8": [[16, "scaled_mm", None], [8, "scaled_mm", None], [None, "scaled_mm", None]]}},
     {"entries": {"8,8": [[256, "gemv", None], [None, "scaled_mm", None]]}},  # GEMV past its rows
+    {"entries": {"8,8": [[16, "gemv", [16, 256, 4]], [None, "scaled_mm", None]]}},  # a short GEMV config
+    {"entries": {"8,8": [[16, "gemv", [16, 256, 4, 3, 0]], [None, "scaled_mm", None]]}},  # SPLIT_K 0
 ])
 def test_malformed_tables_are_rejected(tmp_path, bad):
     p = tmp_path / "t.json"
@@ -89,7 +91,8 @@ def test_table_from_a_sweep(tmp_path):
     tune = _tune_module()
 
     sweep = {"sm": "9.0", "gpu": "x", "cases": [
-        {"N": 64, "K": 32, "M": 1, "us": {"bf16": 10, "scaled_mm": 9, "gemv/8/1024/4/3": 5}},
+        {"N": 64, "K": 32, "M": 1, "us": {"bf16": 10, "scaled_mm": 9, "gemv/8/1024/4/3": 5,
+                                          "gemv/4/1024/4/2/8": 4.5}},  # split-K
         {"N": 64, "K": 32, "M": 16, "us": {"bf16": 10, "scaled_mm": 9, "gemv/16/256/4/3": 6,
                                            "tile/16/64/128/8/2/4/4": 5.9}},  # within the margin: the GEMV
         {"N": 64, "K": 32, "M": 64, "us": {"bf16": 10, "scaled_mm": 9, "tile/64/64/128/8/1/4/4": 4}},
@@ -98,7 +101,7 @@ def test_table_from_a_sweep(tmp_path):
     ]}
     t = tune.make_table(sweep)
     assert t["sm"] == [9, 0]
-    assert t["entries"]["64,32"] == [[1, "gemv", [8, 1024, 4, 3]], [16, "gemv", [16, 256, 4, 3]],
+    assert t["entries"]["64,32"] == [[1, "gemv", [4, 1024, 4, 2, 8]], [16, "gemv", [16, 256, 4, 3]],
                                      [64, "tile", ["tile", 64, 64, 128, 8, 1, 4, 4]],
                                      [None, "tma", ["tma", 128, 128, 128, 8, 1, 8, 3]]]
     assert all(r[1] != "tma" for r in t["generic"])  # unknown shapes: no TMA (alignment)

@@ -433,6 +433,25 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     y = gv.fp8_gemv(x, w, sc, b, config=dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, USE_DOT=True))
     assert sqnr(y, ref) > 40
 
+    # split-K gemv: splits of whole K tiles (some empty), partials added in split order by the
+    # last split to arrive, which also sets its counter back to zero
+    for m, nn_, k, split, bn, bk in [(1, 64, 512, 4, 8, 64), (1, 100, 300, 3, 16, 64), (3, 40, 256, 2, 16, 32),
+                                     (17, 33, 1000, 8, 16, 64), (128, 24, 64, 4, 16, 32), (1, 8, 64, 8, 8, 32)]:
+        for bias in (False, True):
+            g = gen("interp-gemv-split", m, nn_, k, split, bias)
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            w = torch.randn(nn_, k, generator=g).to(FP8)
+            sc = torch.rand(nn_, 1, generator=g) * 0.01
+            b = torch.randn(nn_, generator=g).to(torch.bfloat16) if bias else None
+            cfg = gv.config_of([bn, bk, 4, 1, split], m)
+            y = torch.full((m, nn_), float("nan"), dtype=torch.bfloat16)
+            gv.fp8_gemv(x, w, sc, b, out=y, config=cfg)
+            ref = gv.fp8_gemv_reference(x, w, sc, b)
+            assert sqnr(y, ref) > 40, (m, nn_, k, split, bias, sqnr(y, ref))
+            assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg), y)
+            assert not gv._counters(x.device, 1).any()
+            n += 1
+
     # the Triton counting sort against the torch sorts (identical: both stable)
     for t, e, k, bm in [(1, 4, 2, 16), (37, 8, 2, 16), (100, 64, 8, 32), (5, 128, 8, 64), (700, 16, 4, 64)]:
         g = gen("interp-sort", t, e, k)
@@ -565,15 +584,23 @@ def test_act_quant_kernel_bit_exact(shape, dtype):
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17, 32, 64, 100, 128])
 @pytest.mark.parametrize(("n", "k"), [(14336, 4096), (4096, 14336), (100, 300), (17, 4096), (6144, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_kernel(m, n, k, bias):
+@pytest.mark.parametrize("split", [1, 4])
+def test_gemv_kernel(m, n, k, bias, split):
     g = gen("cuda-gemv", m, n, k, bias)
     x = torch.randn(m, k, generator=g).to(BF16).cuda()
     w = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(FP8).cuda()  # eager casts may not saturate
     sc = (torch.rand(n, 1, generator=g) * 1e-3).cuda()
     b = torch.randn(n, generator=g).to(BF16).cuda() if bias else None
     y = poison_like((m, n), BF16)
-    gv.fp8_gemv(x, w, sc, b, out=y)
+    cfg = None
+    if split > 1:
+        cfg = gv.gemv_config(m, n, k)
+        cfg["SPLIT_K"] = split
+    gv.fp8_gemv(x, w, sc, b, out=y, config=cfg)
     ref = gv.fp8_gemv_reference(x, w, sc, b)
+    if split > 1:  # deterministic: the partials are added in split order, whoever arrives last
+        assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg), y)
+        assert not gv._counters(x.device, 1).any()
     assert sqnr(y, ref) > 45
     # elementwise: bf16 rounding of the output plus fp32 summation-order noise (long K)
     err = (y.float() - ref.float()).abs()

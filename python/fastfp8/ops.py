@@ -83,15 +83,6 @@ def fp8_linear_fallback(
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 
 
-def _gemv_config(cfg, m):
-    if cfg is None:
-        return None
-    bn, bk, nw, ns = cfg
-    if m > 1:
-        bn = max(bn, 16)  # the dot variant needs 16 columns
-    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, USE_DOT=m > 1)
-
-
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -110,7 +101,8 @@ def fp8_linear(
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
     if backend == "gemv":
-        y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=_gemv_config(cfg, x2.shape[0]))
+        launch = None if cfg is None else _gemv.config_of(cfg, x2.shape[0])
+        y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch)
         return y.reshape(*x.shape[:-1], n)
     q, s = _aq.triton_act_quant(x2)
     if backend in ("tile", "tma"):

@@ -14,6 +14,13 @@ reduces once at the end; ``M > 1`` pads the rows to 16, 32, 64 or 128 and uses `
 (one kernel, no activation quantization: where the weight's bytes bound the time, this beats
 the two-kernel W8A8 paths up to a few dozen rows; the selection table measures where).
 
+Split-K (``SPLIT_K > 1``, for narrow weights whose ``N / BLOCK_N`` programs would leave SMs
+idle): the programs of one column block divide the K tiles among them and store fp32
+partials; the last one to arrive (an arrival counter per column block) adds the partials in
+split order, applies the scale and bias and resets the counter. Still one launch, and the
+result is the same bits whoever arrives last. The counters live per device and stream
+(launches on one stream never overlap; graphs captured there keep using them).
+
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 (the interpreter's bf16
 dot is broken); on a GPU it runs in the activation dtype.
 """
@@ -30,7 +37,7 @@ from . import common
 from .common import FP8, tl, triton
 from .linear_table import GEMV_MAX_ROWS as MAX_ROWS
 
-__all__ = ["MAX_ROWS", "block_m", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
+__all__ = ["MAX_ROWS", "block_m", "config_of", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
 
 
 def block_m(m: int, use_dot: bool) -> int:
@@ -59,6 +66,8 @@ if triton is not None:
         s_ptr,
         b_ptr,
         y_ptr,
+        p_ptr,
+        c_ptr,
         M,
         N,
         K,
@@ -70,6 +79,7 @@ if triton is not None:
         EMULATE: tl.constexpr,
         EVEN_K: tl.constexpr,
         INT64: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -83,13 +93,20 @@ if triton is not None:
         rn_safe = tl.where(n_ok, rn, 0)  # clamp rows instead of masking: loads stay unpredicated
         if INT64:
             rn_safe = rn_safe.to(tl.int64)
-        w_ptrs = w_ptr + rn_safe[:, None] * sw_n + rk[None, :]
-        x_ptrs = x_ptr + rm[:, None] * sx_m + rk[None, :]
+        if SPLIT_K == 1:
+            k_lo = 0
+            k_hi = K
+        else:  # this program's share of the K tiles
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            k_lo = tl.program_id(1) * per
+            k_hi = tl.minimum(k_lo + per, K)
+        w_ptrs = w_ptr + rn_safe[:, None] * sw_n + (k_lo + rk)[None, :]
+        x_ptrs = x_ptr + rm[:, None] * sx_m + (k_lo + rk)[None, :]
         if USE_DOT:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
@@ -108,12 +125,31 @@ if triton is not None:
             x_ptrs += BLOCK_K
         if not USE_DOT:
             acc = tl.sum(acc2, axis=1)[None, :]
-        scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rm[:, None] * sy_m + rn[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K > 1:
+            # Each split stores its partial sums; the last of this column block's splits to
+            # arrive (the counter, released by every split and acquired by the last) adds
+            # them in split order, so the result does not depend on the arrival order, and
+            # sets the counter back to zero for the next launch.
+            part = rm[:, None] * N + rn[None, :]
+            tl.store(p_ptr + tl.program_id(1) * M * N + part, acc, mask=mask)
+            arrived = tl.atomic_add(c_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for sk in range(SPLIT_K):
+                    acc += tl.load(p_ptr + sk * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+                scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                acc = acc * scale[None, :]
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(c_ptr + pid, 0)
+        else:
+            scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc * scale[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -124,14 +160,12 @@ def _num_sms(index: int) -> int:
 def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | bool]:
     """Launch parameters (from an H100 sweep, ``benches/bench_modules.py --only probe``):
     M == 1: the widest ``BLOCK_N`` in {64, 32, 16, 8} that still gives >= 4 programs per SM,
-    8 KiB of weight per step; M > 1: 32 x 256 tiles (16 x 256 for narrow N).
-    ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages"`` overrides them."""
+    8 KiB of weight per step; M > 1: 32 x 256 tiles (16 x 256 for narrow N); no split-K.
+    ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages[,SPLIT_K]"`` overrides them."""
     use_dot = m > 1
     env = os.environ.get("FASTFP8_GEMV_CONFIG")
     if env:
-        bn, bk, nw, ns = (int(v) for v in env.split(","))
-        bn = max(bn, 16) if use_dot else bn
-        return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, USE_DOT=use_dot)
+        return config_of([int(v) for v in env.split(",")], m)
     kp = triton.next_power_of_2(max(k, 1))
     if use_dot:
         bn = 32 if triton.cdiv(n, 32) >= num_sms // 2 else 16
@@ -141,6 +175,39 @@ def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | b
         bn //= 2
     bk = max(32, min(8192 // bn, 1024, kp))
     return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, USE_DOT=False)
+
+
+def config_of(cfg, m: int) -> dict[str, int | bool]:
+    """A selection-table config ``[BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K)]`` as
+    launch parameters for ``M`` rows (the dot variant, ``M > 1``, needs 16 columns)."""
+    if len(cfg) not in (4, 5):
+        raise ValueError(f"a GEMV config is [BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K)], got {cfg}")
+    bn, bk, nw, ns, *split = cfg
+    out: dict[str, int | bool] = dict(BLOCK_N=max(bn, 16) if m > 1 else bn, BLOCK_K=bk, num_warps=nw,
+                                      num_stages=ns, USE_DOT=m > 1)
+    if split and split[0] > 1:
+        out["SPLIT_K"] = split[0]
+    return out
+
+
+#: split-K arrival counters per (device, stream), zero between launches (the last split of a
+#: column block sets its counter back): launches on one stream never overlap, so they can
+#: share them, and a CUDA graph captured on that stream keeps using the same ones. Retired
+#: (too small) buffers stay alive, since a captured graph may still point at them.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        if c is not None:
+            _RETIRED.append(c)
+        c = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
 
 
 @torch.no_grad()
@@ -184,21 +251,30 @@ def fp8_gemv(
     sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 132
     cfg = dict(config) if config else gemv_config(m, n, k, sms)
     use_dot = cfg.pop("USE_DOT", m > 1)
+    split = int(cfg.pop("SPLIT_K", 1))
     bm = block_m(m, use_dot)
     if not use_dot and m != 1:
         raise ValueError("the elementwise (no-dot) variant serves M == 1 only")
+    if split < 1 or split * m * n >= 2**31:
+        raise ValueError(f"SPLIT_K={split} is out of range for {m} x {n}")
     int64 = n * weight.stride(0) + cfg["BLOCK_K"] >= 2**31 - 1
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
+        if split > 1:
+            partials = common.empty((split, m, n), torch.float32, x.device)
+            counters = _counters(x.device, grid[0])
+        else:
+            partials = counters = y  # unused
         _fp8_gemv_kernel[grid](
-            x, weight, scale, bias if bias is not None else scale, y,
+            x, weight, scale, bias if bias is not None else scale, y, partials, counters,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None,
             USE_DOT=use_dot,
             EMULATE=not x.is_cuda,
             EVEN_K=k % cfg["BLOCK_K"] == 0,
             INT64=int64,
+            SPLIT_K=split,
             BLOCK_M=bm,
             **cfg,
         )
