@@ -47,6 +47,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from fastfp8.kernels.common import sqnr
+
 BF16 = torch.bfloat16
 
 
@@ -74,14 +76,6 @@ def qwen3moe_config(layers: int, tiny: bool = False):
         with contextlib.suppress(Exception):
             cfg._experts_implementation = "grouped_mm"
     return cfg
-
-
-def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    err = (out - ref).pow(2).sum()
-    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
 
 
 DEVICE = torch.device("cuda")

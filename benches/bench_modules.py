@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, also when loaded by path
 try:  # run from a source checkout without installing
     import fastfp8  # noqa: F401
 except ImportError:
@@ -52,9 +53,11 @@ except ImportError:
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
+from fastfp8.kernels.common import sqnr
 from fastfp8.kernels.moe import grouped as kgrouped
 from fastfp8.kernels.moe import sort as ksort
 from fastfp8.modules import Fp8Linear, Fp8MoE
+from timing import ROTATE_BYTES, timeit
 
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -81,47 +84,11 @@ MOE_SHAPES = {  # name -> (E, top_k, H, I)
 MOE_TOKENS = [16, 256, 4096]
 GRAPH_MAX_M = 1 << 30  # every linear in CUDA graphs: GPU time, as the tuning sweep measures it
 GRAPH_MAX_TOKENS = 1 << 30  # MoE: always (the routing/sort glue is launch-bound); eager times are kept too
-ROTATE_BYTES = 120 << 20  # > 2x the H100's 50 MB L2
 MIN_SQNR = 25.0
 MIN_SQNR_MOE = 22.0  # two W8A8 GEMMs in series
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by --tune for the Triton MoE kernel
 MOE_TUNE_CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 32, 256, 4, 3), (32, 64, 128, 4, 4),
                     (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 3)]
-
-
-def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    err = (out - ref).pow(2).sum()
-    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
-
-
-def timeit(fns: list, *, graph: bool, rep_ms: int) -> float:
-    """Median microseconds of one call; ``fns`` are the rotated calls (one per copy)."""
-    from triton.testing import do_bench
-
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for f in fns:
-                f()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for f in fns:
-                f()
-        ms = do_bench(g.replay, warmup=25, rep=rep_ms, return_mode="median")
-        return ms * 1e3 / len(fns)
-    i = [0]
-
-    def call():
-        fns[i[0] % len(fns)]()
-        i[0] += 1
-
-    return do_bench(call, warmup=25, rep=rep_ms, return_mode="median") * 1e3
 
 
 def torch_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import sys
@@ -36,10 +37,13 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, also when loaded by path
 try:  # run from a source checkout without installing
     import fastfp8.quant  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from timing import timeit
 
 DEFAULT_SHAPES = [
     "4096x4096",
@@ -79,15 +83,8 @@ def eager_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bench(fn: Callable[[int], Any], n_buffers: int, rep_ms: int) -> float:
-    import triton.testing
-
-    counter = [0]
-
-    def call() -> None:
-        fn(counter[0] % n_buffers)
-        counter[0] += 1
-
-    return float(triton.testing.do_bench(call, warmup=10, rep=rep_ms, return_mode="median"))
+    """Median milliseconds of ``fn(i)``, ``i`` rotating over the ``n_buffers`` buffers, eager."""
+    return timeit([functools.partial(fn, i) for i in range(n_buffers)], graph=False, rep_ms=rep_ms, warmup_ms=10) / 1e3
 
 
 def host_launch_us(fn: Callable[[], Any], n: int = 2000) -> float:

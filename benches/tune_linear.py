@@ -28,12 +28,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, also when loaded by path (tests do)
 try:
     import fastfp8  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from fastfp8.kernels.common import sqnr
 from fastfp8.kernels.linear_table import GEMV_MAX_ROWS
+from timing import ROTATE_BYTES, timeit
 
 BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -43,7 +46,7 @@ SHAPES = [  # (N, K), most used first: Llama-3-8B / Mixtral attention and MLP, L
     (12288, 4096), (4096, 12288), (4096, 2048), (512, 2048), (5120, 2048), (2048, 4096),
 ]
 MS = [1, 16, 32, 64, 128, 256, 1024, 4096, 8192]
-ROTATE_BYTES = 120 << 20
+WARMUP_MS = 5  # do_bench warm-up of every timing here (bench_modules keeps timeit's default, 25)
 # GEMV (BLOCK_N, BLOCK_K, num_warps, num_stages): M == 1 (elementwise), M <= 16 (dot, 16 rows),
 # M <= 128 (dot, rows padded to 32/64/128: one W8A16 kernel, no activation quantization)
 GEMV_M1 = [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 256),
@@ -82,32 +85,6 @@ def candidates(m: int) -> list:
     return list(dict.fromkeys(out))
 
 
-def sqnr(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    err = (out - ref).pow(2).sum()
-    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
-
-
-def timeit(fns, rep_ms: int) -> float:
-    from triton.testing import do_bench
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    ms = do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median")
-    return ms * 1e3 / len(fns)
-
-
 def run_case(n, k, m, ws, sws, wbs, rep_ms):
     from fastfp8.kernels import act_quant as aq
     from fastfp8.kernels import gemm as gm
@@ -119,7 +96,8 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
     emu8 = gm.fp8_gemm_reference(q0, s0, ws[0], sws[0], out_dtype=torch.float32)
     emu16 = gv.fp8_gemv_reference(xs[0].float(), ws[0], sws[0])
     res = {"N": n, "K": k, "M": m, "copies": copies, "us": {}, "sqnr": {}, "err": {}}
-    res["us"]["bf16"] = timeit([lambda i=i: torch.nn.functional.linear(xs[i], wbs[i]) for i in range(copies)], rep_ms)
+    res["us"]["bf16"] = timeit([lambda i=i: torch.nn.functional.linear(xs[i], wbs[i]) for i in range(copies)],
+                               rep_ms=rep_ms, warmup_ms=WARMUP_MS)
     for cand in candidates(m):
         name = "/".join(str(c) for c in cand)
         try:
@@ -145,7 +123,8 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
             if not db >= 35:
                 res["err"][name] = f"sqnr {db:.1f}"
                 continue
-            res["us"][name] = timeit([lambda i=i, f=f: f(i) for i in range(copies)], rep_ms)
+            res["us"][name] = timeit([lambda i=i, f=f: f(i) for i in range(copies)], rep_ms=rep_ms,
+                                     warmup_ms=WARMUP_MS)
         except Exception as e:  # a config that does not compile or fit: skip it
             res["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
     fp8 = {c: us for c, us in res["us"].items() if c != "bf16"}

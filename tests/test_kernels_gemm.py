@@ -14,14 +14,6 @@ FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 
 
-def sqnr(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    err = (out - ref).pow(2).sum()
-    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
-
-
 def gemm_case(m, n, k, *, bias, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, k, generator=g, device=device, dtype=BF16)
@@ -38,7 +30,7 @@ def check(m, n, k, cfg, *, bias, device, seed=0):
     ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
     assert y.shape == (m, n) and y.dtype == BF16
     assert torch.isfinite(y).all(), (m, n, k, cfg)
-    assert sqnr(y, ref) > 45, (m, n, k, cfg, sqnr(y, ref))
+    assert common.sqnr(y, ref) > 45, (m, n, k, cfg, common.sqnr(y, ref))
 
 
 def test_reference_matches_dequantized_matmul():

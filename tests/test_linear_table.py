@@ -153,14 +153,6 @@ def _emulate(x, f: Fp8Linear, backend):
     return (q.float() * s) @ (f.weight.float() * f.weight_scale).t()
 
 
-def _sqnr(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    err = (out - ref).pow(2).sum()
-    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
-
-
 @cuda
 @pytest.mark.skipif(not _sm90(), reason="needs a GPU with fp8 (sm89+)")
 @pytest.mark.parametrize(("n", "k", "m", "backend"), _cases())
@@ -178,4 +170,4 @@ def test_every_table_entry_cuda(monkeypatch, n, k, m, backend):
     y = f(x)
     assert y.shape == (m, n) and y.dtype == BF16
     ref = _emulate(x, f, chosen)
-    assert _sqnr(y, ref) > 40, (n, k, m, chosen, _sqnr(y, ref))
+    assert common.sqnr(y, ref) > 40, (n, k, m, chosen, common.sqnr(y, ref))

@@ -1,5 +1,6 @@
 """What every kernel module shares: the FP8 dtype and the capability check (from
-:mod:`fastfp8.fp8`), the optional Triton import, and the poisoned allocations of the tests."""
+:mod:`fastfp8.fp8`), the optional Triton import, and what the tests and benchmarks check the
+kernels with: the poisoned allocations and :func:`sqnr`."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     elif POISON and t.is_floating_point():
         t.fill_(float("nan"))
     return t
+
+
+def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref`` in dB, in float64: NaN
+    when ``out`` has a non-finite element, infinite when it equals ``ref``. (Not in
+    ``__all__``: a helper of the tests and ``benches/``, not an entry point.)"""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    err = (out - ref).pow(2).sum()
+    return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
