@@ -8,8 +8,9 @@ On the GPU machine (from the repo root)::
 For every ``(N, K)`` of :data:`SHAPES` and every ``M`` of :data:`MS`, times (CUDA graphs,
 weights rotated past L2, ``do_bench`` medians) bf16 ``F.linear`` and each fp8 candidate,
 activation quantization included where the candidate needs it: the GEMV kernel (W8A16,
-M <= 16), fused act-quant + ``torch._scaled_mm`` rowwise, fused act-quant + the Triton GEMM
-(``"tile"`` and ``"tma"`` configs). Each candidate's output is first checked against an fp32
+M <= 128, with and without split-K), the one-kernel GEMM that quantizes the activations per K
+slice itself (``"fused"``), fused act-quant + ``torch._scaled_mm`` rowwise, fused act-quant +
+the Triton GEMM (``"tile"`` and ``"tma"`` configs). Each candidate's output is first checked against an fp32
 emulation (a failure drops it). The JSON is written after every shape, so a run cut short
 keeps what it measured. ``--table`` picks the fastest candidate per ``(N, K, M)`` and writes
 the table module.
@@ -61,6 +62,16 @@ GEMV_SPLIT_DOT = [(bn, bk, 4, 3, s) for bn, bk in ((16, 256), (32, 128), (64, 12
 TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
 TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
 TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1, 8, 3)]
+# the one-kernel GEMM that quantizes the activations itself (kernels/fused_gemm.py)
+FUSED_SMALL = [("fused", 16, 64, 128, 8, 1, 4, 4), ("fused", 16, 128, 128, 8, 1, 4, 4),
+               ("fused", 32, 64, 128, 8, 1, 4, 4)]
+FUSED_MID = [("fused", 64, 64, 128, 8, 1, 4, 4), ("fused", 64, 128, 128, 8, 1, 4, 4),
+             ("fused", 128, 64, 128, 8, 1, 4, 3), ("fused", 128, 128, 128, 8, 1, 8, 3)]
+FUSED_LARGE = [("fused", 128, 128, 128, 8, 1, 8, 3), ("fused", 128, 256, 64, 8, 1, 8, 4),
+               ("fused", 128, 256, 128, 8, 1, 8, 3)]
+#: rows of a fused candidate checked against its emulation (rows are independent; the
+#: emulation holds a [rows, K / BLOCK_K, N] product)
+FUSED_CHECK_ROWS = 256
 TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4),
        ("tma", 64, 128, 128, 8, 1, 4, 4)]
 
@@ -77,16 +88,21 @@ def candidates(m: int) -> list:
     elif m <= 128:
         out += [("gemv", *c) for c in GEMV_M128 + GEMV_SPLIT_DOT]
     if m <= 32:
-        out += TILE_SMALL
+        out += TILE_SMALL + FUSED_SMALL
     if 16 < m <= 512:
         out += TILE_MID
+    if 16 < m <= 1024:
+        out += FUSED_MID
     if m >= 128:
         out += TILE_LARGE + TMA
+    if m >= 256:
+        out += FUSED_LARGE
     return list(dict.fromkeys(out))
 
 
 def run_case(n, k, m, ws, sws, wbs, rep_ms):
     from fastfp8.kernels import act_quant as aq
+    from fastfp8.kernels import fused_gemm as fg
     from fastfp8.kernels import gemm as gm
     from fastfp8.kernels import gemv as gv
 
@@ -113,12 +129,17 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
                 def f(i, cfg=cfg):
                     return gv.fp8_gemv(xs[i], ws[i], sws[i], config=cfg)
                 ref = emu16
+            elif cand[0] == "fused":
+                def f(i, cand=cand):
+                    return fg.fp8_gemm_fused(xs[i], ws[i], sws[i], config=cand)
+                r = min(m, FUSED_CHECK_ROWS)
+                ref = fg.fp8_gemm_fused_reference(xs[0][:r], ws[0], sws[0], block_k=cand[3])
             else:
                 def f(i, cand=cand):
                     q, s = aq.triton_act_quant(xs[i])
                     return gm.fp8_gemm(q, s, ws[i], sws[i], config=cand)
                 ref = emu8
-            db = sqnr(f(0), ref)
+            db = sqnr(f(0)[: ref.shape[0]], ref)
             res["sqnr"][name] = db
             if not db >= 35:
                 res["err"][name] = f"sqnr {db:.1f}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
+from fastfp8.kernels import fused_gemm as fg
 from fastfp8.kernels import gemm as gm
 
 FP8 = torch.float8_e4m3fn
@@ -82,6 +83,61 @@ def test_gemm_tma_cuda(monkeypatch, cfg, m, n, k, bias):
     check(m, n, k, cfg, bias=bias, device="cuda", seed=m + 2 * n)
 
 
+FUSED_CONFIGS = [("fused", 16, 64, 128, 8, 1, 4, 4), ("fused", 64, 128, 128, 8, 1, 4, 4),
+                 ("fused", 128, 128, 128, 8, 1, 8, 3), ("fused", 128, 256, 64, 8, 1, 8, 4),
+                 ("fused", 32, 64, 64, 8, 1, 4, 4)]
+
+
+@cuda
+@needs_fp8
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS)
+@pytest.mark.parametrize(("m", "n", "k"), [*ODD, (4100, 512, 2048)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_fused_cuda(monkeypatch, cfg, m, n, k, bias):
+    """The one-kernel GEMM that quantizes the activations itself, against its torch emulation;
+    a zero row, and a NaN row that stays NaN without touching the others."""
+    monkeypatch.setattr(common, "POISON", True)
+    g = torch.Generator(device="cuda").manual_seed(m + 3 * n + k)
+    x = torch.randn(m, k, generator=g, device="cuda", dtype=BF16)
+    x[0] = 0
+    w = (torch.randn(n, k, generator=g, device="cuda") * 64).clamp(-448, 448).to(FP8)
+    ws = torch.rand(n, generator=g, device="cuda") / 64 + 1e-3
+    b = torch.randn(n, generator=g, device="cuda", dtype=BF16) if bias else None
+    y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
+    ref = fg.fp8_gemm_fused_reference(x, w, ws, b, block_k=cfg[3])
+    assert y.shape == (m, n) and y.dtype == BF16
+    assert common.sqnr(y, ref) > 45, (m, n, k, cfg, common.sqnr(y, ref))
+    if m > 1:
+        x[1, k // 2] = float("nan")
+        y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(m, device="cuda") != 1]).all()
+
+
+def test_fused_gemm_rejects_bad_inputs():
+    x = torch.randn(4, 64, dtype=BF16)
+    w = torch.randn(32, 64).to(FP8)
+    ws = torch.ones(32)
+    cfg = ("fused", 16, 32, 32, 1, 1, 4, 2)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fg.fp8_gemm_fused(x, w.float(), ws, config=cfg)
+    with pytest.raises(ValueError, match="w_scale"):
+        fg.fp8_gemm_fused(x, w, ws[:3], config=cfg)
+    with pytest.raises(ValueError, match="fused-GEMM config"):
+        fg.fp8_gemm_fused(x, w, ws, config=("tile", *cfg[1:]))
+    with pytest.raises(TypeError, match="activations"):
+        fg.fp8_gemm_fused(x.to(torch.int32), w, ws, config=cfg)
+
+
+def test_fused_reference_is_close_to_the_exact_product():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 300, generator=g, dtype=BF16)
+    w = torch.randn(24, 300, generator=g).to(FP8)
+    ws = torch.rand(24, generator=g) + 0.5
+    ref = fg.fp8_gemm_fused_reference(x, w, ws, block_k=128)
+    exact = x.float() @ (w.float() * ws.reshape(-1, 1)).t()
+    assert common.sqnr(ref, exact) > 28  # e4m3 activations: ~4 significant bits per element
+
+
 def _compile_sm90(cfg, bias):
     """Compiles one GEMM configuration for sm90 on the CPU (no GPU needed); returns its
     shared-memory bytes. Pointers and strides are declared 16-divisible, as the launcher
@@ -90,7 +146,16 @@ def _compile_sm90(cfg, bias):
     from triton.compiler import ASTSource
 
     kind, bm, bn, bk, g, sk, nw, ns = cfg
-    if kind == "tile":
+    if kind == "fused":
+        sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "y_ptr": "*bf16", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
+               "M": "i32", "N": "i32", "K": "i32", "s_xm": "i32", "s_wn": "i32", "s_ym": "i32",
+               **dict.fromkeys(("HAS_BIAS", "EVEN_K", "EMULATE", "IS_BF16", "FLOOR", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                "GROUP_M"), "constexpr")}
+        consts = {"HAS_BIAS": bias, "EVEN_K": True, "EMULATE": False, "IS_BF16": True, "FLOOR": aq.SCALE_FLOOR,
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)}
+        fn = fg._fused_gemm_kernel
+    elif kind == "tile":
         sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
                "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
                "s_bn": "i32", "s_cm": "i32",
@@ -117,10 +182,12 @@ def _table_gemm_configs():
     from fastfp8.kernels import linear_table as lt
 
     t = lt.load()
-    cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows if r[1] in ("tile", "tma")}
+    cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows
+            if r[1] in ("fused", "tile", "tma")}
     for m in (1, 32, 200):
         cfgs.add(gm.default_config(m, 4096, 4096, "tile"))
         cfgs.add(gm.default_config(m, 4096, 4096, "tma"))
+        cfgs.add(fg.default_config(m, 4096, 4096))
     return sorted(cfgs)
 
 

@@ -13,6 +13,7 @@ import torch
 from fastfp8 import ops
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
+from fastfp8.kernels import fused_gemm as fg
 from fastfp8.kernels import linear_table as lt
 from fastfp8.modules import Fp8Linear
 
@@ -146,9 +147,11 @@ def _cases():
     return out
 
 
-def _emulate(x, f: Fp8Linear, backend):
+def _emulate(x, f: Fp8Linear, backend, cfg):
     if backend == "gemv":  # W8A16: bf16 activations times the dequantized weight, fp32
         return x.float() @ (f.weight.float() * f.weight_scale).t()
+    if backend == "fused":  # activations quantized per row and K slice
+        return fg.fp8_gemm_fused_reference(x, f.weight, f.weight_scale, block_k=cfg[3])
     q, s = aq.act_quant_reference(x)
     return (q.float() * s) @ (f.weight.float() * f.weight_scale).t()
 
@@ -164,10 +167,10 @@ def test_every_table_entry_cuda(monkeypatch, n, k, m, backend):
     lin.weight.data.copy_(w)
     f = Fp8Linear.from_linear(lin)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=BF16)
-    chosen, _ = ops.linear_choice(x, f.weight)
+    chosen, cfg = ops.linear_choice(x, f.weight)
     if torch.cuda.get_device_capability() == lt.table()["sm"] and n % 16 == 0 and k % 16 == 0:
         assert chosen == backend or (backend == "gemv" and chosen == "scaled_mm"), (chosen, backend)
     y = f(x)
     assert y.shape == (m, n) and y.dtype == BF16
-    ref = _emulate(x, f, chosen)
+    ref = _emulate(x, f, chosen, cfg)
     assert common.sqnr(y, ref) > 40, (n, k, m, chosen, common.sqnr(y, ref))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastfp8 import ops
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
+from fastfp8.kernels import fused_gemm as fg
 from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
@@ -379,7 +380,7 @@ def test_torch_compile_inductor_cpu():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from fastfp8.kernels import act_quant as aq, common, gemm as gm, gemv as gv, moe as km
+    from fastfp8.kernels import act_quant as aq, common, fused_gemm as fg, gemm as gm, gemv as gv, moe as km
     from fastfp8.kernels.moe import sort as ksort
     from fastfp8.quant import quantize_channelwise
     from test_modules import gen, sqnr, same_bytes, moe_case
@@ -514,6 +515,30 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
         assert sqnr(y, ref) > 45, (m, nn_, k, cfg, sqnr(y, ref))
         n += 1
+    # the fused GEMM (activations quantized per row and K slice inside): against its torch
+    # emulation (fp32 output: exact up to summation order), a zero row, a masked K tail, a
+    # NaN row (stays NaN), several output tiles, every activation dtype, poisoned outputs
+    common.POISON = True
+    for m, nn_, k, cfg, dtype, bias in [(5, 17, 33, ("fused", 16, 16, 32, 8, 1, 4, 1), torch.bfloat16, True),
+                                        (40, 70, 300, ("fused", 32, 32, 64, 2, 1, 4, 1), torch.float16, False),
+                                        (3, 16, 64, ("fused", 16, 16, 32, 1, 1, 4, 1), torch.float32, True),
+                                        (18, 48, 96, ("fused", 16, 16, 32, 8, 1, 4, 1), torch.bfloat16, False)]:
+        g = gen("interp-fused", m, nn_, k)
+        x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]).to(dtype)
+        x[1] = 0
+        w = torch.randn(nn_, k, generator=g).to(FP8)
+        ws = torch.rand(nn_, 1, generator=g) / 64 + 1e-3
+        b = torch.randn(nn_, generator=g).to(dtype) if bias else None
+        y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg, out_dtype=torch.float32)
+        ref = fg.fp8_gemm_fused_reference(x, w, ws, b, block_k=cfg[3])
+        assert sqnr(y, ref) > 100, (m, nn_, k, cfg, sqnr(y, ref))
+        yo = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
+        assert yo.dtype == dtype and sqnr(yo, ref) > 40
+        x[2, 3] = float("nan")
+        y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[torch.arange(m) != 2]).all()
+        n += 1
+    common.POISON = False
     print("OK", n)
     """
 )
@@ -609,7 +634,7 @@ def test_gemv_kernel(m, n, k, bias, split):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("backend", ["gemv", "scaled_mm", "tile", "tma", "fallback"])
+@pytest.mark.parametrize("backend", ["gemv", "fused", "scaled_mm", "tile", "tma", "fallback"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336), (1024, 6144, 4096),
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])
@@ -630,6 +655,10 @@ def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     if backend in ("scaled_mm", "tile", "tma"):  # against an emulation: per-token quantization + fp32 matmul
         q, s = aq.act_quant_reference(x)
         emu = (q.float() * s) @ (f.weight.float() * f.weight_scale).t() + (f.bias.float() if bias else 0)
+        assert sqnr(y, emu) > 40
+    elif backend == "fused":  # against its emulation: per-(row, K slice) quantization + fp32 matmul
+        cfg = ops.linear_choice(x, f.weight)[1]
+        emu = fg.fp8_gemm_fused_reference(x, f.weight, f.weight_scale, f.bias, block_k=cfg[3])
         assert sqnr(y, emu) > 40
     else:
         assert sqnr(y, F.linear(x, f.dequantize(), f.bias)) > 40

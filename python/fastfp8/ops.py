@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import act_quant as _aq
+from .kernels import fused_gemm as _fused
 from .kernels import gemm as _gemm
 from .kernels import gemv as _gemv
 from .kernels import linear_table as _table
@@ -32,7 +33,7 @@ _NS = "fastfp8"
 
 __all__ = ["fp8_linear", "fp8_linear_fallback", "linear_backend", "linear_choice", "moe_experts"]
 
-_FORCED = ("gemv", "scaled_mm", "tile", "tma", "fallback")
+_FORCED = ("gemv", "fused", "scaled_mm", "tile", "tma", "fallback")
 
 
 def _fast_path(x: torch.Tensor) -> bool:
@@ -41,9 +42,9 @@ def _fast_path(x: torch.Tensor) -> bool:
 
 def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | None]:
     """``(backend, config)`` that :func:`fp8_linear` uses for ``x [..., K]`` and ``weight [N, K]``:
-    ``"gemv"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection table,
+    ``"gemv"``, ``"fused"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection table,
     :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces
-    one of them where it can run (``tile``/``tma`` with a default tile)."""
+    one of them where it can run (``fused``/``tile``/``tma`` with a default tile)."""
     forced = os.environ.get("FASTFP8_LINEAR_BACKEND", "")
     if forced == "fallback" or not _fast_path(x):
         return "fallback", None
@@ -56,6 +57,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
             return "gemv", None
         if forced == "scaled_mm" and mm_ok:
             return "scaled_mm", None
+        if forced == "fused":
+            return "fused", _fused.default_config(m, n, k)
         if forced == "tile" or (forced == "tma" and mm_ok and _gemm.tma_supported(x.device)):
             return forced, _gemm.default_config(m, n, k, forced)
     backend, cfg = _table.select(m, n, k, capability(x.device))
@@ -67,6 +70,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
     if backend in ("tile", "tma") and cfg is None:
         cfg = _gemm.default_config(m, n, k, backend)
+    if backend == "fused" and cfg is None:
+        cfg = _fused.default_config(m, n, k)
     return backend, cfg
 
 
@@ -89,9 +94,11 @@ def fp8_linear(
     """``x [..., K] @ (weight [N, K] * weight_scale [N, 1]).T + bias``, in ``x.dtype``.
 
     CUDA sm89+: the path of the selection table (:func:`linear_choice`): the W8A16 GEMV
-    kernel for a few rows (bf16/fp16), else the fused per-token activation quantization
-    followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias added after) or by the
-    Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere: :func:`fp8_linear_fallback`.
+    kernel for a few rows (bf16/fp16); the one-kernel FP8 GEMM that quantizes the activations
+    per K slice itself (:mod:`fastfp8.kernels.fused_gemm`); else the fused per-token
+    activation quantization followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias
+    added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
+    :func:`fp8_linear_fallback`.
     """
     backend, cfg = linear_choice(x, weight)
     if backend == "fallback":
@@ -103,6 +110,9 @@ def fp8_linear(
     if backend == "gemv":
         launch = None if cfg is None else _gemv.config_of(cfg, x2.shape[0])
         y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch)
+        return y.reshape(*x.shape[:-1], n)
+    if backend == "fused":
+        y = _fused.fp8_gemm_fused(x2, weight, weight_scale, bias, config=cfg)
         return y.reshape(*x.shape[:-1], n)
     q, s = _aq.triton_act_quant(x2)
     if backend in ("tile", "tma"):

@@ -1,0 +1,195 @@
+"""FP8 GEMM that quantizes the activations itself: one kernel from bf16/fp16 ``x`` to ``y``.
+
+``y = x @ (w * w_scale).T + bias`` with the fp8 e4m3 weight ``w [N, K]`` (per-output-channel
+``w_scale``) and the activations quantized on the fly, per row and per ``BLOCK_K`` slice of
+K: every K step loads a ``[BLOCK_M, BLOCK_K]`` tile of ``x``, takes each row's amax over
+the tile, scales the row into e4m3 (``scale = max(amax / 448, SCALE_FLOOR)``, then ``x *
+(1 / scale)`` saturated and rounded to nearest even: the per-token rule of
+:mod:`fastfp8.kernels.act_quant` applied to one slice), runs the fp8 ``tl.dot`` and
+adds its product times the row scales to the fp32 accumulator. The weight scales and the
+bias follow once per output tile.
+
+Why: the two-kernel W8A8 paths (activation quantization, then a GEMM) read the activations
+in bf16, write them in fp8 and read them again; where the weight is small (attention k/v
+projections, Qwen3-MoE attention) those passes cost more than the fp8 tensor cores save, and
+fastfp8 was slower than bf16 there. Here the activations are read once (per column block of
+the output), in bf16, and no second kernel runs. Scales per K slice are finer than per
+token, so the result is at least as accurate as the per-token paths.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 on the e4m3 values (the
+interpreter has no fp8 dot): the same products, exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import common
+from .act_quant import SCALE_FLOOR
+from .common import FP8, FP8_MAX, tl, triton
+from .gemm import GemmConfig
+
+__all__ = ["default_config", "fp8_gemm_fused", "fp8_gemm_fused_reference"]
+
+
+@torch.no_grad()
+def fp8_gemm_fused_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    block_k: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The kernel's math in torch (fp32): ``x`` quantized per row and per ``block_k`` slice
+    of K (the last slice zero-padded), each slice's product scaled by its row scales."""
+    m, k = x.shape
+    n = w.shape[0]
+    nb = -(-k // block_k) if k else 0
+    pad = nb * block_k - k
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(m, nb, block_k)
+    wf = torch.nn.functional.pad(w.float(), (0, pad)).view(n, nb, block_k)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.clamp_min(amax / FP8_MAX, SCALE_FLOOR)
+    inv = torch.ones_like(scale) / scale
+    q = torch.clamp(xf * inv, -FP8_MAX, FP8_MAX).to(FP8).float()
+    y = torch.einsum("mbk,nbk->mbn", q, wf)  # per slice, exact products in fp32
+    y = (y * scale).sum(dim=1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+if triton is not None:
+    from .act_quant import _to_e4m3  # the per-token kernel's fp32 -> e4m3 (saturating, RTNE)
+
+    @triton.jit
+    def _fused_gemm_kernel(
+        x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr,
+        M, N, K, s_xm, s_wn, s_ym,
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EMULATE: tl.constexpr,
+        IS_BF16: tl.constexpr,
+        FLOOR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % in_group) % size_m)
+        pid_n = (pid % in_group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        rm_s = tl.where(m_ok, rm, 0).to(tl.int64)  # clamped rows: loads stay unpredicated
+        rn_s = tl.where(n_ok, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rm_s[:, None] * s_xm + rk[None, :]
+        w_ptrs = w_ptr + rn_s[None, :] * s_wn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = (k0 + rk) < K
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if EMULATE and IS_BF16:  # the interpreter's bf16 -> fp32 cast breaks subnormals
+                xf = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            else:
+                xf = x.to(tl.float32)
+            # max over |x| bit patterns: exact, and NaN (above +inf) propagates
+            amax = tl.max(xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
+            scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
+            scale = tl.where(scale < FLOOR, FLOOR, scale)  # keeps NaN
+            inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
+            q = _to_e4m3(xf, inv[:, None], EMULATE)
+            if EMULATE:  # noqa: SIM108 (constexpr branch)
+                part = tl.dot(q.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(q, w)
+            acc += part * scale[:, None]
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        sb = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+        acc = acc * sb[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * s_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def default_config(m: int, n: int, k: int) -> GemmConfig:
+    """A reasonable tile where the selection table names none."""
+    if m <= 16:
+        return ("fused", 16, 64, 128, 8, 1, 4, 4)
+    if m <= 64:
+        return ("fused", 64, 64, 128, 8, 1, 4, 4)
+    return ("fused", 128, 128, 128, 8, 1, 8, 3)
+
+
+@torch.no_grad()
+def fp8_gemm_fused(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x [M, K]`` (bf16/fp16/fp32, unit column stride or copied) times the fp8 ``w [N, K]``
+    with ``w_scale`` (``N`` values), plus ``bias [N]``; the activations are quantized inside.
+    Returns ``[M, N]`` in ``out_dtype`` (default ``x.dtype``). ``config``: a
+    :data:`~fastfp8.kernels.gemm.GemmConfig` of kernel ``"fused"`` (``SPLIT_K`` 1)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m, k = x.shape
+    n = w.shape[0]
+    if w.dtype != FP8 or w.shape[1] != k:
+        raise ValueError(f"w must be float8_e4m3fn [N, {k}], got {w.dtype} {tuple(w.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"fp8_gemm_fused takes bf16/fp16/fp32 activations, got {x.dtype}")
+    kernel, bm, bn, bk, gm, split, nw, ns = config
+    if kernel != "fused" or split != 1:
+        raise ValueError(f"not a fused-GEMM config: {config}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    sb = w_scale.reshape(-1)
+    if sb.numel() != n:
+        raise ValueError(f"w_scale must hold {n} values, got {sb.numel()}")
+    sb = sb.float().contiguous()
+    out_dtype = out_dtype or x.dtype
+    if m == 0 or n == 0 or k == 0:
+        y = torch.zeros((m, n), dtype=out_dtype, device=x.device)
+        return y + bias.to(out_dtype) if bias is not None and m else y
+    y = common.empty((m, n), out_dtype, x.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
+        _fused_gemm_kernel[grid](
+            x, w, y, sb, bias if bias is not None else sb,
+            m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None,
+            EVEN_K=k % bk == 0,
+            EMULATE=not x.is_cuda,
+            IS_BF16=x.dtype == torch.bfloat16,
+            FLOOR=SCALE_FLOOR,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+            num_warps=nw, num_stages=ns,
+        )
+    return y
