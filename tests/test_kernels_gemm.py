@@ -212,3 +212,48 @@ def test_table_configs_compile_for_sm90_and_fit():
                 pytest.skip(f"no ptxas here: {e}")
             raise
         assert smem <= 232448, (cfg, smem)
+
+
+def _compile_gemv_sm90(cfg, m):
+    """Compiles the GEMV kernel for ``M`` rows with a table config for sm90 on the CPU;
+    returns its shared-memory bytes."""
+    from fastfp8.kernels import gemv as gv
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch = gv.config_of(cfg, m)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "sx_m": "i32", "sw_n": "i32",
+           "sy_m": "i32", **dict.fromkeys(("HAS_BIAS", "USE_DOT", "EMULATE", "EVEN_K", "INT64", "SPLIT_K", "BLOCK_M",
+                                           "BLOCK_N", "BLOCK_K"), "constexpr")}
+    consts = {"HAS_BIAS": True, "USE_DOT": launch["USE_DOT"], "EMULATE": False, "EVEN_K": True, "INT64": False,
+              "SPLIT_K": launch.get("SPLIT_K", 1), "BLOCK_M": gv.block_m(m, launch["USE_DOT"]),
+              "BLOCK_N": launch["BLOCK_N"], "BLOCK_K": launch["BLOCK_K"]}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12)}
+    src = ASTSource(fn=gv._fp8_gemv_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    k = gm.triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
+    return k.metadata.shared
+
+
+def test_gemv_split_configs_compile_for_sm90_and_fit():
+    """The split-K GEMV (counters, partials, the last split's epilogue) compiles for Hopper
+    at both variants (elementwise M = 1, tl.dot M > 1) and fits its shared memory."""
+    if gm.triton is None:
+        pytest.skip("needs Triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no offline compilation API")
+    for cfg, m in [([4, 1024, 4, 2, 8], 1), ([8, 512, 4, 2, 2], 1), ([16, 256, 4, 3, 4], 16),
+                   ([64, 128, 4, 3, 8], 128), ([32, 256, 4, 3], 64)]:
+        try:
+            smem = _compile_gemv_sm90(cfg, m)
+        except (TypeError, AttributeError, KeyError) as e:  # another Triton's compile API
+            pytest.skip(f"offline compilation API differs: {type(e).__name__}: {e}")
+        except Exception as e:
+            if "ptxas" in str(e).lower():
+                pytest.skip(f"no ptxas here: {e}")
+            raise
+        assert smem <= 232448, (cfg, m, smem)
