@@ -638,9 +638,11 @@ def test_interrupt_signal_at_random_times(tmp_path, api):
         with fastfp8.open_checkpoint(root).stream(memory_budget="4MiB", threads=2) as s:
             return {n: t.clone() for n, t in s}
 
-    t0 = time.perf_counter()
-    run()
-    duration = time.perf_counter() - t0
+    duration = float("inf")
+    for _ in range(3):  # the fastest of three: a run slowed by a busy machine would send the
+        t0 = time.perf_counter()  # signals after most loads have finished
+        run()
+        duration = min(duration, time.perf_counter() - t0)
     base = Baseline()
     interrupted = sigint_loop(run, duration, seed=1234, check=lambda: base.check(f"{api}: SIGINT"))
     assert interrupted >= 10
