@@ -14,6 +14,7 @@ from fastfp8 import _native
 from fastfp8.checkpoint import open_checkpoint
 from fastfp8.engine import host_quant_specs
 from fastfp8.plan import make_plan
+from fastfp8.quant import quantize_channelwise
 from fastfp8.quant.reference import quantize_channelwise_reference
 from safetensors.torch import save_file
 
@@ -120,12 +121,102 @@ def test_bad_specs_are_value_errors():
 
 
 # ---------------------------------------------------------------------------------------
+# row-parallel slices: the rows' amax read ahead, all-reduced, then quantized with it
+
+
+def read_quantized(ckpt, items, rows_cols) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Runs ``items`` (quantized on the way) through a ChunkReader: ``(q, scale bytes)`` each."""
+    from fastfp8.checkpoint import ChunkReader
+
+    out = [(torch.empty(r * c, dtype=torch.uint8), torch.empty(r * eb, dtype=torch.uint8))
+           for r, c, eb in rows_cols]
+    with ChunkReader(ckpt, items, memory_budget="64KiB", chunk_bytes=5000, threads=3) as reader:
+        while (d := reader.next()) is not None:
+            item, ioff, boff, n = d
+            _, c, eb = rows_cols[item]
+            k = n // (c + eb)
+            r0 = ioff // (c * eb)
+            out[item][0][r0 * c : (r0 + k) * c] = reader.view(boff, k * c)
+            out[item][1][r0 * eb : (r0 + k) * eb] = reader.view(boff + k * c, k * eb)
+            reader.release(boff, n)
+    return out
+
+
+def column_slices(info, spans):
+    """Each ``(a, b)`` of ``spans``: columns ``[a, b)`` of every row, one strided segment (as
+    :func:`fastfp8.plan._cols` plans a row-parallel slice)."""
+    rows, cols = info.shape
+    es = info.torch_dtype.itemsize
+    return [[(info.shard, info.begin + a * es, (b - a) * es, rows, cols * es)] for a, b in spans]
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (64, 100), (33, 1000), (7, 4099)])
+def test_row_slices_with_the_reduced_amax_match_the_reference(tmp_path, dtype, shape, rounding):
+    from fastfp8.checkpoint import row_amax
+
+    gen = torch.Generator().manual_seed(hash((str(dtype), shape, rounding)) % 2**31)
+    w = (torch.randn(shape, generator=gen) * torch.logspace(-6, 3, shape[0])[:, None]).to(dtype)
+    w[0] = 0  # a zero row
+    if shape[0] > 2:
+        w[2, : shape[1] // 2] = 0  # zero in the first slices only
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    ck = open_checkpoint(tmp_path / "w.safetensors")
+    info = ck.info("w")
+    rows, cols = shape
+    spans = [(0, 0), (0, 1), (1, cols // 2), (cols // 2, cols), (0, cols)]
+    spans = [(a, b) for a, b in spans if a <= b]
+    spec = lambda a, b: (NAMES[dtype], b - a, rounding)  # noqa: E731
+    items = [("w", segs, spec(a, b)) for (a, b), segs in zip(spans, column_slices(info, spans), strict=True)
+             if b > a]
+    local = row_amax(ck, items, threads=2)
+    assert torch.equal(local, torch.cat([w[:, a:b].abs().amax(-1).float() for a, b in spans if b > a]))
+    whole = w.abs().amax(-1).float()  # the all-reduced amax of every rank's slice
+    items = [(*item, whole.tolist()) for item in items]
+    got = read_quantized(ck, items, [(rows, b - a, w.element_size()) for a, b in spans if b > a])
+    for (a, b), (q, s) in zip([sp for sp in spans if sp[1] > sp[0]], got, strict=True):
+        rq, rs = quantize_channelwise(w[:, a:b].contiguous(), rounding=rounding,
+                                      reduce_absmax=lambda m: m.copy_(whole.view(-1, 1)))
+        assert torch.equal(s, rs.view(torch.uint8).reshape(-1)), (a, b, "scales")
+        assert torch.equal(q, rq.view(torch.uint8).reshape(-1)), (a, b, "bytes")
+
+
+def test_row_amax_and_given_amax_errors_name_the_tensor(tmp_path):
+    from fastfp8.checkpoint import row_amax
+
+    w = torch.ones(4, 8, dtype=torch.bfloat16)
+    w[1, 3] = float("inf")
+    w[2, 0] = float("nan")
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    ck = open_checkpoint(tmp_path / "w.safetensors")
+    (segs,) = column_slices(ck.info("w"), [(2, 6)])
+    got = row_amax(ck, [("w", segs, ("BF16", 4, "fp32"))])
+    assert got.tolist() == [1.0, float("inf"), 1.0, 1.0]  # NaN at column 0: outside the slice
+    assert row_amax(ck, []).numel() == 0
+    with pytest.raises(ValueError, match=r"w: .*dtype and columns"):
+        row_amax(ck, [("w", segs)])
+    with pytest.raises(ValueError, match=r"w: .*I8"):
+        row_amax(ck, [("w", segs, ("I8", 4, "fp32"))])
+    with pytest.raises(ValueError, match=r"w: .*outside"):
+        row_amax(ck, [("w", [(0, 1 << 30, 8)], ("BF16", 4, "fp32"))])
+    with pytest.raises(ValueError, match="w: 3 given row amax values for 4 rows"):
+        read_quantized(ck, [("w", segs, ("BF16", 4, "fp32"), [1.0] * 3)], [(4, 4, 2)])
+    with pytest.raises(ValueError, match="w: the given amax of row 1 is negative"):
+        read_quantized(ck, [("w", segs, ("BF16", 4, "fp32"), [1.0, -2.0, 1.0, 1.0])], [(4, 4, 2)])
+    # a NaN or Inf given amax makes the row non-finite (a NaN scale), as a NaN in it would
+    (_, s), = read_quantized(ck, [("w", segs, ("BF16", 4, "fp32"), [float("inf"), 1.0, 1.0, 1.0])], [(4, 4, 2)])
+    scales = s.view(torch.bfloat16)
+    assert scales[0].isnan() and scales[1].isnan() and scales[3].isfinite()
+
+
+# ---------------------------------------------------------------------------------------
 # whole loads: the host path against the device path
 
 
-def llama(root, dtype=torch.bfloat16, seed=0):
+def llama(root, dtype=torch.bfloat16, seed=0, inter=352):
     gen = torch.Generator().manual_seed(seed)
-    h, inter, vocab = 128, 352, 96
+    h, vocab = 128, 96
     t = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen),
          "lm_head.weight": torch.randn(vocab, h, generator=gen), "model.norm.weight": torch.ones(h)}
     for i in range(2):
@@ -191,6 +282,46 @@ def test_split_quantizes_half_the_bytes_on_each_side(tmp_path, device):
     assert abs(host - device_side) <= max(j.nbytes for j in plan.jobs)  # balanced to within one tensor
 
 
+def test_split_counts_the_weights_only_the_device_can_do(tmp_path):
+    from test_load import save, tiny
+
+    opts = fastfp8.LoadOptions.make(quantize_on="split")
+    # llama4's fused experts are stored [in, out] (the device transposes them): more bytes than
+    # all the rest, so the host takes every other weight
+    save(tiny("llama4"), tmp_path / "l4")
+    plan = make_plan(open_checkpoint(tmp_path / "l4"), opts)
+    specs = host_quant_specs(plan.jobs, opts, "fp32", torch.device("cpu"))
+    host_only = host_quant_specs(plan.jobs, opts.replace(quantize_on="host"), "fp32", torch.device("cpu"))
+    assert specs == host_only and any(s is None and j.transpose for j, s in zip(plan.jobs, specs, strict=True))
+    # llama with fewer device-only bytes than the rest: host ~ device overall
+    save(tiny("llama"), tmp_path / "l")
+    plan = make_plan(open_checkpoint(tmp_path / "l"), opts)
+    jobs = plan.jobs
+    fake = [j if j.target.source.name != "model.layers.0.mlp.up_proj.weight" else
+            type(j)(**{**j.__dict__, "transpose": True}) for j in jobs]  # one device-only weight
+    specs = host_quant_specs(fake, opts, "fp32", torch.device("cpu"))
+    host = sum(j.nbytes for j, s in zip(fake, specs, strict=True) if s)
+    dev = sum(j.nbytes for j, s in zip(fake, specs, strict=True) if s is None and j.quantized)
+    assert abs(host - dev) <= max(j.nbytes for j in jobs)
+
+
+def test_split_is_the_same_on_every_rank(tmp_path):
+    """Row-parallel slices take part in collectives: the split sends each to the same side on
+    every rank, whatever the rank's own slice sizes (uneven here: 3 rows over 4 ranks)."""
+    from fastfp8.tensor_parallel import TensorParallel
+
+    llama(tmp_path / "m", inter=3)
+    opts = fastfp8.LoadOptions.make(quantize_on="split")
+    ck = open_checkpoint(tmp_path / "m")
+    sides = []
+    for rank in range(4):
+        plan = make_plan(ck, opts, TensorParallel(rank, 4))
+        specs = host_quant_specs(plan.jobs, opts, "fp32", torch.device("cpu"), tp_size=4)
+        sides.append([(j.item_name, s is not None) for j, s in zip(plan.jobs, specs, strict=True) if j.reduce])
+    assert sides[0] and all(s == sides[0] for s in sides)
+    assert {on for _, on in sides[0]} == {True, False}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rounding_follows_the_option(tmp_path, device):
     llama(tmp_path / "m")
@@ -221,3 +352,19 @@ def test_a_budget_smaller_than_one_quantized_row_is_a_budget_error(tmp_path):
 def test_quantize_on_is_validated():
     with pytest.raises(ValueError, match="quantize_on"):
         fastfp8.LoadOptions.make(quantize_on="gpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantize_on", ["host", "split"])
+def test_row_parallel_world_of_one_on_the_host(tmp_path, device, quantize_on):
+    """tp_size=1: row-parallel jobs (whole rows) go through the amax pass and the reader
+    threads, no collective, and give the one-process bytes."""
+    llama(tmp_path / "m")
+    want, _ = load(tmp_path / "m", device, quantize_on="device")
+    got, stats = load(tmp_path / "m", device, quantize_on=quantize_on, tp_size=1, tp_rank=0,
+                      memory_budget="64KiB", chunk_bytes="8KiB")  # chunks of some rows each
+    same_state(got, want)
+    if quantize_on == "host":
+        assert stats.host_quantized == stats.quantized == 14
+    else:
+        assert 0 < stats.host_quantized < stats.quantized

@@ -1,5 +1,6 @@
 """Tensor-parallel loading on the CPU with gloo: every rank's bytes equal the matching slice
-of the one-process result, and each rank reads about 1/tp of the model."""
+of the one-process result, and each rank reads about 1/tp of the model; row-parallel slices
+quantized on the host (their amax all-reduced ahead of the read) as on the device."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ct_oracle import same_bytes
 from fastfp8.tensor_parallel import TensorParallel, rank_slice
+from safetensors.torch import save_file
 from test_load import save, tiny
 
 PR27280 = ["re:.*self_attn", "re:.*lm_head", "re:.*router", "re:.*shared_expert"]
 
 
-def _rank_main(rank: int, size: int, path: str, init: str, out: str, ignore, device: str) -> None:
+def _rank_main(rank: int, size: int, path: str, init: str, out: str, ignore, device: str,
+               quantize_on: str = "auto") -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
         state = fastfp8.load_quantized(path, device=device, ignore=ignore)  # sanity: no TP, no collectives
-        state = fastfp8.load_quantized(path, device=device, ignore=ignore, tp_size=size, tp_rank=rank)
+        state = fastfp8.load_quantized(path, device=device, ignore=ignore, tp_size=size, tp_rank=rank,
+                                       quantize_on=quantize_on)
         cpu = {k: v.cpu() for k, v in state.items()}
-        torch.save({"state": cpu, "bytes_read": state.stats.bytes_read}, f"{out}.{rank}")
+        st = state.stats
+        torch.save({"state": cpu, "bytes_read": st.bytes_read, "host_quantized": st.host_quantized,
+                    "quantized": st.quantized}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -43,32 +49,107 @@ def source_of(name: str, src: dict[str, torch.Tensor]) -> str:
     raise KeyError(name)
 
 
-CASES = [("llama", 2, None, "cpu"), ("llama", 4, None, "cpu"), ("llama", 2, PR27280, "cpu"),
-         ("llama4", 2, None, "cpu"), ("llama4", 4, PR27280, "cpu"),
+# (arch, ranks, ignore, device, quantize_on): "auto" is the host on the CPU (row-parallel
+# slices included) and the device on a GPU
+CASES = [("llama", 2, None, "cpu", "auto"), ("llama", 4, None, "cpu", "auto"), ("llama", 2, PR27280, "cpu", "auto"),
+         ("llama4", 2, None, "cpu", "auto"), ("llama4", 4, PR27280, "cpu", "auto"),
+         ("llama", 2, None, "cpu", "device"), ("llama", 4, None, "cpu", "split"),
          # two ranks sharing one GPU, gloo all-reducing CUDA tensors: the CUDA pipeline with TP
-         pytest.param("llama4", 2, None, "cuda", marks=pytest.mark.cuda),
-         pytest.param("llama", 2, None, "cuda", marks=pytest.mark.cuda)]
+         pytest.param("llama4", 2, None, "cuda", "auto", marks=pytest.mark.cuda),
+         pytest.param("llama", 2, None, "cuda", "auto", marks=pytest.mark.cuda),
+         pytest.param("llama", 2, None, "cuda", "host", marks=pytest.mark.cuda),
+         pytest.param("llama4", 2, None, "cuda", "split", marks=pytest.mark.cuda)]
 
 
-@pytest.mark.parametrize(("arch", "size", "ignore", "device"), CASES)
-def test_ranks_hold_slices_of_the_single_process_result(tmp_path, arch, size, ignore, device):
+def spawn(size: int, tmp_path, ckpt_dir, ignore, device: str, quantize_on: str, out: str) -> None:
+    mp.start_processes(_rank_main, args=(size, str(ckpt_dir), f"file://{tmp_path}/pg", out, ignore, device,
+                                         quantize_on), nprocs=size, start_method="spawn")
+
+
+@pytest.mark.parametrize(("arch", "size", "ignore", "device", "quantize_on"), CASES)
+def test_ranks_hold_slices_of_the_single_process_result(tmp_path, arch, size, ignore, device, quantize_on):
     ckpt_dir = tmp_path / "ckpt"
     src = save(tiny(arch), ckpt_dir)
     full = {k: v.cpu() for k, v in fastfp8.load_quantized(ckpt_dir, device=device, ignore=ignore).items()}
     out = str(tmp_path / "rank")
-    mp.start_processes(_rank_main, args=(size, str(ckpt_dir), f"file://{tmp_path}/pg", out, ignore, device),
-                       nprocs=size, start_method="spawn")
+    spawn(size, tmp_path, ckpt_dir, ignore, device, quantize_on, out)
     splits = splits_of(ckpt_dir)
+    on_host = quantize_on == "host" or (quantize_on == "auto" and device == "cpu")
     for rank in range(size):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         tp = TensorParallel(rank, size)
         assert set(got["state"]) == set(full)
+        if on_host:  # every quantized weight but fused experts stored [in, out]: row-parallel slices too
+            fused = sum(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in src)
+            assert got["host_quantized"] == got["quantized"] - fused, (rank, got["host_quantized"])
+        elif quantize_on == "device":
+            assert got["host_quantized"] == 0
+        else:
+            assert 0 < got["host_quantized"] < got["quantized"]
         for name, t in got["state"].items():
             want = rank_slice(splits[source_of(name, src)], name, full[name], tp)
             assert same_bytes(t, want), (rank, name)
         # the rank reads exactly its slice of every source tensor, nothing more
         want_read = sum(rank_slice(splits[n], n, t, tp).nbytes for n, t in src.items())
         assert got["bytes_read"] == want_read, (rank, got["bytes_read"], want_read)
+
+
+def _rank_load(rank: int, size: int, path: str, init: str, out: str, quantize_on: str) -> None:
+    """Loads rank ``rank``'s slice; saves the state, or the error's type and message."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        try:
+            state = fastfp8.load_quantized(path, device="cpu", tp_size=size, tp_rank=rank, quantize_on=quantize_on)
+            res = {"state": dict(state), "host_quantized": state.stats.host_quantized}
+        except fastfp8.NonFiniteWeightError as e:
+            res = {"error": str(e)}
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_parallel_on_the_host_empty_slices_zero_and_non_finite_rows(tmp_path):
+    """4 ranks over a down_proj of 3 columns (ranks 2 and 3 hold empty slices), with zero rows
+    (whole, and zero in one rank's part only): the host path's bytes equal the device path's
+    and the one-process result; a NaN in one rank's part is reported on every rank."""
+    from test_host_quant import llama
+
+    t = llama(tmp_path / "m", inter=3)
+    for i in range(2):
+        for n in ("mlp.down_proj", "self_attn.o_proj"):
+            w = t[f"model.layers.{i}.{n}.weight"]
+            w[0] = 0  # a zero row
+            w[5, : w.shape[1] // 4 + 1] = 0  # zero in rank 0's part only
+            w[7, 0] = 1e-37  # a tiny row: a subnormal bf16 scale; zero in every part but rank 0's
+            w[7, 1:] = 0
+    save_file(t, str(tmp_path / "m" / "model.safetensors"))
+    full = dict(fastfp8.load_quantized(tmp_path / "m", device="cpu", quantize_on="device"))
+    splits = splits_of(tmp_path / "m")
+    src = dict(t)
+    states = {}
+    for quantize_on in ("host", "device"):
+        out = str(tmp_path / quantize_on)
+        mp.start_processes(_rank_load, args=(4, str(tmp_path / "m"), f"file://{tmp_path}/pg-{quantize_on}", out,
+                                             quantize_on), nprocs=4, start_method="spawn")
+        states[quantize_on] = [torch.load(f"{out}.{r}", weights_only=False) for r in range(4)]
+    for rank in range(4):
+        host, dev = states["host"][rank], states["device"][rank]
+        # rank 3 holds no rows of gate_proj and up_proj (3 rows), which no one quantizes
+        assert host["host_quantized"] == (14 if rank < 3 else 10) and dev["host_quantized"] == 0
+        tp = TensorParallel(rank, 4)
+        for name, v in host["state"].items():
+            assert same_bytes(v, dev["state"][name]), (rank, name)
+            assert same_bytes(v, rank_slice(splits[source_of(name, src)], name, full[name], tp)), (rank, name)
+    # a NaN in rank 0's part of a row of a row-parallel weight: every rank reports it
+    w = t["model.layers.1.mlp.down_proj.weight"]
+    w[4, 0] = float("nan")
+    save_file(t, str(tmp_path / "m" / "model.safetensors"))
+    out = str(tmp_path / "nan")
+    mp.start_processes(_rank_load, args=(4, str(tmp_path / "m"), f"file://{tmp_path}/pg-nan", out, "host"),
+                       nprocs=4, start_method="spawn")
+    for rank in range(4):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert "model.layers.1.mlp.down_proj.weight" in got.get("error", ""), rank
 
 
 def test_split_rules(tmp_path):

@@ -20,6 +20,15 @@ __all__ = [
 
 MAX_HEADER_LEN: int
 
+_Segments = Sequence[tuple[int, ...]]
+#: ``(name, segments)``, ``(name, segments, (dtype, cols, rounding))`` or ``(name, segments,
+#: (dtype, cols, rounding), amax)``
+_Item = (
+    tuple[str, _Segments]
+    | tuple[str, _Segments, tuple[str, int, str]]
+    | tuple[str, _Segments, tuple[str, int, str], Sequence[float]]
+)
+
 def default_thread_count() -> int: ...
 def error_classes() -> list[tuple[str, str]]: ...
 def quantize_rows(src: bytes, dtype: str, cols: int, rounding: str = "fp32") -> tuple[bytes, bytes]: ...
@@ -71,15 +80,16 @@ class Checkpoint:
     def fileno(self, shard: int) -> int: ...
     def metadata(self, shard: int) -> dict[str, str] | None: ...
     def check_unchanged(self, shard: int) -> None: ...
+    def row_amax(
+        self, items: Sequence[_Item], *, threads: int | None = None, method: str = "mmap"
+    ) -> bytes: ...
 
 @final
 class Reader:
     def __new__(
         cls,
         checkpoint: Checkpoint,
-        items: Sequence[
-            tuple[str, Sequence[tuple[int, ...]]] | tuple[str, Sequence[tuple[int, ...]], tuple[str, int, str]]
-        ],
+        items: Sequence[_Item],
         buffer: Any,
         ptr: int,
         nbytes: int,

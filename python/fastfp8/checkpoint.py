@@ -206,8 +206,25 @@ def _unknown(path: Path, name: str) -> Error:
 
 
 #: a reader item: ``(name, segments)``, or ``(name, segments, (dtype, cols, rounding))`` to
-#: quantize its rows on the way
-ItemSpec = tuple[str, Sequence[tuple[int, ...]]] | tuple[str, Sequence[tuple[int, ...]], tuple[str, int, str]]
+#: quantize its rows on the way, or ``(name, segments, (dtype, cols, rounding), amax)`` to
+#: quantize them with a given amax per row (a row-parallel slice's, all-reduced)
+ItemSpec = (tuple[str, Sequence[tuple[int, ...]]]
+            | tuple[str, Sequence[tuple[int, ...]], tuple[str, int, str]]
+            | tuple[str, Sequence[tuple[int, ...]], tuple[str, int, str], Sequence[float]])
+
+
+def row_amax(ckpt: Checkpoint, items: Sequence[ItemSpec], *, threads: int | None = None,
+             method: str = "mmap") -> torch.Tensor:
+    """The amax of every row of ``items`` (each ``(name, segments, (dtype, cols, rounding))``:
+    whole rows of ``cols`` elements, e.g. one strided range per row of a row-parallel slice),
+    item after item, as a float32 CPU tensor; a row holding NaN or Inf gives +Inf. Read
+    straight from the checkpoint on ``threads`` native threads, without the GIL; bad items
+    are a ``ValueError`` naming the tensor. Private: the host path of tensor-parallel row
+    slices (:func:`fastfp8.engine.reduced_row_amax`)."""
+    if threads is not None and threads <= 0:
+        raise ValueError(f"threads must be positive, got {threads}")
+    raw = ckpt._native.row_amax(items, threads=threads, method=method)
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32) if raw else torch.empty(0, dtype=torch.float32)
 
 
 class ChunkReader:
@@ -216,7 +233,8 @@ class ChunkReader:
     ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``, or ``(name, segments,
     (dtype, cols, rounding))`` for an item whose rows the reader threads quantize on the way
     (its chunks then hold whole rows' e4m3 bytes followed by their scales; see
-    :func:`fastfp8.engine.host_quant_spec`). Each delivery is
+    :func:`fastfp8.engine.host_quant_spec`), with a fourth element, one amax per row, to take
+    each row's scale from the larger of that and its own amax (a row-parallel slice). Each delivery is
     ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
     buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``, which must name exactly a
     delivered, unreleased chunk (else :class:`~fastfp8.errors.ReleaseError`, a

@@ -56,8 +56,9 @@ def load_quantized(
         revision: the branch, tag or commit of a Hub id.
         tp_rank, tp_size, process_group: tensor-parallel loading: this rank reads and keeps
             only its slice of each split tensor (:mod:`fastfp8.layouts` says how each
-            splits, as vLLM shards them); row-parallel scales are all-reduced over
-            ``process_group`` (torch.distributed: NCCL on GPUs, gloo on CPUs), so every
+            splits, as vLLM shards them); row-parallel rows' maxima are all-reduced over
+            ``process_group`` (torch.distributed: NCCL on GPUs, gloo on CPUs; on the host
+            path once per load, before the read), so every
             rank's bytes equal the matching slice of the one-GPU result. Rank and size
             default to the group's.
         options: a :class:`fastfp8.options.LoadOptions`; or its fields as keywords:

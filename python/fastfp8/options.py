@@ -51,8 +51,9 @@ class LoadOptions:
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
     #: the bus, half the bytes), ``"device"`` (the device's kernel, after the copy),
     #: ``"auto"``: ``"device"`` on a GPU (on the H200 machines the two measure within noise
-    #: of each other), ``"host"`` on the CPU; ``"split"``: half the bytes each way, tensor by
-    #: tensor, so that the cores and the bus are both busy (not yet measured on a GPU)
+    #: of each other), ``"host"`` on the CPU; ``"split"``: half the quantized bytes each way
+    #: (the weights only the device can do counted on its side), tensor by tensor, so that the
+    #: cores and the bus are both busy (not yet measured on a GPU)
     #: (:func:`fastfp8.engine.host_quant_specs`)
     quantize_on: str = "auto"
     allow_non_finite: bool = False

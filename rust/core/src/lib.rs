@@ -5,7 +5,10 @@
 //! - [`checkpoint`]: resolve a file or model directory (with or without an index) into shards.
 //! - [`plan`]: the byte ranges to read.
 //! - [`reader`]: native threads copy them into a caller-owned buffer, within its size.
+//! - [`quant`]: FP8 quantization of rows, on the way ([`reader`]); [`amax`]: the rows'
+//!   amax read ahead (tensor-parallel row slices, whose amax is all-reduced first).
 
+pub mod amax;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;

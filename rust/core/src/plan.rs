@@ -13,7 +13,7 @@ pub struct Segment {
 }
 
 /// One unit the consumer receives: the concatenation of its segments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReadItem {
     /// The tensor's name, for errors and for the consumer.
     pub name: String,
@@ -21,6 +21,10 @@ pub struct ReadItem {
     /// Quantize the rows on the way: the consumer receives e4m3 bytes and scales
     /// (see [`crate::reader::Delivery`]). Every segment must hold whole rows.
     pub quant: Option<QuantSpec>,
+    /// With `quant`: a given amax per row (a row-parallel slice's, all-reduced over the
+    /// ranks): each row's scale comes from the larger of it and the row's own amax (see
+    /// [`crate::quant::quantize_rows_with_amax`]). One value per row, not negative.
+    pub amax: Option<Vec<f32>>,
 }
 
 impl ReadItem {
@@ -45,6 +49,7 @@ pub fn whole_tensor(ckpt: &Checkpoint, name: &str) -> Result<ReadItem> {
             len: info.nbytes(),
         }],
         quant: None,
+        amax: None,
     })
 }
 
@@ -69,12 +74,15 @@ pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result
             len: (stop - start) * row_bytes,
         }],
         quant: None,
+        amax: None,
     })
 }
 
-/// Checks every segment against its shard's data section.
+/// Checks every segment against its shard's data section, and the given amax of an item
+/// against its rows.
 pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
     for item in items {
+        validate_amax(item)?;
         for s in &item.segments {
             let shard = ckpt.shards.get(s.shard).ok_or_else(|| {
                 Error::Invalid(format!(
@@ -103,6 +111,34 @@ pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// A given amax: only with `quant`, one per row, none negative.
+fn validate_amax(item: &ReadItem) -> Result<()> {
+    let Some(amax) = &item.amax else {
+        return Ok(());
+    };
+    let Some(q) = item.quant else {
+        return Err(Error::Invalid(format!(
+            "{}: a given row amax needs a quantization spec",
+            item.name
+        )));
+    };
+    let rows = item.len() / q.row_bytes();
+    if amax.len() as u64 != rows {
+        return Err(Error::Invalid(format!(
+            "{}: {} given row amax values for {rows} rows",
+            item.name,
+            amax.len()
+        )));
+    }
+    if let Some(i) = amax.iter().position(|&a| a < 0.0) {
+        return Err(Error::Invalid(format!(
+            "{}: the given amax of row {i} is negative ({})",
+            item.name, amax[i]
+        )));
     }
     Ok(())
 }

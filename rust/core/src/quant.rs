@@ -13,6 +13,14 @@
 //! as a non-finite weight (the GPU path gives such rows a NaN or Inf scale, which the
 //! engine reports the same way).
 //!
+//! A tensor-parallel row slice (each rank holds some columns of every row) takes its scale
+//! from the largest magnitude of the whole row, over every rank: [`rows_amax`] gives each
+//! row's amax of the local slice, the caller all-reduces them (MAX), and
+//! [`quantize_rows_with_amax`] runs step 1 as `amax = max(max |x|, given)` (the given amax
+//! rounded up to `D`, which it is already when it came from [`rows_amax`]); steps 2 and 3
+//! are unchanged, so a given amax equal to the row's own gives the bytes of
+//! [`quantize_rows`].
+//!
 //! The bf16 rows (the common case) run on explicit AVX-512 or AVX2 intrinsics where the CPU
 //! has them (module `x86`, chosen at run time), byte for byte what the plain Rust loops here
 //! give; fp16 and fp32 rows are plain Rust loops, which the compiler vectorizes for the
@@ -91,6 +99,12 @@ impl QuantSpec {
 /// # Panics
 /// If `src` is not whole rows or the outputs do not match it.
 pub fn quantize_rows(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+    check_sizes(spec, src, q, scales);
+    quantize_rows_on(Isa::detect(), spec, src, &[], q, scales);
+}
+
+/// The size checks of [`quantize_rows`].
+fn check_sizes(spec: &QuantSpec, src: &[u8], q: &[u8], scales: &[u8]) {
     let rb = spec.row_bytes() as usize;
     assert!(
         src.len().is_multiple_of(rb),
@@ -107,7 +121,110 @@ pub fn quantize_rows(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u
         rows * spec.elem_bytes() as usize,
         "host quantization: scale buffer size"
     );
-    quantize_rows_on(Isa::detect(), spec, src, q, scales);
+}
+
+/// As [`quantize_rows`], with each row's scale taken from the larger of its own largest
+/// magnitude and `amax[row]` (the row's amax over every tensor-parallel rank, after a MAX
+/// all-reduce of [`rows_amax`]). A NaN or infinite `amax[row]` makes the row non-finite (NaN
+/// scale and bytes), like a NaN in the row itself; the sign of `amax[row]` is ignored.
+///
+/// # Panics
+/// As [`quantize_rows`], and if `amax` is not one value per row.
+pub fn quantize_rows_with_amax(
+    spec: &QuantSpec,
+    src: &[u8],
+    amax: &[f32],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
+    let rb = spec.row_bytes() as usize;
+    assert_eq!(
+        amax.len() * rb,
+        src.len(),
+        "host quantization: one given amax per row"
+    );
+    check_sizes(spec, src, q, scales);
+    quantize_rows_on(Isa::detect(), spec, src, amax, q, scales);
+}
+
+/// The largest magnitude of each whole row of `src` (little-endian `spec.dtype`), as f32
+/// (exact: every bf16, fp16 and fp32 value is an f32); a row holding NaN or Inf gives +Inf,
+/// so that a MAX all-reduce carries it to every rank (a NaN may not survive one) and
+/// [`quantize_rows_with_amax`] makes the row non-finite there.
+///
+/// # Panics
+/// If `src` is not whole rows or `out` is not one value per row.
+pub fn rows_amax(spec: &QuantSpec, src: &[u8], out: &mut [f32]) {
+    let rb = spec.row_bytes() as usize;
+    assert_eq!(out.len() * rb, src.len(), "row amax: one value per row");
+    rows_amax_on(Isa::detect(), spec, src, out);
+}
+
+/// [`rows_amax`] on the code path of `isa` (bf16 rows only; the others are plain loops).
+fn rows_amax_on(isa: Isa, spec: &QuantSpec, src: &[u8], out: &mut [f32]) {
+    assert!(isa.available(), "row amax: the CPU lacks {isa:?}");
+    let rb = spec.row_bytes() as usize;
+    for (row, o) in src.chunks_exact(rb).zip(out.iter_mut()) {
+        let bits = match (spec.dtype, isa) {
+            // SAFETY: the CPU has the features the function is compiled for (checked above).
+            #[cfg(target_arch = "x86_64")]
+            (Dtype::BF16, Isa::Avx512) => u32::from(unsafe { x86::bf16_amax_avx512(row) }),
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            (Dtype::BF16, Isa::Avx2) => u32::from(unsafe { x86::bf16_amax_avx2(row) }),
+            (dtype, _) => magnitude_max(dtype, row),
+        };
+        *o = amax_f32(spec.dtype, bits);
+    }
+}
+
+/// The largest magnitude bits (sign cleared) of the `dtype` values in `row`.
+#[inline]
+fn magnitude_max(dtype: Dtype, row: &[u8]) -> u32 {
+    match dtype {
+        Dtype::F32 => row.chunks_exact(4).fold(0u32, |m, b| {
+            m.max(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF)
+        }),
+        _ => row.chunks_exact(2).fold(0u32, |m, b| {
+            m.max((u16::from_le_bytes([b[0], b[1]]) & 0x7FFF) as u32)
+        }),
+    }
+}
+
+/// The f32 value of magnitude bits `m` of `dtype`; a non-finite one is +Inf.
+#[inline]
+fn amax_f32(dtype: Dtype, m: u32) -> f32 {
+    let v = match dtype {
+        Dtype::BF16 => bf16_f32(m as u16),
+        Dtype::F16 => f16::from_bits(m as u16).to_f32(),
+        _ => f32::from_bits(m),
+    };
+    if v.is_finite() {
+        v
+    } else {
+        f32::INFINITY
+    }
+}
+
+/// A given amax as magnitude bits of `dtype`, rounded up (so never below the value); a NaN
+/// or Inf one is the dtype's Inf (a non-finite row). `floor` empty: no given amax (0).
+#[inline(always)]
+fn floor_bits(dtype: Dtype, floor: &[f32], row: usize) -> u32 {
+    let Some(&v) = floor.get(row) else {
+        return 0;
+    };
+    let v = v.abs();
+    match dtype {
+        Dtype::BF16 if !v.is_finite() => 0x7F80,
+        Dtype::BF16 => (v.to_bits() + 0xFFFF) >> 16,
+        Dtype::F16 if !v.is_finite() => 0x7C00,
+        Dtype::F16 => {
+            let h = f16::from_f32(v);
+            (h.to_bits() + u16::from(h.to_f32() < v)) as u32
+        }
+        _ if !v.is_finite() => 0x7F80_0000,
+        _ => v.to_bits(),
+    }
 }
 
 /// The instruction sets the quantizer has code paths for.
@@ -161,16 +278,24 @@ impl Isa {
 ///
 /// # Panics
 /// If the CPU lacks `isa`.
-fn quantize_rows_on(isa: Isa, spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+/// `floor`: a given amax per row ([`quantize_rows_with_amax`]), or empty.
+fn quantize_rows_on(
+    isa: Isa,
+    spec: &QuantSpec,
+    src: &[u8],
+    floor: &[f32],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
     assert!(isa.available(), "host quantization: the CPU lacks {isa:?}");
     match isa {
-        Isa::Generic => rows_generic(spec, src, q, scales),
+        Isa::Generic => rows_generic(spec, src, floor, q, scales),
         // SAFETY: the CPU has the features the function is compiled for (checked above).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { rows_avx2(spec, src, q, scales) },
+        Isa::Avx2 => unsafe { rows_avx2(spec, src, floor, q, scales) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { rows_avx512(spec, src, q, scales) },
+        Isa::Avx512 => unsafe { rows_avx512(spec, src, floor, q, scales) },
     }
 }
 
@@ -178,37 +303,39 @@ fn quantize_rows_on(isa: Isa, spec: &QuantSpec, src: &[u8], q: &mut [u8], scales
 /// [`rows_generic`] for these features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn rows_avx512(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+fn rows_avx512(spec: &QuantSpec, src: &[u8], floor: &[f32], q: &mut [u8], scales: &mut [u8]) {
     match spec.dtype {
         Dtype::BF16 => x86::bf16_rows_avx512(
             spec.cols as usize,
             spec.rounding == Rounding::Eager,
             src,
+            floor,
             q,
             scales,
         ),
-        _ => rows_generic(spec, src, q, scales),
+        _ => rows_generic(spec, src, floor, q, scales),
     }
 }
 
 /// As [`rows_avx512`], on AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_avx2(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+fn rows_avx2(spec: &QuantSpec, src: &[u8], floor: &[f32], q: &mut [u8], scales: &mut [u8]) {
     match spec.dtype {
         Dtype::BF16 => x86::bf16_rows_avx2(
             spec.cols as usize,
             spec.rounding == Rounding::Eager,
             src,
+            floor,
             q,
             scales,
         ),
-        _ => rows_generic(spec, src, q, scales),
+        _ => rows_generic(spec, src, floor, q, scales),
     }
 }
 
 #[inline(always)]
-fn rows_generic(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
+fn rows_generic(spec: &QuantSpec, src: &[u8], floor: &[f32], q: &mut [u8], scales: &mut [u8]) {
     let cols = spec.cols as usize;
     let eb = spec.elem_bytes() as usize;
     let eager = spec.rounding == Rounding::Eager;
@@ -219,17 +346,18 @@ fn rows_generic(spec: &QuantSpec, src: &[u8], q: &mut [u8], scales: &mut [u8]) {
         .enumerate()
     {
         let scale = &mut scales[r * eb..(r + 1) * eb];
+        let fl = floor_bits(spec.dtype, floor, r);
         match spec.dtype {
             Dtype::BF16 => {
-                let s = bf16_row(row, qrow, eager);
+                let s = bf16_row(row, qrow, eager, fl as u16);
                 scale.copy_from_slice(&s.to_le_bytes());
             }
             Dtype::F16 => {
-                let s = f16_row(row, qrow, eager, &mut row_f32);
+                let s = f16_row(row, qrow, eager, fl as u16, &mut row_f32);
                 scale.copy_from_slice(&s.to_le_bytes());
             }
             _ => {
-                let s = f32_row(row, qrow);
+                let s = f32_row(row, qrow, fl);
                 scale.copy_from_slice(&s.to_le_bytes());
             }
         }
@@ -280,8 +408,9 @@ fn bf16_quotient(x: f32, s: f32, r: f32) -> f32 {
     rem.mul_add(r, q)
 }
 
+/// One bf16 row; its amax is at least `floor` (magnitude bits). Returns its scale.
 #[inline(always)]
-fn bf16_row(row: &[u8], q: &mut [u8], eager: bool) -> u16 {
+fn bf16_row(row: &[u8], q: &mut [u8], eager: bool, floor: u16) -> u16 {
     // SAFETY: every bit pattern is a valid u16, and align_to leaves an unaligned head or
     // tail as bytes (then the row is converted element by element instead).
     let (head, xs, tail) = unsafe { row.align_to::<u16>() };
@@ -290,16 +419,16 @@ fn bf16_row(row: &[u8], q: &mut [u8], eager: bool) -> u16 {
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
             .collect();
-        return bf16_row_u16(&xs, q, eager);
+        return bf16_row_u16(&xs, q, eager, floor);
     }
-    bf16_row_u16(xs, q, eager)
+    bf16_row_u16(xs, q, eager, floor)
 }
 
 #[inline(always)]
-fn bf16_row_u16(xs: &[u16], q: &mut [u8], eager: bool) -> u16 {
+fn bf16_row_u16(xs: &[u16], q: &mut [u8], eager: bool, floor: u16) -> u16 {
     let m = xs
         .iter()
-        .fold(0u16, |m, &b| m.max(u16::from_le(b) & 0x7FFF));
+        .fold(floor, |m, &b| m.max(u16::from_le(b) & 0x7FFF));
     if m >= 0x7F80 {
         q.fill(FP8_NAN);
         return 0x7FC0;
@@ -326,12 +455,12 @@ fn bf16_row_u16(xs: &[u16], q: &mut [u8], eager: bool) -> u16 {
 }
 
 #[inline(always)]
-fn f16_row(row: &[u8], q: &mut [u8], eager: bool, xs: &mut Vec<f32>) -> u16 {
+fn f16_row(row: &[u8], q: &mut [u8], eager: bool, floor: u16, xs: &mut Vec<f32>) -> u16 {
     let bits: Vec<u16> = row
         .chunks_exact(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect();
-    let m = bits.iter().fold(0u16, |m, &b| m.max(b & 0x7FFF));
+    let m = bits.iter().fold(floor, |m, &b| m.max(b & 0x7FFF));
     if m >= 0x7C00 {
         q.fill(FP8_NAN);
         return 0x7E00;
@@ -359,8 +488,8 @@ fn f16_row(row: &[u8], q: &mut [u8], eager: bool, xs: &mut Vec<f32>) -> u16 {
 }
 
 #[inline(always)]
-fn f32_row(row: &[u8], q: &mut [u8]) -> f32 {
-    let mut m: u32 = 0;
+fn f32_row(row: &[u8], q: &mut [u8], floor: u32) -> f32 {
+    let mut m: u32 = floor;
     for b in row.chunks_exact(4) {
         m = m.max(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF);
     }
@@ -517,7 +646,7 @@ mod tests {
         let rows = src.len() / spec.row_bytes() as usize;
         let mut q = vec![0xAAu8; rows * spec.cols as usize];
         let mut s = vec![0xAAu8; rows * spec.elem_bytes() as usize];
-        quantize_rows_on(isa, spec, src, &mut q, &mut s);
+        quantize_rows_on(isa, spec, src, &[], &mut q, &mut s);
         (q, s)
     }
 
@@ -711,6 +840,171 @@ mod tests {
         }
     }
 
+    /// Random rows of `dtype` (a zero row and a -0 row among them), as bytes.
+    fn random_rows(rng: &mut Rng, dtype: Dtype, rows: usize, cols: usize) -> Vec<u8> {
+        (0..rows)
+            .flat_map(|r| {
+                let exp = [120u16, 127, 100, 130][r % 4];
+                let row = random_bf16_row(rng, cols, exp);
+                row.into_iter().flat_map(move |b| {
+                    let v = if r == 1 {
+                        0.0
+                    } else if r == 2 {
+                        -0.0
+                    } else {
+                        bf16_f32(b)
+                    };
+                    match dtype {
+                        Dtype::BF16 => round_bf16(v).to_le_bytes().to_vec(),
+                        Dtype::F16 => f16::from_f32(v / 1e4).to_bits().to_le_bytes().to_vec(),
+                        _ => (v * 1.000_123).to_le_bytes().to_vec(),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// [`quantize_rows_with_amax`] on `isa`.
+    fn quantize_with_on(
+        isa: Isa,
+        spec: &QuantSpec,
+        src: &[u8],
+        amax: &[f32],
+    ) -> (Vec<u8>, Vec<u8>) {
+        let rows = src.len() / spec.row_bytes() as usize;
+        let mut q = vec![0xAAu8; rows * spec.cols as usize];
+        let mut s = vec![0xAAu8; rows * spec.elem_bytes() as usize];
+        check_sizes(spec, src, &q, &s);
+        quantize_rows_on(isa, spec, src, amax, &mut q, &mut s);
+        (q, s)
+    }
+
+    #[test]
+    fn a_given_amax_equal_to_the_rows_own_gives_the_same_bytes() {
+        let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            for cols in [1usize, 5, 16, 33, 64, 100, 257] {
+                let src = random_rows(&mut rng, dtype, 9, cols);
+                for rounding in [Rounding::Fp32, Rounding::Eager] {
+                    let spec = QuantSpec::new(dtype, cols as u64, rounding).unwrap();
+                    let mut amax = vec![0f32; 9];
+                    rows_amax(&spec, &src, &mut amax);
+                    let want = quantize_on(Isa::Generic, &spec, &src);
+                    let mut isas = simd_isas();
+                    isas.push(Isa::Generic);
+                    for isa in isas {
+                        let mut own = vec![0f32; 9];
+                        rows_amax_on(isa, &spec, &src, &mut own);
+                        assert_eq!(own, amax, "{isa:?} {spec:?}");
+                        assert_eq!(
+                            quantize_with_on(isa, &spec, &src, &amax),
+                            want,
+                            "{isa:?} {spec:?}"
+                        );
+                        // no floor at all (0) is the row's own amax too
+                        assert_eq!(quantize_with_on(isa, &spec, &src, &[0.0; 9]), want);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_larger_given_amax_is_the_scale_of_a_wider_row() {
+        // the row with the given amax appended as one more element has the same scale, and
+        // its other elements the same bytes: what the whole row (every rank's slice) gives
+        let mut rng = Rng(0x0F0F_1234_5555_AAAA);
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let eb = (dtype.bits() / 8) as usize;
+            for cols in [1usize, 7, 32, 65, 130] {
+                let rows = 9;
+                let src = random_rows(&mut rng, dtype, rows, cols);
+                let spec0 = QuantSpec::new(dtype, cols as u64, Rounding::Fp32).unwrap();
+                let mut own = vec![0f32; rows];
+                rows_amax(&spec0, &src, &mut own);
+                // bigger amaxes, each a value of the dtype (a whole row's amax is one)
+                let other = random_rows(&mut rng, dtype, rows, 1);
+                let mut given = vec![0f32; rows];
+                rows_amax(
+                    &QuantSpec::new(dtype, 1, Rounding::Fp32).unwrap(),
+                    &other,
+                    &mut given,
+                );
+                let given: Vec<f32> = given
+                    .iter()
+                    .zip(&own)
+                    .map(|(g, o)| (g * 8.0).max(*o))
+                    .collect();
+                let wide: Vec<u8> = src
+                    .chunks_exact(cols * eb)
+                    .zip(&given)
+                    .flat_map(|(row, &g)| {
+                        let mut row = row.to_vec();
+                        row.extend(match dtype {
+                            Dtype::BF16 => round_bf16(g).to_le_bytes().to_vec(),
+                            Dtype::F16 => f16::from_f32(g).to_bits().to_le_bytes().to_vec(),
+                            _ => g.to_le_bytes().to_vec(),
+                        });
+                        row
+                    })
+                    .collect();
+                for rounding in [Rounding::Fp32, Rounding::Eager] {
+                    let spec = QuantSpec::new(dtype, cols as u64, rounding).unwrap();
+                    let wspec = QuantSpec::new(dtype, cols as u64 + 1, rounding).unwrap();
+                    let (wq, ws) = quantize_on(Isa::Generic, &wspec, &wide);
+                    let mut isas = simd_isas();
+                    isas.push(Isa::Generic);
+                    for isa in isas {
+                        let (q, s) = quantize_with_on(isa, &spec, &src, &given);
+                        assert_eq!(s, ws, "{isa:?} {spec:?}");
+                        for r in 0..rows {
+                            assert_eq!(
+                                q[r * cols..][..cols],
+                                wq[r * (cols + 1)..][..cols],
+                                "{isa:?} {spec:?} row {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn given_amax_edge_cases() {
+        let spec = QuantSpec::new(Dtype::BF16, 3, Rounding::Fp32).unwrap();
+        let src: Vec<u8> = [0u16, 0, 0, 0x3F80, 0, 0xBF80, 0x3F80, 0x7FC0, 0]
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        let mut amax = [0f32; 3];
+        rows_amax(&spec, &src, &mut amax);
+        assert_eq!(amax, [0.0, 1.0, f32::INFINITY]);
+        for isa in simd_isas().into_iter().chain([Isa::Generic]) {
+            // a zero row with a zero amax: eps, as the device gives an all-zero row
+            let (q, s) = quantize_with_on(isa, &spec, &src, &[0.0, 1.0, 0.0]);
+            assert_eq!(&s[..2], &[0x00, 0x3C]);
+            assert_eq!(&q[..3], &[0, 0, 0]);
+            // a non-finite row anywhere (its own NaN, or an Inf or NaN given) is NaN
+            assert_eq!(u16::from_le_bytes([s[4], s[5]]), 0x7FC0);
+            assert_eq!(&q[6..], &[FP8_NAN; 3]);
+            for bad in [f32::INFINITY, f32::NAN] {
+                let (q, s) = quantize_with_on(isa, &spec, &src, &[bad, 1.0, 1.0]);
+                assert_eq!(u16::from_le_bytes([s[0], s[1]]), 0x7FC0);
+                assert_eq!(&q[..3], &[FP8_NAN; 3]);
+            }
+            // a zero row with a given amax: the scale of that amax, zero bytes
+            let (q, s) = quantize_with_on(isa, &spec, &src, &[448.0, 1.0, 0.0]);
+            assert_eq!(u16::from_le_bytes([s[0], s[1]]), 0x3F80);
+            assert_eq!(&q[..3], &[0, 0, 0]);
+        }
+        // a given amax between two bf16 values rounds up
+        assert_eq!(floor_bits(Dtype::BF16, &[1.0001], 0), 0x3F81);
+        assert_eq!(floor_bits(Dtype::F16, &[1.0001], 0), 0x3C01);
+        assert_eq!(floor_bits(Dtype::F16, &[-2.0], 0), 0x4000);
+        assert_eq!(floor_bits(Dtype::F32, &[], 0), 0);
+    }
+
     /// Single-core throughput of every path, in GB/s of bf16 input:
     /// `cargo test -p fastfp8-core --release quant_throughput -- --ignored --nocapture`.
     /// Two kinds of rows of 4096: bf16 with random exponents over 2^-7..2^3 (no quotient
@@ -765,7 +1059,7 @@ mod tests {
                         for _ in 0..5 {
                             let t = std::time::Instant::now();
                             for _ in 0..reps {
-                                quantize_rows_on(isa, &spec, src, q, s);
+                                quantize_rows_on(isa, &spec, src, &[], q, s);
                             }
                             best = best.min(t.elapsed().as_secs_f64());
                         }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::plan::{validate, ReadItem};
-use crate::quant::quantize_rows;
+use crate::quant::{quantize_rows, quantize_rows_with_amax};
 use crate::ring::Ring;
 use crate::shard::ReadMethod;
 
@@ -163,6 +163,8 @@ struct Piece {
     len: u64,
     /// where the scales go, for a quantized item
     scale_dst: Option<u64>,
+    /// the item's row the piece starts at, for a quantized item
+    row: u64,
 }
 
 /// The largest gap between two ranges of one piece: past it they are separate pieces.
@@ -538,6 +540,7 @@ impl Shared {
                     if let Some((q, _, piece_src)) = quant {
                         let l = left.min(piece_src);
                         let rows = l / q.row_bytes();
+                        let row = (plan.item_offset + plan.src_len - todo) / q.row_bytes();
                         st.queue.push_back(Piece {
                             chunk: c,
                             shard: seg.shard,
@@ -545,6 +548,7 @@ impl Shared {
                             dst,
                             len: l,
                             scale_dst: Some(scale_at),
+                            row,
                         });
                         n += 1;
                         off += l;
@@ -578,6 +582,7 @@ impl Shared {
                             dst,
                             len: l,
                             scale_dst: None,
+                            row: 0,
                         });
                     }
                     off += l;
@@ -634,7 +639,14 @@ impl Shared {
                     let (offset, _) = p.spans[0];
                     shard
                         .read_into(offset, &mut scratch, self.cfg.method, &item.name)
-                        .map(|()| quantize_rows(&q, &scratch, qdst, sdst))
+                        .map(|()| match &item.amax {
+                            Some(a) => {
+                                let r = p.row as usize;
+                                let amax = &a[r..r + rows as usize];
+                                quantize_rows_with_amax(&q, &scratch, amax, qdst, sdst)
+                            }
+                            None => quantize_rows(&q, &scratch, qdst, sdst),
+                        })
                 }
                 _ => {
                     // SAFETY: [p.dst, p.dst + p.len) lies inside a ring region reserved for

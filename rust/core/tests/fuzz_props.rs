@@ -1118,6 +1118,7 @@ proptest! {
                     .map(|&(shard, off, len)| Segment { shard, offset: off % (size + 2), len: len % 50 })
                     .collect(),
                 quant: None,
+                amax: None,
             })
             .collect();
         let mut buf = vec![0u8; budget as usize];

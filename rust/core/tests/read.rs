@@ -310,6 +310,7 @@ fn strided_ranges_read_as_the_slice() {
                 name: "w".into(),
                 segments: segments.clone(),
                 quant: None,
+                amax: None,
             };
             let budget = 64 << 10;
             let mut buf = vec![0u8; budget];

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fastfp8_core::amax::row_amax;
 use fastfp8_core::plan::{ReadItem, Segment};
 use fastfp8_core::quant::{quantize_rows as quantize_rows_core, QuantSpec, Rounding};
 use fastfp8_core::reader::{default_threads, DestBuffer, Next, Reader, ReaderConfig};
@@ -192,6 +193,29 @@ impl PyCheckpoint {
         }
     }
 
+    /// The amax of every row of `items` (each `(name, segments, (dtype, cols, rounding))`,
+    /// whole rows), item after item, as little-endian f32 bytes; a row holding NaN or Inf
+    /// gives +Inf. Read on `threads` native threads (default: as the reader) without the
+    /// GIL.
+    #[pyo3(signature = (items, *, threads=None, method="mmap"))]
+    fn row_amax<'py>(
+        &self,
+        py: Python<'py>,
+        items: Vec<ItemSpec>,
+        threads: Option<usize>,
+        method: &str,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let items = parse_items(items)?;
+        let method = method_from(method)?;
+        let threads = threads.unwrap_or_else(default_threads);
+        let ckpt = &self.inner;
+        let amax = py
+            .detach(|| row_amax(ckpt, &items, threads, method))
+            .map_err(|e| to_pyerr(py, e))?;
+        let bytes: Vec<u8> = amax.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(PyBytes::new(py, &bytes))
+    }
+
     /// Errors if shard `shard` no longer has the size it had when opened.
     fn check_unchanged(&self, py: Python<'_>, shard: usize) -> PyResult<()> {
         let s =
@@ -226,11 +250,67 @@ enum SegSpec {
 
 /// An item as Python passes it: `(name, segments)`, or `(name, segments, (dtype, cols,
 /// rounding))` to quantize its rows on the way (dtype "BF16", "F16" or "F32"; rounding
-/// "fp32" or "eager").
+/// "fp32" or "eager"), or `(name, segments, (dtype, cols, rounding), amax)` with a given
+/// amax per row (floats; a row-parallel slice's, all-reduced over the ranks).
 #[derive(FromPyObject)]
 enum ItemSpec {
     Plain(String, Vec<SegSpec>),
     Quant(String, Vec<SegSpec>, (String, u64, String)),
+    QuantAmax(String, Vec<SegSpec>, (String, u64, String), Vec<f32>),
+}
+
+/// The core's items; a bad spec or an oversized strided segment is a `ValueError` naming
+/// the tensor.
+fn parse_items(items: Vec<ItemSpec>) -> PyResult<Vec<ReadItem>> {
+    let mut parsed = Vec::with_capacity(items.len());
+    for item in items {
+        let (name, segs, quant, amax) = match item {
+            ItemSpec::Plain(name, segs) => (name, segs, None, None),
+            ItemSpec::Quant(name, segs, q) => (name, segs, Some(q), None),
+            ItemSpec::QuantAmax(name, segs, q, amax) => (name, segs, Some(q), Some(amax)),
+        };
+        let quant = match quant {
+            Some((dtype, cols, rounding)) => Some(
+                quant_spec(&dtype, cols, &rounding)
+                    .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?,
+            ),
+            None => None,
+        };
+        for seg in &segs {
+            if let SegSpec::Strided(_, _, len, count, _) = seg {
+                // every range is checked against its shard once expanded; bound the
+                // expansion itself by what a shard can hold
+                if *count > 1 << 32 || (*len == 0 && *count > 1) {
+                    return Err(PyValueError::new_err(format!(
+                        "{name}: a strided segment of {count} ranges of {len} bytes"
+                    )));
+                }
+            }
+        }
+        let segments = segs
+            .into_iter()
+            .flat_map(|seg| {
+                let (shard, offset, len, count, stride) = match seg {
+                    SegSpec::Plain(shard, offset, len) => (shard, offset, len, 1, 0),
+                    SegSpec::Strided(shard, offset, len, count, stride) => {
+                        (shard, offset, len, count, stride)
+                    }
+                };
+                (0..count).map(move |i| Segment {
+                    shard,
+                    offset: offset.saturating_add(i.saturating_mul(stride)),
+                    len,
+                })
+            })
+            .collect();
+        parsed.push(ReadItem {
+            name,
+            segments,
+            quant,
+            amax,
+        });
+    }
+    Ok(parsed)
 }
 
 fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
@@ -269,54 +349,7 @@ impl PyReader {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
         }
-        let mut parsed = Vec::with_capacity(items.len());
-        for item in items {
-            let (name, segs, quant) = match item {
-                ItemSpec::Plain(name, segs) => (name, segs, None),
-                ItemSpec::Quant(name, segs, (dtype, cols, rounding)) => {
-                    let q = quant_spec(&dtype, cols, &rounding)
-                        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
-                    (name, segs, Some(q))
-                }
-            };
-            parsed.push((name, segs, quant));
-        }
-        for (name, segs, _) in &parsed {
-            for seg in segs {
-                if let SegSpec::Strided(_, _, len, count, _) = seg {
-                    // every range is checked against its shard once expanded; bound the
-                    // expansion itself by what a shard can hold
-                    if *count > 1 << 32 || (*len == 0 && *count > 1) {
-                        return Err(PyValueError::new_err(format!(
-                            "{name}: a strided segment of {count} ranges of {len} bytes"
-                        )));
-                    }
-                }
-            }
-        }
-        let items = parsed
-            .into_iter()
-            .map(|(name, segs, quant)| ReadItem {
-                name,
-                segments: segs
-                    .into_iter()
-                    .flat_map(|seg| {
-                        let (shard, offset, len, count, stride) = match seg {
-                            SegSpec::Plain(shard, offset, len) => (shard, offset, len, 1, 0),
-                            SegSpec::Strided(shard, offset, len, count, stride) => {
-                                (shard, offset, len, count, stride)
-                            }
-                        };
-                        (0..count).map(move |i| Segment {
-                            shard,
-                            offset: offset.saturating_add(i.saturating_mul(stride)),
-                            len,
-                        })
-                    })
-                    .collect(),
-                quant,
-            })
-            .collect();
+        let items = parse_items(items)?;
         let cfg = ReaderConfig {
             threads: threads.unwrap_or_else(default_threads),
             chunk_bytes,

@@ -13,7 +13,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{bf16_f32, bf16_quotient, bf16_row, e4m3, round_bf16, FP8_MAX, FP8_NAN};
+use super::{
+    bf16_f32, bf16_quotient, bf16_row, e4m3, floor_bits, round_bf16, Dtype, FP8_MAX, FP8_NAN,
+};
 
 /// What a row's largest magnitude `m` (bf16 bits without the sign) makes of it.
 enum Scale {
@@ -48,6 +50,7 @@ pub(super) fn bf16_rows_avx512(
     cols: usize,
     eager: bool,
     src: &[u8],
+    floor: &[f32],
     q: &mut [u8],
     scales: &mut [u8],
 ) {
@@ -55,11 +58,12 @@ pub(super) fn bf16_rows_avx512(
         .chunks_exact(2 * cols)
         .zip(q.chunks_exact_mut(cols))
         .zip(scales.chunks_exact_mut(2));
-    for ((row, qrow), scale) in rows {
+    for (r, ((row, qrow), scale)) in rows.enumerate() {
+        let fl = floor_bits(Dtype::BF16, floor, r) as u16;
         let s = if eager {
-            bf16_row_avx512::<true>(row, qrow)
+            bf16_row_avx512::<true>(row, qrow, fl)
         } else {
-            bf16_row_avx512::<false>(row, qrow)
+            bf16_row_avx512::<false>(row, qrow, fl)
         };
         scale.copy_from_slice(&s.to_le_bytes());
     }
@@ -71,6 +75,7 @@ pub(super) fn bf16_rows_avx2(
     cols: usize,
     eager: bool,
     src: &[u8],
+    floor: &[f32],
     q: &mut [u8],
     scales: &mut [u8],
 ) {
@@ -78,29 +83,43 @@ pub(super) fn bf16_rows_avx2(
         .chunks_exact(2 * cols)
         .zip(q.chunks_exact_mut(cols))
         .zip(scales.chunks_exact_mut(2));
-    for ((row, qrow), scale) in rows {
+    for (r, ((row, qrow), scale)) in rows.enumerate() {
+        let fl = floor_bits(Dtype::BF16, floor, r) as u16;
         let s = if eager {
-            bf16_row_avx2::<true>(row, qrow)
+            bf16_row_avx2::<true>(row, qrow, fl)
         } else {
-            bf16_row_avx2::<false>(row, qrow)
+            bf16_row_avx2::<false>(row, qrow, fl)
         };
         scale.copy_from_slice(&s.to_le_bytes());
     }
 }
 
-/// One row (`row` holds `q.len()` bf16 values); returns its scale.
+/// The largest `bits & 0x7FFF` of the bf16 values in `row`, on AVX-512.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub(super) fn bf16_amax_avx512(row: &[u8]) -> u16 {
+    amax_avx512(row)
+}
+
+/// As [`bf16_amax_avx512`], on AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn bf16_amax_avx2(row: &[u8]) -> u16 {
+    amax_avx2(row)
+}
+
+/// One row (`row` holds `q.len()` bf16 values) whose amax is at least `floor` (magnitude
+/// bits); returns its scale.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
+fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16 {
     let n = q.len();
     assert_eq!(row.len(), 2 * n);
-    let (s, sf, r) = match bf16_scale(amax_avx512(row)) {
+    let (s, sf, r) = match bf16_scale(amax_avx512(row).max(floor)) {
         Scale::Normal(s, sf, r) => (s, sf, r),
         Scale::NonFinite(s) => {
             q.fill(FP8_NAN);
             return s;
         }
-        Scale::Subnormal => return bf16_row(row, q, EAGER),
+        Scale::Subnormal => return bf16_row(row, q, EAGER, floor),
     };
     let (vs, vr) = (_mm512_set1_ps(sf), _mm512_set1_ps(r));
     let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
@@ -322,19 +341,20 @@ fn e4m3_small_x16(a: __m512i, normal: __m512i) -> __m512i {
     _mm512_mask_blend_epi32(small, normal, sub)
 }
 
-/// One row on AVX2 (`row` holds `q.len()` bf16 values); returns its scale.
+/// One row on AVX2 (`row` holds `q.len()` bf16 values) whose amax is at least `floor`;
+/// returns its scale.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8]) -> u16 {
+fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16 {
     let n = q.len();
     assert_eq!(row.len(), 2 * n);
-    let (s, sf, r) = match bf16_scale(amax_avx2(row)) {
+    let (s, sf, r) = match bf16_scale(amax_avx2(row).max(floor)) {
         Scale::Normal(s, sf, r) => (s, sf, r),
         Scale::NonFinite(s) => {
             q.fill(FP8_NAN);
             return s;
         }
-        Scale::Subnormal => return bf16_row(row, q, EAGER),
+        Scale::Subnormal => return bf16_row(row, q, EAGER, floor),
     };
     let (vs, vr) = (_mm256_set1_ps(sf), _mm256_set1_ps(r));
     let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
