@@ -191,9 +191,9 @@ def _table_gemm_configs():
     return sorted(cfgs)
 
 
-def test_table_configs_compile_for_sm90_and_fit():
-    """Every GEMM configuration of the table in use (and the defaults) compiles for Hopper
-    and fits its 227 KiB of shared memory: checked here, on the CPU, before a GPU run."""
+def _shared_bytes_sm90(compile_one) -> int:
+    """``compile_one()`` (an offline compile for sm90, returning its shared-memory bytes), or
+    a skip where this Triton cannot compile offline (no API, another API, no ptxas)."""
     if gm.triton is None:
         pytest.skip("needs Triton")
     try:
@@ -202,16 +202,26 @@ def test_table_configs_compile_for_sm90_and_fit():
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no offline compilation API or no tensor descriptors")
+    try:
+        return compile_one()
+    except (TypeError, AttributeError, KeyError) as e:  # another Triton's compile API
+        pytest.skip(f"offline compilation API differs: {type(e).__name__}: {e}")
+    except Exception as e:
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"no ptxas here: {e}")
+        raise
+
+
+#: Hopper's shared memory per block
+SM90_SHARED = 232448
+
+
+def test_table_configs_compile_for_sm90_and_fit():
+    """Every GEMM configuration of the table in use (and the defaults) compiles for Hopper
+    and fits its 227 KiB of shared memory: checked here, on the CPU, before a GPU run."""
     for cfg in _table_gemm_configs():
-        try:
-            smem = _compile_sm90(cfg, bias=True)
-        except (TypeError, AttributeError, KeyError) as e:  # another Triton's compile API
-            pytest.skip(f"offline compilation API differs: {type(e).__name__}: {e}")
-        except Exception as e:
-            if "ptxas" in str(e).lower():
-                pytest.skip(f"no ptxas here: {e}")
-            raise
-        assert smem <= 232448, (cfg, smem)
+        smem = _shared_bytes_sm90(lambda cfg=cfg: _compile_sm90(cfg, bias=True))
+        assert smem <= SM90_SHARED, (cfg, smem)
 
 
 def _compile_gemv_sm90(cfg, m):
@@ -239,21 +249,7 @@ def _compile_gemv_sm90(cfg, m):
 def test_gemv_split_configs_compile_for_sm90_and_fit():
     """The split-K GEMV (counters, partials, the last split's epilogue) compiles for Hopper
     at both variants (elementwise M = 1, tl.dot M > 1) and fits its shared memory."""
-    if gm.triton is None:
-        pytest.skip("needs Triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no offline compilation API")
     for cfg, m in [([4, 1024, 4, 2, 8], 1), ([8, 512, 4, 2, 2], 1), ([16, 256, 4, 3, 4], 16),
                    ([64, 128, 4, 3, 8], 128), ([32, 256, 4, 3], 64)]:
-        try:
-            smem = _compile_gemv_sm90(cfg, m)
-        except (TypeError, AttributeError, KeyError) as e:  # another Triton's compile API
-            pytest.skip(f"offline compilation API differs: {type(e).__name__}: {e}")
-        except Exception as e:
-            if "ptxas" in str(e).lower():
-                pytest.skip(f"no ptxas here: {e}")
-            raise
-        assert smem <= 232448, (cfg, m, smem)
+        smem = _shared_bytes_sm90(lambda cfg=cfg, m=m: _compile_gemv_sm90(cfg, m))
+        assert smem <= SM90_SHARED, (cfg, m, smem)

@@ -65,6 +65,7 @@ def fp8_gemm_fused_reference(
 
 if triton is not None:
     from .act_quant import _to_e4m3  # the per-token kernel's fp32 -> e4m3 (saturating, RTNE)
+    from .gemm import grouped_tile
 
     @triton.jit
     def _fused_gemm_kernel(
@@ -80,20 +81,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_pid_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % in_group) % size_m)
-        pid_n = (pid % in_group) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = rm < M
-        n_ok = rn < N
-        rm_s = tl.where(m_ok, rm, 0).to(tl.int64)  # clamped rows: loads stay unpredicated
-        rn_s = tl.where(n_ok, rn, 0).to(tl.int64)
+        rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm_s[:, None] * s_xm + rk[None, :]
         w_ptrs = w_ptr + rn_s[None, :] * s_wn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major

@@ -57,6 +57,27 @@ GemmConfig = tuple[str, int, int, int, int, int, int, int]
 if triton is not None:
 
     @triton.jit
+    def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's output tile in grouped order (``GROUP_M`` row blocks walk the column
+        blocks together, for L2 reuse): its rows and columns, their in-range masks, and
+        int64 copies clamped to row/column 0 so that loads stay unpredicated."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % in_group) % size_m)
+        pid_n = (pid % in_group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        rm_s = tl.where(m_ok, rm, 0).to(tl.int64)
+        rn_s = tl.where(n_ok, rn, 0).to(tl.int64)
+        return rm, rn, m_ok, n_ok, rm_s, rn_s
+
+    @triton.jit
     def _fp8_gemm_tile_kernel(
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
         M, N, K, s_am, s_bn, s_cm,
@@ -69,21 +90,8 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_pid_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % in_group) % size_m)
-        pid_n = (pid % in_group) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = rm < M
-        n_ok = rn < N
-        rm_s = tl.where(m_ok, rm, 0).to(tl.int64)  # clamped rows: loads stay unpredicated
-        rn_s = tl.where(n_ok, rn, 0).to(tl.int64)
+        rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm_s[:, None] * s_am + rk[None, :]
         b_ptrs = b_ptr + rn_s[None, :] * s_bn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
