@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastfp8 import _native
 from fastfp8.checkpoint import open_checkpoint
-from fastfp8.engine import host_quant_specs
+from fastfp8.host_quant import host_quant_specs
 from fastfp8.plan import make_plan
 from fastfp8.quant import quantize_channelwise
 from fastfp8.quant.reference import quantize_channelwise_reference

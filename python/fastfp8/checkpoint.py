@@ -220,7 +220,7 @@ def row_amax(ckpt: Checkpoint, items: Sequence[ItemSpec], *, threads: int | None
     item after item, as a float32 CPU tensor; a row holding NaN or Inf gives +Inf. Read
     straight from the checkpoint on ``threads`` native threads, without the GIL; bad items
     are a ``ValueError`` naming the tensor. Private: the host path of tensor-parallel row
-    slices (:func:`fastfp8.engine.reduced_row_amax`)."""
+    slices (:func:`fastfp8.host_quant.reduced_row_amax`)."""
     if threads is not None and threads <= 0:
         raise ValueError(f"threads must be positive, got {threads}")
     raw = ckpt._native.row_amax(items, threads=threads, method=method)
@@ -233,7 +233,7 @@ class ChunkReader:
     ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``, or ``(name, segments,
     (dtype, cols, rounding))`` for an item whose rows the reader threads quantize on the way
     (its chunks then hold whole rows' e4m3 bytes followed by their scales; see
-    :func:`fastfp8.engine.host_quant_spec`), with a fourth element, one amax per row, to take
+    :func:`fastfp8.host_quant.host_quant_spec`), with a fourth element, one amax per row, to take
     each row's scale from the larger of that and its own amax (a row-parallel slice). Each delivery is
     ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
     buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``, which must name exactly a

@@ -21,21 +21,11 @@ size when its first bytes arrive, so allocation overlaps with reading;
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
 the outputs plus two staging buffers of the largest job quantized.
 
-Quantization on the host (``quantize_on="host"``; ``"auto"``: on a CPU device): the reader threads
-quantize the rows of every weight whose output rows lie whole in the file (2-D linear
-weights, per-expert weights, column-parallel slices, row-parallel slices) as they read them,
-with the rounding the device kernel would use, into the pinned slots; FP8 bytes and scales
-cross the bus (half the bytes of bf16) straight into the outputs, and no kernel runs. Fused
-experts stored ``[in, out]`` (transposed on the device) are quantized on the device.
-
-Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
-comes from its amax over every rank. On the device path the slice's per-row amax is
-all-reduced (MAX) over the group on the compute stream (NCCL queues it there without
-blocking the host). On the host path (:func:`reduced_row_amax`), before the main read,
-native threads read every such slice once for its rows' amax, one all-reduce (MAX) over the
-group takes them all (on a CUDA device through a CUDA tensor: one host sync per load), and
-the reader threads quantize the rows with the reduced amax. Every rank's bytes equal the
-matching slice of the one-process result either way.
+Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"`` on a CPU device): the
+reader threads quantize rows as they read them (:mod:`fastfp8.host_quant` says which and
+how). Tensor parallelism on the device path: row-parallel slices all-reduce their per-row
+amax (MAX) over the group on the compute stream (NCCL queues it there without blocking the
+host).
 """
 
 from __future__ import annotations
@@ -49,8 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import Checkpoint, ChunkReader, ItemSpec, row_amax
+from .checkpoint import Checkpoint, ChunkReader
 from .errors import NonFiniteWeightError
+from .host_quant import bytes_view, chunk_pieces, empty_slice_scales, host_quant_specs, reader_item, reduced_row_amax
 from .options import LoadOptions
 from .plan import FP8, Job, Plan
 from .quant import quantize_channelwise, resolve_rounding
@@ -161,126 +152,9 @@ def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
     return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.1, **TQDM_BYTES)
 
 
-_HOST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-
-
-def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch.device) -> tuple[str, int, str] | None:
-    """How the reader threads quantize ``job`` on the way (``(dtype, cols, rounding)``, the
-    native reader's spec), or None where the device does it: weights whose rows are not
-    whole in the file's order (fused experts stored ``[in, out]``), and every weight when
-    ``quantize_on="device"``, or ``"auto"`` on a GPU, or ``allow_non_finite`` (NaN/Inf rows
-    keep the kernel's bytes).
-
-    A row-parallel slice (``job.reduce``) gets its spec from what every rank shares (the
-    options, the dtype, the layout), never from the rank's own slice, which may be empty
-    (``cols`` 0): each rank takes part in the amax all-reduce of the same jobs
-    (:func:`reduced_row_amax`)."""
-    if not _host_can(job, options, device):
-        return None
-    dtype = _HOST_DTYPES[job.dtype]
-    cols = job.shape[-1]
-    if job.reduce:
-        # one range of whole (sliced) rows per row, by construction (plan._cols)
-        return dtype, cols, rounding
-    if cols == 0 or job.nbytes == 0:
-        return None
-    row = cols * job.dtype.itemsize
-    if any(len(seg) != 3 or seg[2] % row for seg in job.segments):
-        return None
-    return dtype, cols, rounding
-
-
-def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
-    """Whether the host may quantize ``job`` by what every rank shares (the options, the
-    dtype, the layout), whatever this rank's slice holds."""
-    where = options.quantize_on
-    if where == "auto":
-        where = "device" if device.type == "cuda" else "host"
-    if where == "device" or options.allow_non_finite:
-        return False
-    return job.quantized and not job.transpose and bool(job.shape) and job.dtype in _HOST_DTYPES
-
-
 #: reader threads of a direct (cold) read when ``threads`` is not set: each keeps one
 #: ``piece_bytes`` request in flight, so more threads make a deeper disk queue
 DIRECT_THREADS = 32
-
-
-def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
-                     device: torch.device, *, tp_size: int = 1) -> list[tuple[str, int, str] | None]:
-    """:func:`host_quant_spec` of every job. ``quantize_on="split"``: the host takes enough of
-    the weights it can quantize that it quantizes about half of all the quantized bytes, the
-    weights only the device can do (fused experts stored ``[in, out]``) counted on the
-    device's side; the eligible ones are dealt out in that proportion as they come, so that
-    the two sides alternate through the load and both stay busy.
-
-    The split is the same on every tensor-parallel rank (a row-parallel slice on the device
-    on one rank and on the host on another would pair collectives wrongly): it weighs each
-    job by its share of the whole tensor (:func:`_split_bytes`, ``tp_size`` ranks), never by
-    the rank's own slice."""
-    host = options.replace(quantize_on="host") if options.quantize_on == "split" else options
-    specs = [host_quant_spec(j, host, rounding, device) for j in jobs]
-    if options.quantize_on == "split":
-        # what every rank shares decides (_host_can, _split_bytes), never the rank's own slice
-        can = [_host_can(j, host, device) for j in jobs]
-        sizes = [_split_bytes(j, tp_size) for j in jobs]
-        eligible = sum(n for n, c in zip(sizes, can, strict=True) if c)
-        device_only = sum(n for j, n, c in zip(jobs, sizes, can, strict=True) if j.quantized and not c)
-        # the host's share of the eligible bytes: (eligible + device_only) / 2 of them
-        share = min(1.0, (eligible + device_only) / (2 * eligible)) if eligible else 0.0
-        on = {True: 0, False: 0}
-        for i, (n, c) in enumerate(zip(sizes, can, strict=True)):
-            if c:
-                on_host = on[True] * (1 - share) <= on[False] * share
-                on[on_host] += n
-                if not on_host:
-                    specs[i] = None
-    return specs
-
-
-def _split_bytes(job: Job, tp_size: int) -> int:
-    """``job``'s weight in the split: its share of the whole tensor's bytes (the same on every
-    rank, unlike the bytes of the rank's own slice)."""
-    n = job.dtype.itemsize
-    for d in job.full or job.shape:
-        n *= d
-    return n // tp_size if job.place is not None else n
-
-
-def reduced_row_amax(ckpt: Checkpoint, plan: Plan, specs, options: LoadOptions,
-                     device: torch.device) -> dict[int, torch.Tensor]:
-    """The all-reduced per-row amax (float32, on the CPU) of every row-parallel job the host
-    quantizes (``job.reduce`` with a spec), by job index.
-
-    Native threads read each rank's slices once, before the main read (:func:`row_amax`),
-    and one all-reduce (MAX) over the tensor-parallel group takes every job's vector at once
-    (on a CUDA device through a CUDA tensor, for NCCL: one host sync). Every rank has the
-    same such jobs with the same rows (:func:`host_quant_spec`), so every rank takes part
-    with the same length, an empty slice with zeros. A row holding NaN or Inf has amax +Inf
-    on every rank (the load then reports it as non-finite)."""
-    jobs = plan.jobs
-    idx = [i for i, sp in enumerate(specs) if sp is not None and jobs[i].reduce]
-    if not idx:
-        return {}
-    rows = [jobs[i].shape[0] for i in idx]
-    read = [i for i in idx if jobs[i].nbytes]
-    local = row_amax(ckpt, [(jobs[i].item_name, jobs[i].segments, specs[i]) for i in read],
-                     threads=reader_threads(options), method=options.method)
-    amax = torch.zeros(sum(rows), dtype=torch.float32)
-    at = got = 0
-    for i, r in zip(idx, rows, strict=True):
-        if jobs[i].nbytes:
-            amax[at : at + r] = local[got : got + r]
-            got += r
-        at += r
-    tp = plan.tp
-    if tp is not None and tp.size > 1:
-        import torch.distributed as dist
-
-        on = amax.to(device) if device.type == "cuda" else amax
-        dist.all_reduce(on, op=dist.ReduceOp.MAX, group=tp.group)
-        amax = on.cpu() if on is not amax else amax
-    return dict(zip(idx, amax.split(rows), strict=True))
 
 
 def reader_threads(options: LoadOptions) -> int | None:
@@ -289,10 +163,6 @@ def reader_threads(options: LoadOptions) -> int | None:
     if options.threads is None and options.method == "direct":
         return DIRECT_THREADS
     return options.threads
-
-
-def _bytes_view(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
 def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device, sink, stats: LoadStats,
@@ -309,8 +179,8 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.quantized = sum(t.quantized for t in plan.targets)
     specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=plan.tp.size if plan.tp else 1)
     stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
-    amax = reduced_row_amax(ckpt, plan, specs, options, device)
-    items = [_item(name, segs, job, sp, amax.get(i))
+    amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
+    items = [reader_item(name, segs, job, sp, amax.get(i))
              for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
     bar = progress_bar(plan.nbytes, options.progress, desc)
     stats.method = options.method
@@ -376,40 +246,6 @@ def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], roundin
             s.fill_(torch.finfo(s.dtype).eps)
 
 
-def _item(name: str, segs, job: Job, spec, amax: torch.Tensor | None) -> ItemSpec:
-    """The native reader's item of a job: plain, quantized on the way, or quantized with the
-    given (all-reduced) row amax; a rank's empty row-parallel slice reads nothing (its scales
-    come from the amax: :func:`_empty_slice_scales`)."""
-    if spec is None or (job.reduce and not job.nbytes):
-        return (name, segs)
-    if amax is not None:
-        return (name, segs, spec, amax.tolist())
-    return (name, segs, spec)
-
-
-def _empty_slice_scales(job: Job, outs: list[torch.Tensor], amax: torch.Tensor | None, rounding: str) -> None:
-    """The scales of a host-quantized row-parallel job whose slice is empty on this rank:
-    those of its rows' all-reduced amax, by the device path's own arithmetic."""
-    if amax is None or job.nbytes or not outs[1].numel():
-        return
-    zeros = torch.zeros((amax.numel(), 1), dtype=job.dtype)
-    _, s = quantize_channelwise(zeros, check_finite=False, rounding=rounding,
-                                reduce_absmax=lambda a: a.copy_(amax.view(-1, 1)))
-    outs[1].copy_(s)
-
-
-def _host_quantized(job: Job, spec: tuple[str, int, str], outs: list[torch.Tensor], ioff: int, n: int):
-    """(destinations, sources) of a host-quantized chunk: ``n`` bytes of the slot hold whole
-    rows' e4m3 bytes, then their scales; ``ioff`` is the rows' source offset. Returns the
-    output byte views to copy into, the slot's (offset, length) pieces, and the source
-    bytes the chunk covers."""
-    cols, eb = spec[1], job.dtype.itemsize
-    rows = n // (cols + eb)
-    r0 = ioff // (cols * eb)
-    dsts = [_bytes_view(outs[0])[r0 * cols : (r0 + rows) * cols], _bytes_view(outs[1])[r0 * eb : (r0 + rows) * eb]]
-    return dsts, [(0, rows * cols), (rows * cols, rows * eb)], rows * cols * eb
-
-
 def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, rounding, bar, stats, flags):
     jobs = plan.jobs
     copy_stream = torch.cuda.Stream(dev)
@@ -466,13 +302,13 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                             copy_stream.wait_event(quant_done[slot])
                         dst = staging[slot] if staging else None
                     else:
-                        dst = _bytes_view(outs[0])
+                        dst = bytes_view(outs[0])
                 src_n = n
                 if n:
                     if FAULT_HOOK is not None:
                         _fault("copy", job)
                     if spec is not None:
-                        dsts, parts, src_n = _host_quantized(job, spec, outs, ioff, n)
+                        dsts, parts, src_n = chunk_pieces(job, spec, outs, ioff, n)
                         for out, (o, m) in zip(dsts, parts, strict=True):
                             out.copy_(reader.view(boff + o, m), non_blocking=True)
                     else:
@@ -500,7 +336,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                 else:
                     if spec is not None:
                         _fault("quantize", job)
-                        _empty_slice_scales(job, outs, amax.get(item), rounding)
+                        empty_slice_scales(job, outs, amax.get(item), rounding)
                         flags.append((job, (~torch.isfinite(outs[1])).any()))
                     done.record(copy_stream)
                 caller.wait_event(done)
@@ -537,11 +373,11 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
         if n:
             _fault("copy", job)
             if spec is not None:
-                dsts, parts, src_n = _host_quantized(job, spec, outs, ioff, n)
+                dsts, parts, src_n = chunk_pieces(job, spec, outs, ioff, n)
                 for out, (o, m) in zip(dsts, parts, strict=True):
                     out.copy_(reader.view(boff + o, m))
             else:
-                dst = staging if job.quantized else _bytes_view(outs[0])
+                dst = staging if job.quantized else bytes_view(outs[0])
                 dst[ioff : ioff + n].copy_(reader.view(boff, n))
             reader.release(boff, n)
             bar.update(src_n)
@@ -552,7 +388,7 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
                 _quantize(job, staging, outs, rounding, plan)
             else:
                 _fault("quantize", job)
-                _empty_slice_scales(job, outs, amax.get(item), rounding)
+                empty_slice_scales(job, outs, amax.get(item), rounding)
             flags.append((job, (~torch.isfinite(outs[1])).any()))
         _fault("yield", job)
         yield job, outs

@@ -54,7 +54,7 @@ class LoadOptions:
     #: of each other), ``"host"`` on the CPU; ``"split"``: half the quantized bytes each way
     #: (the weights only the device can do counted on its side), tensor by tensor, so that the
     #: cores and the bus are both busy (not yet measured on a GPU)
-    #: (:func:`fastfp8.engine.host_quant_specs`)
+    #: (:func:`fastfp8.host_quant.host_quant_specs`)
     quantize_on: str = "auto"
     allow_non_finite: bool = False
     #: a progress bar on stderr (None: when stderr is a terminal)
