@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_split", "fastfp8_mmap"]
-COLD_FASTFP8 = ["fastfp8", "fastfp8_mmap", "fastfp8_direct"]
+COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"},
             "fastfp8_split": {"quantize_on": "split"}, "fastfp8_mmap": {"method": "mmap"},

@@ -41,4 +41,4 @@ def test_direct_reads_are_deep_by_default():
     assert reader_threads(LoadOptions.make(method="direct")) == DIRECT_THREADS
     assert reader_threads(LoadOptions.make(method="direct", threads=4)) == 4
     assert reader_threads(LoadOptions.make()) is None  # the native default
-    assert LoadOptions.make().method == "pread"
+    assert LoadOptions.make().method == "auto"  # resolved per load: tests/test_read_method.py

@@ -103,6 +103,12 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def cached_fraction(self, samples: int = 64) -> float | None:
+        """The share of the shards' bytes in the page cache, estimated from ``samples``
+        pages per shard (one-byte reads that succeed only from the cache); None where the
+        kernel or the file system cannot say."""
+        return self._native.cached_fraction(samples)
+
     def __len__(self) -> int:
         return len(self.tensors)
 

@@ -157,6 +157,21 @@ def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
 DIRECT_THREADS = 32
 
 
+#: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
+CACHED_ENOUGH = 0.5
+
+
+def resolve_method(ckpt: Checkpoint, options: LoadOptions) -> str:
+    """The read method of a load: ``options.method``, or for ``"auto"`` ``"pread"`` when at
+    least :data:`CACHED_ENOUGH` of the checkpoint is in the page cache (or the kernel cannot
+    say) and ``"mmap"`` when it is not: on the H200 machine pread is the faster warm read
+    (40.1 against 33.3 GB/s) and mmap the faster cold one (1.70 against 1.50 GB/s)."""
+    if options.method != "auto":
+        return options.method
+    cached = ckpt.cached_fraction()
+    return "pread" if cached is None or cached >= CACHED_ENOUGH else "mmap"
+
+
 def reader_threads(options: LoadOptions) -> int | None:
     """The reader's thread count: ``options.threads``; else :data:`DIRECT_THREADS` for
     ``method="direct"`` and the native default (the cores but one, at most 16) otherwise."""
@@ -174,6 +189,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     ``stats.non_finite`` either way). Closing the generator early stops the reader."""
     t0 = time.perf_counter()
     rounding = resolve_rounding(options.rounding, device)
+    options = options.replace(method=resolve_method(ckpt, options))
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)

@@ -67,7 +67,8 @@ def load_quantized(
             (``"auto"``: from config.json; ``"names"``: every 2-D float ``*.weight``),
             ``memory_budget`` (pinned host memory for reading; default: fits the host's
             last-level cache), ``chunk_bytes``, ``piece_bytes``, ``threads``, ``method``
-            (``"mmap"`` or ``"pread"``), ``rounding`` (``"auto"``: the bytes
+            (``"auto"``: ``"pread"`` when the checkpoint is in the page cache, else
+            ``"mmap"``; ``"pread"``, ``"mmap"`` or ``"direct"``), ``rounding`` (``"auto"``: the bytes
             compressed-tensors itself produces on that device; ``"eager"``; ``"fp32"``),
             ``allow_non_finite``, ``progress``.
 

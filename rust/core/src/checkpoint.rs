@@ -160,6 +160,21 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|&r| self.info(r).nbytes()).sum()
     }
+
+    /// The share of the shards' bytes in the page cache, estimated from `samples` pages of
+    /// each shard ([`Shard::cached_fraction`]) and weighted by shard size; None where a
+    /// shard cannot say.
+    pub fn cached_fraction(&self, samples: u64) -> Option<f64> {
+        let total: u64 = self.shards.iter().map(|s| s.size).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut sum = 0.0;
+        for s in &self.shards {
+            sum += s.cached_fraction(samples)? * s.size as f64;
+        }
+        Some(sum / total as f64)
+    }
 }
 
 /// Refuses shard `name` (at `p`) if it resolves, through symlinks, outside the model

@@ -370,6 +370,45 @@ impl Shard {
         Ok(())
     }
 
+    /// The fraction of `samples` byte offsets, spread evenly over the file, whose pages are in
+    /// the page cache: a one-byte `preadv2(RWF_NOWAIT)` succeeds only from the cache (it
+    /// needs no ownership of the file, unlike `mincore`). None where the kernel or the file
+    /// system cannot say (no `RWF_NOWAIT`) or the file is empty. A probe that misses may
+    /// start the kernel's read-ahead around its page (about to be read anyway), so a second
+    /// call can see more cached than the first.
+    pub fn cached_fraction(&self, samples: u64) -> Option<f64> {
+        if self.size == 0 || samples == 0 {
+            return None;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let mut cached = 0u64;
+        for i in 0..samples {
+            // the first and the last byte, and evenly between
+            let offset = if samples == 1 {
+                0
+            } else {
+                (self.size - 1) * i / (samples - 1)
+            };
+            let mut byte = 0u8;
+            let iov = libc::iovec {
+                iov_base: (&mut byte as *mut u8).cast(),
+                iov_len: 1,
+            };
+            // SAFETY: `iov` describes one writable byte that outlives the call; `fd` is our
+            // open file; preadv2 writes at most `iov_len` bytes into it.
+            let n = unsafe { libc::preadv2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+            if n == 1 {
+                cached += 1;
+            } else if n < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) => {}
+                    _ => return None, // EOPNOTSUPP, EINVAL (no RWF_NOWAIT), ...: cannot tell
+                }
+            }
+        }
+        Some(cached as f64 / samples as f64)
+    }
+
     /// The whole file, mapped read-only (created on first use).
     pub fn map(&self) -> Result<&Mmap> {
         let m = self.map.get_or_init(|| {
@@ -415,6 +454,39 @@ mod test_hook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file just written and synced reads as cached; after `POSIX_FADV_DONTNEED` (which
+    /// drops clean pages on the file systems that honour it) as less cached. Where the
+    /// kernel or file system has no `RWF_NOWAIT`, the answer is None, never a guess.
+    #[test]
+    fn cached_fraction_sees_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.safetensors");
+        let n = 8usize << 20;
+        let header = format!(r#"{{"w":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0x5au8, n));
+        std::fs::write(&p, &bytes).unwrap();
+        let shard = Shard::open(&p).unwrap();
+        shard.file().sync_all().unwrap();
+        let Some(warm) = shard.cached_fraction(32) else {
+            return; // no RWF_NOWAIT here
+        };
+        assert!(warm > 0.9, "a file just written reads as {warm} cached");
+        assert_eq!(shard.cached_fraction(0), None);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(shard.file());
+        // SAFETY: fadvise only takes a hint about our own open file.
+        unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let cold = shard.cached_fraction(32).unwrap();
+        assert!((0.0..=1.0).contains(&cold));
+        if cold < warm {
+            assert!(
+                cold < 0.5,
+                "after DONTNEED {cold} of the file reads as cached"
+            );
+        }
+    }
 
     /// A cut of a few bytes lands inside the copy's last page: no SIGBUS (the page still
     /// belongs to the file and its tail reads as zeros), so only a check after the copy sees it.

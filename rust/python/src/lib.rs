@@ -131,6 +131,14 @@ impl PyCheckpoint {
         self.inner.index.clone()
     }
 
+    /// The share of the shards' bytes in the page cache, estimated from `samples` pages per
+    /// shard; None where the kernel or file system cannot say. Runs without the GIL.
+    #[pyo3(signature = (samples=64))]
+    fn cached_fraction(&self, py: Python<'_>, samples: u64) -> Option<f64> {
+        let ckpt = Arc::clone(&self.inner);
+        py.detach(move || ckpt.cached_fraction(samples))
+    }
+
     /// One `ShardInfo` per shard.
     fn shards(&self) -> Vec<PyShardInfo> {
         self.inner

@@ -1,0 +1,57 @@
+"""``method="auto"`` (the default): ``pread`` when the checkpoint is in the page cache (the
+faster warm read), ``mmap`` when it is not (the faster cold read), decided once per load
+from sampled one-byte ``RWF_NOWAIT`` reads; explicit methods are taken as given."""
+
+from __future__ import annotations
+
+import fastfp8
+import pytest
+from fastfp8.bench import evict_page_cache as evict
+from fastfp8.engine import CACHED_ENOUGH, resolve_method
+from fastfp8.options import LoadOptions
+from test_host_quant import llama, load, same_state
+
+
+class _Probe:
+    """A checkpoint whose page-cache share is ``fraction``; counts the probes."""
+
+    def __init__(self, fraction):
+        self.fraction = fraction
+        self.calls = 0
+
+    def cached_fraction(self, samples: int = 64):
+        self.calls += 1
+        return self.fraction
+
+
+@pytest.mark.parametrize(("fraction", "want"), [(0.0, "mmap"), (CACHED_ENOUGH - 0.01, "mmap"),
+                                                (CACHED_ENOUGH, "pread"), (1.0, "pread"),
+                                                (None, "pread")])  # cannot say: the warm default
+def test_auto_picks_by_the_page_cache(fraction, want):
+    assert resolve_method(_Probe(fraction), LoadOptions.make()) == want
+
+
+@pytest.mark.parametrize("method", ["pread", "mmap", "direct"])
+def test_an_explicit_method_is_taken_as_given_without_probing(method):
+    probe = _Probe(0.0)
+    assert resolve_method(probe, LoadOptions.make(method=method)) == method
+    assert probe.calls == 0
+
+
+def test_a_default_load_reads_warm_with_pread_and_cold_with_mmap(tmp_path):
+    llama(tmp_path / "m")
+    paths = sorted(str(p) for p in (tmp_path / "m").glob("*.safetensors"))
+    ckpt = fastfp8.open_checkpoint(tmp_path / "m")
+    if ckpt.cached_fraction() is None:
+        pytest.skip("this kernel or file system has no RWF_NOWAIT: auto reads with pread")
+    warm, stats = load(tmp_path / "m", "cpu")
+    assert stats.method == "pread"
+    evict(paths)
+    if ckpt.cached_fraction() >= CACHED_ENOUGH:
+        pytest.skip("the page cache here keeps the files after FADV_DONTNEED")
+    evict(paths)  # the probe above may have started read-ahead
+    cold, stats = load(tmp_path / "m", "cpu")
+    assert stats.method == "mmap"
+    same_state(warm, cold)
+    ref, _ = load(tmp_path / "m", "cpu", method="pread")
+    same_state(ref, cold)
