@@ -107,7 +107,7 @@ def quantize_demo(ckpt: fastfp8.Checkpoint, device: str) -> None:
     print(f"  {st.quantized} of {st.tensors} tensors quantized; {format_bytes(st.bytes_read)} bf16 in -> "
           f"{format_bytes(out_bytes)} out")
     rate = format_rate(st.bytes_read / st.seconds) if st.seconds > 0 else "-"
-    print(f"  {st.seconds:.3f} s, {rate} of bf16 input ({st.threads} reader threads, "
+    print(f"  {st.seconds:.3f} s, {rate} of bf16 input ({st.threads} reader threads reading with {st.method}, "
           f"{format_bytes(st.memory_budget)} budget, peak {format_bytes(st.peak_in_flight)} in flight)")
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
