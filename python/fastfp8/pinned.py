@@ -26,7 +26,8 @@ than the limit itself raises :class:`~fastfp8.errors.BudgetError`.
 ``release`` and the bookkeeping of freed buffers may run from a garbage collector's
 finalizer at any point, on any thread, even inside the pool's own critical sections:
 ``release`` only queues the buffer there (the next holder of the lock takes it in), and a
-freed buffer's reservation is dropped with one atomic ``dict.pop``. The lock is only taken
+freed buffer's reservation is dropped with one atomic ``dict.pop``, called by the buffer's
+weak reference itself (no Python code that an interrupt could cut short). The lock is only taken
 with ``with``, so an interrupt (KeyboardInterrupt) anywhere leaves it released and the
 pool consistent.
 """
@@ -83,11 +84,14 @@ class BufferPool:
         self._timeout = timeout
         # Buffers given back by release(), taken into the idle list under the lock.
         self._returned: collections.deque[torch.Tensor] = collections.deque()
-        # token -> bytes, for each of this pool's buffers whose memory is not yet freed (idle
-        # or handed out), and for reservations being allocated. A finalizer removes a buffer's
-        # entry when its memory is freed (dict.pop: atomic and idempotent, safe from any
-        # thread at any time).
-        self._alive: dict[int, int] = {}
+        # key -> bytes, for each of this pool's buffers whose memory is not yet freed (idle
+        # or handed out; key: a weak reference to its storage), and for reservations being
+        # allocated (key: an int token). When a buffer's memory is freed, its weak
+        # reference's callback, ``dict.pop`` itself, removes the entry: C code only, so
+        # atomic, safe from any thread at any time, and out of reach of a KeyboardInterrupt
+        # (which Python code, a ``weakref.finalize`` among it, may take in its middle and
+        # drop, leaving the buffer counted forever).
+        self._alive: dict[object, int] = {}
         self._tokens = itertools.count()
         self._waiting = 0
         self._retain = 0  # depth of retain() blocks: > 0 keeps released buffers idle
@@ -153,8 +157,12 @@ class BufferPool:
             else:
                 buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             # The reservation ends when the memory is freed: when the storage dies, not when
-            # this tensor object does (views of it keep the memory alive).
-            weakref.finalize(buf.untyped_storage(), self._alive.pop, token, None)
+            # this tensor object does (views of it keep the memory alive). Its entry moves
+            # from the token to the storage's weak reference (an interrupt between the two
+            # lines leaves both, and the handler below drops the token's).
+            ref = weakref.ref(buf.untyped_storage(), self._alive.pop)
+            self._alive[ref] = size
+            self._alive.pop(token, None)
         except BaseException:
             self._alive.pop(token, None)  # idempotent: the finalizer may have run too
             raise
