@@ -356,11 +356,17 @@ def test_quantize_on_is_validated():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quantize_on", ["host", "split"])
-def test_row_parallel_world_of_one_on_the_host(tmp_path, device, quantize_on):
-    """tp_size=1: row-parallel jobs (whole rows) go through the amax pass and the reader
-    threads, no collective, and give the one-process bytes."""
+def test_row_parallel_world_of_one_on_the_host(tmp_path, device, quantize_on, monkeypatch):
+    """tp_size=1: row-parallel jobs (whole rows) go through the reader threads with their own
+    amax (no pass ahead, no collective) and give the one-process bytes."""
+    from fastfp8 import host_quant
+
+    def no_pass_ahead(*args, **kwargs):
+        raise AssertionError("a group of one read the rows' amax ahead")
+
     llama(tmp_path / "m")
     want, _ = load(tmp_path / "m", device, quantize_on="device")
+    monkeypatch.setattr(host_quant, "row_amax", no_pass_ahead)
     got, stats = load(tmp_path / "m", device, quantize_on=quantize_on, tp_size=1, tp_rank=0,
                       memory_budget="64KiB", chunk_bytes="8KiB")  # chunks of some rows each
     same_state(got, want)

@@ -239,9 +239,9 @@ class ChunkReader:
     ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``, or ``(name, segments,
     (dtype, cols, rounding))`` for an item whose rows the reader threads quantize on the way
     (its chunks then hold whole rows' e4m3 bytes followed by their scales; see
-    :func:`fastfp8.host_quant.host_quant_spec`), with a fourth element, one amax per row, to take
-    each row's scale from the larger of that and its own amax (a row-parallel slice). Each delivery is
-    ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
+    :func:`fastfp8.host_quant.host_quant_spec`), with a fourth element, one amax per row, to
+    take each row's scale from the larger of that and its own amax (a row-parallel slice).
+    Each delivery is ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
     buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``, which must name exactly a
     delivered, unreleased chunk (else :class:`~fastfp8.errors.ReleaseError`, a
     ``ValueError``, and nothing is freed). ``chunk_bytes=None`` delivers items whole. Close

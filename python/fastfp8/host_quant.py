@@ -129,9 +129,15 @@ def reduced_row_amax(ckpt: Checkpoint, plan: Plan, specs, options: LoadOptions,
     (on a CUDA device through a CUDA tensor, for NCCL: one host sync). Every rank has the
     same such jobs with the same rows (:func:`host_quant_spec`), so every rank takes part
     with the same length, an empty slice with zeros. A row holding NaN or Inf has amax +Inf
-    on every rank (the load then reports it as non-finite)."""
+    on every rank (the load then reports it as non-finite).
+
+    A group of one reads nothing ahead: each row's amax is its own, which the reader threads
+    take as they quantize anyway; only an empty slice gets its (zero) amax here."""
     jobs = plan.jobs
     idx = [i for i, sp in enumerate(specs) if sp is not None and jobs[i].reduce]
+    tp = plan.tp
+    if tp is None or tp.size <= 1:
+        return {i: torch.zeros(jobs[i].shape[0], dtype=torch.float32) for i in idx if not jobs[i].nbytes}
     if not idx:
         return {}
     rows = [jobs[i].shape[0] for i in idx]
@@ -145,13 +151,11 @@ def reduced_row_amax(ckpt: Checkpoint, plan: Plan, specs, options: LoadOptions,
             amax[at : at + r] = local[got : got + r]
             got += r
         at += r
-    tp = plan.tp
-    if tp is not None and tp.size > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        on = amax.to(device) if device.type == "cuda" else amax
-        dist.all_reduce(on, op=dist.ReduceOp.MAX, group=tp.group)
-        amax = on.cpu() if on is not amax else amax
+    on = amax.to(device) if device.type == "cuda" else amax
+    dist.all_reduce(on, op=dist.ReduceOp.MAX, group=tp.group)
+    amax = on.cpu() if on is not amax else amax
     return dict(zip(idx, amax.split(rows), strict=True))
 
 

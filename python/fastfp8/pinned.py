@@ -164,7 +164,7 @@ class BufferPool:
             self._alive[ref] = size
             self._alive.pop(token, None)
         except BaseException:
-            self._alive.pop(token, None)  # idempotent: the finalizer may have run too
+            self._alive.pop(token, None)  # idempotent: the entry may have moved to the weak reference
             raise
         with self._lock:
             self.allocated_bytes += size
