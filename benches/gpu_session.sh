@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in stages that each fit one `run` call (10 minutes):
+#
+#   bash benches/gpu_session.sh STAGE [STAGE ...]
+#
+#   tests    every `cuda` test (pytest -m cuda), log and JUnit XML        ~5 min on an H200
+#   tune     the linear sweep, the selection table written from it and
+#            checked at every entry (tests/test_linear_table.py)         ~4-5 min
+#   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
+#   load     a Llama-3-8B-shaped checkpoint, then bench_load.py (warm and
+#            cold, every peer, the ceilings)                              ~5 min
+#   decode   bench_decode.py, merged into the modules JSON                ~6 min
+#
+# Everything lands under $OUT (logs, JSON, markdown); a stage that fails is reported and
+# the next one still runs; the exit status says whether any failed. Run it on the device
+# machine after carrying `.whl` and `.wheels` (benches/README.md), e.g.
+#   run(command="bash benches/gpu_session.sh tests modules", carry=[".whl", ".wheels"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder that comes back}"
+source benches/device_env.sh || { echo "device_env.sh failed" >&2; exit 1; }
+GPU=$(python3 -c 'import torch; n = torch.cuda.get_device_name(); print(n.split()[-1].lower())' 2>/dev/null || echo gpu)
+CKPT=${FASTFP8_BENCH_CKPT:-/root/ckpt}
+TABLE=$OUT/linear_table.json
+failed=()
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run it with a time limit, its output teed to $OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" = 0 ] || failed+=("$name")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+for s in "$@"; do
+    case $s in
+    tests)
+        stage cuda_tests 420 python3 -m pytest -q -m cuda -p no:cacheprovider \
+            --junitxml="$OUT/cuda_tests.xml" tests ;;
+    tune)
+        stage tune_linear 330 python3 benches/tune_linear.py --out "$OUT/tune_linear.json" --budget-s 240
+        stage tune_linear 30 python3 benches/tune_linear.py --table "$OUT/tune_linear.json" --table-out "$TABLE"
+        stage linear_table_tests 120 env FASTFP8_LINEAR_TABLE="$TABLE" \
+            python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_linear_table.py ;;
+    modules)
+        if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
+        stage modules 240 python3 benches/bench_modules.py --rep-ms 40 --out "$OUT/modules_$GPU.json" ;;
+    load)
+        [ -f "$CKPT/model.safetensors.index.json" ] ||
+            stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
+        sync
+        stage load 480 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,16 ;;
+    decode)
+        if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
+        [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"
+        stage decode 540 python3 benches/bench_decode.py --out "$OUT/modules_$GPU.json" ;;
+    *)
+        echo "unknown stage: $s (tests, tune, modules, load, decode)" >&2; failed+=("$s") ;;
+    esac
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed stages: ${failed[*]}"
+    exit 1
+fi
+echo "every stage passed"
