@@ -10,6 +10,7 @@
 #   load     a Llama-3-8B-shaped checkpoint, then bench_load.py (warm and
 #            cold, every peer, the ceilings)                              ~5 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
+#   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
 #
 # Everything lands under $OUT (logs, JSON, markdown); a stage that fails is reported and
 # the next one still runs; the exit status says whether any failed. Run it on the device
@@ -57,8 +58,14 @@ for s in "$@"; do
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
         [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"
         stage decode 540 python3 benches/bench_decode.py --out "$OUT/modules_$GPU.json" ;;
+    tp)
+        [ -f "$CKPT/model.safetensors.index.json" ] ||
+            stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
+        sync
+        stage load_tp 480 env NCCL_NVLS_ENABLE=0 python3 benches/bench_load_tp.py "$CKPT" --tp 1,2 \
+            --out "$OUT/load_tp_${GPU}x$(nvidia-smi -L | wc -l).json" ;;
     *)
-        echo "unknown stage: $s (tests, tune, modules, load, decode)" >&2; failed+=("$s") ;;
+        echo "unknown stage: $s (tests, tune, modules, load, decode, tp)" >&2; failed+=("$s") ;;
     esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

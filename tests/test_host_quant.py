@@ -255,10 +255,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("budget", [None, ("64KiB", "8KiB"), ("1MiB", "1000")])
-def test_host_and_device_paths_give_the_same_bytes(tmp_path, device, dtype, budget):
+@pytest.mark.parametrize("method", ["pread", "mmap"])  # mmap: quantized in place in the mapping
+def test_host_and_device_paths_give_the_same_bytes(tmp_path, device, dtype, budget, method):
     llama(tmp_path / "m", dtype)
     kw = {} if budget is None else {"memory_budget": budget[0], "chunk_bytes": budget[1]}
-    host_state, host_stats = load(tmp_path / "m", device, quantize_on="host", **kw)
+    host_state, host_stats = load(tmp_path / "m", device, quantize_on="host", method=method, **kw)
     dev_state, dev_stats = load(tmp_path / "m", device, quantize_on="device", **kw)
     assert host_stats.host_quantized == host_stats.quantized == 14
     assert dev_stats.host_quantized == 0

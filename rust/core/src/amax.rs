@@ -140,18 +140,29 @@ fn work(
         };
         let item = &items[t.item];
         let spec = item.quant.expect("checked by row_amax");
-        scratch.resize(t.rows * spec.row_bytes() as usize, 0);
+        let len = t.rows * spec.row_bytes() as usize;
         let shard = &ckpt.shards[t.shard];
+        let mut values = vec![0f32; t.rows];
         let read = match t.spans[..] {
-            [(offset, _)] => shard.read_into(offset, &mut scratch, method, &item.name),
-            _ => shard.read_spans_into(&t.spans, &mut scratch, method, &item.name),
+            // One range of a mapping: its amax straight from the page cache, no copy.
+            [(offset, _)] if method == ReadMethod::Mmap => {
+                shard.with_mapped(offset, len, &item.name, |src| {
+                    rows_amax(&spec, src, &mut values)
+                })
+            }
+            ref spans => {
+                scratch.resize(len, 0);
+                match spans {
+                    [(offset, _)] => shard.read_into(*offset, &mut scratch, method, &item.name),
+                    _ => shard.read_spans_into(spans, &mut scratch, method, &item.name),
+                }
+                .map(|()| rows_amax(&spec, &scratch, &mut values))
+            }
         };
         if let Err(e) = read {
             failed.store(true, Ordering::Relaxed);
             return Err(e);
         }
-        let mut values = vec![0f32; t.rows];
-        rows_amax(&spec, &scratch, &mut values);
         done.push((t.out, values));
     }
     Ok(done)

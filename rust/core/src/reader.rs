@@ -635,18 +635,24 @@ impl Shared {
                             ),
                         )
                     };
-                    scratch.resize(p.len as usize, 0);
+                    let mut quantize = |src: &[u8]| match &item.amax {
+                        Some(a) => {
+                            let r = p.row as usize;
+                            let amax = &a[r..r + rows as usize];
+                            quantize_rows_with_amax(&q, src, amax, qdst, sdst)
+                        }
+                        None => quantize_rows(&q, src, qdst, sdst),
+                    };
                     let (offset, _) = p.spans[0];
-                    shard
-                        .read_into(offset, &mut scratch, self.cfg.method, &item.name)
-                        .map(|()| match &item.amax {
-                            Some(a) => {
-                                let r = p.row as usize;
-                                let amax = &a[r..r + rows as usize];
-                                quantize_rows_with_amax(&q, &scratch, amax, qdst, sdst)
-                            }
-                            None => quantize_rows(&q, &scratch, qdst, sdst),
-                        })
+                    if self.cfg.method == ReadMethod::Mmap {
+                        // Straight from the page cache: no copy into scratch.
+                        shard.with_mapped(offset, p.len as usize, &item.name, quantize)
+                    } else {
+                        scratch.resize(p.len as usize, 0);
+                        shard
+                            .read_into(offset, &mut scratch, self.cfg.method, &item.name)
+                            .map(|()| quantize(&scratch))
+                    }
                 }
                 _ => {
                     // SAFETY: [p.dst, p.dst + p.len) lies inside a ring region reserved for

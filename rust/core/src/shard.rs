@@ -194,26 +194,48 @@ impl Shard {
             ReadMethod::Pread => self.pread(offset, dst, tensor),
             ReadMethod::Direct => self.direct_read(offset, dst, tensor),
             ReadMethod::Mmap => {
-                self.check_unchanged()?;
-                let map = self.map()?;
-                let end = offset as usize + dst.len();
-                let src = &map[offset as usize..end];
-                advise(src, MADV_POPULATE_READ);
-                #[cfg(test)]
-                test_hook::before_copy();
-                let ok = !self.poisoned.load(Ordering::Acquire) && sigbus::guarded_copy(dst, src);
-                // Drop our page-table entries for what was read, so that the mapping does
-                // not grow the process's resident set; the pages stay in the page cache.
-                advise(src, libc::MADV_DONTNEED);
-                // A file cut short inside the copy's last page raises no SIGBUS: that page
-                // still belongs to the file and its tail reads as zeros. So the size is
-                // checked again after every copy; only a copy that neither faulted nor saw
-                // the file change is good (the size is read after the copy finished, so a
-                // cut that zeroed what we read is visible here).
-                let actual = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-                if ok && actual == self.size {
-                    return Ok(());
-                }
+                self.with_mapped(offset, dst.len(), tensor, |src| dst.copy_from_slice(src))
+            }
+        }
+    }
+
+    /// Runs `f` over the file bytes `[offset, offset + len)` in place in the mapping (no
+    /// copy: the host quantizer reads them straight from the page cache). Guarded like a
+    /// copy: a file that shrinks underneath is an error naming `tensor`, never a crash or
+    /// a silent result computed from zeros.
+    pub fn with_mapped<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        tensor: &str,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
+        self.check_unchanged()?;
+        let map = self.map()?;
+        let src = &map[offset as usize..offset as usize + len];
+        advise(src, MADV_POPULATE_READ);
+        #[cfg(test)]
+        test_hook::before_copy();
+        let out = if self.poisoned.load(Ordering::Acquire) {
+            None
+        } else {
+            match sigbus::guarded(src, f) {
+                (out, true) => Some(out),
+                (_, false) => None,
+            }
+        };
+        // Drop our page-table entries for what was read, so that the mapping does not grow
+        // the process's resident set; the pages stay in the page cache.
+        advise(src, libc::MADV_DONTNEED);
+        // A file cut short inside the read's last page raises no SIGBUS: that page still
+        // belongs to the file and its tail reads as zeros. So the size is checked again
+        // after every read; only a read that neither faulted nor saw the file change is
+        // good (the size is read after the read finished, so a cut that zeroed what we read
+        // is visible here).
+        let actual = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        match out {
+            Some(out) if actual == self.size => Ok(out),
+            _ => {
                 self.poisoned.store(true, Ordering::Release);
                 Err(Error::MappedReadFailed {
                     path: self.path.clone(),

@@ -1,7 +1,7 @@
-//! Copies out of a file mapping that survive the file shrinking underneath them.
+//! Reads out of a file mapping that survive the file shrinking underneath them.
 //!
 //! Touching a page of a shared file mapping beyond the file's current end raises SIGBUS,
-//! which kills the process by default. [`guarded_copy`] marks the source range of the copy
+//! which kills the process by default. [`guarded`] marks the source range of the read
 //! in a thread-local; a process-wide SIGBUS handler that finds the faulting address inside
 //! the current thread's range maps an anonymous zero page over the faulting page (so the
 //! interrupted copy resumes and completes with zeros) and records the fault, and the copy
@@ -140,22 +140,34 @@ fn ensure_installed() -> bool {
     true
 }
 
-/// Copies `src` (a range of a file mapping) into `dst`. Returns false if part of `src`
-/// lay beyond the end of the file (then `dst` holds zeros there, and the mapping has
-/// anonymous pages where the file's were: do not read it again).
-pub fn guarded_copy(dst: &mut [u8], src: &[u8]) -> bool {
+/// Runs `f` over `src` (a range of a file mapping) and returns its result, with false if
+/// part of `src` lay beyond the end of the file: `f` then read zeros there, and the mapping
+/// has anonymous pages where the file's were (do not read it again).
+pub fn guarded<R>(src: &[u8], f: impl FnOnce(&[u8]) -> R) -> (R, bool) {
     if !ensure_installed() {
         // No handler: the caller's size checks are the only protection.
-        dst.copy_from_slice(src);
-        return true;
+        return (f(src), true);
+    }
+    /// Clears the thread's range however `f` ends (a panic included).
+    struct Unmark;
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            RANGE.with(|r| r.set((0, 0)));
+        }
     }
     FAULTED.with(|f| f.store(false, Ordering::Relaxed));
     RANGE.with(|r| r.set((src.as_ptr() as usize, src.as_ptr() as usize + src.len())));
+    let unmark = Unmark;
     compiler_fence(Ordering::SeqCst);
-    dst.copy_from_slice(src);
+    let out = f(src);
     compiler_fence(Ordering::SeqCst);
-    RANGE.with(|r| r.set((0, 0)));
-    !FAULTED.with(|f| f.load(Ordering::Relaxed))
+    drop(unmark);
+    (out, !FAULTED.with(|f| f.load(Ordering::Relaxed)))
+}
+
+/// Copies `src` (a range of a file mapping) into `dst`: [`guarded`] with a copy.
+pub fn guarded_copy(dst: &mut [u8], src: &[u8]) -> bool {
+    guarded(src, |s| dst.copy_from_slice(s)).1
 }
 
 #[cfg(test)]

@@ -106,6 +106,93 @@ fn truncation_during_mapped_copies_is_never_silent_zeros() {
     );
 }
 
+/// The same for rows quantized straight from the mapping (host quantization with
+/// `ReadMethod::Mmap` reads no copy): a cut while the rows are quantized is an error, never
+/// e4m3 bytes computed from zeros.
+#[test]
+fn truncation_while_quantizing_from_the_mapping_is_never_silent_zeros() {
+    use fastfp8_core::quant::{QuantSpec, Rounding};
+    use fastfp8_core::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q.safetensors");
+    let (rows, cols) = (3072usize, 4096usize); // 24 MiB of bf16 1.0
+    let header = format!(
+        r#"{{"w":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[0,{}]}}}}"#,
+        rows * cols * 2
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n([0x80u8, 0x3F], rows * cols).flatten());
+    let mut silent = 0;
+    let mut errors = 0;
+    let mut quant_time = Duration::ZERO;
+    for attempt in 0..10u32 {
+        std::fs::write(&p, &bytes).unwrap();
+        let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+        let size = ckpt.shards[0].size;
+        let mut item = whole_tensor(&ckpt, "w").unwrap();
+        item.quant = Some(QuantSpec::new(Dtype::BF16, cols as u64, Rounding::Fp32).unwrap());
+        let mut buf = vec![0u8; rows * cols * 2];
+        // SAFETY: buf outlives the reader (dropped below, before buf).
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
+        let cfg = ReaderConfig {
+            threads: 1,
+            chunk_bytes: None,
+            piece_bytes: (rows * cols * 2) as u64,
+            method: ReadMethod::Mmap,
+        };
+        let path = p.clone();
+        let delay = quant_time * attempt / 9;
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let go2 = Arc::clone(&go);
+        let cut = std::thread::spawn(move || {
+            go2.wait();
+            if attempt > 0 {
+                std::thread::sleep(delay);
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.set_len(size - 87).unwrap();
+            }
+        });
+        go.wait();
+        let t0 = std::time::Instant::now();
+        let reader = Reader::start(ckpt, vec![item], dest, cfg).unwrap();
+        let mut res = Ok(());
+        // every chunk, each holding e4m3 bytes then scales: 1.0 is 448 / 448, e4m3 0x7E
+        loop {
+            match reader.next() {
+                Ok(Some(d)) => {
+                    let q_len = (d.src_len / 2) as usize;
+                    let at = d.buf_offset as usize;
+                    if buf[at..at + q_len].iter().any(|&b| b != 0x7E) {
+                        silent += 1;
+                    }
+                    reader.release(d.buf_offset, d.len).unwrap();
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        if attempt == 0 {
+            quant_time = t0.elapsed();
+            res.as_ref().expect("the uncut file quantizes");
+        }
+        cut.join().unwrap();
+        if let Err(e) = res {
+            assert_eq!(e.kind(), ErrorKind::Read, "{e}");
+            assert!(e.to_string().contains("q.safetensors"), "{e}");
+            errors += 1;
+        }
+        drop(reader);
+    }
+    assert_eq!(
+        silent, 0,
+        "{silent} chunks held e4m3 bytes of zeros ({errors} errors)"
+    );
+}
+
 fn small_reader(
     dir: &Path,
     budget: usize,
