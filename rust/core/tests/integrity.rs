@@ -39,6 +39,24 @@ fn raw_file(path: &Path, header: &str, data_len: usize) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// A thread that cuts 87 bytes off the file `delay` after it starts (never, for None); it
+/// starts before this returns, so what the caller does next races with the cut.
+fn cut_later(path: &Path, size: u64, delay: Option<Duration>) -> std::thread::JoinHandle<()> {
+    let path = path.to_path_buf();
+    let go = Arc::new(std::sync::Barrier::new(2));
+    let go2 = Arc::clone(&go);
+    let cut = std::thread::spawn(move || {
+        go2.wait();
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(size - 87).unwrap();
+        }
+    });
+    go.wait();
+    cut
+}
+
 /// Item 1: a truncation by a few bytes lands inside the last page of the copy, which then
 /// reads as zeros without a SIGBUS. Every outcome must be the right bytes or an error.
 #[test]
@@ -63,21 +81,9 @@ fn truncation_during_mapped_copies_is_never_silent_zeros() {
             piece_bytes: len as u64,
             method: ReadMethod::Mmap,
         };
-        let path = p.clone();
         // The first attempt measures how long a copy takes; the others cut the file at
         // points spread over that time.
-        let delay = copy_time * attempt / 9;
-        let go = Arc::new(std::sync::Barrier::new(2));
-        let go2 = Arc::clone(&go);
-        let cut = std::thread::spawn(move || {
-            go2.wait();
-            if attempt > 0 {
-                std::thread::sleep(delay);
-                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                f.set_len(size - 87).unwrap();
-            }
-        });
-        go.wait();
+        let cut = cut_later(&p, size, (attempt > 0).then(|| copy_time * attempt / 9));
         let t0 = std::time::Instant::now();
         let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
         let res = reader.next();
@@ -141,19 +147,7 @@ fn truncation_while_quantizing_from_the_mapping_is_never_silent_zeros() {
             piece_bytes: (rows * cols * 2) as u64,
             method: ReadMethod::Mmap,
         };
-        let path = p.clone();
-        let delay = quant_time * attempt / 9;
-        let go = Arc::new(std::sync::Barrier::new(2));
-        let go2 = Arc::clone(&go);
-        let cut = std::thread::spawn(move || {
-            go2.wait();
-            if attempt > 0 {
-                std::thread::sleep(delay);
-                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                f.set_len(size - 87).unwrap();
-            }
-        });
-        go.wait();
+        let cut = cut_later(&p, size, (attempt > 0).then(|| quant_time * attempt / 9));
         let t0 = std::time::Instant::now();
         let reader = Reader::start(ckpt, vec![item], dest, cfg).unwrap();
         let mut res = Ok(());
