@@ -172,7 +172,8 @@ const MAX_GAP: u64 = 1 << 20;
 
 /// The most source bytes of one piece of a quantized item (at least one row): the thread
 /// reads them into its own scratch buffer, which stays in its core's cache, and quantizes
-/// from there.
+/// from there. Read with `mmap` there is no scratch buffer (the rows are quantized in
+/// place in the mapping): pieces are `piece_bytes`, so fewer of them unmap their pages.
 const QUANT_PIECE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug)]
@@ -520,8 +521,11 @@ impl Shared {
             // a quantized item: pieces of whole rows, e4m3 bytes then scales
             let quant = item.quant.map(|q| {
                 let rows = plan.src_len / q.row_bytes();
-                let piece_rows =
-                    (self.cfg.piece_bytes.min(QUANT_PIECE_BYTES) / q.row_bytes()).max(1);
+                let piece = match self.cfg.method {
+                    ReadMethod::Mmap => self.cfg.piece_bytes,
+                    _ => self.cfg.piece_bytes.min(QUANT_PIECE_BYTES),
+                };
+                let piece_rows = (piece / q.row_bytes()).max(1);
                 (q, at + rows * q.cols, piece_rows * q.row_bytes())
             });
             let mut scale_at = quant.map_or(0, |(_, s, _)| s);

@@ -339,17 +339,19 @@ fn strided_ranges_read_as_the_slice() {
     }
 }
 
-/// Host quantization throughput of one reader thread from a warm page cache, `pread` (into
-/// a scratch buffer, then quantized) against `mmap` (quantized in place in the mapping):
-/// `cargo test --release -p fastfp8-core --test read -- --ignored --nocapture`.
+/// Reader throughput from a warm page cache, per method and thread count: copies, and
+/// host quantization (`pread` reads into a scratch buffer and quantizes from there, `mmap`
+/// quantizes in place in the mapping). 256 MiB of weight-like bf16, pieces of `PIECE` bytes
+/// (default 4 MiB, the reader's):
+/// `cargo test --release -p fastfp8-core --test read -- --ignored --nocapture --test-threads=1`.
 #[test]
 #[ignore]
-fn host_quant_read_throughput() {
+fn read_throughput() {
     use fastfp8_core::quant::{QuantSpec, Rounding};
     use fastfp8_core::Dtype;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("w.safetensors");
-    let (rows, cols) = (32768usize, 4096usize); // 256 MiB of bf16
+    let (rows, cols) = (32768usize, 4096usize);
     let header = format!(
         r#"{{"w":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[0,{}]}}}}"#,
         rows * cols * 2
@@ -368,34 +370,36 @@ fn host_quant_read_throughput() {
     std::fs::write(&p, &bytes).unwrap();
     let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
     let mut buf = vec![1u8; 64 << 20]; // written: no first-touch faults in the first run
-    for threads in [1, 2] {
-        for method in [
-            ReadMethod::Pread,
-            ReadMethod::Mmap,
-            ReadMethod::Pread,
-            ReadMethod::Mmap,
-        ] {
-            let mut item = whole_tensor(&ckpt, "w").unwrap();
-            item.quant = Some(QuantSpec::new(Dtype::BF16, cols as u64, Rounding::Fp32).unwrap());
-            // SAFETY: buf outlives the reader (dropped at the end of this iteration).
-            let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
-            let cfg = ReaderConfig {
-                threads,
-                chunk_bytes: Some(8 << 20),
-                piece_bytes: 1 << 20,
-                method,
-            };
-            let t0 = std::time::Instant::now();
-            let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
-            while let Some(d) = reader.next().unwrap() {
-                reader.release(d.buf_offset, d.len).unwrap();
+    let piece_bytes = std::env::var("PIECE").map_or(4 << 20, |v| v.parse().unwrap());
+    for quant in [false, true] {
+        for threads in [1, 2] {
+            for method in [ReadMethod::Pread, ReadMethod::Mmap].repeat(2) {
+                let mut item = whole_tensor(&ckpt, "w").unwrap();
+                if quant {
+                    item.quant =
+                        Some(QuantSpec::new(Dtype::BF16, cols as u64, Rounding::Fp32).unwrap());
+                }
+                // SAFETY: buf outlives the reader (dropped at the end of this iteration).
+                let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
+                let cfg = ReaderConfig {
+                    threads,
+                    chunk_bytes: Some(8 << 20),
+                    piece_bytes,
+                    method,
+                };
+                let t0 = std::time::Instant::now();
+                let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
+                while let Some(d) = reader.next().unwrap() {
+                    reader.release(d.buf_offset, d.len).unwrap();
+                }
+                let s = t0.elapsed().as_secs_f64();
+                drop(reader);
+                println!(
+                    "{} {method:?}, {threads} thread(s): {:.2} GB/s of bf16",
+                    if quant { "quantize" } else { "copy" },
+                    (rows * cols * 2) as f64 / s / 1e9
+                );
             }
-            let s = t0.elapsed().as_secs_f64();
-            drop(reader);
-            println!(
-                "{method:?} {threads} thread(s): {:.2} GB/s of bf16 quantized",
-                (rows * cols * 2) as f64 / s / 1e9
-            );
         }
     }
 }
