@@ -134,8 +134,32 @@ def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str
     from torch._dynamo.utils import counters
 
     return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2,
+            # of step_ms, the GPU's kernel time: the rest is the host's (generate()'s loop)
+            "gpu_ms_per_step": gpu_ms_per_step(gen, n1, n2),
             # > 0: a compiled graph ran without CUDA graphs (launch-bound steps)
             "cudagraph_skips_so_far": int(counters["inductor"].get("cudagraph_skips", 0))}
+
+
+def gpu_ms_per_step(gen, n1: int, n2: int) -> float | None:
+    """Kernel time per decode step, from the profiler's CUDA activity (kernels inside CUDA
+    graphs included): generate(n2) less generate(n1), per step. None off CUDA or if the
+    profiler fails (a diagnostic, never the benchmark's figure)."""
+    if DEVICE.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        total = {}
+        for n in (n1, n2):
+            with profile(activities=[ProfilerActivity.CUDA]) as p:
+                gen(n)
+                _sync()
+            total[n] = sum(e.self_device_time_total for e in p.key_averages()) / 1e3  # us -> ms
+        # no kernels seen in the CUDA graphs (a profiler that does not trace graph launches)
+        return (total[n2] - total[n1]) / (n2 - n1) if total[n2] > total[n1] else None
+    except Exception as e:
+        print(f"gpu_ms_per_step: profiler failed: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def prefill_s(model, tokens: int, vocab: int) -> float:
@@ -237,8 +261,9 @@ def run_model(name: str, config, args) -> dict[str, Any]:
                 res[f"decode_b{batch}_{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 continue
             res[f"decode_b{batch}_{tag}"] = d
+            gpu = f", GPU kernels {d['gpu_ms_per_step']:.2f} ms/step" if d["gpu_ms_per_step"] is not None else ""
             print(f"[{name}] decode b={batch} {tag}: {d['step_ms']:.2f} ms/step, {d['tokens_per_s']:.0f} tok/s "
-                  f"(first call {d['first_call_s']:.0f} s)", flush=True)
+                  f"(first call {d['first_call_s']:.0f} s{gpu})", flush=True)
         if f"decode_b{batch}_bf16" in res and f"decode_b{batch}_fp8" in res:
             res[f"decode_speedup_b{batch}"] = (res[f"decode_b{batch}_bf16"]["step_ms"]
                                                / res[f"decode_b{batch}_fp8"]["step_ms"])
