@@ -53,7 +53,7 @@ for s in "$@"; do
         [ -f "$CKPT/model.safetensors.index.json" ] ||
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
-        stage load 480 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,16 ;;
+        stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,16 ;;
     decode)
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
         [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"
