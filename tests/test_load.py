@@ -84,6 +84,9 @@ def test_models_against_compressed_tensors(tmp_path, arch, device):
     st = state.stats
     assert st.bytes_read == sum(t.numel() * t.element_size() for t in src.values())
     assert 0 < st.peak_in_flight <= 256 << 10
+    if device == "cuda":  # where the consumer thread's time went
+        assert {"read_wait", "copy_wait", "issue", "job_end", "caller", "drain"} <= set(st.phases)
+        assert all(v >= 0 for v in st.phases.values()), st.phases
 
 
 @pytest.mark.parametrize("device", DEVICES)

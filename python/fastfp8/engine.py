@@ -78,7 +78,10 @@ class LoadStats:
     non_finite: list[str] = field(default_factory=list)
     #: seconds spent in each phase: "setup" (open, plan, allocate), "read_wait" (waiting
     #: for the reader), "copy_wait" (waiting for host-to-device copies to free slots),
-    #: "finish" (draining the streams, the finiteness check)
+    #: on CUDA the consumer thread's own work: "issue" (each chunk: outputs allocated, its
+    #: copy queued), "job_end" (each job's end: the quantization launched, events),
+    #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
+    #: the finiteness check)
     phases: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -278,7 +281,9 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
     outs: list[torch.Tensor] = []
     dst: torch.Tensor | None = None
     clock = time.perf_counter
-    copy_wait = read_wait = 0.0
+    # the consumer's own time (this thread), by part: issuing each chunk's copy, the work
+    # at each job's end (quantization launch, events), and the caller's time between jobs
+    copy_wait = read_wait = issue = job_end = caller_time = 0.0
     update = None if getattr(bar, "disable", False) else bar.update
     with torch.cuda.device(dev):
         # The copy stream is the current stream inside the loop (a stream switch per chunk
@@ -301,6 +306,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                 read_wait += clock() - t
                 if d is None:
                     break
+                t_chunk = clock()
                 item, ioff, boff, n = d
                 job = jobs[item]
                 spec = specs[item]
@@ -335,6 +341,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     held += n
                     if update is not None:
                         update(src_n)
+                t = clock()
+                issue += t - t_chunk
                 if ioff + src_n < job.nbytes:
                     continue
                 done = torch.cuda.Event()
@@ -358,7 +366,10 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                 caller.wait_event(done)
                 torch.cuda.set_stream(caller)
                 _fault("yield", job)
+                t_yield = clock()
+                job_end += t_yield - t
                 yield job, outs
+                caller_time += clock() - t_yield
                 torch.cuda.set_stream(copy_stream)
         finally:
             torch.cuda.set_stream(caller)
@@ -366,7 +377,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         caller.wait_stream(copy_stream)
         caller.wait_stream(compute_stream)
         torch.cuda.synchronize(dev)
-        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, drain=clock() - t)
+        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, job_end=job_end,
+                            caller=caller_time, drain=clock() - t)
     while pending:
         _, off, n = pending.popleft()
         reader.release(off, n)
