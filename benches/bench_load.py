@@ -9,7 +9,8 @@ growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; media
 fastfp8 runs with its defaults (``fastfp8``), with the reader threads quantizing on the
 host (``fastfp8_host``) or half the bytes each way (``fastfp8_split``), with ``mmap`` (also
 quantizing on the host straight from the page cache: ``fastfp8_mmap_host``,
-``fastfp8_mmap_split``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
+``fastfp8_mmap_split``), with a 256 MiB ring of 16 MiB chunks (``fastfp8_ring256``,
+``fastfp8_ring256_mmap_host``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
 and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``). The
 same run measures the ceilings: pinned host-to-device copies
 (``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
@@ -37,7 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_split", "fastfp8_mmap", "fastfp8_mmap_host", "fastfp8_mmap_split"]
+FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_split", "fastfp8_mmap", "fastfp8_mmap_host", "fastfp8_mmap_split",
+           "fastfp8_ring256", "fastfp8_ring256_mmap_host"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"},
@@ -45,7 +47,11 @@ VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"},
             # host quantization straight from the page cache (no copy into a scratch buffer)
             "fastfp8_mmap_host": {"method": "mmap", "quantize_on": "host"},
-            "fastfp8_mmap_split": {"method": "mmap", "quantize_on": "split"}}
+            "fastfp8_mmap_split": {"method": "mmap", "quantize_on": "split"},
+            # a ring twice the default, chunks of 16 MiB: half the chunks for the consumer thread
+            "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"},
+            "fastfp8_ring256_mmap_host": {"memory_budget": "256MiB", "chunk_bytes": "16MiB", "method": "mmap",
+                                          "quantize_on": "host"}}
 
 
 def fastfp8_options(loader: str) -> dict:
@@ -422,6 +428,8 @@ def main(argv=None) -> int:
         "fastfp8_split_warm_gbps": best("warm", {"fastfp8_split"})[0],
         "fastfp8_mmap_host_warm_gbps": best("warm", {"fastfp8_mmap_host"})[0],
         "fastfp8_mmap_split_warm_gbps": best("warm", {"fastfp8_mmap_split"})[0],
+        "fastfp8_ring256_warm_gbps": best("warm", {"fastfp8_ring256"})[0],
+        "fastfp8_ring256_mmap_host_warm_gbps": best("warm", {"fastfp8_ring256_mmap_host"})[0],
         "fastfp8_direct_cold_gbps": best("cold", {"fastfp8_direct"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],
         "best_peer_warm": best("warm", peer_names)[1],
