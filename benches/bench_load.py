@@ -6,7 +6,8 @@ Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
 ``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
 
-fastfp8 runs with its defaults (``fastfp8``), with the reader threads quantizing on the
+fastfp8 runs with its defaults (``fastfp8``), without merging ready chunks into one copy
+(``fastfp8_nomerge``), with the reader threads quantizing on the
 host (``fastfp8_host``) or half the bytes each way (``fastfp8_split``), with ``mmap`` (also
 quantizing on the host straight from the page cache: ``fastfp8_mmap_host``,
 ``fastfp8_mmap_split``), with a 256 MiB ring of 16 MiB chunks (``fastfp8_ring256``,
@@ -38,11 +39,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_host", "fastfp8_split", "fastfp8_mmap", "fastfp8_mmap_host", "fastfp8_mmap_split",
-           "fastfp8_ring256", "fastfp8_ring256_mmap_host"]
+FASTFP8 = ["fastfp8", "fastfp8_nomerge", "fastfp8_host", "fastfp8_split", "fastfp8_mmap", "fastfp8_mmap_host",
+           "fastfp8_mmap_split", "fastfp8_ring256", "fastfp8_ring256_mmap_host"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"},
+            # every chunk its own delivery (fastfp8.engine.MERGE_SHARE = 0), as before merging
+            "fastfp8_nomerge": {"_merge_share": 0},
             "fastfp8_split": {"quantize_on": "split"}, "fastfp8_mmap": {"method": "mmap"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"},
             # host quantization straight from the page cache (no copy into a scratch buffer)
@@ -127,6 +130,10 @@ def worker(args) -> dict:
     def run_once():
         if args.loader.startswith("fastfp8"):
             kw = {"memory_budget": args.budget, "threads": args.threads, **fastfp8_options(args.loader)}
+            if "_merge_share" in kw:
+                import fastfp8.engine
+
+                fastfp8.engine.MERGE_SHARE = kw.pop("_merge_share")
             return fastfp8.load_quantized(ckpt, device=dev, progress=False, **kw)
         return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))
 
@@ -426,6 +433,7 @@ def main(argv=None) -> int:
         "fastfp8_mmap_cold_gbps": best("cold", {"fastfp8_mmap"})[0],
         "fastfp8_host_warm_gbps": best("warm", {"fastfp8_host"})[0],
         "fastfp8_split_warm_gbps": best("warm", {"fastfp8_split"})[0],
+        "fastfp8_nomerge_warm_gbps": best("warm", {"fastfp8_nomerge"})[0],
         "fastfp8_mmap_host_warm_gbps": best("warm", {"fastfp8_mmap_host"})[0],
         "fastfp8_mmap_split_warm_gbps": best("warm", {"fastfp8_mmap_split"})[0],
         "fastfp8_ring256_warm_gbps": best("warm", {"fastfp8_ring256"})[0],

@@ -55,6 +55,29 @@ def test_chunked_reader_budget_smaller_than_tensors(ckpt):
         assert bytes(out[n]) == t.numpy().tobytes(), n
 
 
+def test_ready_chunks_merge_for_a_slow_consumer(ckpt):
+    """``merge_bytes``: chunks already read when a slow consumer asks come as one delivery
+    of up to ``merge_bytes`` (one tensor's, back to back in the buffer); same bytes."""
+    ckpt, tensors = ckpt
+    names = list(tensors)
+    items = [(n, [(0, ckpt.info(n).begin, ckpt.info(n).nbytes)]) for n in names]
+    out = {n: bytearray(ckpt.info(n).nbytes) for n in names}
+    sizes = []
+    with ChunkReader(ckpt, items, memory_budget=300_000, chunk_bytes=16_384, threads=2, piece_bytes=16_384,
+                     merge_bytes=65_536) as r:
+        while True:
+            time.sleep(0.005)  # slower than the threads
+            if (d := r.next()) is None:
+                break
+            item, off, buf, n = d
+            sizes.append(n)
+            out[names[item]][off:off + n] = r.view(buf, n).numpy().tobytes()
+            r.release(buf, n)
+    assert max(sizes) > 16_384 and max(sizes) <= 65_536, sizes
+    for n, t in tensors.items():
+        assert bytes(out[n]) == t.numpy().tobytes(), n
+
+
 def test_tensor_over_budget_names_it(ckpt):
     ckpt, _ = ckpt
     with pytest.raises(fastfp8.BudgetError, match=r"\"t1\" needs .* budget"):

@@ -244,7 +244,11 @@ class ChunkReader:
     Each delivery is ``(item, item_offset, buf_offset, nbytes)``; the bytes are ``self.buffer[buf_offset:
     buf_offset + nbytes]`` until ``release(buf_offset, nbytes)``, which must name exactly a
     delivered, unreleased chunk (else :class:`~fastfp8.errors.ReleaseError`, a
-    ``ValueError``, and nothing is freed). ``chunk_bytes=None`` delivers items whole. Close
+    ``ValueError``, and nothing is freed). ``chunk_bytes=None`` delivers items whole.
+    ``merge_bytes > 0``: consecutive chunks of one item that are already read when the first
+    is asked for, and lie back to back in the buffer, come as one delivery of up to that
+    many bytes (not for host-quantized items), so a consumer slower than the threads makes
+    fewer, larger copies; each delivery is still released whole. Close
     it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
     ``close`` joins them even while another thread is inside ``next()`` (which then raises
     :class:`~fastfp8.errors.CancelledError`).
@@ -261,6 +265,7 @@ class ChunkReader:
         method: str = "mmap",
         piece_bytes: int = 4 << 20,
         pin: bool | None = None,
+        merge_bytes: int = 0,
     ) -> None:
         budget = parse_bytes(memory_budget)
         if budget <= 0:
@@ -273,7 +278,7 @@ class ChunkReader:
             self._native = _native.Reader(
                 ckpt._native, items, self.buffer, self.buffer.data_ptr(), budget,
                 chunk_bytes=chunk_bytes, threads=threads, piece_bytes=piece_bytes,
-                method=method,
+                method=method, merge_bytes=merge_bytes,
             )
         except BaseException:
             POOL.release(self.buffer)

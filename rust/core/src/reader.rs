@@ -44,11 +44,17 @@ fn lower_priority() {
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
     pub threads: usize,
-    /// Largest chunk delivered; None delivers each item whole (it must fit the budget).
+    /// Largest chunk read into the buffer (and delivered, unless merged: `merge_bytes`);
+    /// None delivers each item whole (it must fit the budget).
     pub chunk_bytes: Option<u64>,
     /// Largest unit of work one thread copies at a time.
     pub piece_bytes: u64,
     pub method: ReadMethod,
+    /// Up to this many bytes of consecutive chunks of one item that are all read when the
+    /// first is asked for, and lie back to back in the buffer, are delivered as one (fewer,
+    /// larger deliveries for a consumer that is slower than the threads); 0: never. Never
+    /// for quantized items (each chunk holds its own e4m3 bytes and scales).
+    pub merge_bytes: u64,
 }
 
 impl Default for ReaderConfig {
@@ -58,6 +64,7 @@ impl Default for ReaderConfig {
             chunk_bytes: Some(64 << 20),
             piece_bytes: 4 << 20,
             method: ReadMethod::default(),
+            merge_bytes: 0,
         }
     }
 }
@@ -186,7 +193,8 @@ struct State {
     queue: VecDeque<Piece>,
     /// Delivered, unreleased chunks of nonzero length: buffer offset -> chunk. Live ring
     /// regions never overlap, so one offset names at most one of them.
-    held: HashMap<u64, usize>,
+    /// Delivered, unreleased: buffer offset -> the first and last chunk delivered there.
+    held: HashMap<u64, (usize, usize)>,
     error: Option<Error>,
     failed: bool,
     stopped: bool,
@@ -356,18 +364,19 @@ impl Reader {
             }
             let c = st.next_deliver;
             if st.next_alloc > c && st.remaining[c] == 0 {
-                st.next_deliver += 1;
                 let plan = sh.chunks[c];
-                if plan.len > 0 {
-                    let at = st.buf_at[c];
-                    st.held.insert(at, c);
+                let at = st.buf_at[c];
+                let (last, len, src_len) = sh.merged(&st, c);
+                st.next_deliver = last + 1;
+                if len > 0 {
+                    st.held.insert(at, (c, last));
                 }
                 return Ok(Next::Ready(Delivery {
                     item: plan.item,
                     item_offset: plan.item_offset,
-                    buf_offset: st.buf_at[c],
-                    len: plan.len,
-                    src_len: plan.src_len,
+                    buf_offset: at,
+                    len,
+                    src_len,
                 }));
             }
             sh.fill(&mut st);
@@ -417,28 +426,31 @@ impl Reader {
         }
         let sh = &self.shared;
         let mut st = sh.lock();
-        let Some(&c) = st.held.get(&buf_offset) else {
+        let Some(&(first, last)) = st.held.get(&buf_offset) else {
             return Err(Error::InvalidRelease {
                 buf_offset,
                 len,
                 why: "no delivered, unreleased chunk starts there".into(),
             });
         };
-        let plan = sh.chunks[c];
-        if plan.len != len {
+        let held: u64 = (first..=last).map(|c| sh.chunks[c].len).sum();
+        if held != len {
             return Err(Error::InvalidRelease {
                 buf_offset,
                 len,
                 why: format!(
-                    "the chunk delivered there (of tensor {:?}) is {} bytes long",
-                    sh.items[plan.item].name, plan.len
+                    "the chunk delivered there (of tensor {:?}) is {held} bytes long",
+                    sh.items[sh.chunks[first].item].name
                 ),
             });
         }
         st.held.remove(&buf_offset);
-        st.ring
-            .free(buf_offset, len)
-            .expect("a held chunk is a live ring region of its length");
+        for c in first..=last {
+            let at = st.buf_at[c];
+            st.ring
+                .free(at, sh.chunks[c].len)
+                .expect("a held chunk is a live ring region of its length");
+        }
         sh.fill(&mut st);
         drop(st);
         sh.cv.notify_all();
@@ -498,6 +510,32 @@ impl Shared {
     }
 
     /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
+    /// The chunks delivered as one starting at `c` (read, allocated): `c` and the read
+    /// chunks after it of the same item that continue it both in the item and in the
+    /// buffer, up to `merge_bytes` in all. Returns (last chunk, len, src_len).
+    fn merged(&self, st: &State, c: usize) -> (usize, u64, u64) {
+        let first = self.chunks[c];
+        let (mut last, mut len, mut src_len) = (c, first.len, first.src_len);
+        if self.cfg.merge_bytes == 0 || first.len == 0 || self.items[first.item].quant.is_some() {
+            return (last, len, src_len);
+        }
+        while last + 1 < st.next_alloc && st.remaining[last + 1] == 0 {
+            let next = self.chunks[last + 1];
+            if next.item != first.item
+                || next.len == 0
+                || next.item_offset != first.item_offset + src_len
+                || st.buf_at[last + 1] != st.buf_at[c] + len
+                || len + next.len > self.cfg.merge_bytes
+            {
+                break;
+            }
+            last += 1;
+            len += next.len;
+            src_len += next.src_len;
+        }
+        (last, len, src_len)
+    }
+
     fn fill(&self, st: &mut State) {
         while !st.stopped && st.next_alloc < self.chunks.len() {
             let c = st.next_alloc;

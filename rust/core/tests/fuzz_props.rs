@@ -1101,6 +1101,7 @@ proptest! {
         budget in prop_oneof![Just(0u64), 1u64..64, Just(4096u64)],
         chunk in prop_oneof![Just(None), (1u64..40).prop_map(Some), Just(Some(0u64))],
         threads in 0usize..3,
+        merge_bytes in prop_oneof![Just(0u64), 1u64..100],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.safetensors");
@@ -1126,7 +1127,7 @@ proptest! {
         // SAFETY: buf outlives the reader (dropped before it) and is only touched through
         // `base` meanwhile.
         let dest = unsafe { DestBuffer::new(base, budget) };
-        let cfg = ReaderConfig { threads, chunk_bytes: chunk, piece_bytes: 7, ..Default::default() };
+        let cfg = ReaderConfig { threads, chunk_bytes: chunk, piece_bytes: 7, merge_bytes, ..Default::default() };
         let Ok(reader) = Reader::start(Arc::clone(&ckpt), items.clone(), dest, cfg) else {
             return Ok(());
         };
@@ -1142,6 +1143,8 @@ proptest! {
                     let bytes = unsafe {
                         std::slice::from_raw_parts(base.add(d.buf_offset as usize), d.len as usize)
                     };
+                    // deliveries (merged or not) continue their item
+                    prop_assert_eq!(d.item_offset as usize, got[d.item].len());
                     got[d.item].extend_from_slice(bytes);
                     reader.release(d.buf_offset, d.len).unwrap();
                 }

@@ -81,7 +81,11 @@ fn reads_in_chunks_within_budget() {
     ];
     write_shard(&p, &tensors);
     let names: Vec<&str> = tensors.iter().map(|t| t.0).collect();
-    for method in [ReadMethod::Pread, ReadMethod::Mmap] {
+    for (method, merge_bytes) in [
+        (ReadMethod::Pread, 0),
+        (ReadMethod::Mmap, 0),
+        (ReadMethod::Pread, 3000),
+    ] {
         for (budget, chunk, piece, threads) in [
             (4096, 1000, 333, 3),
             (70_000, 65_537, 4096, 8),
@@ -93,6 +97,7 @@ fn reads_in_chunks_within_budget() {
                 chunk_bytes: Some(chunk),
                 piece_bytes: piece,
                 method,
+                merge_bytes,
             };
             let s = read_all(ckpt, &names, budget, cfg);
             assert!(s.peak_in_flight <= budget as u64);
@@ -101,6 +106,64 @@ fn reads_in_chunks_within_budget() {
                 tensors.iter().map(|t| t.1 as u64).sum::<u64>()
             );
         }
+    }
+}
+
+/// A consumer slower than the threads gets the chunks that are ready as one delivery:
+/// consecutive chunks of one item, back to back in the buffer, up to `merge_bytes`; never
+/// across items. A merged delivery is released whole, at its own length only.
+#[test]
+fn ready_chunks_are_merged_for_a_slow_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let tensors = [("a", 100_000), ("b", 50_000), ("c", 5)];
+    write_shard(&p, &tensors);
+    let ckpt = Arc::new(Checkpoint::open(dir.path()).unwrap());
+    let items: Vec<_> = tensors
+        .iter()
+        .map(|t| whole_tensor(&ckpt, t.0).unwrap())
+        .collect();
+    let budget = 64 << 10;
+    let mut buf = vec![0u8; budget];
+    // SAFETY: `buf` outlives `reader` (dropped before buf) and is only read between
+    // delivery and release.
+    let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), budget as u64) };
+    let cfg = ReaderConfig {
+        threads: 2,
+        chunk_bytes: Some(4096),
+        piece_bytes: 4096,
+        method: ReadMethod::Pread,
+        merge_bytes: 16384,
+    };
+    let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
+    let mut got: Vec<Vec<u8>> = tensors.iter().map(|_| Vec::new()).collect();
+    let (mut merged, mut checked_release) = (0, false);
+    loop {
+        // slow: the threads fill the ring before each next()
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let Some(d) = reader.next().unwrap() else {
+            break;
+        };
+        assert!(d.len <= 16384, "{d:?}");
+        assert_eq!(d.src_len, d.len);
+        assert_eq!(d.item_offset as usize, got[d.item].len());
+        let src = &buf[d.buf_offset as usize..(d.buf_offset + d.len) as usize];
+        got[d.item].extend_from_slice(src);
+        if d.len > 4096 {
+            merged += 1;
+            if !checked_release {
+                for wrong in [4096, d.len - 1, d.len + 1] {
+                    let e = reader.release(d.buf_offset, wrong).unwrap_err();
+                    assert_eq!(e.kind(), ErrorKind::Release, "{e}");
+                }
+                checked_release = true;
+            }
+        }
+        reader.release(d.buf_offset, d.len).unwrap();
+    }
+    assert!(merged > 0, "no delivery was merged");
+    for (i, (n, len)) in tensors.iter().enumerate() {
+        assert_eq!(got[i], pattern(n, *len), "tensor {n}");
     }
 }
 
@@ -201,6 +264,7 @@ fn truncated_after_open_is_a_read_error() {
             chunk_bytes: Some(1000),
             piece_bytes: 500,
             method,
+            merge_bytes: 0,
         };
         let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
         let err = loop {
@@ -322,6 +386,7 @@ fn strided_ranges_read_as_the_slice() {
                 chunk_bytes: Some(chunk.min(budget as u64 / 4)),
                 piece_bytes: piece,
                 method,
+                merge_bytes: 0,
             };
             let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
             let mut got = vec![0u8; want.len()];
@@ -386,6 +451,7 @@ fn read_throughput() {
                     chunk_bytes: Some(8 << 20),
                     piece_bytes,
                     method,
+                    merge_bytes: 0,
                 };
                 let t0 = std::time::Instant::now();
                 let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();

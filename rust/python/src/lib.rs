@@ -340,7 +340,7 @@ fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
 #[pymethods]
 impl PyReader {
     #[new]
-    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap"))]
+    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -353,6 +353,7 @@ impl PyReader {
         threads: Option<usize>,
         piece_bytes: u64,
         method: &str,
+        merge_bytes: u64,
     ) -> PyResult<Self> {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
@@ -363,6 +364,7 @@ impl PyReader {
             chunk_bytes,
             piece_bytes,
             method: method_from(method)?,
+            merge_bytes,
         };
         // SAFETY: the caller passes the address and size of memory owned by `buffer`, which
         // this object keeps alive until `close` has joined the threads; `reader` is declared
