@@ -191,9 +191,9 @@ struct State {
     buf_at: Vec<u64>,
     remaining: Vec<u32>,
     queue: VecDeque<Piece>,
-    /// Delivered, unreleased chunks of nonzero length: buffer offset -> chunk. Live ring
-    /// regions never overlap, so one offset names at most one of them.
-    /// Delivered, unreleased: buffer offset -> the first and last chunk delivered there.
+    /// Delivered, unreleased deliveries of nonzero length: buffer offset -> the first and
+    /// last chunk delivered there (more than one: merged). Live ring regions never overlap,
+    /// so one offset names at most one of them.
     held: HashMap<u64, (usize, usize)>,
     error: Option<Error>,
     failed: bool,
@@ -509,7 +509,6 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
     /// The chunks delivered as one starting at `c` (read, allocated): `c` and the read
     /// chunks after it of the same item that continue it both in the item and in the
     /// buffer, up to `merge_bytes` in all. Returns (last chunk, len, src_len).
@@ -536,6 +535,7 @@ impl Shared {
         (last, len, src_len)
     }
 
+    /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
     fn fill(&self, st: &mut State) {
         while !st.stopped && st.next_alloc < self.chunks.len() {
             let c = st.next_alloc;
