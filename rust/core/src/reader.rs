@@ -5,7 +5,9 @@
 //! is read and waiting, or is held by the consumer lives in it, so the bytes in flight never
 //! exceed its size, the memory budget. Items are split into chunks (at most `chunk_bytes`,
 //! or whole items) that are allocated and delivered in plan order; each chunk is split into
-//! pieces of at most `piece_bytes` that the threads copy in parallel. An error, `cancel`, or
+//! pieces of at most `piece_bytes` that the threads copy in parallel. With `merge_bytes`,
+//! consecutive chunks of one item that are already read when the consumer asks come as one
+//! delivery (released whole). An error, `cancel`, or
 //! dropping the reader stops the threads; drop joins them, after which no thread touches
 //! the buffer again.
 
