@@ -113,6 +113,28 @@ def test_gemm_fused_cuda(monkeypatch, cfg, m, n, k, bias):
         assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(m, device="cuda") != 1]).all()
 
 
+def test_every_fp8_kernel_checks_its_weight_operand_alike():
+    """One check (``common.fp8_weight``) for the W8A16 GEMV, the W8A8 GEMM and the fused GEMM:
+    a weight that is not fp8 ``[N, K]``, or a scale count other than ``N``, is a ValueError
+    that says so."""
+    from fastfp8.kernels import gemv as gv
+
+    x = torch.randn(4, 64, dtype=BF16)
+    q = torch.randn(4, 64).to(FP8)
+    w = torch.randn(32, 64).to(FP8)
+    calls = {
+        "gemv": lambda w, s: gv.fp8_gemv(x, w, s),
+        "gemm": lambda w, s: gm.fp8_gemm(q, torch.ones(4), w, s, config=("tile", 16, 32, 32, 1, 1, 4, 2)),
+        "fused": lambda w, s: fg.fp8_gemm_fused(x, w, s, config=("fused", 16, 32, 32, 1, 1, 4, 2)),
+    }
+    for name, call in calls.items():
+        for bad_w in (w.float(), w[:, :32], w.reshape(1, 32, 64)):
+            with pytest.raises(ValueError, match=r"float8_e4m3fn \[N, 64\]"):
+                call(bad_w, torch.ones(32))
+        with pytest.raises(ValueError, match="weight scale must hold 32 values"):
+            call(w, torch.ones(31))
+
+
 def test_fused_gemm_rejects_bad_inputs():
     x = torch.randn(4, 64, dtype=BF16)
     w = torch.randn(32, 64).to(FP8)
@@ -120,7 +142,7 @@ def test_fused_gemm_rejects_bad_inputs():
     cfg = ("fused", 16, 32, 32, 1, 1, 4, 2)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fg.fp8_gemm_fused(x, w.float(), ws, config=cfg)
-    with pytest.raises(ValueError, match="w_scale"):
+    with pytest.raises(ValueError, match="weight scale must hold 32 values"):
         fg.fp8_gemm_fused(x, w, ws[:3], config=cfg)
     with pytest.raises(ValueError, match="fused-GEMM config"):
         fg.fp8_gemm_fused(x, w, ws, config=("tile", *cfg[1:]))

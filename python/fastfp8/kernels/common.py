@@ -33,6 +33,21 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+def fp8_weight(w: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight operand of the FP8 kernels, checked: an fp8 ``w [N, k]`` with unit column
+    stride (copied otherwise) and its ``N`` per-channel scales as a flat contiguous tensor
+    (any float dtype: the caller converts where its kernel needs fp32)."""
+    if w.dtype != FP8 or w.dim() != 2 or w.shape[1] != k:
+        raise ValueError(f"the weight must be float8_e4m3fn [N, {k}], got {w.dtype} {tuple(w.shape)}")
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    s = scale.reshape(-1)
+    if s.numel() != w.shape[0]:
+        raise ValueError(f"the weight scale must hold {w.shape[0]} values (one per output channel), "
+                         f"got {s.numel()}")
+    return w, s.contiguous()
+
+
 def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``out`` against ``ref`` in dB, in float64: NaN
     when ``out`` has a non-finite element, infinite when it equals ``ref``. (Not in

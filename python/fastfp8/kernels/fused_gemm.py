@@ -145,9 +145,8 @@ def fp8_gemm_fused(
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
+    w, sb = common.fp8_weight(w, w_scale, k)
     n = w.shape[0]
-    if w.dtype != FP8 or w.shape[1] != k:
-        raise ValueError(f"w must be float8_e4m3fn [N, {k}], got {w.dtype} {tuple(w.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"fp8_gemm_fused takes bf16/fp16/fp32 activations, got {x.dtype}")
     kernel, bm, bn, bk, gm, split, nw, ns = config
@@ -155,12 +154,7 @@ def fp8_gemm_fused(
         raise ValueError(f"not a fused-GEMM config: {config}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if w.stride(1) != 1:
-        w = w.contiguous()
-    sb = w_scale.reshape(-1)
-    if sb.numel() != n:
-        raise ValueError(f"w_scale must hold {n} values, got {sb.numel()}")
-    sb = sb.float().contiguous()
+    sb = sb.float()
     out_dtype = out_dtype or x.dtype
     if m == 0 or n == 0 or k == 0:
         y = torch.zeros((m, n), dtype=out_dtype, device=x.device)

@@ -216,25 +216,18 @@ def fp8_gemm(
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = a_q.shape
+    if a_q.dtype != FP8:
+        raise ValueError(f"a_q [M, K] must be float8_e4m3fn, got {a_q.dtype} {tuple(a_q.shape)}")
+    w, sb = common.fp8_weight(w, w_scale, k)
     n = w.shape[0]
-    if a_q.dtype != FP8 or w.dtype != FP8 or w.shape[1] != k:
-        raise ValueError(f"a_q [M, K] and w [N, K] must be float8_e4m3fn, got {a_q.dtype} {tuple(a_q.shape)} "
-                         f"and {w.dtype} {tuple(w.shape)}")
     kernel, bm, bn, bk, gm, split, nw, ns = config
     if a_q.stride(1) != 1:
         a_q = a_q.contiguous()
-    if w.stride(1) != 1:
-        w = w.contiguous()
     sa = a_scale.reshape(-1)
-    sb = w_scale.reshape(-1)
-    if sa.dtype != torch.float32:
-        sa = sa.float()
-    if sb.dtype != torch.float32:
-        sb = sb.float()
-    if sa.numel() != m or sb.numel() != n:
-        raise ValueError(f"a_scale must hold {m} values and w_scale {n}, got {sa.numel()} and {sb.numel()}")
-    sa = sa.contiguous()
-    sb = sb.contiguous()
+    if sa.numel() != m:
+        raise ValueError(f"a_scale must hold {m} values (one per row), got {sa.numel()}")
+    sa = sa.float().contiguous()
+    sb = sb.float()
     if m == 0 or n == 0 or k == 0:
         y = torch.zeros((m, n), dtype=out_dtype, device=a_q.device)
         return y + bias.to(out_dtype) if bias is not None and m else y

@@ -34,7 +34,7 @@ import os
 import torch
 
 from . import common
-from .common import FP8, tl, triton
+from .common import tl, triton
 from .linear_table import GEMV_MAX_ROWS as MAX_ROWS
 
 __all__ = ["MAX_ROWS", "block_m", "config_of", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
@@ -226,22 +226,14 @@ def fp8_gemv(
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
+    weight, scale = common.fp8_weight(weight, scale, k)
     n = weight.shape[0]
-    if weight.dtype != FP8 or weight.shape[1] != k:
-        raise ValueError(f"weight must be float8_e4m3fn [N, {k}], got {weight.dtype} {tuple(weight.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"fp8_gemv takes bf16/fp16 activations, got {x.dtype}")
     if m > MAX_ROWS:
         raise ValueError(f"fp8_gemv serves at most {MAX_ROWS} rows, got {m}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    scale = scale.reshape(-1)
-    if scale.numel() != n:
-        raise ValueError(f"scale must hold {n} values, got {scale.numel()}")
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
     y = out if out is not None else common.empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y
