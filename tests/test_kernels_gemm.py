@@ -127,7 +127,7 @@ def test_every_fp8_kernel_checks_its_weight_operand_alike():
         "gemm": lambda w, s: gm.fp8_gemm(q, torch.ones(4), w, s, config=("tile", 16, 32, 32, 1, 1, 4, 2)),
         "fused": lambda w, s: fg.fp8_gemm_fused(x, w, s, config=("fused", 16, 32, 32, 1, 1, 4, 2)),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         for bad_w in (w.float(), w[:, :32], w.reshape(1, 32, 64)):
             with pytest.raises(ValueError, match=r"float8_e4m3fn \[N, 64\]"):
                 call(bad_w, torch.ones(32))
