@@ -100,7 +100,7 @@ def worker(args) -> dict:
     """One loader, one condition, ``repeat`` runs, in this process."""
     import gc
 
-    import fastfp8
+    import fastfp8.engine  # binds `fastfp8` too; MERGE_SHARE is set per variant
     import peers
     import torch
     from fastfp8.layouts import layout_for
@@ -131,8 +131,6 @@ def worker(args) -> dict:
         if args.loader.startswith("fastfp8"):
             kw = {"memory_budget": args.budget, "threads": args.threads, **fastfp8_options(args.loader)}
             if "_merge_share" in kw:
-                import fastfp8.engine
-
                 fastfp8.engine.MERGE_SHARE = kw.pop("_merge_share")
             return fastfp8.load_quantized(ckpt, device=dev, progress=False, **kw)
         return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))

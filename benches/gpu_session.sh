@@ -3,7 +3,7 @@
 #
 #   bash benches/gpu_session.sh STAGE [STAGE ...]
 #
-#   tests    every `cuda` test (pytest -m cuda), log and JUnit XML        ~5 min on an H200
+#   tests    every `cuda` test (pytest -m cuda), log and JUnit XML        ~7 min on an H200
 #   tune     the linear sweep, the selection table written from it and
 #            checked at every entry (tests/test_linear_table.py)         ~4-5 min
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 for s in "$@"; do
     case $s in
     tests)
-        stage cuda_tests 420 python3 -m pytest -q -m cuda -p no:cacheprovider \
+        stage cuda_tests 540 python3 -m pytest -q -m cuda -p no:cacheprovider \
             --junitxml="$OUT/cuda_tests.xml" tests ;;
     tune)
         stage tune_linear 330 python3 benches/tune_linear.py --out "$OUT/tune_linear.json" --budget-s 240
