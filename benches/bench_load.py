@@ -16,7 +16,9 @@ and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``)
 same run measures the ceilings: pinned host-to-device copies
 (``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
 queue depths (``disk_direct_gbps``: the best; cold runs are compared with it), and one
-core's host quantization rate (``host_quant_core_gbps``).
+core's host quantization rate (``host_quant_core_gbps``), and, after the warm loads, what
+fastfp8's reader threads alone deliver with the load's own plan, pread or mmap, with and
+without host quantization (``readers_only_gbps``: :func:`readers_gbps`).
 
     python benches/bench_load.py CKPT_DIR --out benches/results/load_h100.json
 
@@ -282,6 +284,55 @@ def disk_direct(paths: list[str], depth: int, limit: int, block: int = 4 << 20) 
     return done[0] / (time.perf_counter() - t0) / 1e9
 
 
+#: readers-alone ceilings: name -> LoadOptions fields (plus the run's budget and threads)
+READER_CEILINGS = {"pread": {"method": "pread"}, "pread_host": {"method": "pread", "quantize_on": "host"},
+                   "mmap_host": {"method": "mmap", "quantize_on": "host"}}
+
+
+def readers_gbps(ckpt_dir: str, repeat: int = 3, **fields) -> float:
+    """What fastfp8's reader threads alone deliver: the load's own plan and reader (the same
+    items, ring, threads and host quantization as ``load_quantized`` with ``fields``), every
+    delivery released as soon as it comes, no copy and no kernel. Warm page cache; GB/s of
+    checkpoint bytes, median of ``repeat``. Set beside the loads, it says whether the readers
+    or the consumer and the bus set a load's pace."""
+    import fastfp8
+    import torch
+    from fastfp8 import engine
+    from fastfp8.options import LoadOptions
+    from fastfp8.plan import make_plan
+    from fastfp8.quant import resolve_rounding
+
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    ckpt = fastfp8.open_checkpoint(ckpt_dir)
+    options = LoadOptions.make(**fields)
+    options = options.replace(method=engine.resolve_method(ckpt, options))
+    plan = make_plan(ckpt, options)
+    rounding = resolve_rounding(options.rounding, dev)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        reader, _, _ = engine.open_reader(ckpt, plan, options, dev, rounding)
+        try:
+            while (d := reader.next()) is not None:
+                if d[3]:
+                    reader.release(d[2], d[3])
+        finally:
+            reader.close()
+        times.append(time.perf_counter() - t)
+    return plan.nbytes / statistics.median(times) / 1e9
+
+
+def readers_ceilings(ckpt_dir: str, budget: str | None, threads: list[int | None]) -> dict[str, float]:
+    """:func:`readers_gbps` of every :data:`READER_CEILINGS` entry at each thread count
+    (None: the default), keyed ``name`` or ``name_t<threads>``."""
+    out = {}
+    for n in threads:
+        for name, fields in READER_CEILINGS.items():
+            key = name if n is None else f"{name}_t{n}"
+            out[key] = readers_gbps(ckpt_dir, memory_budget=budget, threads=n, **fields)
+    return out
+
+
 def host_quant_core_gbps(nbytes: int = 8 << 20, cols: int = 4096) -> float:
     """One core's host quantization rate, in bf16 bytes per second (best of 10 calls on
     ``nbytes``, which stay in the cache as the reader's per-thread pieces do)."""
@@ -316,6 +367,9 @@ def markdown(doc: dict) -> str:
     ceilings = [("pinned host -> device copy", doc.get("h2d_pinned_gbps")),
                 ("disk, O_DIRECT, best queue depth", doc.get("disk_direct_gbps")),
                 ("host quantization, one core (bf16 in)", doc.get("host_quant_core_gbps"))]
+    readers = doc.get("readers_only_gbps") or {}
+    ceilings += [(f"fastfp8's readers alone, {k} (no device work)", v) for k, v in readers.items()
+                 if isinstance(v, float)]
     lines += ["", "| ceiling | GB/s |", "| --- | ---: |"]
     lines += [f"| {name} | {v:.2f} |" for name, v in ceilings if v]
     return "\n".join(lines) + "\n"
@@ -362,6 +416,8 @@ def main(argv=None) -> int:
                     "quantization) warm at these thread counts")
     ap.add_argument("--disk-depths", default="8,32,64", help="queue depths of the direct disk read")
     ap.add_argument("--disk-bytes", default="4GiB", help="bytes of the checkpoint read per disk depth")
+    ap.add_argument("--no-readers-ceiling", action="store_true",
+                    help="skip the readers-alone ceilings (readers_only_gbps) after the warm loads")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loader", help=argparse.SUPPRESS)
     ap.add_argument("--cond", help=argparse.SUPPRESS)
@@ -404,6 +460,13 @@ def main(argv=None) -> int:
             print(f"{loader:26s} {cond:5s} " + (f"{s['seconds']:7.2f} s {s['gbps']:6.2f} GB/s  peak GPU "
                   f"{s['peak_gpu_bytes'] / 2**30:6.2f} GiB  RSS +{s['host_rss_growth_bytes'] / 2**30:5.2f} GiB"
                   if s else "FAILED " + res.get("error", "")[-400:]), flush=True)
+        if cond == "warm" and not args.no_readers_ceiling:  # the page cache is still warm
+            sweep = [int(n) for n in args.sweep_threads.split(",") if n]
+            try:
+                doc["readers_only_gbps"] = readers_ceilings(args.ckpt, args.budget, [args.threads, *sweep])
+            except Exception as e:  # a ceiling that fails must not cost the run
+                doc["readers_only_gbps"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"readers alone (no device work): {doc['readers_only_gbps']}", flush=True)
 
     def best(cond, names):
         vals = [(r["summary"]["gbps"], r["loader"]) for r in doc["rows"]

@@ -375,3 +375,55 @@ def test_row_parallel_world_of_one_on_the_host(tmp_path, device, quantize_on, mo
         assert stats.host_quantized == stats.quantized == 14
     else:
         assert 0 < stats.host_quantized < stats.quantized
+
+
+@pytest.mark.parametrize("quantize_on", ["device", "host", "split"])
+@pytest.mark.parametrize("method", ["pread", "mmap"])
+def test_the_engines_reader_alone_delivers_the_whole_plan(tmp_path, quantize_on, method):
+    """engine.open_reader (what benches/bench_load.py drains for its readers-alone ceiling):
+    every item comes whole and in order, host-quantized items as whole rows' e4m3 bytes plus
+    their scales (their offsets count the source bytes)."""
+    import sys
+    from pathlib import Path
+
+    from fastfp8 import engine
+
+    llama(tmp_path / "m")
+    ckpt = open_checkpoint(tmp_path / "m")
+    opts = fastfp8.LoadOptions.make(quantize_on=quantize_on, method=method, memory_budget="64KiB",
+                                    chunk_bytes="8KiB")
+    plan = make_plan(ckpt, opts)
+    reader, specs, amax = engine.open_reader(ckpt, plan, opts, torch.device("cpu"), "fp32")
+    got = [0] * len(plan.jobs)  # source bytes delivered, per item
+    out = [0] * len(plan.jobs)  # bytes delivered, per item
+    try:
+        while (d := reader.next()) is not None:
+            item, ioff, boff, n = d
+            assert ioff == got[item]
+            job, spec = plan.jobs[item], specs[item]
+            cols = job.shape[-1]
+            if spec is not None:
+                assert n % (cols + 2) == 0  # whole rows: e4m3 bytes, then a bf16 scale each
+                got[item] += n // (cols + 2) * cols * job.dtype.itemsize
+            else:
+                got[item] += n
+            out[item] += n
+            if n:
+                reader.release(boff, n)
+        bytes_read = reader.stats()["bytes_read"]
+    finally:
+        reader.close()
+    assert amax == {}
+    assert (sum(s is not None for s in specs) > 0) == (quantize_on != "device")
+    for job, spec, src, n in zip(plan.jobs, specs, got, out, strict=True):
+        rows = job.nbytes // (job.shape[-1] * job.dtype.itemsize)
+        assert src == job.nbytes, job.target.source.name
+        assert n == (rows * (job.shape[-1] + 2) if spec else job.nbytes), job.target.source.name
+    assert bytes_read == plan.nbytes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+    try:
+        import bench_load
+    finally:
+        sys.path.pop(0)
+    assert bench_load.readers_gbps(str(tmp_path / "m"), repeat=1, quantize_on=quantize_on, method=method) > 0

@@ -85,7 +85,10 @@ def test_models_against_compressed_tensors(tmp_path, arch, device):
     assert st.bytes_read == sum(t.numel() * t.element_size() for t in src.values())
     assert 0 < st.peak_in_flight <= 256 << 10
     if device == "cuda":  # where the consumer thread's time went
-        assert {"read_wait", "copy_wait", "issue", "job_end", "caller", "drain"} <= set(st.phases)
+        assert {"read_wait", "copy_wait", "issue", "job_end", "launch", "alloc", "release", "caller",
+                "drain"} <= set(st.phases)
+        assert st.phases["launch"] <= st.phases["job_end"] and st.phases["alloc"] <= st.phases["issue"]
+        assert st.phases["copy_wait"] <= st.phases["release"]
         assert all(v >= 0 for v in st.phases.values()), st.phases
 
 

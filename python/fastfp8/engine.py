@@ -79,7 +79,10 @@ class LoadStats:
     #: seconds spent in each phase: "setup" (open, plan, allocate), "read_wait" (waiting
     #: for the reader), "copy_wait" (waiting for host-to-device copies to free slots),
     #: on CUDA the consumer thread's own work: "issue" (each chunk: outputs allocated, its
-    #: copy queued), "job_end" (each job's end: the quantization launched, events),
+    #: copy queued), "job_end" (each job's end: the quantization launched, events), of it
+    #: "launch" (the quantization call alone: Triton's launch), "alloc" (of "issue": the
+    #: outputs' allocation at each job's first chunk), "release" (finished copies' chunks
+    #: handed back to the reader, "copy_wait" included),
     #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
     #: the finiteness check)
     phases: dict[str, float] = field(default_factory=dict)
@@ -188,6 +191,24 @@ def reader_threads(options: LoadOptions) -> int | None:
     return options.threads
 
 
+def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device,
+                rounding: str) -> tuple[ChunkReader, list, dict[int, torch.Tensor]]:
+    """The reader of ``plan`` for ``device`` (``options.method`` resolved): which jobs the
+    reader threads quantize (``specs``, one per job, None for the device's), the all-reduced
+    row maxima of row-parallel ones (``amax``, by job index), and the :class:`ChunkReader`
+    over every item, the caller's to close. :func:`run` consumes it; ``benches/bench_load.py``
+    drains one without a device to measure what the readers alone deliver."""
+    specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=plan.tp.size if plan.tp else 1)
+    amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
+    items = [reader_item(name, segs, job, sp, amax.get(i))
+             for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
+    reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
+                         threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
+                         pin=device.type == "cuda",
+                         merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0)
+    return reader, specs, amax
+
+
 def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device, sink, stats: LoadStats,
         *, desc: str = "fastfp8") -> Iterator[tuple[Job, list[torch.Tensor]]]:
     """Runs ``plan`` on ``device`` into ``sink``; yields ``(job, tensors)`` per finished job.
@@ -201,17 +222,10 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)
-    specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=plan.tp.size if plan.tp else 1)
-    stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
-    amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
-    items = [reader_item(name, segs, job, sp, amax.get(i))
-             for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
     bar = progress_bar(plan.nbytes, options.progress, desc)
+    reader, specs, amax = open_reader(ckpt, plan, options, device, rounding)
+    stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
     stats.method = options.method
-    reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
-                         threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
-                         pin=device.type == "cuda",
-                         merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0)
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
     flags: list[tuple[Job, torch.Tensor]] = []
     try:
@@ -289,7 +303,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
     clock = time.perf_counter
     # the consumer's own time (this thread), by part: issuing each chunk's copy, the work
     # at each job's end (quantization launch, events), and the caller's time between jobs
-    copy_wait = read_wait = issue = job_end = caller_time = 0.0
+    copy_wait = read_wait = issue = job_end = caller_time = launch = alloc = release = 0.0
     update = None if getattr(bar, "disable", False) else bar.update
     with torch.cuda.device(dev):
         # The copy stream is the current stream inside the loop (a stream switch per chunk
@@ -299,6 +313,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         torch.cuda.set_stream(copy_stream)
         try:
             while True:
+                t_release = clock()
                 while pending and (held > limit or pending[0][0].query()):
                     ev, off, n = pending.popleft()
                     t = clock()
@@ -308,6 +323,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     held -= n
                     spare.append(ev)
                 t = clock()
+                release += t - t_release
                 d = reader.next()
                 read_wait += clock() - t
                 if d is None:
@@ -321,6 +337,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     _fault("allocate", job)
                     outs = sink.outputs(job)
                     torch.cuda.set_stream(copy_stream)
+                    alloc += clock() - t_chunk
                     if spec is not None:
                         dst = None
                     elif job.quantized:
@@ -356,8 +373,10 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     compute_stream.wait_stream(copy_stream)
                     torch.cuda.set_stream(compute_stream)
                     try:
+                        t_launch = clock()
                         _quantize(job, staging[slot] if staging else torch.empty(0, dtype=torch.uint8, device=dev),
                                   outs, rounding, plan)
+                        launch += clock() - t_launch
                         flags.append((job, (~torch.isfinite(outs[1])).any()))
                     finally:
                         torch.cuda.set_stream(copy_stream)
@@ -383,8 +402,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         caller.wait_stream(copy_stream)
         caller.wait_stream(compute_stream)
         torch.cuda.synchronize(dev)
-        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, job_end=job_end,
-                            caller=caller_time, drain=clock() - t)
+        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, alloc=alloc, job_end=job_end,
+                            launch=launch, release=release, caller=caller_time, drain=clock() - t)
     while pending:
         _, off, n = pending.popleft()
         reader.release(off, n)
