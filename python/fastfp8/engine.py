@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import host
 from .checkpoint import Checkpoint, ChunkReader
 from .errors import NonFiniteWeightError
 from .host_quant import bytes_view, chunk_pieces, empty_slice_scales, host_quant_specs, reader_item, reduced_row_amax
@@ -199,13 +200,16 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
     over every item, the caller's to close. :func:`run` consumes it; ``benches/bench_load.py``
     drains one without a device to measure what the readers alone deliver."""
     specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=plan.tp.size if plan.tp else 1)
-    amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
-    items = [reader_item(name, segs, job, sp, amax.get(i))
-             for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
-    reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
-                         threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
-                         pin=device.type == "cuda",
-                         merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0)
+    # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
+    # count follows it) and the pinned ring (first touched here)
+    with host.on_cpus(host.reader_cpus(device)):
+        amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
+        items = [reader_item(name, segs, job, sp, amax.get(i))
+                 for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
+        reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
+                             threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
+                             pin=device.type == "cuda",
+                             merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0)
     return reader, specs, amax
 
 

@@ -1,15 +1,25 @@
-"""What the host machine is: its last-level cache and cores, for the loader's defaults.
+"""What the host machine is: its last-level cache, cores and NUMA nodes, for the loader's
+defaults.
 
 A staging ring that fits in the last-level cache lets the GPU's DMA read the bytes the reader
 threads just wrote from the cache instead of DRAM: on a 16-core H200 machine (300 MiB L3) a
 128 MiB ring with 8 MiB chunks loaded at 43 - 45 GB/s where a 2 GiB ring gave 33 - 38
 (``../shared/FACTS.md``). The defaults therefore follow the cache, not a fixed size.
+
+On a host of several NUMA nodes (a two-socket server of eight GPUs), a GPU's DMA reads
+host memory fastest from its own node. So a CUDA load starts its reader threads, and
+allocates its staging ring, on the CPUs of the GPU's node (:func:`reader_cpus`,
+:func:`on_cpus`), among those the process may use; the threads' default count follows
+those CPUs. Where the process is already confined to one node (``numactl``, a container),
+or the host has one node, nothing changes. ``FASTFP8_NUMA=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 MiB = 1 << 20
@@ -59,3 +69,77 @@ def default_staging(llc: int | None) -> tuple[int, int]:
         budget = 256 * MiB
     chunk = min(max(budget // 16, 1 * MiB), 64 * MiB)
     return budget, chunk
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """The CPUs of a sysfs cpulist (``"0-15,32-47"``); ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        a, b = int(lo), int(hi or lo)
+        if a < 0 or b < a:
+            raise ValueError(f"bad cpulist range {part!r}")
+        cpus.update(range(a, b + 1))
+    return cpus
+
+
+def node_cpus(node: int, node_dir: str = "/sys/devices/system/node") -> set[int] | None:
+    """The CPUs of NUMA node ``node``, from sysfs; None where sysfs does not say."""
+    try:
+        return parse_cpulist(Path(node_dir, f"node{node}", "cpulist").read_text()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def gpu_numa_node(device, pci_dir: str = "/sys/bus/pci/devices") -> int | None:
+    """The NUMA node of CUDA ``device``'s PCI function, from sysfs; None where unknown
+    (no such attribute, a host of one node: ``-1``)."""
+    import torch
+
+    try:
+        props = torch.cuda.get_device_properties(device)
+        bdf = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        node = int(Path(pci_dir, bdf, "numa_node").read_text())
+    except (AttributeError, OSError, RuntimeError, ValueError, AssertionError):
+        return None
+    return node if node >= 0 else None
+
+
+def reader_cpus(device) -> set[int] | None:
+    """The CPUs a load onto ``device`` should read on: those of the GPU's NUMA node that
+    this process may use; None (leave the threads where they are) for a non-CUDA device,
+    an unknown node, a process already inside the node, or ``FASTFP8_NUMA=0``."""
+    if getattr(device, "type", None) != "cuda" or os.environ.get("FASTFP8_NUMA", "").strip() in ("0", "off"):
+        return None
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    node = gpu_numa_node(device)
+    cpus = node_cpus(node) if node is not None else None
+    if not cpus:
+        return None
+    cpus &= allowed
+    return cpus if cpus and cpus != allowed else None
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """Runs the block with the calling thread confined to ``cpus`` (None: unchanged), then
+    restores its CPUs. Threads started inside (the reader's) keep ``cpus``, and memory the
+    block first touches (the pinned staging ring) comes from their node. A mask the
+    kernel refuses leaves the thread as it was."""
+    before = None
+    if cpus:
+        try:
+            before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, cpus)
+        except (AttributeError, OSError):
+            before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
