@@ -1,4 +1,5 @@
-"""Diagnostics for the load pipeline on a GPU machine: the host-to-device ceiling, then
+"""Diagnostics for the load pipeline on a GPU machine: the host-to-device ceiling, the CPU
+cost of each step of the engine's consumer thread (:func:`consumer_costs`), then
 ``load_quantized`` under several settings with its phase breakdown. Prints a table and
 writes JSON (``--out``). Not a benchmark against peers: see bench_load.py for that."""
 
@@ -29,6 +30,61 @@ def h2d_ceiling(total=4 << 30, chunk=64 << 20) -> float:
     return best
 
 
+def consumer_costs(chunk: int = 8 << 20, ring: int = 128 << 20, n: int = 512, calls: int = 200) -> dict:
+    """CPU microseconds per call of what the engine's consumer thread does for each chunk and
+    each job (``engine._run_cuda``), alone on this machine: a chunk's copy queued (a slice
+    of a pinned ring to the device, ``non_blocking``), with and without its event recorded;
+    an event created; a 4096 x 4096 bf16 weight's outputs allocated, its quantization
+    launched, and its scales' non-finite flag. The copies' own rate comes with them."""
+    from fastfp8.quant import quantize_channelwise
+
+    out: dict[str, float] = {}
+    src = torch.empty(ring, dtype=torch.uint8, pin_memory=True)
+    src.random_()
+    dst = torch.empty(ring, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    slots = ring // chunk
+    events = [torch.cuda.Event() for _ in range(slots)]
+
+    def copies(with_event: bool) -> tuple[float, float]:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(n):
+            j = i % slots
+            dst[j * chunk:(j + 1) * chunk].copy_(src[j * chunk:(j + 1) * chunk], non_blocking=True)
+            if with_event:
+                events[j].record(stream)
+        issued = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return issued / n * 1e6, n * chunk / (time.perf_counter() - t) / 1e9
+
+    with torch.cuda.stream(stream):
+        copies(True)  # warm
+        out["copy_issue_us"], out["copy_gbps"] = copies(False)
+        out["copy_and_event_issue_us"], _ = copies(True)
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        us = (time.perf_counter() - t) / calls * 1e6
+        torch.cuda.synchronize()
+        return us
+
+    w = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="cuda")
+    s = torch.empty(4096, 1, dtype=torch.bfloat16, device="cuda")
+    out["event_create_us"] = per_call(torch.cuda.Event)
+    out["outputs_alloc_us"] = per_call(lambda: (torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="cuda"),
+                                                torch.empty(4096, 1, dtype=torch.bfloat16, device="cuda")))
+    out["quant_launch_us"] = per_call(lambda: quantize_channelwise(w, out=q, scale_out=s, check_finite=False,
+                                                                   rounding="fp32"))
+    out["non_finite_flag_us"] = per_call(lambda: (~torch.isfinite(s)).any())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
@@ -39,6 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = [{"variant": "h2d pinned 64MiB chunks", "gbps": h2d_ceiling()}]
     print(f"h2d ceiling {rows[0]['gbps']:.1f} GB/s", flush=True)
+    costs = consumer_costs()
+    print("consumer costs: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
     ckpt = fastfp8.open_checkpoint(args.ckpt)
     base = dict(device="cuda", progress=False)
     variants = {
@@ -85,7 +143,8 @@ def main() -> None:
         ph = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in phases[i].items())
         print(f"{name:24s} {times[i]:.3f} s {row['gbps']:6.2f} GB/s  {ph}", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "checkpoint_bytes": ckpt.nbytes, "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(0), "checkpoint_bytes": ckpt.nbytes, "consumer_costs": costs,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
