@@ -3,7 +3,8 @@
 #
 #   bash benches/gpu_session.sh STAGE [STAGE ...]
 #
-#   tests    every `cuda` test (pytest -m cuda), log and JUnit XML        ~7 min on an H200
+#   tests    every `cuda` test (pytest -m cuda, 6 workers when pytest-xdist
+#            is carried; failures rerun alone), log and JUnit XML       ~2-7 min on an H200
 #   tune     the linear sweep, the selection table written from it and
 #            checked at every entry (tests/test_linear_table.py)         ~4-5 min
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
@@ -40,8 +41,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 for s in "$@"; do
     case $s in
     tests)
-        stage cuda_tests 540 python3 -m pytest -q -m cuda -p no:cacheprovider \
-            --junitxml="$OUT/cuda_tests.xml" tests ;;
+        # in parallel (pytest-xdist, carried in .whl: compiling the kernels is most of the
+        # time and takes the CPU), then whatever failed again alone, one test at a time: a
+        # test that fails only beside others is reported as such, not hidden
+        workers=()
+        python3 -c "import xdist" 2>/dev/null && workers=(-n "${FASTFP8_TEST_WORKERS:-6}")
+        stage cuda_tests 540 python3 -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" \
+            --junitxml="$OUT/cuda_tests.xml" tests
+        if [ "${failed[*]: -1}" = cuda_tests ] && [ ${#workers[@]} -gt 0 ] && [ -f "$OUT/cuda_tests.xml" ]; then
+            stage cuda_tests_rerun 300 python3 benches/rerun_failed.py "$OUT/cuda_tests.xml" \
+                --junitxml "$OUT/cuda_tests_rerun.xml" &&
+                [ "${failed[*]: -1}" != cuda_tests_rerun ] && unset 'failed[-1]' &&
+                echo "=== cuda_tests: the tests that failed in parallel pass alone (cuda_tests_rerun.log)"
+        fi ;;
     tune)
         stage tune_linear 330 python3 benches/tune_linear.py --out "$OUT/tune_linear.json" --budget-s 240
         stage tune_linear 30 python3 benches/tune_linear.py --table "$OUT/tune_linear.json" --table-out "$TABLE"
