@@ -72,6 +72,12 @@ FUSED_LARGE = [("fused", 128, 128, 128, 8, 1, 8, 3), ("fused", 128, 256, 64, 8, 
 #: rows of a fused candidate checked against its emulation (rows are independent; the
 #: emulation holds a [rows, K / BLOCK_K, N] product)
 FUSED_CHECK_ROWS = 256
+# W8A16 tiles (kernels/gemm.py "w16"): the tile kernel on the bf16 activations, no activation
+# quantization kernel; for the mid-M shapes where that kernel's cost is what FP8 loses by
+W16_SMALL = [("w16", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("w16", 32, 64, 128, 8, 1, 4, 4)]
+W16_MID = [("w16", bm, bn, 64, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
+W16_LARGE = [("w16", 128, 64, 64, 8, 1, 4, 4), ("w16", 128, 128, 64, 8, 1, 8, 3), ("w16", 64, 128, 128, 8, 1, 4, 3)]
+W16 = W16_SMALL + W16_MID + W16_LARGE
 TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4),
        ("tma", 64, 128, 128, 8, 1, 4, 4)]
 
@@ -89,8 +95,12 @@ def candidates(m: int) -> list:
         out += [("gemv", *c) for c in GEMV_M128 + GEMV_SPLIT_DOT]
     if m <= 32:
         out += TILE_SMALL + FUSED_SMALL
+    if 1 < m <= 32:
+        out += W16_SMALL
     if 16 < m <= 512:
-        out += TILE_MID
+        out += TILE_MID + W16_MID
+    if 128 <= m <= 2048:
+        out += W16_LARGE
     if 16 < m <= 1024:
         out += FUSED_MID
     if m >= 128:
@@ -128,6 +138,10 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
 
                 def f(i, cfg=cfg):
                     return gv.fp8_gemv(xs[i], ws[i], sws[i], config=cfg)
+                ref = emu16
+            elif cand[0] == "w16":
+                def f(i, cand=cand):
+                    return gm.w16_gemm(xs[i], ws[i], sws[i], config=cand)
                 ref = emu16
             elif cand[0] == "fused":
                 def f(i, cand=cand):

@@ -34,6 +34,21 @@ def check(m, n, k, cfg, *, bias, device, seed=0):
     assert common.sqnr(y, ref) > 45, (m, n, k, cfg, common.sqnr(y, ref))
 
 
+def test_w16_rejects_bad_inputs():
+    _, _, w, ws, _ = gemm_case(4, 32, 64, bias=False, device="cpu")
+    x = torch.randn(4, 64, dtype=BF16)
+    cfg = ("w16", 16, 32, 32, 1, 1, 4, 2)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        gm.w16_gemm(x.float(), w, ws, config=cfg)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        gm.w16_gemm(x.to(FP8), w, ws, config=cfg)
+    with pytest.raises(ValueError, match="'w16'"):
+        gm.w16_gemm(x, w, ws, config=("tile", *cfg[1:]))
+    with pytest.raises(ValueError):
+        gm.w16_gemm(x[:, :32], w, ws, config=cfg)  # K differs from the weight's
+    assert gm.w16_gemm(x[:0], w, ws, config=cfg).shape == (0, 32)
+
+
 def test_reference_matches_dequantized_matmul():
     q, s, w, ws, b = gemm_case(7, 48, 64, bias=True, device="cpu")
     ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
@@ -70,6 +85,48 @@ ODD = [(1, 4096, 4096), (17, 1000, 4096), (300, 4096, 1040), (1024, 6144, 4096),
 def test_gemm_tile_cuda(monkeypatch, cfg, m, n, k, bias):
     monkeypatch.setattr(common, "POISON", True)
     check(m, n, k, cfg, bias=bias, device="cuda", seed=m + n)
+
+
+W16_CONFIGS = [("w16", 16, 64, 128, 8, 1, 4, 4), ("w16", 16, 64, 128, 8, 4, 4, 4), ("w16", 64, 128, 64, 8, 2, 4, 4),
+               ("w16", 128, 128, 64, 8, 1, 8, 3)]
+
+
+@cuda
+@needs_fp8
+@pytest.mark.parametrize("cfg", W16_CONFIGS)
+@pytest.mark.parametrize(("m", "n", "k"), ODD)
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_gemm_w16_cuda(monkeypatch, cfg, m, n, k, dtype):
+    """The W8A16 tiled GEMM against the fp32 product of the activations and the dequantized
+    weight, outputs poisoned; bias with bf16, none with fp16."""
+    from fastfp8.kernels import gemv as gv
+
+    monkeypatch.setattr(common, "POISON", True)
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
+    w = (torch.randn(n, k, generator=g, device="cuda") * 64).clamp(-448, 448).to(FP8)
+    ws = torch.rand(n, generator=g, device="cuda") / 64 + 1e-3
+    b = torch.randn(n, generator=g, device="cuda").to(dtype) if dtype == BF16 else None
+    y = gm.w16_gemm(x, w, ws, b, config=cfg)
+    ref = gv.fp8_gemv_reference(x.float(), w, ws.reshape(-1, 1), b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.isfinite(y).all(), (m, n, k, cfg)
+    assert common.sqnr(y, ref) > 40, (m, n, k, cfg, common.sqnr(y, ref))
+
+
+def test_w16_tune_candidates_compile_for_sm90_and_fit():
+    """Every W8A16 tile that benches/tune_linear.py tries compiles for Hopper and fits."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+    try:
+        import tune_linear
+    finally:
+        sys.path.pop(0)
+    for cfg in tune_linear.W16:
+        smem = _shared_bytes_sm90(lambda cfg=cfg: _compile_sm90(cfg, bias=True))
+        assert smem <= SM90_SHARED, (cfg, smem)
 
 
 @cuda
@@ -177,14 +234,15 @@ def _compile_sm90(cfg, bias):
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)}
         fn = fg._fused_gemm_kernel
-    elif kind == "tile":
-        sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
+    elif kind in ("tile", "w16"):  # w16: the tile kernel on bf16 activations
+        sig = {"a_ptr": "*bf16" if kind == "w16" else "*fp8e4nv", "b_ptr": "*fp8e4nv",
+               "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
                "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
                "s_bn": "i32", "s_cm": "i32",
-               **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+               **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "A16", "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                 "GROUP_M"), "constexpr")}
-        consts = {"HAS_BIAS": bias, "SPLIT_K": sk, "EVEN_K": True, "EMULATE": False, "BLOCK_M": bm, "BLOCK_N": bn,
-                  "BLOCK_K": bk, "GROUP_M": g}
+        consts = {"HAS_BIAS": bias, "SPLIT_K": sk, "EVEN_K": True, "EMULATE": False, "A16": kind == "w16",
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)}
         fn = gm._fp8_gemm_tile_kernel
     else:
@@ -205,10 +263,11 @@ def _table_gemm_configs():
 
     t = lt.load()
     cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows
-            if r[1] in ("fused", "tile", "tma")}
+            if r[1] in ("fused", "tile", "tma", "w16")}
     for m in (1, 32, 200):
         cfgs.add(gm.default_config(m, 4096, 4096, "tile"))
         cfgs.add(gm.default_config(m, 4096, 4096, "tma"))
+        cfgs.add(gm.default_config(m, 4096, 4096, "w16"))
         cfgs.add(fg.default_config(m, 4096, 4096))
     return sorted(cfgs)
 

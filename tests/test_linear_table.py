@@ -66,6 +66,27 @@ def test_select_rows_and_capability(table_file):
     assert lt.select(17, 64, 32, (10, 0)) == ("scaled_mm", None)
 
 
+def test_a_w16_row_takes_bf16_and_fp16_activations_only(table_file, monkeypatch):
+    """The selection logic of ops.linear_choice (run on the CPU as if on an sm90 GPU): a
+    "w16" row serves bf16/fp16 activations with its tile (or the default one); fp32 ones
+    take _scaled_mm; forcing "w16" gives the default tile for the rows."""
+    from fastfp8.kernels import gemm as gm
+
+    table_file({"sm": [9, 0], "entries": {"64,32": [[16, "w16", None],
+                                                     [None, "w16", ["w16", 64, 128, 64, 8, 1, 4, 4]]]},
+                "generic": [[None, "scaled_mm", None]]})
+    monkeypatch.setattr(ops, "_fast_path", lambda x: True)
+    monkeypatch.setattr(ops, "capability", lambda d: (9, 0))
+    w = torch.zeros(64, 32).to(FP8)
+    assert ops.linear_choice(torch.zeros(8, 32, dtype=BF16), w) == ("w16", gm.default_config(8, 64, 32, "w16"))
+    assert ops.linear_choice(torch.zeros(40, 32, dtype=torch.float16), w) == \
+        ("w16", ("w16", 64, 128, 64, 8, 1, 4, 4))
+    assert ops.linear_choice(torch.zeros(40, 32), w) == ("scaled_mm", None)  # fp32 activations
+    monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", "w16")
+    assert ops.linear_choice(torch.zeros(300, 32, dtype=BF16), w) == ("w16", gm.default_config(300, 64, 32, "w16"))
+    assert ops.linear_choice(torch.zeros(300, 32), w)[0] == "scaled_mm"  # fp32 cannot: the table's path
+
+
 @pytest.mark.parametrize("bad", [
     {"entries": {"8,8": [[16, "gemv", None]]}},  # no open row
     {"entries": {"8,8": [[16, "nope", None], [None, "scaled_mm", None]]}},
@@ -97,6 +118,8 @@ def test_table_from_a_sweep(tmp_path):
         {"N": 64, "K": 32, "M": 16, "us": {"bf16": 10, "scaled_mm": 9, "gemv/16/256/4/3": 6,
                                            "tile/16/64/128/8/2/4/4": 5.9}},  # within the margin: the GEMV
         {"N": 64, "K": 32, "M": 64, "us": {"bf16": 10, "scaled_mm": 9, "tile/64/64/128/8/1/4/4": 4}},
+        {"N": 64, "K": 32, "M": 256, "us": {"bf16": 10, "scaled_mm": 9, "tile/64/64/128/8/1/4/4": 4,
+                                            "w16/64/128/64/8/1/4/4": 3.5}},  # W8A16 tiles
         {"N": 64, "K": 32, "M": 1024, "us": {"bf16": 10, "scaled_mm": 5, "tma/128/128/128/8/1/8/3": 4}},
         {"N": 64, "K": 32, "M": 4096, "us": {"bf16": 10, "scaled_mm": 5, "tma/128/128/128/8/1/8/3": 4}},
     ]}
@@ -104,6 +127,7 @@ def test_table_from_a_sweep(tmp_path):
     assert t["sm"] == [9, 0]
     assert t["entries"]["64,32"] == [[1, "gemv", [4, 1024, 4, 2, 8]], [16, "gemv", [16, 256, 4, 3]],
                                      [64, "tile", ["tile", 64, 64, 128, 8, 1, 4, 4]],
+                                     [256, "w16", ["w16", 64, 128, 64, 8, 1, 4, 4]],
                                      [None, "tma", ["tma", 128, 128, 128, 8, 1, 8, 3]]]
     assert all(r[1] != "tma" for r in t["generic"])  # unknown shapes: no TMA (alignment)
     p = tmp_path / "t.json"
@@ -115,8 +139,9 @@ def test_forced_backend_and_fallback_cpu(monkeypatch):
     x = torch.randn(3, 64, dtype=BF16)
     w = torch.randn(32, 64).to(FP8)
     assert ops.linear_choice(x, w) == ("fallback", None)
-    monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", "tile")
-    assert ops.linear_choice(x, w) == ("fallback", None)  # no CUDA: nothing else runs
+    for forced in ("tile", "w16", "gemv"):
+        monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", forced)
+        assert ops.linear_choice(x, w) == ("fallback", None)  # no CUDA: nothing else runs
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,7 +173,7 @@ def _cases():
 
 
 def _emulate(x, f: Fp8Linear, backend, cfg):
-    if backend == "gemv":  # W8A16: bf16 activations times the dequantized weight, fp32
+    if backend in ("gemv", "w16"):  # W8A16: bf16 activations times the dequantized weight, fp32
         return x.float() @ (f.weight.float() * f.weight_scale).t()
     if backend == "fused":  # activations quantized per row and K slice
         return fg.fp8_gemm_fused_reference(x, f.weight, f.weight_scale, block_k=cfg[3])

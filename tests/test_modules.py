@@ -515,6 +515,24 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
         assert sqnr(y, ref) > 45, (m, nn_, k, cfg, sqnr(y, ref))
         n += 1
+    # the W8A16 tiled GEMM ("w16": the tile kernel on the activations themselves, split-K
+    # included) against the fp32 product, bf16 and fp16, outputs poisoned
+    common.POISON = True
+    for m, nn_, k, cfg, dtype, bias in [(5, 64, 128, ("w16", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
+                                        (33, 96, 100, ("w16", 16, 32, 32, 2, 2, 4, 2), torch.float16, True),
+                                        (20, 40, 64, ("w16", 16, 16, 32, 1, 1, 4, 2), torch.bfloat16, True),
+                                        (70, 33, 80, ("w16", 32, 32, 16, 8, 3, 4, 2), torch.bfloat16, True)]:
+        g = gen("interp-w16", m, nn_, k)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        w = (torch.randn(nn_, k, generator=g) * 64).clamp(-448, 448).to(FP8)
+        ws = torch.rand(nn_, generator=g) / 64 + 1e-3
+        b = torch.randn(nn_, generator=g).to(dtype) if bias else None
+        y = gm.w16_gemm(x, w, ws, b, config=cfg)
+        ref = gv.fp8_gemv_reference(x.float(), w, ws.reshape(-1, 1), b)
+        assert y.dtype == dtype and y.shape == (m, nn_)
+        assert sqnr(y, ref) > 40, (m, nn_, k, cfg, dtype, sqnr(y, ref))
+        n += 1
+    common.POISON = False
     # the fused GEMM (activations quantized per row and K slice inside): against its torch
     # emulation (fp32 output: exact up to summation order), a zero row, a masked K tail, a
     # NaN row (stays NaN), several output tiles, every activation dtype, poisoned outputs
@@ -634,7 +652,7 @@ def test_gemv_kernel(m, n, k, bias, split):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("backend", ["gemv", "fused", "scaled_mm", "tile", "tma", "fallback"])
+@pytest.mark.parametrize("backend", ["gemv", "w16", "fused", "scaled_mm", "tile", "tma", "fallback"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336), (1024, 6144, 4096),
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])

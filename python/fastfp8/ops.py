@@ -33,7 +33,7 @@ _NS = "fastfp8"
 
 __all__ = ["fp8_linear", "fp8_linear_fallback", "linear_backend", "linear_choice", "moe_experts"]
 
-_FORCED = ("gemv", "fused", "scaled_mm", "tile", "tma", "fallback")
+_FORCED = ("gemv", "w16", "fused", "scaled_mm", "tile", "tma", "fallback")
 
 
 def _fast_path(x: torch.Tensor) -> bool:
@@ -42,9 +42,9 @@ def _fast_path(x: torch.Tensor) -> bool:
 
 def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | None]:
     """``(backend, config)`` that :func:`fp8_linear` uses for ``x [..., K]`` and ``weight [N, K]``:
-    ``"gemv"``, ``"fused"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection table,
-    :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces
-    one of them where it can run (``fused``/``tile``/``tma`` with a default tile)."""
+    ``"gemv"``, ``"w16"``, ``"fused"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection
+    table, :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND``
+    forces one of them where it can run (``w16``/``fused``/``tile``/``tma`` with a default tile)."""
     forced = os.environ.get("FASTFP8_LINEAR_BACKEND", "")
     if forced == "fallback" or not _fast_path(x):
         return "fallback", None
@@ -55,6 +55,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
     if forced in _FORCED:
         if forced == "gemv" and gemv_ok and m <= _gemv.MAX_ROWS:
             return "gemv", None
+        if forced == "w16" and gemv_ok:
+            return "w16", _gemm.default_config(m, n, k, "w16")
         if forced == "scaled_mm" and mm_ok:
             return "scaled_mm", None
         if forced == "fused":
@@ -64,6 +66,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
     backend, cfg = _table.select(m, n, k, capability(x.device))
     if backend == "gemv" and not (gemv_ok and m <= _gemv.MAX_ROWS):
         backend, cfg = "scaled_mm", None
+    if backend == "w16" and not gemv_ok:  # W8A16 takes bf16/fp16 activations only
+        backend, cfg = "scaled_mm", None
     if backend == "tma" and not (mm_ok and _gemm.tma_supported(x.device)):
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
     if backend == "scaled_mm" and not mm_ok:
@@ -72,6 +76,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
         cfg = _gemm.default_config(m, n, k, backend)
     if backend == "fused" and cfg is None:
         cfg = _fused.default_config(m, n, k)
+    if backend == "w16" and cfg is None:
+        cfg = _gemm.default_config(m, n, k, "w16")
     return backend, cfg
 
 
@@ -94,7 +100,8 @@ def fp8_linear(
     """``x [..., K] @ (weight [N, K] * weight_scale [N, 1]).T + bias``, in ``x.dtype``.
 
     CUDA sm89+: the path of the selection table (:func:`linear_choice`): the W8A16 GEMV
-    kernel for a few rows (bf16/fp16); the one-kernel FP8 GEMM that quantizes the activations
+    kernel for a few rows (bf16/fp16); the W8A16 tiled GEMM (bf16/fp16, no activation
+    quantization); the one-kernel FP8 GEMM that quantizes the activations
     per K slice itself (:mod:`fastfp8.kernels.fused_gemm`); else the fused per-token
     activation quantization followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias
     added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
@@ -110,6 +117,9 @@ def fp8_linear(
     if backend == "gemv":
         launch = None if cfg is None else _gemv.config_of(cfg, x2.shape[0])
         y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch)
+        return y.reshape(*x.shape[:-1], n)
+    if backend == "w16":
+        y = _gemm.w16_gemm(x2, weight, weight_scale, bias, config=cfg)
         return y.reshape(*x.shape[:-1], n)
     if backend == "fused":
         y = _fused.fp8_gemm_fused(x2, weight, weight_scale, bias, config=cfg)

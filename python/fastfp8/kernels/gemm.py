@@ -7,7 +7,7 @@ activation quantization (:func:`fastfp8.kernels.act_quant.triton_act_quant`); ``
 per-output-channel weight, row-major, so both operands are K-major as fp8 ``wgmma`` wants.
 
 Two kernels (the selection table, :mod:`fastfp8.kernels.linear_table`, says which one and
-which tile for a shape):
+which tile for a shape), and a W8A16 variant of the first:
 
 - ``"tile"``: one program per output tile (grouped ordering for L2 reuse), pointer loads
   that Triton pipelines (``num_stages``), optional split-K (``SPLIT_K > 1``: each split adds
@@ -15,6 +15,9 @@ which tile for a shape):
   small and mid-M case, where the grid would otherwise be too small to fill the GPU.
 - ``"tma"``: persistent (one program per SM walking the tiles), operands through TMA
   descriptors (host-side ``TensorDescriptor``), the large-M case.
+- ``"w16"`` (:func:`w16_gemm`): the ``"tile"`` kernel on the bf16/fp16 activations
+  themselves, the fp8 weight widened in registers: no activation quantization kernel, for
+  the mid-M shapes where that second kernel costs more than the fp8 dot saves.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the ``"tile"`` kernel widens the operands to fp32
 (the interpreter has no fp8 dot); ``"tma"`` is GPU only.
@@ -30,7 +33,7 @@ import torch
 from . import common
 from .common import FP8, tl, triton
 
-__all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported"]
+__all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported", "w16_gemm"]
 
 
 @torch.no_grad()
@@ -85,11 +88,15 @@ if triton is not None:
         SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         EMULATE: tl.constexpr,
+        A16: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
+        """``A16``: ``a`` holds the bf16/fp16 activations themselves (W8A16, ``"w16"``): the
+        fp8 weight tile is widened to their dtype in registers (exact) and the dot runs in
+        it; no activation scale (``as_ptr`` is not read)."""
         pid_k = tl.program_id(1)
         rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -106,13 +113,18 @@ if triton is not None:
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
             if EMULATE:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            elif A16:
+                acc = tl.dot(a, b.to(a.dtype), acc)
             else:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * SPLIT_K
             b_ptrs += BLOCK_K * SPLIT_K
-        sa = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptr + rn, mask=n_ok, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
+        if A16:
+            acc = acc * sb[None, :]
+        else:
+            sa = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * s_cm + rn[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
@@ -164,6 +176,9 @@ if triton is not None:
 def default_config(m: int, n: int, k: int, kernel: str = "tile") -> GemmConfig:
     """A reasonable tile for ``M`` rows where the selection table names none (Hopper-sized:
     at most 64 KiB of operands per pipeline stage)."""
+    if kernel == "w16":  # bf16 activations: twice the bytes of an fp8 A tile, and B widened
+        return ("w16", 16, 64, 128, 8, 1, 4, 4) if m <= 16 else \
+            ("w16", 64, 64, 128, 8, 1, 4, 4) if m <= 64 else ("w16", 128, 128, 64, 8, 1, 8, 3)
     if kernel == "tma":
         return ("tma", 128, 128, 128, 8, 1, 8, 3) if m > 64 else ("tma", 64, 128, 128, 8, 1, 4, 4)
     if m <= 16:
@@ -220,7 +235,7 @@ def fp8_gemm(
         raise ValueError(f"a_q [M, K] must be float8_e4m3fn, got {a_q.dtype} {tuple(a_q.shape)}")
     w, sb = common.fp8_weight(w, w_scale, k)
     n = w.shape[0]
-    kernel, bm, bn, bk, gm, split, nw, ns = config
+    kernel, bm, bn, bk, gm, _, nw, ns = config
     if a_q.stride(1) != 1:
         a_q = a_q.contiguous()
     sa = a_scale.reshape(-1)
@@ -237,21 +252,65 @@ def fp8_gemm(
             return _launch_tma(a_q, sa, w, sb, bias, out_dtype, bm, bn, bk, gm, nw, ns)
         if kernel != "tile":
             raise ValueError(f"unknown GEMM kernel {kernel!r}")
-        if split > 1:
-            c = torch.zeros((m, n), dtype=torch.float32, device=a_q.device)
-        else:
-            c = common.empty((m, n), out_dtype, a_q.device)
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-        _fp8_gemm_tile_kernel[grid](
-            a_q, w, c, sa, sb, bias if bias is not None else sb,
-            m, n, k, a_q.stride(0), w.stride(0), c.stride(0),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split,
-            EVEN_K=k % (bk * split) == 0,
-            EMULATE=not a_q.is_cuda,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-            num_warps=nw, num_stages=ns,
-        )
+        return _launch_tile(a_q, sa, w, sb, bias, out_dtype, config, a16=False)
+
+
+@torch.no_grad()
+def w16_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig,
+) -> torch.Tensor:
+    """W8A16: ``x [M, K]`` bf16/fp16 (row stride any, unit column stride) times the fp8
+    ``w [N, K]`` widened to ``x``'s dtype in registers (exact: every e4m3 value is one of
+    theirs), fp32 accumulation, ``w_scale`` (``N`` values) and ``bias [N]`` in the epilogue.
+    No activation quantization: one kernel, and the activations keep their precision.
+    Returns ``[M, N]`` in ``x.dtype``. ``config``: a :data:`GemmConfig` of kernel ``"w16"``
+    (the ``"tile"`` kernel's shape: tiles, split-K, warps, stages)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x [M, K] must be bf16 or fp16, got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    w, sb = common.fp8_weight(w, w_scale, k)
+    n = w.shape[0]
+    if config[0] != "w16":
+        raise ValueError(f"a W8A16 config names kernel 'w16', got {config[0]!r}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    sb = sb.float()
+    if m == 0 or n == 0 or k == 0:
+        y = torch.zeros((m, n), dtype=x.dtype, device=x.device)
+        return y + bias.to(x.dtype) if bias is not None and m else y
+    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
+        return _launch_tile(x, sb, w, sb, bias, x.dtype, config, a16=True)
+
+
+def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a16: bool) -> torch.Tensor:
+    """The ``"tile"`` kernel on checked operands (``a16``: ``a`` is bf16/fp16, ``sa`` unused)."""
+    _, bm, bn, bk, gm, split, nw, ns = config
+    m, k = a.shape
+    n = w.shape[0]
+    if split > 1:
+        c = torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    else:
+        c = common.empty((m, n), out_dtype, a.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    _fp8_gemm_tile_kernel[grid](
+        a, w, c, sa, sb, bias if bias is not None else sb,
+        m, n, k, a.stride(0), w.stride(0), c.stride(0),
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split,
+        EVEN_K=k % (bk * split) == 0,
+        EMULATE=not a.is_cuda,
+        A16=a16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+        num_warps=nw, num_stages=ns,
+    )
     if split > 1:
         if bias is not None:
             c += bias.float()
