@@ -10,8 +10,7 @@
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
 #   load     a Llama-3-8B-shaped checkpoint, then bench_load.py (warm and
 #            cold, every peer, the ceilings), then probe_pipeline.py (the
-#            consumer's costs per step, copy-only loads) and
-#            probe_register.py (DMA straight from the page cache?)        ~6 min
+#            consumer's costs per step, copy-only loads)                  ~6 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
 #   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
 #
@@ -69,9 +68,7 @@ for s in "$@"; do
         sync
         stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,16
         stage probe_pipeline 120 python3 benches/probe_pipeline.py "$CKPT" --out "$OUT/probe_pipeline_$GPU.json" \
-            --variants "default,no quant (copy only),mmap no quant,threads=8"
-        shard=$(ls "$CKPT"/*.safetensors | head -1)
-        stage probe_register 60 python3 benches/probe_register.py "$shard" --out "$OUT/probe_register_$GPU.json" ;;
+            --variants "default,no quant (copy only),mmap no quant,threads=8" ;;
     decode)
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
         [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"
