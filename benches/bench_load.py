@@ -354,6 +354,12 @@ def markdown(doc: dict) -> str:
         f"Load + FP8 quantize of `{doc['checkpoint']}` ({doc['checkpoint_bytes'] / gib:.2f} GiB bf16), "
         f"{doc['gpu']}, {doc['date']}; median of {doc['repeat']} warm runs, cold = page cache evicted.",
         "",
+    ]
+    topo = doc.get("host_topology")
+    if topo:
+        lines += [f"Host: {doc.get('host_cpu', '?')}; {topo['cpus']} CPUs, {topo['cores']} cores, "
+                  f"{topo['sockets']} socket(s), {topo['numa_nodes']} NUMA node(s).", ""]
+    lines += [
         "| loader | cond | s | GB/s | peak GPU GiB | host RSS growth GiB |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
@@ -432,6 +438,7 @@ def main(argv=None) -> int:
     doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
            "repeat": args.repeat, "memory_budget": args.budget, "rows": []}
     import fastfp8
+    from fastfp8.host import topology
     from fastfp8.options import LoadOptions
 
     ckpt = fastfp8.open_checkpoint(args.ckpt)
@@ -510,6 +517,7 @@ def main(argv=None) -> int:
         "memory_budget_bytes": LoadOptions.make(memory_budget=args.budget).memory_budget,
         "chunk_bytes": LoadOptions.make(memory_budget=args.budget).chunk_bytes,
         "host_cpu": host_cpu(),
+        "host_topology": topology(),
     })
     ff = [r for r in doc["rows"] if r["loader"] == "fastfp8" and r.get("summary")]
     if ff:

@@ -182,3 +182,22 @@ def test_the_gpus_node_on_this_machine():
     assert node is None or node >= 0
     cpus = host.reader_cpus(dev)
     assert cpus is None or (cpus and cpus < os.sched_getaffinity(0)), (node, cpus)
+
+
+def test_topology_from_sysfs(tmp_path, monkeypatch):
+    """Two sockets of two cores of two threads: 8 CPUs, 4 cores; CPUs outside the process's
+    mask do not count."""
+    cpu, node = tmp_path / "cpu", tmp_path / "node"
+    for c in range(8):
+        write(cpu / f"cpu{c}" / "topology" / "physical_package_id", f"{c // 4}\n")
+        write(cpu / f"cpu{c}" / "topology" / "core_id", f"{(c % 4) // 2}\n")
+    for n in (0, 1):
+        write(node / f"node{n}" / "cpulist", f"{4 * n}-{4 * n + 3}\n")
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(range(8)))
+    t = host.topology(str(cpu), str(node))
+    assert (t["cpus"], t["cores"], t["sockets"], t["numa_nodes"]) == (8, 4, 2, 2)
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    t = host.topology(str(cpu), str(node))
+    assert (t["cpus"], t["cores"], t["sockets"]) == (3, 2, 1)
+    t = host.topology(str(tmp_path / "none"), str(tmp_path / "none"))
+    assert (t["cores"], t["sockets"], t["numa_nodes"]) == (None, None, None)

@@ -58,6 +58,33 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def topology(cpu_dir: str = "/sys/devices/system/cpu", node_dir: str = "/sys/devices/system/node") -> dict:
+    """What this process may run on, from sysfs: ``cpus`` (logical), ``cores`` (physical:
+    distinct package and core ids among them), ``sockets``, ``numa_nodes`` (of the host),
+    ``llc_bytes``. A count sysfs does not give is None. (For benchmark reports: on a host
+    with two threads per core, 16 CPUs are 8 cores, which is what copying threads scale by.)"""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    packages: set[str] = set()
+    for c in cpus:
+        t = Path(cpu_dir, f"cpu{c}", "topology")
+        try:
+            pkg = (t / "physical_package_id").read_text().strip()
+            core = (t / "core_id").read_text().strip()
+        except OSError:
+            cores.clear()
+            packages.clear()
+            break
+        packages.add(pkg)
+        cores.add((pkg, core))
+    nodes = [d for d in Path(node_dir).glob("node[0-9]*") if d.is_dir()]
+    return {"cpus": len(cpus), "cores": len(cores) or None, "sockets": len(packages) or None,
+            "numa_nodes": len(nodes) or None, "llc_bytes": last_level_cache_bytes(cpu_dir)}
+
+
 def default_staging(llc: int | None) -> tuple[int, int]:
     """``(memory_budget, chunk_bytes)`` for a last-level cache of ``llc`` bytes: the largest
     power of two at most half the cache, between 64 MiB and 512 MiB (256 MiB when the
