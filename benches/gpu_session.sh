@@ -66,7 +66,7 @@ for s in "$@"; do
         [ -f "$CKPT/model.safetensors.index.json" ] ||
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
-        stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,16
+        stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,12,16
         stage probe_pipeline 120 python3 benches/probe_pipeline.py "$CKPT" --out "$OUT/probe_pipeline_$GPU.json" \
             --variants "default,no quant (copy only),mmap no quant,threads=8" ;;
     decode)
