@@ -89,6 +89,8 @@ def test_reader_cpus_are_the_gpus_node_within_the_process_mask(monkeypatch):
     assert host.reader_cpus(cuda) is None
     allowed = set(range(16, 48))  # half on the node: that half
     assert host.reader_cpus(cuda) == set(range(32, 48))
+    allowed = set(range(0, 35))  # three of the node's CPUs: too few, the readers stay
+    assert host.reader_cpus(cuda) is None
     monkeypatch.setattr(host, "gpu_numa_node", lambda d: None)
     assert host.reader_cpus(cuda) is None
 

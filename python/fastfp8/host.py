@@ -134,10 +134,16 @@ def gpu_numa_node(device, pci_dir: str = "/sys/bus/pci/devices") -> int | None:
     return node if node >= 0 else None
 
 
+#: fewer of the GPU node's CPUs than this (among the process's) and the readers stay where
+#: the process runs: a few local cores read slower than many remote ones
+MIN_NODE_CPUS = 4
+
+
 def reader_cpus(device) -> set[int] | None:
     """The CPUs a load onto ``device`` should read on: those of the GPU's NUMA node that
     this process may use; None (leave the threads where they are) for a non-CUDA device,
-    an unknown node, a process already inside the node, or ``FASTFP8_NUMA=0``."""
+    an unknown node, a process already inside the node, fewer than :data:`MIN_NODE_CPUS`
+    of the node's CPUs allowed, or ``FASTFP8_NUMA=0``."""
     if getattr(device, "type", None) != "cuda" or os.environ.get("FASTFP8_NUMA", "").strip() in ("0", "off"):
         return None
     try:
@@ -149,7 +155,9 @@ def reader_cpus(device) -> set[int] | None:
     if not cpus:
         return None
     cpus &= allowed
-    return cpus if cpus and cpus != allowed else None
+    if len(cpus) < MIN_NODE_CPUS or cpus == allowed:  # too few to read on, or nothing to change
+        return None
+    return cpus
 
 
 @contextlib.contextmanager
