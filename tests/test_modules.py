@@ -501,36 +501,32 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert sqnr(y8b, y8) > 40
         n += 1
 
-    # the W8A8 GEMM ("tile", split-K included) against its fp32 reference, outputs poisoned
-    for m, nn_, k, cfg, bias in [(5, 64, 128, ("tile", 16, 32, 32, 4, 1, 4, 2), False),
-                                 (33, 96, 100, ("tile", 16, 32, 32, 2, 2, 4, 2), True),
-                                 (20, 40, 64, ("tile", 16, 16, 32, 1, 1, 4, 2), True)]:
-        g = gen("interp-gemm", m, nn_, k)
-        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-        w = (torch.randn(nn_, k, generator=g) * 64).clamp(-448, 448).to(FP8)
-        ws = torch.rand(nn_, generator=g) / 64 + 1e-3
-        b = torch.randn(nn_, generator=g).to(torch.bfloat16) if bias else None
-        q, s = aq.act_quant_reference(x)
-        y = gm.fp8_gemm(q, s, w, ws, b, config=cfg)
-        ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
-        assert sqnr(y, ref) > 45, (m, nn_, k, cfg, sqnr(y, ref))
-        n += 1
-    # the W8A16 tiled GEMM ("w16": the tile kernel on the activations themselves, split-K
-    # included) against the fp32 product, bf16 and fp16, outputs poisoned
+    # the tile kernel, split-K included, outputs poisoned: as the W8A8 GEMM ("tile", against
+    # its fp32 reference) and as the W8A16 one ("w16": on the activations themselves, bf16
+    # and fp16, against the fp32 product)
     common.POISON = True
-    for m, nn_, k, cfg, dtype, bias in [(5, 64, 128, ("w16", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
+    for m, nn_, k, cfg, dtype, bias in [(5, 64, 128, ("tile", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
+                                        (33, 96, 100, ("tile", 16, 32, 32, 2, 2, 4, 2), torch.bfloat16, True),
+                                        (20, 40, 64, ("tile", 16, 16, 32, 1, 1, 4, 2), torch.bfloat16, True),
+                                        (5, 64, 128, ("w16", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
                                         (33, 96, 100, ("w16", 16, 32, 32, 2, 2, 4, 2), torch.float16, True),
                                         (20, 40, 64, ("w16", 16, 16, 32, 1, 1, 4, 2), torch.bfloat16, True),
                                         (70, 33, 80, ("w16", 32, 32, 16, 8, 3, 4, 2), torch.bfloat16, True)]:
-        g = gen("interp-w16", m, nn_, k)
+        g = gen("interp-gemm", m, nn_, k, cfg[0])
         x = torch.randn(m, k, generator=g).to(dtype)
         w = (torch.randn(nn_, k, generator=g) * 64).clamp(-448, 448).to(FP8)
         ws = torch.rand(nn_, generator=g) / 64 + 1e-3
         b = torch.randn(nn_, generator=g).to(dtype) if bias else None
-        y = gm.w16_gemm(x, w, ws, b, config=cfg)
-        ref = gv.fp8_gemv_reference(x.float(), w, ws.reshape(-1, 1), b)
-        assert y.dtype == dtype and y.shape == (m, nn_)
-        assert sqnr(y, ref) > 40, (m, nn_, k, cfg, dtype, sqnr(y, ref))
+        if cfg[0] == "w16":
+            y = gm.w16_gemm(x, w, ws, b, config=cfg)
+            ref = gv.fp8_gemv_reference(x.float(), w, ws.reshape(-1, 1), b)
+            assert y.dtype == dtype and sqnr(y, ref) > 40, (m, nn_, k, cfg, dtype, sqnr(y, ref))
+        else:
+            q, s = aq.act_quant_reference(x)
+            y = gm.fp8_gemm(q, s, w, ws, b, config=cfg)
+            ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
+            assert sqnr(y, ref) > 45, (m, nn_, k, cfg, sqnr(y, ref))
+        assert y.shape == (m, nn_)
         n += 1
     common.POISON = False
     # the fused GEMM (activations quantized per row and K slice inside): against its torch
