@@ -46,7 +46,7 @@ for s in "$@"; do
         # test that fails only beside others is reported as such, not hidden
         workers=()
         python3 -c "import xdist" 2>/dev/null && workers=(-n "${FASTFP8_TEST_WORKERS:-6}")
-        stage cuda_tests 540 python3 -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" \
+        stage cuda_tests 540 python3 -m pytest -q -m cuda -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
             --junitxml="$OUT/cuda_tests.xml" tests
         if [ "${failed[*]: -1}" = cuda_tests ] && [ ${#workers[@]} -gt 0 ] && [ -f "$OUT/cuda_tests.xml" ]; then
             stage cuda_tests_rerun 300 python3 benches/rerun_failed.py "$OUT/cuda_tests.xml" \

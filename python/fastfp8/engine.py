@@ -198,7 +198,7 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
     reader threads quantize (``specs``, one per job, None for the device's), the all-reduced
     row maxima of row-parallel ones (``amax``, by job index), and the :class:`ChunkReader`
     over every item, the caller's to close. :func:`run` consumes it; ``benches/bench_load.py``
-    drains one without a device to measure what the readers alone deliver."""
+    drains one with no copy or kernel behind it, to measure what the readers alone deliver."""
     specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=plan.tp.size if plan.tp else 1)
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
     # count follows it) and the pinned ring (first touched here)
