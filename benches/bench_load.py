@@ -6,12 +6,13 @@ Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
 ``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
 
-fastfp8 runs with its defaults (``fastfp8``), without merging ready chunks into one copy
-(``fastfp8_nomerge``), with the reader threads quantizing on the
-host (``fastfp8_host``) or half the bytes each way (``fastfp8_split``), with ``mmap`` (also
-quantizing on the host straight from the page cache: ``fastfp8_mmap_host``,
-``fastfp8_mmap_split``), with a 256 MiB ring of 16 MiB chunks (``fastfp8_ring256``,
-``fastfp8_ring256_mmap_host``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
+fastfp8 runs with its defaults (``fastfp8``: on a GPU with 12 or more reader threads the
+host quantizes ``host_quant.AUTO_HOST_SHARE`` of the bytes, the device the rest), with the
+device quantizing every weight (``fastfp8_device``), the reader threads every one they can
+(``fastfp8_host``), half the bytes each way (``fastfp8_split``), without merging ready chunks
+into one copy (``fastfp8_nomerge``), with ``mmap`` (also quantizing on the host straight from
+the page cache: ``fastfp8_mmap_host``), with a 256 MiB ring of 16 MiB chunks
+(``fastfp8_ring256``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
 and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``). The
 same run measures the ceilings: pinned host-to-device copies
 (``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
@@ -41,22 +42,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_nomerge", "fastfp8_host", "fastfp8_split", "fastfp8_mmap", "fastfp8_mmap_host",
-           "fastfp8_mmap_split", "fastfp8_ring256", "fastfp8_ring256_mmap_host"]
+FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_host", "fastfp8_split", "fastfp8_nomerge", "fastfp8_mmap",
+           "fastfp8_mmap_host", "fastfp8_ring256"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
-VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"},
+VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
             # every chunk its own delivery (fastfp8.engine.MERGE_SHARE = 0), as before merging
             "fastfp8_nomerge": {"_merge_share": 0},
-            "fastfp8_split": {"quantize_on": "split"}, "fastfp8_mmap": {"method": "mmap"},
+            # half the quantized bytes each way (the default splits at host_quant.AUTO_HOST_SHARE)
+            "fastfp8_split": {"quantize_on": "split", "host_share": 0.5}, "fastfp8_mmap": {"method": "mmap"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"},
             # host quantization straight from the page cache (no copy into a scratch buffer)
             "fastfp8_mmap_host": {"method": "mmap", "quantize_on": "host"},
-            "fastfp8_mmap_split": {"method": "mmap", "quantize_on": "split"},
             # a ring twice the default, chunks of 16 MiB: half the chunks for the consumer thread
-            "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"},
-            "fastfp8_ring256_mmap_host": {"memory_budget": "256MiB", "chunk_bytes": "16MiB", "method": "mmap",
-                                          "quantize_on": "host"}}
+            "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"}}
 
 
 def fastfp8_options(loader: str) -> dict:
@@ -76,11 +75,32 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_hwm() -> int | None:
+    """The kernel's peak-RSS mark of this process (``VmHWM``), or None where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class RssPeak:
-    """Peak resident set size during a block, sampled every millisecond."""
+    """Peak resident set size during a block: the kernel's own mark (``VmHWM``, reset on
+    entry through ``/proc/self/clear_refs``), exact and with no thread beside the loader;
+    where that cannot be reset, sampled every millisecond in a thread."""
 
     def __enter__(self):
         self.base = self.peak = rss_bytes()
+        self._t = None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+            self._hwm = _rss_hwm() is not None
+        except OSError:
+            self._hwm = False
+        if self._hwm:
+            return self
         self._stop = threading.Event()
 
         def loop():
@@ -93,9 +113,10 @@ class RssPeak:
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_bytes())
+        if self._t is not None:
+            self._stop.set()
+            self._t.join()
+        self.peak = max(self.peak, rss_bytes(), (_rss_hwm() or 0) if self._hwm else 0)
 
 
 def worker(args) -> dict:
@@ -145,7 +166,7 @@ def worker(args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         base_gpu = torch.cuda.memory_allocated(dev)
-        with RssPeak() as rss, peers._PeakSampler(dev) as dsamp:
+        with RssPeak() as rss, peers._PeakSampler(dev, period_s=0.005) as dsamp:
             t0 = time.perf_counter()
             out = run_once()
             torch.cuda.synchronize(dev)
@@ -500,12 +521,11 @@ def main(argv=None) -> int:
         "fastfp8_mmap_warm_gbps": best("warm", {"fastfp8_mmap"})[0],
         "fastfp8_mmap_cold_gbps": best("cold", {"fastfp8_mmap"})[0],
         "fastfp8_host_warm_gbps": best("warm", {"fastfp8_host"})[0],
+        "fastfp8_device_warm_gbps": best("warm", {"fastfp8_device"})[0],
         "fastfp8_split_warm_gbps": best("warm", {"fastfp8_split"})[0],
         "fastfp8_nomerge_warm_gbps": best("warm", {"fastfp8_nomerge"})[0],
         "fastfp8_mmap_host_warm_gbps": best("warm", {"fastfp8_mmap_host"})[0],
-        "fastfp8_mmap_split_warm_gbps": best("warm", {"fastfp8_mmap_split"})[0],
         "fastfp8_ring256_warm_gbps": best("warm", {"fastfp8_ring256"})[0],
-        "fastfp8_ring256_mmap_host_warm_gbps": best("warm", {"fastfp8_ring256_mmap_host"})[0],
         "fastfp8_direct_cold_gbps": best("cold", {"fastfp8_direct"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],
         "best_peer_warm": best("warm", peer_names)[1],

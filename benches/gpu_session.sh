@@ -68,7 +68,7 @@ for s in "$@"; do
         sync
         stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,12,16
         stage probe_pipeline 120 python3 benches/probe_pipeline.py "$CKPT" --out "$OUT/probe_pipeline_$GPU.json" \
-            --variants "default,no quant (copy only),mmap no quant,threads=8" ;;
+            --repeat 5 --variants "default,quantize_on=device,quantize_on=split host_share=0.3,quantize_on=split host_share=0.5,threads=8,quantize_on=split host_share=0.4 threads=8,no quant (copy only)" ;;
     decode)
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
         [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"

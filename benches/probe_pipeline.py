@@ -85,12 +85,32 @@ def consumer_costs(chunk: int = 8 << 20, ring: int = 128 << 20, n: int = 512, ca
     return out
 
 
+def parse_variant(name: str) -> dict:
+    """A variant not in the table, written as ``load_quantized`` keywords: ``"quantize_on=split
+    host_share=0.4 threads=14"`` (numbers parsed, anything else a string)."""
+    kw = {}
+    for tok in name.split():
+        key, sep, val = tok.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {name!r}: {tok!r} is not key=value")
+        for conv in (int, float):
+            try:
+                kw[key] = conv(val)
+                break
+            except ValueError:
+                pass
+        else:
+            kw[key] = val
+    return kw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("--out", default="probe.json")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--variants", default="")
+    ap.add_argument("--variants", default="", help="comma-separated names from the table, or load_quantized "
+                    "keywords (\"quantize_on=split host_share=0.4\")")
     ap.add_argument("--empty-cache", action="store_true", help="free cached GPU memory before each load")
     args = ap.parse_args()
     rows = [{"variant": "h2d pinned 64MiB chunks", "gbps": h2d_ceiling()}]
@@ -104,7 +124,11 @@ def main() -> None:
         "mmap": dict(method="mmap"),
         "threads=8": dict(threads=8),
         "threads=12": dict(threads=12),
+        "threads=13": dict(threads=13),
         "threads=14": dict(threads=14),
+        **{f"split {x}": dict(quantize_on="split", host_share=x) for x in (0.1, 0.2, 0.3, 0.4, 0.5)},
+        "split 0.2 threads=14": dict(quantize_on="split", host_share=0.2, threads=14),
+        "mmap split 0.2": dict(method="mmap", quantize_on="split", host_share=0.2),
         "mmap threads=12": dict(method="mmap", threads=12),
         "chunk=16MiB": dict(chunk_bytes="16MiB"),
         "chunk=256MiB": dict(chunk_bytes="256MiB"),
@@ -124,7 +148,7 @@ def main() -> None:
         "budget=256MiB chunk=16MiB": dict(memory_budget="256MiB", chunk_bytes="16MiB", piece_bytes="2MiB"),
     }
     if args.variants:
-        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+        variants = {k: variants[k] if k in variants else parse_variant(k) for k in args.variants.split(",")}
     fastfp8.load_quantized(ckpt, **base)  # warm: kernels, pinned pool, page cache
     for name, kw in variants.items():
         times, phases = [], []

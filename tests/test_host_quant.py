@@ -270,12 +270,12 @@ def test_host_and_device_paths_give_the_same_bytes(tmp_path, device, dtype, budg
 @pytest.mark.parametrize("device", DEVICES)
 def test_split_quantizes_half_the_bytes_on_each_side(tmp_path, device):
     llama(tmp_path / "m")
-    split_state, split_stats = load(tmp_path / "m", device, quantize_on="split", memory_budget="64KiB",
-                                    chunk_bytes="8KiB")
+    split_state, split_stats = load(tmp_path / "m", device, quantize_on="split", host_share=0.5,
+                                    memory_budget="64KiB", chunk_bytes="8KiB")
     dev_state, _ = load(tmp_path / "m", device, quantize_on="device")
     assert 0 < split_stats.host_quantized < split_stats.quantized
     same_state(split_state, dev_state)
-    opts = fastfp8.LoadOptions.make(quantize_on="split")
+    opts = fastfp8.LoadOptions.make(quantize_on="split", host_share=0.5)
     plan = make_plan(open_checkpoint(tmp_path / "m"), opts)
     specs = host_quant_specs(plan.jobs, opts, "fp32", torch.device("cpu"))
     host = sum(j.nbytes for j, s in zip(plan.jobs, specs, strict=True) if s)
@@ -283,10 +283,70 @@ def test_split_quantizes_half_the_bytes_on_each_side(tmp_path, device):
     assert abs(host - device_side) <= max(j.nbytes for j in plan.jobs)  # balanced to within one tensor
 
 
+def test_split_takes_the_host_share_asked_for(tmp_path):
+    llama(tmp_path / "m")
+    plan = make_plan(open_checkpoint(tmp_path / "m"), fastfp8.LoadOptions.make(quantize_on="split"))
+    quantized = sum(j.nbytes for j in plan.jobs if j.quantized)
+    host_only = host_quant_specs(plan.jobs, fastfp8.LoadOptions.make(quantize_on="host"), "fp32",
+                                 torch.device("cpu"))
+    for share in (0.0, 0.1, 0.25, 0.75, 1.0):
+        opts = fastfp8.LoadOptions.make(quantize_on="split", host_share=share)
+        specs = host_quant_specs(plan.jobs, opts, "fp32", torch.device("cpu"))
+        host = sum(j.nbytes for j, s in zip(plan.jobs, specs, strict=True) if s)
+        assert abs(host - share * quantized) <= max(j.nbytes for j in plan.jobs), share
+        if share == 0:
+            assert not any(specs)
+        if share == 1:
+            assert specs == host_only
+
+
+def test_auto_resolves_by_device_threads_and_tensor_parallelism(tmp_path):
+    from fastfp8.host_quant import AUTO_HOST_SHARE, AUTO_SPLIT_MIN_THREADS, resolve_quantize_on
+
+    auto = fastfp8.LoadOptions.make()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    many, few = AUTO_SPLIT_MIN_THREADS, AUTO_SPLIT_MIN_THREADS - 1
+
+    def where(opts, dev, threads, tp=1):
+        o = resolve_quantize_on(opts, dev, threads, tp)
+        return o.quantize_on, o.host_share
+
+    assert where(auto, cpu, many) == ("host", AUTO_HOST_SHARE)
+    assert where(auto, gpu, many) == ("split", AUTO_HOST_SHARE)
+    assert where(auto, gpu, few) == ("device", AUTO_HOST_SHARE)
+    assert where(auto, gpu, many, tp=2) == ("device", AUTO_HOST_SHARE)  # alike on every rank
+    assert where(auto.replace(host_share=0.25), gpu, many) == ("split", 0.25)
+    for chosen in ("host", "device", "split"):  # what the caller chose stands
+        assert where(auto.replace(quantize_on=chosen), gpu, few, tp=2)[0] == chosen
+    llama(tmp_path / "m")
+    plan = make_plan(open_checkpoint(tmp_path / "m"), auto)
+    with pytest.raises(ValueError, match="resolve"):
+        host_quant_specs(plan.jobs, auto, "fp32", cpu)
+
+
+@pytest.mark.cuda
+def test_auto_on_a_gpu_splits_with_enough_readers(tmp_path):
+    from fastfp8.host_quant import AUTO_SPLIT_MIN_THREADS
+
+    llama(tmp_path / "m")
+    dev_state, _ = load(tmp_path / "m", "cuda", quantize_on="device")
+    state, stats = load(tmp_path / "m", "cuda", threads=AUTO_SPLIT_MIN_THREADS)
+    assert 0 < stats.host_quantized < stats.quantized
+    same_state(state, dev_state)
+    _, stats = load(tmp_path / "m", "cuda", threads=AUTO_SPLIT_MIN_THREADS - 1)
+    assert stats.host_quantized == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half"])
+def test_host_share_is_checked(bad):
+    with pytest.raises(ValueError, match="host_share"):
+        fastfp8.LoadOptions.make(quantize_on="split", host_share=bad)
+
+
 def test_split_counts_the_weights_only_the_device_can_do(tmp_path):
     from test_load import save, tiny
 
-    opts = fastfp8.LoadOptions.make(quantize_on="split")
+    opts = fastfp8.LoadOptions.make(quantize_on="split", host_share=0.5)
     # llama4's fused experts are stored [in, out] (the device transposes them): more bytes than
     # all the rest, so the host takes every other weight
     save(tiny("llama4"), tmp_path / "l4")

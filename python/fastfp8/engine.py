@@ -21,7 +21,8 @@ size when its first bytes arrive, so allocation overlaps with reading;
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
 the outputs plus two staging buffers of the largest job quantized.
 
-Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"`` on a CPU device): the
+Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"``: the host on a CPU
+device, a split on a GPU with enough cores): the
 reader threads quantize rows as they read them (:mod:`fastfp8.host_quant` says which and
 how). Tensor parallelism on the device path: row-parallel slices all-reduce their per-row
 amax (MAX) over the group on the compute stream (NCCL queues it there without blocking the
@@ -40,9 +41,17 @@ from dataclasses import dataclass, field
 import torch
 
 from . import host
-from .checkpoint import Checkpoint, ChunkReader
+from .checkpoint import Checkpoint, ChunkReader, default_reader_threads
 from .errors import NonFiniteWeightError
-from .host_quant import bytes_view, chunk_pieces, empty_slice_scales, host_quant_specs, reader_item, reduced_row_amax
+from .host_quant import (
+    bytes_view,
+    chunk_pieces,
+    empty_slice_scales,
+    host_quant_specs,
+    reader_item,
+    reduced_row_amax,
+    resolve_quantize_on,
+)
 from .options import LoadOptions
 from .plan import FP8, Job, Plan
 from .quant import quantize_channelwise, resolve_rounding
@@ -195,14 +204,17 @@ def reader_threads(options: LoadOptions) -> int | None:
 def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device,
                 rounding: str) -> tuple[ChunkReader, list, dict[int, torch.Tensor]]:
     """The reader of ``plan`` for ``device`` (``options.method`` resolved): which jobs the
-    reader threads quantize (``specs``, one per job, None for the device's), the all-reduced
+    reader threads quantize (``specs``, one per job, None for the device's; ``"auto"``
+    resolved by :func:`~fastfp8.host_quant.resolve_quantize_on`), the all-reduced
     row maxima of row-parallel ones (``amax``, by job index), and the :class:`ChunkReader`
     over every item, the caller's to close. :func:`run` consumes it; ``benches/bench_load.py``
     drains one with no copy or kernel behind it, to measure what the readers alone deliver."""
-    specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=plan.tp.size if plan.tp else 1)
+    tp_size = plan.tp.size if plan.tp else 1
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
     # count follows it) and the pinned ring (first touched here)
     with host.on_cpus(host.reader_cpus(device)):
+        options = resolve_quantize_on(options, device, reader_threads(options) or default_reader_threads(), tp_size)
+        specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=tp_size)
         amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
         items = [reader_item(name, segs, job, sp, amax.get(i))
                  for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
@@ -231,7 +243,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
     stats.method = options.method
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
-    flags: list[tuple[Job, torch.Tensor]] = []
+    flags: list[tuple[Job, torch.Tensor]] = []  # (job, its scales)
     try:
         if device.type == "cuda":
             yield from _run_cuda(reader, plan, specs, amax, options, device, sink, rounding, bar, stats, flags)
@@ -381,7 +393,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                         _quantize(job, staging[slot] if staging else torch.empty(0, dtype=torch.uint8, device=dev),
                                   outs, rounding, plan)
                         launch += clock() - t_launch
-                        flags.append((job, (~torch.isfinite(outs[1])).any()))
+                        flags.append((job, outs[1]))
                     finally:
                         torch.cuda.set_stream(copy_stream)
                     done.record(compute_stream)
@@ -390,7 +402,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     if spec is not None:
                         _fault("quantize", job)
                         empty_slice_scales(job, outs, amax.get(item), rounding)
-                        flags.append((job, (~torch.isfinite(outs[1])).any()))
+                        flags.append((job, outs[1]))
                     done.record(copy_stream)
                 caller.wait_event(done)
                 torch.cuda.set_stream(caller)
@@ -446,19 +458,25 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
             else:
                 _fault("quantize", job)
                 empty_slice_scales(job, outs, amax.get(item), rounding)
-            flags.append((job, (~torch.isfinite(outs[1])).any()))
+            flags.append((job, outs[1]))
         _fault("yield", job)
         yield job, outs
 
 
 def _non_finite(flags: list[tuple[Job, torch.Tensor]]) -> list[str]:
-    """Names of the source tensors with a NaN/Inf scale (one device sync)."""
+    """Names of the source tensors with a NaN/Inf scale, from every quantized job's scales
+    (kept by reference as each job ends: no kernel per job on the consumer thread's path),
+    checked once when the load has finished: one concatenation and one device sync."""
+    flags = [(job, s) for job, s in flags if s.numel()]
     if not flags:
         return []
-    bad = torch.stack([f for _, f in flags]).cpu().tolist()
+    bad = ~torch.isfinite(torch.cat([s.reshape(-1).float() for _, s in flags]))
+    if not bool(bad.any()):
+        return []
+    sizes = [s.numel() for _, s in flags]
     names: list[str] = []
-    for (job, _), b in zip(flags, bad, strict=True):
+    for (job, _), b in zip(flags, torch.split(bad, sizes), strict=True):
         n = job.target.source.name
-        if b and n not in names:
+        if bool(b.any()) and n not in names:
             names.append(n)
     return names

@@ -7,8 +7,9 @@ weights, column-parallel slices, row-parallel slices) as they read them, with th
 the device kernel would use, into the pinned slots; FP8 bytes and scales cross the bus (half
 the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts stored
 ``[in, out]`` (transposed on the device) are quantized on the device. With
-``quantize_on="split"`` the host takes about half of the quantized bytes and the device the
-rest (:func:`host_quant_specs`).
+``quantize_on="split"`` (``"auto"`` on a GPU with enough cores: :func:`resolve_quantize_on`)
+the host takes ``host_share`` of the quantized bytes and the device the rest
+(:func:`host_quant_specs`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax is
@@ -30,7 +31,7 @@ from .plan import Job, Plan
 from .quant import quantize_channelwise
 
 __all__ = ["bytes_view", "chunk_pieces", "empty_slice_scales", "host_quant_spec", "host_quant_specs", "reader_item",
-           "reduced_row_amax"]
+           "reduced_row_amax", "resolve_quantize_on"]
 
 
 def bytes_view(t: torch.Tensor) -> torch.Tensor:
@@ -45,8 +46,8 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
     """How the reader threads quantize ``job`` on the way (``(dtype, cols, rounding)``, the
     native reader's spec), or None where the device does it: weights whose rows are not
     whole in the file's order (fused experts stored ``[in, out]``), and every weight when
-    ``quantize_on="device"``, or ``"auto"`` on a GPU, or ``allow_non_finite`` (NaN/Inf rows
-    keep the kernel's bytes).
+    ``quantize_on="device"`` or ``allow_non_finite`` (NaN/Inf rows keep the kernel's bytes).
+    ``options.quantize_on`` is resolved (:func:`resolve_quantize_on`), never ``"auto"``.
 
     A row-parallel slice (``job.reduce``) gets its spec from what every rank shares (the
     options, the dtype, the layout), never from the rank's own slice, which may be empty
@@ -67,12 +68,42 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
     return dtype, cols, rounding
 
 
+#: ``quantize_on="split"``'s host share when ``host_share`` is not given, and what ``"auto"``
+#: takes on a GPU: the best of 0.1 - 0.5 on the H200 machine (54.1 GB/s at 0.4, 52.7 at 0.3,
+#: 51.7 at 0.5, 49.8 for the device alone; benches/results/logs/probe_split_h200.json)
+AUTO_HOST_SHARE = 0.4
+#: ``"auto"`` on a GPU splits only with at least this many reader threads: quantizing costs
+#: the readers' cores (8 threads on the H200 machine: 23 GB/s host-quantized, 29 device)
+AUTO_SPLIT_MIN_THREADS = 12
+
+
+def resolve_quantize_on(options: LoadOptions, device: torch.device, threads: int, tp_size: int = 1) -> LoadOptions:
+    """``options`` with ``quantize_on`` and ``host_share`` made explicit for a load onto
+    ``device`` by ``threads`` reader threads. ``"auto"``: ``"host"`` on the CPU; on a GPU
+    ``"split"`` at :data:`AUTO_HOST_SHARE` with at least :data:`AUTO_SPLIT_MIN_THREADS`
+    readers, else ``"device"``; under tensor parallelism (``tp_size > 1``) ``"device"``,
+    which every rank resolves alike whatever its own cores (a row-parallel slice's side
+    decides which collectives it takes part in)."""
+    where = options.quantize_on
+    if where == "auto":
+        if device.type != "cuda":
+            where = "host"
+        elif tp_size <= 1 and threads >= AUTO_SPLIT_MIN_THREADS:
+            where = "split"
+        else:
+            where = "device"
+    share = options.host_share if options.host_share is not None else AUTO_HOST_SHARE
+    if (where, share) == (options.quantize_on, options.host_share):
+        return options
+    return options.replace(quantize_on=where, host_share=share)
+
+
 def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
     """Whether the host may quantize ``job`` by what every rank shares (the options, the
     dtype, the layout), whatever this rank's slice holds."""
     where = options.quantize_on
     if where == "auto":
-        where = "device" if device.type == "cuda" else "host"
+        raise ValueError('quantize_on="auto" is resolved first (resolve_quantize_on)')
     if where == "device" or options.allow_non_finite:
         return False
     return job.quantized and not job.transpose and bool(job.shape) and job.dtype in _HOST_DTYPES
@@ -81,7 +112,9 @@ def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
 def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
                      device: torch.device, *, tp_size: int = 1) -> list[tuple[str, int, str] | None]:
     """:func:`host_quant_spec` of every job. ``quantize_on="split"``: the host takes enough of
-    the weights it can quantize that it quantizes about half of all the quantized bytes, the
+    the weights it can quantize that it quantizes ``options.host_share`` (by default
+    :data:`AUTO_HOST_SHARE`) of
+    all the quantized bytes, the
     weights only the device can do (fused experts stored ``[in, out]``) counted on the
     device's side; the eligible ones are dealt out in that proportion as they come, so that
     the two sides alternate through the load and both stay busy.
@@ -98,12 +131,13 @@ def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
         sizes = [_split_bytes(j, tp_size) for j in jobs]
         eligible = sum(n for n, c in zip(sizes, can, strict=True) if c)
         device_only = sum(n for j, n, c in zip(jobs, sizes, can, strict=True) if j.quantized and not c)
-        # the host's share of the eligible bytes: (eligible + device_only) / 2 of them
-        share = min(1.0, (eligible + device_only) / (2 * eligible)) if eligible else 0.0
+        # the host's share of the eligible bytes: host_share x (eligible + device_only) of them
+        wanted = options.host_share if options.host_share is not None else AUTO_HOST_SHARE
+        share = min(1.0, wanted * (eligible + device_only) / eligible) if eligible else 0.0
         on = {True: 0, False: 0}
         for i, (n, c) in enumerate(zip(sizes, can, strict=True)):
             if c:
-                on_host = on[True] * (1 - share) <= on[False] * share
+                on_host = share > 0 and on[True] * (1 - share) <= on[False] * share
                 on[on_host] += n
                 if not on_host:
                     specs[i] = None

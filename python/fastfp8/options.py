@@ -53,12 +53,17 @@ class LoadOptions:
     rounding: str = "auto"
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
     #: the bus, half the bytes), ``"device"`` (the device's kernel, after the copy),
-    #: ``"auto"``: ``"device"`` on a GPU (on the H200 machines the two measure within noise
-    #: of each other), ``"host"`` on the CPU; ``"split"``: half the quantized bytes each way
-    #: (the weights only the device can do counted on its side), tensor by tensor, so that the
-    #: cores and the bus are both busy (not yet measured on a GPU)
-    #: (:func:`fastfp8.host_quant.host_quant_specs`)
+    #: ``"split"``: ``host_share`` of the quantized bytes on the host (the weights only the
+    #: device can do counted on its side), tensor by tensor, so that the cores and the bus are
+    #: both busy (:func:`fastfp8.host_quant.host_quant_specs`); ``"auto"``: ``"host"`` on the
+    #: CPU, on a GPU ``"split"`` with 12 or more reader threads (the fastest on the H200
+    #: machine), else, and under tensor parallelism, ``"device"``
+    #: (:func:`fastfp8.host_quant.resolve_quantize_on`)
     quantize_on: str = "auto"
+    #: with ``quantize_on="split"``: the share of the quantized bytes the host takes (0 - 1;
+    #: the rest cross the bus in the checkpoint's dtype and the device quantizes them);
+    #: None: :data:`fastfp8.host_quant.AUTO_HOST_SHARE`, the best share measured
+    host_share: float | None = None
     allow_non_finite: bool = False
     #: a progress bar on stderr (None: when stderr is a terminal)
     progress: bool | None = None
@@ -77,6 +82,7 @@ class LoadOptions:
         method: str = "auto",
         rounding: str = "auto",
         quantize_on: str = "auto",
+        host_share: float | None = None,
         allow_non_finite: bool = False,
         progress: bool | None = None,
     ) -> LoadOptions:
@@ -103,6 +109,9 @@ class LoadOptions:
         _check_choice("quantize_on", quantize_on, QUANTIZE_ON)
         if progress is not None:
             _check_bool("progress", progress)
+        if host_share is not None and (isinstance(host_share, bool) or not isinstance(host_share, (int, float))
+                                       or not 0 <= host_share <= 1):
+            raise ValueError(f"host_share must be a number from 0 to 1, got {host_share!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         auto_budget, auto_chunk = host.default_staging(host.last_level_cache_bytes())
@@ -114,7 +123,8 @@ class LoadOptions:
         chunk = max(1, min(chunk, budget // 4))
         return cls(ignore=ignore, default_ignore=default_ignore, layout=layout, memory_budget=budget,
                    chunk_bytes=chunk, piece_bytes=_positive_bytes("piece_bytes", piece_bytes), threads=threads,
-                   method=method, rounding=rounding, quantize_on=quantize_on, allow_non_finite=allow_non_finite,
+                   method=method, rounding=rounding, quantize_on=quantize_on,
+                   host_share=None if host_share is None else float(host_share), allow_non_finite=allow_non_finite,
                    progress=progress)
 
     @classmethod
