@@ -300,41 +300,40 @@ def test_split_takes_the_host_share_asked_for(tmp_path):
             assert specs == host_only
 
 
-def test_auto_resolves_by_device_threads_and_tensor_parallelism(tmp_path):
-    from fastfp8.host_quant import AUTO_HOST_SHARE, AUTO_SPLIT_MIN_THREADS, resolve_quantize_on
+def test_auto_resolves_by_device():
+    from fastfp8.host_quant import DEFAULT_HOST_SHARE, resolve_quantize_on
 
     auto = fastfp8.LoadOptions.make()
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    many, few = AUTO_SPLIT_MIN_THREADS, AUTO_SPLIT_MIN_THREADS - 1
 
-    def where(opts, dev, threads, tp=1):
-        o = resolve_quantize_on(opts, dev, threads, tp)
+    def where(opts, dev):
+        o = resolve_quantize_on(opts, dev)
         return o.quantize_on, o.host_share
 
-    assert where(auto, cpu, many) == ("host", AUTO_HOST_SHARE)
-    assert where(auto, gpu, many) == ("split", AUTO_HOST_SHARE)
-    assert where(auto, gpu, few) == ("device", AUTO_HOST_SHARE)
-    assert where(auto, gpu, many, tp=2) == ("device", AUTO_HOST_SHARE)  # alike on every rank
-    assert where(auto.replace(host_share=0.25), gpu, many) == ("split", 0.25)
+    assert where(auto, cpu) == ("host", DEFAULT_HOST_SHARE)
+    assert where(auto, gpu) == ("device", DEFAULT_HOST_SHARE)
+    assert where(auto.replace(quantize_on="split", host_share=0.25), gpu) == ("split", 0.25)
     for chosen in ("host", "device", "split"):  # what the caller chose stands
-        assert where(auto.replace(quantize_on=chosen), gpu, few, tp=2)[0] == chosen
+        assert where(auto.replace(quantize_on=chosen), gpu)[0] == chosen
+        assert where(auto.replace(quantize_on=chosen), cpu)[0] == chosen
+
+
+def test_specs_want_a_resolved_choice(tmp_path):
+    auto = fastfp8.LoadOptions.make()
     llama(tmp_path / "m")
     plan = make_plan(open_checkpoint(tmp_path / "m"), auto)
     with pytest.raises(ValueError, match="resolve"):
-        host_quant_specs(plan.jobs, auto, "fp32", cpu)
+        host_quant_specs(plan.jobs, auto, "fp32", torch.device("cpu"))
 
 
 @pytest.mark.cuda
-def test_auto_on_a_gpu_splits_with_enough_readers(tmp_path):
-    from fastfp8.host_quant import AUTO_SPLIT_MIN_THREADS
-
+def test_default_split_on_a_gpu_matches_the_device(tmp_path):
     llama(tmp_path / "m")
-    dev_state, _ = load(tmp_path / "m", "cuda", quantize_on="device")
-    state, stats = load(tmp_path / "m", "cuda", threads=AUTO_SPLIT_MIN_THREADS)
+    dev_state, dev_stats = load(tmp_path / "m", "cuda")
+    assert dev_stats.host_quantized == 0  # "auto" on a GPU: the device
+    state, stats = load(tmp_path / "m", "cuda", quantize_on="split")  # DEFAULT_HOST_SHARE
     assert 0 < stats.host_quantized < stats.quantized
     same_state(state, dev_state)
-    _, stats = load(tmp_path / "m", "cuda", threads=AUTO_SPLIT_MIN_THREADS - 1)
-    assert stats.host_quantized == 0
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half"])

@@ -165,18 +165,24 @@ def test_source_dtypes_and_odd_shapes(tmp_path, dtype):
             assert same_bytes(state[name], w)
 
 
-def test_non_finite_weights_are_named(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_weights_are_named(tmp_path, device):
+    """Every weight's scales are checked once at the end, grouped by dtype (bf16, fp16 here)."""
     w = torch.randn(8, 16, dtype=torch.bfloat16)
     bad = w.clone()
     bad[3, 4] = float("nan")
     inf = w.clone()
     inf[0, 0] = float("inf")
-    save_file({"a.weight": w, "b.weight": bad, "c.weight": inf}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(fastfp8.NonFiniteWeightError, match=r"b\.weight.*c\.weight"):
-        fastfp8.load_quantized(tmp_path, device="cpu")
-    state = fastfp8.load_quantized(tmp_path, device="cpu", allow_non_finite=True)
-    assert state.stats.non_finite == ["b.weight", "c.weight"]
-    assert same_bytes(state["a.weight"], ct_quantize(w)[0])
+    half = w.to(torch.float16)
+    half_inf = half.clone()
+    half_inf[7, 15] = float("-inf")
+    save_file({"a.weight": w, "b.weight": bad, "c.weight": inf, "d.weight": half, "e.weight": half_inf},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(fastfp8.NonFiniteWeightError, match=r"b\.weight.*c\.weight.*e\.weight"):
+        fastfp8.load_quantized(tmp_path, device=device)
+    state = fastfp8.load_quantized(tmp_path, device=device, allow_non_finite=True)
+    assert state.stats.non_finite == ["b.weight", "c.weight", "e.weight"]
+    assert same_bytes(state["a.weight"], ct_quantize(w.to(device))[0])  # as compressed-tensors on that device
 
 
 def test_errors_name_file_and_tensor(tmp_path):

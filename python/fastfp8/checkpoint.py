@@ -233,12 +233,6 @@ def row_amax(ckpt: Checkpoint, items: Sequence[ItemSpec], *, threads: int | None
     return torch.frombuffer(bytearray(raw), dtype=torch.float32) if raw else torch.empty(0, dtype=torch.float32)
 
 
-def default_reader_threads() -> int:
-    """The reader's thread count when none is given: the CPUs the calling thread may run on
-    but one (left to the thread that consumes the chunks), at most 16."""
-    return _native.default_thread_count()
-
-
 class ChunkReader:
     """Low-level: byte chunks of planned items, in plan order, in a pooled host buffer.
 

@@ -21,8 +21,7 @@ size when its first bytes arrive, so allocation overlaps with reading;
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
 the outputs plus two staging buffers of the largest job quantized.
 
-Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"``: the host on a CPU
-device, a split on a GPU with enough cores): the
+Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"`` on a CPU device): the
 reader threads quantize rows as they read them (:mod:`fastfp8.host_quant` says which and
 how). Tensor parallelism on the device path: row-parallel slices all-reduce their per-row
 amax (MAX) over the group on the compute stream (NCCL queues it there without blocking the
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import host
-from .checkpoint import Checkpoint, ChunkReader, default_reader_threads
+from .checkpoint import Checkpoint, ChunkReader
 from .errors import NonFiniteWeightError
 from .host_quant import (
     bytes_view,
@@ -213,7 +212,7 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
     # count follows it) and the pinned ring (first touched here)
     with host.on_cpus(host.reader_cpus(device)):
-        options = resolve_quantize_on(options, device, reader_threads(options) or default_reader_threads(), tp_size)
+        options = resolve_quantize_on(options, device)
         specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=tp_size)
         amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
         items = [reader_item(name, segs, job, sp, amax.get(i))
@@ -466,17 +465,33 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
 def _non_finite(flags: list[tuple[Job, torch.Tensor]]) -> list[str]:
     """Names of the source tensors with a NaN/Inf scale, from every quantized job's scales
     (kept by reference as each job ends: no kernel per job on the consumer thread's path),
-    checked once when the load has finished: one concatenation and one device sync."""
+    checked once when the load has finished, on the host: a device's scales come over in
+    plain copies into one pinned buffer per dtype (no kernel, so none to load on a
+    process's first load), then one sync."""
     flags = [(job, s) for job, s in flags if s.numel()]
     if not flags:
         return []
-    bad = ~torch.isfinite(torch.cat([s.reshape(-1).float() for _, s in flags]))
-    if not bool(bad.any()):
-        return []
-    sizes = [s.numel() for _, s in flags]
+    by_dtype: dict[torch.dtype, list[tuple[Job, torch.Tensor]]] = {}
+    for job, s in flags:
+        by_dtype.setdefault(s.dtype, []).append((job, s))
+    bad_jobs: set[int] = set()
+    for dtype, group in by_dtype.items():
+        sizes = [s.numel() for _, s in group]
+        on_cuda = group[0][1].is_cuda
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=on_cuda)
+        for dst, (_, s) in zip(torch.split(host, sizes), group, strict=True):
+            dst.copy_(s.reshape(-1), non_blocking=on_cuda)
+        if on_cuda:
+            torch.cuda.synchronize(group[0][1].device)
+        finite = torch.isfinite(host)
+        if bool(finite.all()):
+            continue
+        for (job, _), f in zip(group, torch.split(finite, sizes), strict=True):
+            if not bool(f.all()):
+                bad_jobs.add(id(job))
     names: list[str] = []
-    for (job, _), b in zip(flags, torch.split(bad, sizes), strict=True):
+    for job, _ in flags:
         n = job.target.source.name
-        if bool(b.any()) and n not in names:
+        if id(job) in bad_jobs and n not in names:
             names.append(n)
     return names

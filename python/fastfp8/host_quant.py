@@ -7,9 +7,9 @@ weights, column-parallel slices, row-parallel slices) as they read them, with th
 the device kernel would use, into the pinned slots; FP8 bytes and scales cross the bus (half
 the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts stored
 ``[in, out]`` (transposed on the device) are quantized on the device. With
-``quantize_on="split"`` (``"auto"`` on a GPU with enough cores: :func:`resolve_quantize_on`)
-the host takes ``host_share`` of the quantized bytes and the device the rest
-(:func:`host_quant_specs`).
+``quantize_on="split"`` the host takes ``host_share`` of the quantized bytes and the device
+the rest (:func:`host_quant_specs`); ``"auto"`` is the device on a GPU
+(:func:`resolve_quantize_on`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax is
@@ -68,31 +68,22 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
     return dtype, cols, rounding
 
 
-#: ``quantize_on="split"``'s host share when ``host_share`` is not given, and what ``"auto"``
-#: takes on a GPU: the best of 0.1 - 0.5 on the H200 machine (54.1 GB/s at 0.4, 52.7 at 0.3,
-#: 51.7 at 0.5, 49.8 for the device alone; benches/results/logs/probe_split_h200.json)
-AUTO_HOST_SHARE = 0.4
-#: ``"auto"`` on a GPU splits only with at least this many reader threads: quantizing costs
-#: the readers' cores (8 threads on the H200 machine: 23 GB/s host-quantized, 29 device)
-AUTO_SPLIT_MIN_THREADS = 12
+#: ``quantize_on="split"``'s host share when ``host_share`` is not given: of 0.1 - 0.5, 0.4
+#: was the best on one H200 machine (54.1 GB/s, 51.7 at 0.5, 49.8 for the device alone) and
+#: within noise of the best split on another, where the device alone was faster (46.6 GB/s,
+#: 44.3 at 0.4, 46.4 at 0.3): benches/results/logs/probe_split_h200.json, benches/NOTES.md
+DEFAULT_HOST_SHARE = 0.4
 
 
-def resolve_quantize_on(options: LoadOptions, device: torch.device, threads: int, tp_size: int = 1) -> LoadOptions:
+def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptions:
     """``options`` with ``quantize_on`` and ``host_share`` made explicit for a load onto
-    ``device`` by ``threads`` reader threads. ``"auto"``: ``"host"`` on the CPU; on a GPU
-    ``"split"`` at :data:`AUTO_HOST_SHARE` with at least :data:`AUTO_SPLIT_MIN_THREADS`
-    readers, else ``"device"``; under tensor parallelism (``tp_size > 1``) ``"device"``,
-    which every rank resolves alike whatever its own cores (a row-parallel slice's side
-    decides which collectives it takes part in)."""
+    ``device``: ``"auto"`` is ``"host"`` on the CPU and ``"device"`` on a GPU (a split wins
+    on some hosts and loses on others: :data:`DEFAULT_HOST_SHARE`), the same on every
+    tensor-parallel rank (a row-parallel slice's side decides which collectives it joins)."""
     where = options.quantize_on
     if where == "auto":
-        if device.type != "cuda":
-            where = "host"
-        elif tp_size <= 1 and threads >= AUTO_SPLIT_MIN_THREADS:
-            where = "split"
-        else:
-            where = "device"
-    share = options.host_share if options.host_share is not None else AUTO_HOST_SHARE
+        where = "device" if device.type == "cuda" else "host"
+    share = options.host_share if options.host_share is not None else DEFAULT_HOST_SHARE
     if (where, share) == (options.quantize_on, options.host_share):
         return options
     return options.replace(quantize_on=where, host_share=share)
@@ -113,7 +104,7 @@ def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
                      device: torch.device, *, tp_size: int = 1) -> list[tuple[str, int, str] | None]:
     """:func:`host_quant_spec` of every job. ``quantize_on="split"``: the host takes enough of
     the weights it can quantize that it quantizes ``options.host_share`` (by default
-    :data:`AUTO_HOST_SHARE`) of
+    :data:`DEFAULT_HOST_SHARE`) of
     all the quantized bytes, the
     weights only the device can do (fused experts stored ``[in, out]``) counted on the
     device's side; the eligible ones are dealt out in that proportion as they come, so that
@@ -132,7 +123,7 @@ def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
         eligible = sum(n for n, c in zip(sizes, can, strict=True) if c)
         device_only = sum(n for j, n, c in zip(jobs, sizes, can, strict=True) if j.quantized and not c)
         # the host's share of the eligible bytes: host_share x (eligible + device_only) of them
-        wanted = options.host_share if options.host_share is not None else AUTO_HOST_SHARE
+        wanted = options.host_share if options.host_share is not None else DEFAULT_HOST_SHARE
         share = min(1.0, wanted * (eligible + device_only) / eligible) if eligible else 0.0
         on = {True: 0, False: 0}
         for i, (n, c) in enumerate(zip(sizes, can, strict=True)):

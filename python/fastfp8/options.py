@@ -56,13 +56,12 @@ class LoadOptions:
     #: ``"split"``: ``host_share`` of the quantized bytes on the host (the weights only the
     #: device can do counted on its side), tensor by tensor, so that the cores and the bus are
     #: both busy (:func:`fastfp8.host_quant.host_quant_specs`); ``"auto"``: ``"host"`` on the
-    #: CPU, on a GPU ``"split"`` with 12 or more reader threads (the fastest on the H200
-    #: machine), else, and under tensor parallelism, ``"device"``
-    #: (:func:`fastfp8.host_quant.resolve_quantize_on`)
+    #: CPU, ``"device"`` on a GPU (a split was 9% faster on one H200 machine and 5 - 9%
+    #: slower on another: :func:`fastfp8.host_quant.resolve_quantize_on`)
     quantize_on: str = "auto"
     #: with ``quantize_on="split"``: the share of the quantized bytes the host takes (0 - 1;
     #: the rest cross the bus in the checkpoint's dtype and the device quantizes them);
-    #: None: :data:`fastfp8.host_quant.AUTO_HOST_SHARE`, the best share measured
+    #: None: :data:`fastfp8.host_quant.DEFAULT_HOST_SHARE`, the best share measured
     host_share: float | None = None
     allow_non_finite: bool = False
     #: a progress bar on stderr (None: when stderr is a terminal)
