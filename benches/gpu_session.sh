@@ -4,7 +4,7 @@
 #   bash benches/gpu_session.sh STAGE [STAGE ...]
 #
 #   tests    every `cuda` test (pytest -m cuda, 6 workers when pytest-xdist
-#            is carried; failures rerun alone), log and JUnit XML       ~2-7 min on an H200
+#            is carried; failures rerun alone), log and JUnit XML       ~3 min on an H200 (6 workers)
 #   tune     the linear sweep, the selection table written from it and
 #            checked at every entry (tests/test_linear_table.py)         ~4-5 min
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
