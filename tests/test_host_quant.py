@@ -301,21 +301,17 @@ def test_split_takes_the_host_share_asked_for(tmp_path):
 
 
 def test_auto_resolves_by_device():
-    from fastfp8.host_quant import DEFAULT_HOST_SHARE, resolve_quantize_on
+    from fastfp8.host_quant import resolve_quantize_on
 
     auto = fastfp8.LoadOptions.make()
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-
-    def where(opts, dev):
-        o = resolve_quantize_on(opts, dev)
-        return o.quantize_on, o.host_share
-
-    assert where(auto, cpu) == ("host", DEFAULT_HOST_SHARE)
-    assert where(auto, gpu) == ("device", DEFAULT_HOST_SHARE)
-    assert where(auto.replace(quantize_on="split", host_share=0.25), gpu) == ("split", 0.25)
+    assert resolve_quantize_on(auto, cpu).quantize_on == "host"
+    assert resolve_quantize_on(auto, gpu).quantize_on == "device"
+    split = auto.replace(quantize_on="split", host_share=0.25)
+    assert resolve_quantize_on(split, gpu) == split
     for chosen in ("host", "device", "split"):  # what the caller chose stands
-        assert where(auto.replace(quantize_on=chosen), gpu)[0] == chosen
-        assert where(auto.replace(quantize_on=chosen), cpu)[0] == chosen
+        for dev in (cpu, gpu):
+            assert resolve_quantize_on(auto.replace(quantize_on=chosen), dev).quantize_on == chosen
 
 
 def test_specs_want_a_resolved_choice(tmp_path):

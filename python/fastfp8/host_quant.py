@@ -76,17 +76,13 @@ DEFAULT_HOST_SHARE = 0.4
 
 
 def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptions:
-    """``options`` with ``quantize_on`` and ``host_share`` made explicit for a load onto
-    ``device``: ``"auto"`` is ``"host"`` on the CPU and ``"device"`` on a GPU (a split wins
-    on some hosts and loses on others: :data:`DEFAULT_HOST_SHARE`), the same on every
-    tensor-parallel rank (a row-parallel slice's side decides which collectives it joins)."""
-    where = options.quantize_on
-    if where == "auto":
-        where = "device" if device.type == "cuda" else "host"
-    share = options.host_share if options.host_share is not None else DEFAULT_HOST_SHARE
-    if (where, share) == (options.quantize_on, options.host_share):
+    """``options`` with ``quantize_on`` made explicit for a load onto ``device``: ``"auto"``
+    is ``"host"`` on the CPU and ``"device"`` on a GPU (a split wins on some hosts and loses
+    on others: :data:`DEFAULT_HOST_SHARE`), the same on every tensor-parallel rank (a
+    row-parallel slice's side decides which collectives it joins)."""
+    if options.quantize_on != "auto":
         return options
-    return options.replace(quantize_on=where, host_share=share)
+    return options.replace(quantize_on="device" if device.type == "cuda" else "host")
 
 
 def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
@@ -103,12 +99,11 @@ def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
 def host_quant_specs(jobs: list[Job], options: LoadOptions, rounding: str,
                      device: torch.device, *, tp_size: int = 1) -> list[tuple[str, int, str] | None]:
     """:func:`host_quant_spec` of every job. ``quantize_on="split"``: the host takes enough of
-    the weights it can quantize that it quantizes ``options.host_share`` (by default
-    :data:`DEFAULT_HOST_SHARE`) of
-    all the quantized bytes, the
-    weights only the device can do (fused experts stored ``[in, out]``) counted on the
-    device's side; the eligible ones are dealt out in that proportion as they come, so that
-    the two sides alternate through the load and both stay busy.
+    the weights it can quantize that it quantizes ``options.host_share`` (None:
+    :data:`DEFAULT_HOST_SHARE`) of all the quantized bytes, the weights only the device can
+    do (fused experts stored ``[in, out]``) counted on the device's side; the eligible ones
+    are dealt out in that proportion as they come, so that the two sides alternate through
+    the load and both stay busy.
 
     The split is the same on every tensor-parallel rank (a row-parallel slice on the device
     on one rank and on the host on another would pair collectives wrongly): it weighs each
