@@ -14,8 +14,9 @@
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
 #   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
 #
-# Everything lands under $OUT (logs, JSON, markdown); a stage that fails is reported and
-# the next one still runs; the exit status says whether any failed. Run it on the device
+# Everything lands under $OUT (logs, JSON, markdown), and all of it again in $OUT/0-all.tgz
+# (only 8 files come back, the first by name); a stage that fails is reported and the next
+# one still runs; the exit status says whether any failed. Run it on the device
 # machine after carrying `.whl` and `.wheels` (benches/README.md), e.g.
 #   run(command="bash benches/gpu_session.sh tests modules", carry=[".whl", ".wheels"])
 set -uo pipefail
@@ -83,6 +84,9 @@ for s in "$@"; do
         echo "unknown stage: $s (tests, tune, modules, load, decode, tp)" >&2; failed+=("$s") ;;
     esac
 done
+# At most 8 files come back from $OUT, the first 8 by name: everything goes into one archive
+# named to sort first, so a stage's JSON left out of the 8 still comes back inside it.
+tar -czf "$OUT/0-all.tgz" -C "$OUT" --exclude=0-all.tgz . 2>/dev/null
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed stages: ${failed[*]}"
     exit 1
