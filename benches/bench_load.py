@@ -6,9 +6,8 @@ Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
 ``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
 
-fastfp8 runs with its defaults (``fastfp8``: on a GPU with 12 or more reader threads the
-host quantizes ``host_quant.AUTO_HOST_SHARE`` of the bytes, the device the rest), with the
-device quantizing every weight (``fastfp8_device``), the reader threads every one they can
+fastfp8 runs with its defaults (``fastfp8``: on a GPU the device quantizes every weight),
+with that named (``fastfp8_device``), the reader threads quantizing every weight they can
 (``fastfp8_host``), half the bytes each way (``fastfp8_split``), without merging ready chunks
 into one copy (``fastfp8_nomerge``), with ``mmap`` (also quantizing on the host straight from
 the page cache: ``fastfp8_mmap_host``), with a 256 MiB ring of 16 MiB chunks
@@ -49,7 +48,7 @@ COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
             # every chunk its own delivery (fastfp8.engine.MERGE_SHARE = 0), as before merging
             "fastfp8_nomerge": {"_merge_share": 0},
-            # half the quantized bytes each way (the default splits at host_quant.AUTO_HOST_SHARE)
+            # half the quantized bytes each way ("split" alone takes host_quant.DEFAULT_HOST_SHARE)
             "fastfp8_split": {"quantize_on": "split", "host_share": 0.5}, "fastfp8_mmap": {"method": "mmap"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"},
             # host quantization straight from the page cache (no copy into a scratch buffer)

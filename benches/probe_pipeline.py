@@ -35,7 +35,9 @@ def consumer_costs(chunk: int = 8 << 20, ring: int = 128 << 20, n: int = 512, ca
     each job (``engine._run_cuda``), alone on this machine: a chunk's copy queued (a slice
     of a pinned ring to the device, ``non_blocking``), with and without its event recorded;
     an event created; a 4096 x 4096 bf16 weight's outputs allocated, its quantization
-    launched, and its scales' non-finite flag. The copies' own rate comes with them."""
+    launched, and the per-weight non-finite flag (``isfinite``, ``~``, ``any``) the engine ran
+    until b0c5a3c, which now checks every scale once after the load. The copies' own rate
+    comes with them."""
     from fastfp8.quant import quantize_channelwise
 
     out: dict[str, float] = {}

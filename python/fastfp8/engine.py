@@ -478,12 +478,12 @@ def _non_finite(flags: list[tuple[Job, torch.Tensor]]) -> list[str]:
     for dtype, group in by_dtype.items():
         sizes = [s.numel() for _, s in group]
         on_cuda = group[0][1].is_cuda
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=on_cuda)
-        for dst, (_, s) in zip(torch.split(host, sizes), group, strict=True):
+        buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=on_cuda)
+        for dst, (_, s) in zip(torch.split(buf, sizes), group, strict=True):
             dst.copy_(s.reshape(-1), non_blocking=on_cuda)
         if on_cuda:
             torch.cuda.synchronize(group[0][1].device)
-        finite = torch.isfinite(host)
+        finite = torch.isfinite(buf)
         if bool(finite.all()):
             continue
         for (job, _), f in zip(group, torch.split(finite, sizes), strict=True):
