@@ -8,8 +8,9 @@ growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; media
 
 fastfp8 runs with its defaults (``fastfp8``: on a GPU the device quantizes every weight),
 with that named (``fastfp8_device``), the reader threads quantizing every weight they can
-(``fastfp8_host``), half the bytes each way (``fastfp8_split``), without merging ready chunks
-into one copy (``fastfp8_nomerge``), with ``mmap`` (also quantizing on the host straight from
+(``fastfp8_host``), a fixed split at ``host_quant.DEFAULT_HOST_SHARE`` (``fastfp8_split``),
+the threads deciding weight by weight (``fastfp8_adaptive``), merging ready chunks of a
+tensor into one copy as before 2026-11-30 (``fastfp8_merge``), with ``mmap`` (also quantizing on the host straight from
 the page cache: ``fastfp8_mmap_host``), with a 256 MiB ring of 16 MiB chunks
 (``fastfp8_ring256``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
 and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``). The
@@ -41,15 +42,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_host", "fastfp8_split", "fastfp8_nomerge", "fastfp8_mmap",
-           "fastfp8_mmap_host", "fastfp8_ring256"]
+FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_host", "fastfp8_split", "fastfp8_adaptive", "fastfp8_merge",
+           "fastfp8_mmap", "fastfp8_mmap_host", "fastfp8_ring256"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
-            # every chunk its own delivery (fastfp8.engine.MERGE_SHARE = 0), as before merging
-            "fastfp8_nomerge": {"_merge_share": 0},
-            # half the quantized bytes each way ("split" alone takes host_quant.DEFAULT_HOST_SHARE)
-            "fastfp8_split": {"quantize_on": "split", "host_share": 0.5}, "fastfp8_mmap": {"method": "mmap"},
+            # ready chunks of a tensor merged into deliveries of up to a quarter of the ring
+            # (fastfp8.engine.MERGE_SHARE = 4), the default until 2026-11-30
+            "fastfp8_merge": {"_merge_share": 4},
+            # a fixed split at host_quant.DEFAULT_HOST_SHARE
+            "fastfp8_split": {"quantize_on": "split"}, "fastfp8_adaptive": {"quantize_on": "adaptive"},
+            "fastfp8_mmap": {"method": "mmap"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"},
             # host quantization straight from the page cache (no copy into a scratch buffer)
             "fastfp8_mmap_host": {"method": "mmap", "quantize_on": "host"},
@@ -305,7 +308,8 @@ def disk_direct(paths: list[str], depth: int, limit: int, block: int = 4 << 20) 
 
 
 #: readers-alone ceilings: name -> LoadOptions fields (plus the run's budget and threads)
-READER_CEILINGS = {"pread": {"method": "pread"}, "pread_host": {"method": "pread", "quantize_on": "host"},
+READER_CEILINGS = {"pread": {"method": "pread", "quantize_on": "device"},
+                   "pread_host": {"method": "pread", "quantize_on": "host"},
                    "mmap_host": {"method": "mmap", "quantize_on": "host"}}
 
 
@@ -522,7 +526,8 @@ def main(argv=None) -> int:
         "fastfp8_host_warm_gbps": best("warm", {"fastfp8_host"})[0],
         "fastfp8_device_warm_gbps": best("warm", {"fastfp8_device"})[0],
         "fastfp8_split_warm_gbps": best("warm", {"fastfp8_split"})[0],
-        "fastfp8_nomerge_warm_gbps": best("warm", {"fastfp8_nomerge"})[0],
+        "fastfp8_adaptive_warm_gbps": best("warm", {"fastfp8_adaptive"})[0],
+        "fastfp8_merge_warm_gbps": best("warm", {"fastfp8_merge"})[0],
         "fastfp8_mmap_host_warm_gbps": best("warm", {"fastfp8_mmap_host"})[0],
         "fastfp8_ring256_warm_gbps": best("warm", {"fastfp8_ring256"})[0],
         "fastfp8_direct_cold_gbps": best("cold", {"fastfp8_direct"})[0],

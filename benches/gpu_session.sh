@@ -5,12 +5,14 @@
 #
 #   tests    every `cuda` test (pytest -m cuda, 6 workers when pytest-xdist
 #            is carried; failures rerun alone), log and JUnit XML       ~3 min on an H200 (6 workers)
+#            (TEST_PATHS="tests/test_a.py ...": those files only)
 #   tune     the linear sweep, the selection table written from it and
 #            checked at every entry (tests/test_linear_table.py)         ~4-5 min
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
 #   load     a Llama-3-8B-shaped checkpoint, then bench_load.py (warm and
-#            cold, every peer, the ceilings), then probe_pipeline.py (the
-#            consumer's costs per step, copy-only loads)                  ~6 min
+#            cold, every peer, the ceilings; LOAD_SWEEP="": no thread sweep) ~6 min
+#   probe    probe_pipeline.py: the engine's consumer variants, round robin, and a
+#            process's first load (fresh processes)                       ~4 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
 #   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
 #
@@ -48,7 +50,7 @@ for s in "$@"; do
         workers=()
         python3 -c "import xdist" 2>/dev/null && workers=(-n "${FASTFP8_TEST_WORKERS:-6}")
         stage cuda_tests 540 python3 -m pytest -q -m cuda -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
-            --junitxml="$OUT/cuda_tests.xml" tests
+            --junitxml="$OUT/cuda_tests.xml" ${TEST_PATHS:-tests}
         if [ "${failed[*]: -1}" = cuda_tests ] && [ ${#workers[@]} -gt 0 ] && [ -f "$OUT/cuda_tests.xml" ]; then
             stage cuda_tests_rerun 300 python3 benches/rerun_failed.py "$OUT/cuda_tests.xml" \
                 --junitxml "$OUT/cuda_tests_rerun.xml" &&
@@ -67,9 +69,18 @@ for s in "$@"; do
         [ -f "$CKPT/model.safetensors.index.json" ] ||
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
-        stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" --sweep-threads 8,12,16
-        stage probe_pipeline 120 python3 benches/probe_pipeline.py "$CKPT" --out "$OUT/probe_pipeline_$GPU.json" \
-            --repeat 5 --variants "default,quantize_on=device,quantize_on=split host_share=0.3,quantize_on=split host_share=0.5,threads=8,quantize_on=split host_share=0.4 threads=8,no quant (copy only)" ;;
+        sweep=${LOAD_SWEEP-8,12,16}
+        stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" \
+            ${sweep:+--sweep-threads "$sweep"} ;;
+    probe)
+        # the consumer's variants against each other, round robin, caches emptied as in
+        # bench_load.py; then a process's first load in fresh processes
+        [ -f "$CKPT/model.safetensors.index.json" ] ||
+            stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
+        sync
+        stage probe_pipeline 300 python3 benches/probe_pipeline.py "$CKPT" --out "$OUT/probe_consumer_$GPU.json" \
+            --repeat "${PROBE_REPEAT:-5}" --empty-cache --first-load "default,FASTFP8_PINNED=cuda" \
+            --variants "${PROBE_VARIANTS:-default,quantize_on=device,engine.DRIVER_COPY=0 engine.MERGE_SHARE=4 engine.RESERVE_OUTPUTS=0 quantize_on=device,quantize_on=split host_share=0.2,quantize_on=split host_share=0.4,no quant (copy only)}" ;;
     decode)
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
         [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"
@@ -81,7 +92,7 @@ for s in "$@"; do
         stage load_tp 480 env NCCL_NVLS_ENABLE=0 python3 benches/bench_load_tp.py "$CKPT" --tp 1,2 \
             --out "$OUT/load_tp_${GPU}x$(nvidia-smi -L | wc -l).json" ;;
     *)
-        echo "unknown stage: $s (tests, tune, modules, load, decode, tp)" >&2; failed+=("$s") ;;
+        echo "unknown stage: $s (tests, tune, modules, load, probe, decode, tp)" >&2; failed+=("$s") ;;
     esac
 done
 # At most 8 files come back from $OUT, the first 8 by name: everything goes into one archive

@@ -6,11 +6,13 @@ writes JSON (``--out``). Not a benchmark against peers: see bench_load.py for th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 
 import fastfp8
+import fastfp8.engine
 import torch
 
 
@@ -89,12 +91,16 @@ def consumer_costs(chunk: int = 8 << 20, ring: int = 128 << 20, n: int = 512, ca
 
 def parse_variant(name: str) -> dict:
     """A variant not in the table, written as ``load_quantized`` keywords: ``"quantize_on=split
-    host_share=0.4 threads=14"`` (numbers parsed, anything else a string)."""
+    host_share=0.4 threads=14"`` (numbers parsed, ``None`` is None, anything else a string);
+    ``engine.NAME=value`` sets a constant of :mod:`fastfp8.engine` for the variant's loads
+    (``engine.RESERVE_OUTPUTS=0``, ``engine.DRIVER_COPY=0``)."""
     kw = {}
     for tok in name.split():
         key, sep, val = tok.partition("=")
         if not sep:
             raise SystemExit(f"variant {name!r}: {tok!r} is not key=value")
+        if key.startswith("engine.") and not hasattr(fastfp8.engine, key[len("engine."):]):
+            raise SystemExit(f"variant {name!r}: fastfp8.engine has no {key[len('engine.'):]}")
         for conv in (int, float):
             try:
                 kw[key] = conv(val)
@@ -102,8 +108,81 @@ def parse_variant(name: str) -> dict:
             except ValueError:
                 pass
         else:
-            kw[key] = val
+            kw[key] = None if val == "None" else val
     return kw
+
+
+@contextlib.contextmanager
+def engine_constants(kw: dict):
+    """The ``engine.NAME`` entries of ``kw`` set on :mod:`fastfp8.engine` meanwhile; yields
+    the rest (``load_quantized``'s keywords)."""
+    consts = {k[len("engine."):]: v for k, v in kw.items() if k.startswith("engine.")}
+    saved = {k: getattr(fastfp8.engine, k) for k in consts}
+    for k, v in consts.items():
+        setattr(fastfp8.engine, k, v)
+    try:
+        yield {k: v for k, v in kw.items() if not k.startswith("engine.")}
+    finally:
+        for k, v in saved.items():
+            setattr(fastfp8.engine, k, v)
+
+
+_FIRST_LOAD = """
+import json, sys, time, torch, fastfp8
+from fastfp8.quant import quantize_channelwise
+torch.cuda.init(); torch.empty(1, device="cuda")  # the CUDA context is not the load's
+out = []
+if sys.argv[2] == "launches":  # the first quantization launch of each Llama-3-8B shape, then the next
+    for shape in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (4096, 4096)]:
+        w = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        q = torch.empty(shape, dtype=torch.float8_e4m3fn, device="cuda")
+        s = torch.empty(shape[0], 1, dtype=torch.bfloat16, device="cuda")
+        ms = []
+        for _ in range(2):
+            torch.cuda.synchronize(); t = time.perf_counter()
+            quantize_channelwise(w, out=q, scale_out=s, check_finite=False)
+            ms.append((time.perf_counter() - t) * 1e3)
+        out.append({"shape": shape, "first_ms": ms[0], "next_ms": ms[1]})
+else:
+    for _ in range(2):
+        s = fastfp8.load_quantized(sys.argv[1], device="cuda", progress=False).stats
+        out.append({"seconds": s.seconds, "phases": s.phases})
+print(json.dumps(out))
+"""
+
+
+def first_loads(ckpt: str, nbytes: int, envs: list[str]) -> list[dict]:
+    """A process's first load and its second, in a fresh process per environment (what a
+    server sees: the staging ring pinned, the kernels loaded, all for the first time); and
+    in one more fresh process, the first quantization launch of each Llama-3-8B shape."""
+    import os
+    import subprocess
+    import sys
+
+    def fresh(env: str, what: str):
+        extra = dict(kv.split("=", 1) for kv in env.split() if "=" in kv)
+        run = subprocess.run([sys.executable, "-c", _FIRST_LOAD, ckpt, what], env={**os.environ, **extra},
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode:
+            print(f"first {what} [{env}] failed: {run.stderr[-2000:]}", flush=True)
+            return None
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    launches = fresh(envs[0], "launches")
+    rows = [{"variant": "first quantization launches", "launches": launches}] if launches else []
+    for r in launches or []:
+        print(f"first launch {tuple(r['shape'])}: {r['first_ms']:.1f} ms, then {r['next_ms']:.2f} ms", flush=True)
+    for env in envs:
+        if (got := fresh(env, "loads")) is None:
+            continue
+        first, second = got
+        for which, r in (("first", first), ("second", second)):
+            rows.append({"variant": f"{which} load [{env}]", "seconds": r["seconds"],
+                         "gbps": nbytes / r["seconds"] / 1e9, "phases": r["phases"]})
+            ph = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in r["phases"].items())
+            print(f"{which} load [{env}] {r['seconds']:.3f} s {nbytes / r['seconds'] / 1e9:6.2f} GB/s  {ph}",
+                  flush=True)
+    return rows
 
 
 def main() -> None:
@@ -114,6 +193,8 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated names from the table, or load_quantized "
                     "keywords (\"quantize_on=split host_share=0.4\")")
     ap.add_argument("--empty-cache", action="store_true", help="free cached GPU memory before each load")
+    ap.add_argument("--first-load", default="", help="comma-separated environments (\"default\", "
+                    "\"FASTFP8_PINNED=thp\") to time a process's first and second load in, each in a fresh process")
     args = ap.parse_args()
     rows = [{"variant": "h2d pinned 64MiB chunks", "gbps": h2d_ceiling()}]
     print(f"h2d ceiling {rows[0]['gbps']:.1f} GB/s", flush=True)
@@ -151,23 +232,31 @@ def main() -> None:
     }
     if args.variants:
         variants = {k: variants[k] if k in variants else parse_variant(k) for k in args.variants.split(",")}
+    if args.first_load:
+        rows += first_loads(args.ckpt, ckpt.nbytes, args.first_load.split(","))
     fastfp8.load_quantized(ckpt, **base)  # warm: kernels, pinned pool, page cache
-    for name, kw in variants.items():
-        times, phases = [], []
-        for _ in range(args.repeat):
+    # round robin (each round loads every variant once): drift over the run (the page cache,
+    # the clocks, a neighbour) falls on every variant alike
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    phases: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeat):
+        for name, kw in variants.items():
             torch.cuda.synchronize()
             if args.empty_cache:
                 torch.cuda.empty_cache()
-            out = fastfp8.load_quantized(ckpt, **base, **kw)
-            times.append(out.stats.seconds)
-            phases.append(out.stats.phases)
+            with engine_constants(kw) as load_kw:
+                out = fastfp8.load_quantized(ckpt, **base, **load_kw)
+            times[name].append(out.stats.seconds)
+            phases[name].append(out.stats.phases)
             del out
-        i = times.index(statistics.median(times))
-        row = {"variant": name, "seconds": times[i], "gbps": ckpt.nbytes / times[i] / 1e9,
-               "phases": phases[i], "times": times}
+    for name in variants:
+        ts = times[name]
+        i = ts.index(statistics.median(ts))
+        row = {"variant": name, "seconds": ts[i], "gbps": ckpt.nbytes / ts[i] / 1e9,
+               "phases": phases[name][i], "times": ts}
         rows.append(row)
-        ph = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in phases[i].items())
-        print(f"{name:24s} {times[i]:.3f} s {row['gbps']:6.2f} GB/s  {ph}", flush=True)
+        ph = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in phases[name][i].items())
+        print(f"{name:24s} {ts[i]:.3f} s {row['gbps']:6.2f} GB/s  {ph}", flush=True)
     with open(args.out, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "checkpoint_bytes": ckpt.nbytes, "consumer_costs": costs,
                    "rows": rows}, f, indent=1)

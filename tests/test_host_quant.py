@@ -6,6 +6,7 @@ whole loads equal byte for byte to the device path."""
 from __future__ import annotations
 
 import json
+import time
 
 import fastfp8
 import pytest
@@ -309,7 +310,7 @@ def test_auto_resolves_by_device():
     assert resolve_quantize_on(auto, gpu).quantize_on == "device"
     split = auto.replace(quantize_on="split", host_share=0.25)
     assert resolve_quantize_on(split, gpu) == split
-    for chosen in ("host", "device", "split"):  # what the caller chose stands
+    for chosen in ("host", "device", "split", "adaptive"):  # what the caller chose stands
         for dev in (cpu, gpu):
             assert resolve_quantize_on(auto.replace(quantize_on=chosen), dev).quantize_on == chosen
 
@@ -323,13 +324,41 @@ def test_specs_want_a_resolved_choice(tmp_path):
 
 
 @pytest.mark.cuda
-def test_default_split_on_a_gpu_matches_the_device(tmp_path):
+def test_defaults_on_a_gpu_match_the_device(tmp_path):
+    """"auto" on a GPU is the device; adaptive (the reader threads decide weight by weight)
+    and a split at DEFAULT_HOST_SHARE load the device's bytes."""
     llama(tmp_path / "m")
     dev_state, dev_stats = load(tmp_path / "m", "cuda")
-    assert dev_stats.host_quantized == 0  # "auto" on a GPU: the device
-    state, stats = load(tmp_path / "m", "cuda", quantize_on="split")  # DEFAULT_HOST_SHARE
+    assert dev_stats.host_quantized == 0
+    state, stats = load(tmp_path / "m", "cuda", quantize_on="adaptive")
+    assert 0 <= stats.host_quantized <= stats.quantized
+    same_state(state, dev_state)
+    state, stats = load(tmp_path / "m", "cuda", quantize_on="split")
     assert 0 < stats.host_quantized < stats.quantized
     same_state(state, dev_state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_adaptive_takes_both_sides_and_matches_the_device(tmp_path, monkeypatch, device, dtype):
+    """``quantize_on="adaptive"``: the reader threads quantize the weights they reach ahead
+    of a slow consumer, and leave the others to the device kernel; the bytes are the
+    device's either way, and ``host_quantized`` counts the ones the threads took."""
+    from fastfp8 import engine
+    from test_load import save, tiny
+
+    save(tiny("llama", dtype), tmp_path / "m", shard="200KB")
+    want, _ = load(tmp_path / "m", device, quantize_on="device")
+
+    def slow(point, job):
+        if point == "yield":
+            time.sleep(0.01)  # the consumer falls behind: the threads get ahead of it
+
+    monkeypatch.setattr(engine, "FAULT_HOOK", slow)
+    state, stats = load(tmp_path / "m", device, quantize_on="adaptive", memory_budget="128KiB",
+                        chunk_bytes="16KiB")
+    same_state(state, want)
+    assert 0 < stats.host_quantized < stats.quantized, (stats.host_quantized, stats.quantized)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half"])

@@ -240,3 +240,54 @@ def test_cuda_peak_memory_is_bounded(tmp_path):
     for name in tensors:
         if name.startswith("l"):
             check_linear(state, tensors, name, "cuda")
+
+
+@pytest.mark.cuda
+def test_reserve_device_memory_serves_large_outputs_from_one_segment():
+    """``reserve_device_memory``: one cached segment that the large-pool tensors of the given
+    sizes then come from (no segment added while they are allocated); nothing to do when
+    none is large, or when the cache already holds that much free memory."""
+    from fastfp8.engine import reserve_device_memory
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    sizes = [3 << 20, (5 << 20) + 7, 100, 1 << 20, (64 << 20) + 513]
+    assert not reserve_device_memory(dev, [100, 1 << 20])
+    assert reserve_device_memory(dev, sizes)
+    segments = torch.cuda.memory_stats(dev)["segment.large_pool.current"]
+    reserved = torch.cuda.memory_reserved(dev)
+    kept = [torch.empty(n, dtype=torch.uint8, device=dev) for n in sizes if n > 1 << 20]
+    assert torch.cuda.memory_stats(dev)["segment.large_pool.current"] == segments
+    assert torch.cuda.memory_reserved(dev) == reserved
+    del kept
+    assert not reserve_device_memory(dev, sizes)  # cached and free already
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("reserve", "driver_copy", "merge"), [(True, True, 0), (False, False, 0), (True, False, 4),
+                                                               (False, True, 4)])
+@pytest.mark.parametrize("quantize_on", ["device", "host", "split", "adaptive"])
+def test_cuda_consumer_variants_give_the_same_bytes(tmp_path, monkeypatch, reserve, driver_copy, merge, quantize_on):
+    """The consumer's variants (outputs reserved up front or not; copies queued through the
+    driver or by torch; ready chunks merged or not) load the same bytes, whichever side
+    quantizes."""
+    from fastfp8 import engine
+
+    monkeypatch.setattr(engine, "RESERVE_OUTPUTS", reserve)
+    monkeypatch.setattr(engine, "DRIVER_COPY", driver_copy)
+    monkeypatch.setattr(engine, "MERGE_SHARE", merge)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"l{i}.proj.weight": torch.randn(768, 1536, generator=gen).to(torch.bfloat16) for i in range(6)}
+    tensors["embed_tokens.weight"] = torch.randn(2048, 768, generator=gen).to(torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    torch.cuda.empty_cache()
+    state = fastfp8.load_quantized(tmp_path, device="cuda", memory_budget="4MiB", chunk_bytes="512KiB",
+                                   quantize_on=quantize_on)
+    for name in tensors:
+        if name.startswith("l"):
+            check_linear(state, tensors, name, "cuda")
+    assert same_bytes(state["embed_tokens.weight"], tensors["embed_tokens.weight"])
+    assert state.stats.phases["room_wait"] >= 0
+    if quantize_on != "adaptive":  # adaptive: the threads decide, either way
+        assert (state.stats.host_quantized > 0) == (quantize_on != "device")

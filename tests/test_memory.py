@@ -120,3 +120,39 @@ def test_retain_nests_and_frees_at_the_outermost_exit():
     del buf
     gc.collect()
     assert pool.idle_bytes() == 0 and pool.live_bytes() == 0 and not pool.retaining
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["thp", "cuda", "thp-fails"])
+def test_pinned_staging_by_each_way(monkeypatch, mode):
+    """Pinned staging memory: on transparent huge pages registered with CUDA (the default),
+    from torch's pinned allocator (``FASTFP8_PINNED=cuda``, or where registering fails):
+    page-locked either way, so that copies from it are asynchronous and exact, and freed
+    after its release."""
+    from fastfp8 import pinned
+
+    calls = []
+    real = pinned._huge_registered
+
+    def huge(size):
+        calls.append(size)
+        if mode == "thp-fails":
+            raise RuntimeError("cudaHostRegister: not permitted")
+        return real(size)
+
+    monkeypatch.setattr(pinned, "_huge_registered", huge)
+    monkeypatch.setenv("FASTFP8_PINNED", "cuda" if mode == "cuda" else "thp")
+    _settle()
+    before = POOL.stats()["live"]
+    buf = POOL.acquire(6 * MiB, pin=True)
+    assert buf.is_pinned() and buf.numel() == 6 * MiB
+    assert calls == ([] if mode == "cuda" else [6 * MiB])
+    buf.copy_(torch.randint(0, 256, (6 * MiB,), dtype=torch.uint8))
+    dev = torch.empty(6 * MiB, dtype=torch.uint8, device="cuda")
+    dev.copy_(buf, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(dev.cpu(), buf)
+    POOL.release(buf)
+    del buf
+    _settle()
+    assert POOL.stats()["live"] == before

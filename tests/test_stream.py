@@ -80,6 +80,24 @@ def test_ready_chunks_merge_for_a_slow_consumer(ckpt):
         assert bytes(out[n]) == t.numpy().tobytes(), n
 
 
+def test_room_wait_counts_threads_idle_for_a_full_ring(ckpt):
+    """``room_wait_ns``: the threads' idle time while the ring is full and chunks are left to
+    read (a consumer that holds its chunks); none when it releases at once into a ring
+    that holds everything."""
+    ckpt, _ = ckpt
+    items = [(n, [(0, ckpt.info(n).begin, ckpt.info(n).nbytes)]) for n in ("t4", "t5")]
+    with ChunkReader(ckpt, items, memory_budget=131_072, chunk_bytes=65_536, threads=2) as r:
+        while (d := r.next()) is not None:
+            time.sleep(0.01)  # holds the chunk: the other one fits, the next does not
+            r.release(d[2], d[3])
+        held = r.stats()["room_wait_ns"]
+    assert held >= 5_000_000 * 2, held  # most of each 10 ms, on each thread, many times
+    with ChunkReader(ckpt, items, memory_budget="16MiB", chunk_bytes=None, threads=2) as r:
+        while (d := r.next()) is not None:
+            r.release(d[2], d[3])
+        assert r.stats()["room_wait_ns"] == 0
+
+
 def test_tensor_over_budget_names_it(ckpt):
     ckpt, _ = ckpt
     with pytest.raises(fastfp8.BudgetError, match=r"\"t1\" needs .* budget"):

@@ -248,7 +248,10 @@ class ChunkReader:
     ``merge_bytes > 0``: consecutive chunks of one item that are already read when the first
     is asked for, and lie back to back in the buffer, come as one delivery of up to that
     many bytes (not for host-quantized items), so a consumer slower than the threads makes
-    fewer, larger copies; each delivery is still released whole. Close
+    fewer, larger copies; each delivery is still released whole. ``optional``: indices of
+    quantized items (with no given amax) that the threads may read plain instead, deciding as
+    they reach each one (quantized while they are ahead of the consumer): :meth:`quantized`
+    says which, before the item's first delivery. Close
     it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
     ``close`` joins them even while another thread is inside ``next()`` (which then raises
     :class:`~fastfp8.errors.CancelledError`).
@@ -266,6 +269,7 @@ class ChunkReader:
         piece_bytes: int = 4 << 20,
         pin: bool | None = None,
         merge_bytes: int = 0,
+        optional: Sequence[int] = (),
     ) -> None:
         budget = parse_bytes(memory_budget)
         if budget <= 0:
@@ -278,12 +282,14 @@ class ChunkReader:
             self._native = _native.Reader(
                 ckpt._native, items, self.buffer, self.buffer.data_ptr(), budget,
                 chunk_bytes=chunk_bytes, threads=threads, piece_bytes=piece_bytes,
-                method=method, merge_bytes=merge_bytes,
+                method=method, merge_bytes=merge_bytes, optional=list(optional),
             )
         except BaseException:
             POOL.release(self.buffer)
             raise
         self._closed = False
+        #: the items whose quantization the threads decide (:meth:`quantized`)
+        self.optional = frozenset(optional)
         self._held = 0  # delivered, unreleased chunks
         self._final_stats: dict[str, int] | None = None
 
@@ -292,6 +298,12 @@ class ChunkReader:
         if d is not None and d[3] > 0:
             self._held += 1
         return d
+
+    def quantized(self, item: int) -> bool | None:
+        """Whether item ``item`` comes quantized (e4m3 bytes and scales per chunk): as given,
+        or for an ``optional`` one as the threads decided on reaching it, before its first
+        delivery (None until then)."""
+        return self._native.quantized(item)
 
     def view(self, buf_offset: int, nbytes: int) -> torch.Tensor:
         if self._closed:
@@ -304,12 +316,14 @@ class ChunkReader:
             self._held -= 1
 
     def stats(self) -> dict[str, int]:
-        """``budget``, ``peak_in_flight`` (bytes), ``bytes_read``, ``threads``."""
+        """``budget``, ``peak_in_flight`` (bytes), ``bytes_read``, ``threads``,
+        ``room_wait_ns`` (the threads' time idle, summed, while the ring was full: waiting
+        for the consumer to release chunks)."""
         if self._final_stats is not None:
             return dict(self._final_stats)
         st = self._native.stats()
         return {"budget": st.budget, "peak_in_flight": st.peak_in_flight,
-                "bytes_read": st.bytes_read, "threads": st.threads}
+                "bytes_read": st.bytes_read, "threads": st.threads, "room_wait_ns": st.room_wait_ns}
 
     def close(self) -> None:
         """Stops and joins the threads, then gives the buffer back to the pool. Idempotent."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import host
+from . import driver_copy, host
 from .checkpoint import Checkpoint, ChunkReader
 from .errors import NonFiniteWeightError
 from .host_quant import (
@@ -47,6 +47,7 @@ from .host_quant import (
     chunk_pieces,
     empty_slice_scales,
     host_quant_specs,
+    optional_items,
     reader_item,
     reduced_row_amax,
     resolve_quantize_on,
@@ -93,7 +94,8 @@ class LoadStats:
     #: outputs' allocation at each job's first chunk), "release" (finished copies' chunks
     #: handed back to the reader, "copy_wait" included),
     #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
-    #: the finiteness check)
+    #: the finiteness check); "room_wait": the reader threads' time idle for want of room
+    #: in the ring (the consumer had not released enough), per thread
     phases: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -127,6 +129,13 @@ class StateSink:
         self.device = device
         self.state: dict[str, torch.Tensor] = {}
 
+    def reserve(self, plan: Plan) -> None:
+        """On CUDA, before the first output: :func:`reserve_device_memory` for every
+        output of ``plan`` that torch's caching allocator takes from its large pool, so that
+        the load allocates them from one segment instead of one ``cudaMalloc`` each."""
+        if self.device.type == "cuda" and RESERVE_OUTPUTS:
+            reserve_device_memory(self.device, [o.nbytes for o in plan.state_outputs()])
+
     def outputs(self, job: Job) -> list[torch.Tensor]:
         t = job.target
         if job.first:
@@ -147,12 +156,57 @@ class StreamSink:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    def reserve(self, plan: Plan) -> None:
+        """Nothing: the caller frees each job's tensors as it goes."""
+
     def outputs(self, job: Job) -> list[torch.Tensor]:
         if not job.quantized:
             return [torch.empty(job.shape, dtype=job.dtype, device=self.device)]
         shape = job.quantized_shape()
         return [torch.empty(shape, dtype=FP8, device=self.device),
                 torch.empty((shape[0], 1), dtype=job.dtype, device=self.device)]
+
+
+#: :meth:`StateSink.reserve` on (tests and ``benches/probe_pipeline.py`` turn it off)
+RESERVE_OUTPUTS = True
+
+#: torch's caching allocator serves requests above this from its large pool (``kSmallSize``),
+#: in multiples of 512 bytes (``kMinBlockSize``)
+_SMALL_POOL_MAX = 1 << 20
+_BLOCK = 512
+
+
+def reserve_device_memory(device: torch.device, sizes: list[int]) -> bool:
+    """Makes torch's caching allocator hold one free segment large enough for the tensors
+    of ``sizes`` that come from its large pool (one ``cudaMalloc``, freed back into its
+    cache on the current stream), so that allocating them one by one finds cached memory
+    instead of calling ``cudaMalloc`` for each: on an H200 that took 45 - 50 ms of a 0.34 s
+    load of a 16 GB checkpoint (``stats.phases["alloc"]``). Peak memory is unchanged (the
+    segment is what the tensors take anyway). Does nothing, and returns False, when torch's
+    native allocator is not in use, when its cache already holds that much free memory, or
+    when the device has not that much free memory to spare (the tensors are then allocated
+    one by one as before)."""
+    total = sum(-(-n // _BLOCK) * _BLOCK for n in sizes if n > _SMALL_POOL_MAX)
+    if not total:
+        return False
+    try:
+        if torch.cuda.memory.get_allocator_backend() != "native":
+            return False
+        cached_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if cached_free >= total:
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        if free < total + RESERVE_HEADROOM:
+            return False
+        block = torch.empty(total, dtype=torch.uint8, device=device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError):
+        return False
+    del block
+    return True
+
+
+#: device memory :func:`reserve_device_memory` leaves free beside its segment
+RESERVE_HEADROOM = 1 << 30
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,8 +228,16 @@ DIRECT_THREADS = 32
 
 #: chunks of one tensor that are read before the consumer asks for them come as one
 #: delivery of up to ``memory_budget // MERGE_SHARE`` bytes: one copy and one event instead
-#: of several, when this thread, not the readers, sets the pace (0: never merge)
-MERGE_SHARE = 4
+#: of several (0: never merge). Off: on H200 machines, loads without merging were faster in
+#: two runs (48.7 against 44.5 GB/s, medians of 5, round robin; 50.2 - 52.5 against 43.3 -
+#: 47.5 in bench_load.py): a merged delivery holds its whole span of the ring until its last
+#: byte has crossed the bus (benches/NOTES.md)
+MERGE_SHARE = 0
+
+#: the consumer queues each chunk's copy through the CUDA driver (:mod:`fastfp8.driver_copy`)
+#: instead of ``Tensor.copy_``: its copies took 32 instead of 72 ms of a 0.33 s load on an
+#: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
+DRIVER_COPY = True
 
 #: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
 CACHED_ENOUGH = 0.5
@@ -206,7 +268,9 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
     reader threads quantize (``specs``, one per job, None for the device's; ``"auto"``
     resolved by :func:`~fastfp8.host_quant.resolve_quantize_on`), the all-reduced
     row maxima of row-parallel ones (``amax``, by job index), and the :class:`ChunkReader`
-    over every item, the caller's to close. :func:`run` consumes it; ``benches/bench_load.py``
+    over every item, the caller's to close (a job with a spec that the threads may leave to
+    the device, ``quantize_on="adaptive"``: ``reader.quantized(i)`` says, before its first
+    chunk). :func:`run` consumes it; ``benches/bench_load.py``
     drains one with no copy or kernel behind it, to measure what the readers alone deliver."""
     tp_size = plan.tp.size if plan.tp else 1
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
@@ -220,7 +284,8 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
         reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
                              threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
                              pin=device.type == "cuda",
-                             merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0)
+                             merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0,
+                             optional=optional_items(plan.jobs, specs, options))
     return reader, specs, amax
 
 
@@ -239,7 +304,6 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.quantized = sum(t.quantized for t in plan.targets)
     bar = progress_bar(plan.nbytes, options.progress, desc)
     reader, specs, amax = open_reader(ckpt, plan, options, device, rounding)
-    stats.host_quantized = len({j.target.source.name for j, sp in zip(plan.jobs, specs, strict=True) if sp})
     stats.method = options.method
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
     flags: list[tuple[Job, torch.Tensor]] = []  # (job, its scales)
@@ -249,6 +313,9 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
         else:
             yield from _run_host(reader, plan, specs, amax, device, sink, rounding, bar, flags)
         rs = reader.stats()
+        # the reader's choice for the jobs it could quantize (all made: every job was read)
+        stats.host_quantized = len({j.target.source.name for i, (j, sp) in enumerate(zip(plan.jobs, specs, strict=True))
+                                    if sp and (i not in reader.optional or reader.quantized(i))})
     except BaseException:
         if device.type == "cuda":
             # Copies and kernels already queued on the engine's streams write into outputs and
@@ -265,6 +332,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.non_finite = _non_finite(flags)
     stats.phases["finish"] = stats.phases.get("finish", 0.0) + time.perf_counter() - t
     stats.bytes_read, stats.peak_in_flight, stats.threads = rs["bytes_read"], rs["peak_in_flight"], rs["threads"]
+    stats.phases["room_wait"] = rs["room_wait_ns"] / 1e9 / max(1, rs["threads"])
     if stats.non_finite and not options.allow_non_finite:
         names = ", ".join(stats.non_finite[:5]) + (" ..." if len(stats.non_finite) > 5 else "")
         raise NonFiniteWeightError(
@@ -304,8 +372,11 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
     jobs = plan.jobs
     copy_stream = torch.cuda.Stream(dev)
     compute_stream = torch.cuda.Stream(dev)
-    staging_bytes = max((j.nbytes for j, sp in zip(jobs, specs, strict=True) if j.quantized and sp is None),
-                        default=0)
+    # the jobs the device may quantize: those with no host spec, and those the reader may
+    # leave to it (quantize_on="adaptive")
+    optional = reader.optional
+    staging_bytes = max((j.nbytes for i, (j, sp) in enumerate(zip(jobs, specs, strict=True))
+                         if j.quantized and (sp is None or i in optional)), default=0)
     staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=dev) for _ in range(2)] if staging_bytes else []
     quant_done: list[torch.cuda.Event | None] = [None, None]
     pending: deque[tuple[torch.cuda.Event, int, int]] = deque()
@@ -314,8 +385,12 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
     limit = max(0, options.memory_budget - 2 * options.chunk_bytes)  # room so the reader can always progress
     n_quant = slot = 0
     outs: list[torch.Tensor] = []
+    spec = None  # the current job's host spec, set at its first chunk
     dst: torch.Tensor | None = None
     clock = time.perf_counter
+    # chunks queued through the driver (raw addresses, bounds checked here), or by torch
+    copy = driver_copy.h2d_copier() if DRIVER_COPY else None
+    ring, ring_len, stream_handle = reader.buffer.data_ptr(), reader.buffer.numel(), copy_stream.cuda_stream
     # the consumer's own time (this thread), by part: issuing each chunk's copy, the work
     # at each job's end (quantization launch, events), and the caller's time between jobs
     copy_wait = read_wait = issue = job_end = caller_time = launch = alloc = release = 0.0
@@ -325,6 +400,9 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         # costs more than the copy's own launch); outputs are allocated, and jobs handed
         # to the caller, on the caller's stream.
         caller = torch.cuda.current_stream(dev)
+        t = clock()
+        sink.reserve(plan)
+        alloc += clock() - t
         torch.cuda.set_stream(copy_stream)
         try:
             while True:
@@ -346,8 +424,9 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                 t_chunk = clock()
                 item, ioff, boff, n = d
                 job = jobs[item]
-                spec = specs[item]
                 if ioff == 0:
+                    # how the reader reads it: an optional job's side was decided by now
+                    spec = specs[item] if item not in optional or reader.quantized(item) else None
                     torch.cuda.set_stream(caller)
                     _fault("allocate", job)
                     outs = sink.outputs(job)
@@ -370,9 +449,18 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     if spec is not None:
                         dsts, parts, src_n = chunk_pieces(job, spec, outs, ioff, n)
                         for out, (o, m) in zip(dsts, parts, strict=True):
-                            out.copy_(reader.view(boff + o, m), non_blocking=True)
-                    else:
+                            if copy is None:
+                                out.copy_(reader.view(boff + o, m), non_blocking=True)
+                            elif m:
+                                if out.numel() != m or boff + o + m > ring_len:
+                                    raise AssertionError(f"{job.item_name}: chunk piece out of bounds")
+                                copy(out.data_ptr(), ring + boff + o, m, stream_handle)
+                    elif copy is None:
                         dst[ioff : ioff + n].copy_(reader.view(boff, n), non_blocking=True)
+                    else:
+                        if ioff + n > dst.numel() or boff + n > ring_len:
+                            raise AssertionError(f"{job.item_name}: chunk out of bounds")
+                        copy(dst.data_ptr() + ioff, ring + boff, n, stream_handle)
                     ev = spare.pop() if spare else torch.cuda.Event()
                     ev.record(copy_stream)
                     pending.append((ev, boff, n))
@@ -426,15 +514,17 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
 
 def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
     jobs = plan.jobs
-    staging_bytes = max((j.nbytes for j, sp in zip(jobs, specs, strict=True) if j.quantized and sp is None),
-                        default=0)
+    optional = reader.optional
+    staging_bytes = max((j.nbytes for i, (j, sp) in enumerate(zip(jobs, specs, strict=True))
+                         if j.quantized and (sp is None or i in optional)), default=0)
     staging = torch.empty(staging_bytes, dtype=torch.uint8, device=dev)
     outs: list[torch.Tensor] = []
+    spec = None
     while (d := reader.next()) is not None:
         item, ioff, boff, n = d
         job = jobs[item]
-        spec = specs[item]
         if ioff == 0:
+            spec = specs[item] if item not in optional or reader.quantized(item) else None
             _fault("allocate", job)
             outs = sink.outputs(job)
         src_n = n

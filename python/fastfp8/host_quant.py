@@ -8,8 +8,10 @@ the device kernel would use, into the pinned slots; FP8 bytes and scales cross t
 the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts stored
 ``[in, out]`` (transposed on the device) are quantized on the device. With
 ``quantize_on="split"`` the host takes ``host_share`` of the quantized bytes and the device
-the rest (:func:`host_quant_specs`); ``"auto"`` is the device on a GPU
-(:func:`resolve_quantize_on`).
+the rest (:func:`host_quant_specs`). With ``quantize_on="adaptive"`` the reader threads
+decide weight by weight as they reach each one: on the host while they are ahead of the
+consumer and the bus, else on the device (:func:`optional_items`). ``"auto"`` is the device
+on a GPU (:func:`resolve_quantize_on`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax is
@@ -30,8 +32,8 @@ from .options import LoadOptions
 from .plan import Job, Plan
 from .quant import quantize_channelwise
 
-__all__ = ["bytes_view", "chunk_pieces", "empty_slice_scales", "host_quant_spec", "host_quant_specs", "reader_item",
-           "reduced_row_amax", "resolve_quantize_on"]
+__all__ = ["bytes_view", "chunk_pieces", "empty_slice_scales", "host_quant_spec", "host_quant_specs", "optional_items",
+           "reader_item", "reduced_row_amax", "resolve_quantize_on"]
 
 
 def bytes_view(t: torch.Tensor) -> torch.Tensor:
@@ -68,21 +70,37 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
     return dtype, cols, rounding
 
 
-#: ``quantize_on="split"``'s host share when ``host_share`` is not given: of 0.1 - 0.5, 0.4
-#: was the best on one H200 machine (54.1 GB/s, 51.7 at 0.5, 49.8 for the device alone) and
-#: within noise of the best split on another, where the device alone was faster (46.6 GB/s,
-#: 44.3 at 0.4, 46.4 at 0.3): benches/results/logs/probe_split_h200.json, benches/NOTES.md
-DEFAULT_HOST_SHARE = 0.4
+#: ``quantize_on="split"``'s host share when ``host_share`` is not given. On three H200
+#: machines of one kind (16 cores), against the GPU alone: 52.8 against 47.3 GB/s, 52.7
+#: against 49.8, 46.4 against 46.6 (medians of 5); on a fourth 38.6 against 43.7; larger
+#: shares lost on the third (44.3 at 0.4, 44.2 at 0.5), where the reader threads had no time
+#: to spare: benches/results/logs/probe_consumer_h200*.json, probe_split_h200.json,
+#: benches/NOTES.md. ``"adaptive"`` finds the share as it goes.
+DEFAULT_HOST_SHARE = 0.3
 
 
 def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptions:
     """``options`` with ``quantize_on`` made explicit for a load onto ``device``: ``"auto"``
-    is ``"host"`` on the CPU and ``"device"`` on a GPU (a split wins on some hosts and loses
-    on others: :data:`DEFAULT_HOST_SHARE`), the same on every tensor-parallel rank (a
-    row-parallel slice's side decides which collectives it joins)."""
-    if options.quantize_on != "auto":
-        return options
-    return options.replace(quantize_on="device" if device.type == "cuda" else "host")
+    is ``"host"`` on the CPU and ``"device"`` on a GPU, the same on every tensor-parallel
+    rank. On the GPU machines measured, the device alone was the fastest or within noise of
+    it: a fixed split (:data:`DEFAULT_HOST_SHARE`) won on some and lost on others, and
+    ``"adaptive"`` (:func:`optional_items`) lost, 41.0 against 46.1 GB/s on one H200
+    (benches/NOTES.md)."""
+    if options.quantize_on == "auto":
+        return options.replace(quantize_on="device" if device.type == "cuda" else "host")
+    return options
+
+
+def optional_items(jobs: list[Job], specs: list, options: LoadOptions) -> list[int]:
+    """The jobs the reader threads may quantize or leave to the device, deciding as they
+    reach each one (``quantize_on="adaptive"``: on the host when more of the ring waits for
+    the consumer than is being read, the native reader's ``Shared::decide``): every one with
+    a host spec. Row-parallel slices are never among them: their side decides which
+    collectives each rank joins, so it is fixed alike on every rank (the device:
+    :func:`_host_can`)."""
+    if options.quantize_on != "adaptive":
+        return []
+    return [i for i, (j, sp) in enumerate(zip(jobs, specs, strict=True)) if sp is not None and not j.reduce]
 
 
 def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
@@ -91,7 +109,7 @@ def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:
     where = options.quantize_on
     if where == "auto":
         raise ValueError('quantize_on="auto" is resolved first (resolve_quantize_on)')
-    if where == "device" or options.allow_non_finite:
+    if where == "device" or options.allow_non_finite or (where == "adaptive" and job.reduce):
         return False
     return job.quantized and not job.transpose and bool(job.shape) and job.dtype in _HOST_DTYPES
 

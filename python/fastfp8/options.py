@@ -18,7 +18,7 @@ from .units import parse_bytes
 
 ROUNDINGS = ("auto", "eager", "fp32")
 METHODS = ("auto", "mmap", "pread", "direct")
-QUANTIZE_ON = ("auto", "host", "device", "split")
+QUANTIZE_ON = ("auto", "host", "device", "split", "adaptive")
 LAYOUTS = ("auto", "names")
 
 
@@ -55,9 +55,11 @@ class LoadOptions:
     #: the bus, half the bytes), ``"device"`` (the device's kernel, after the copy),
     #: ``"split"``: ``host_share`` of the quantized bytes on the host (the weights only the
     #: device can do counted on its side), tensor by tensor, so that the cores and the bus are
-    #: both busy (:func:`fastfp8.host_quant.host_quant_specs`); ``"auto"``: ``"host"`` on the
-    #: CPU, ``"device"`` on a GPU (a split was 9% faster on one H200 machine and 5 - 9%
-    #: slower on another: :func:`fastfp8.host_quant.resolve_quantize_on`)
+    #: both busy (:func:`fastfp8.host_quant.host_quant_specs`); ``"adaptive"``: the reader
+    #: threads decide tensor by tensor as they reach each one, on the host while they are
+    #: ahead of the bus, on the device while they are behind (tensor-parallel row slices on
+    #: the device); ``"auto"``: ``"host"`` on the CPU, ``"device"`` on a GPU
+    #: (:func:`fastfp8.host_quant.resolve_quantize_on`)
     quantize_on: str = "auto"
     #: with ``quantize_on="split"``: the share of the quantized bytes the host takes (0 - 1;
     #: the rest cross the bus in the checkpoint's dtype and the device quantizes them);

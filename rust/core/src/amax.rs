@@ -217,6 +217,7 @@ mod tests {
                 .collect(),
             quant: Some(QuantSpec::new(Dtype::BF16, (b - a) as u64, Rounding::Fp32).unwrap()),
             amax: None,
+            optional: false,
         }
     }
 

@@ -25,6 +25,10 @@ pub struct ReadItem {
     /// ranks): each row's scale comes from the larger of it and the row's own amax (see
     /// [`crate::quant::quantize_rows_with_amax`]). One value per row, not negative.
     pub amax: Option<Vec<f32>>,
+    /// With `quant`: the reader may read the item plain instead, deciding as it reaches the
+    /// item (on the host while its threads are ahead of the consumer, else not: see
+    /// [`crate::reader::Reader::quantized`]).
+    pub optional: bool,
 }
 
 impl ReadItem {
@@ -50,6 +54,7 @@ pub fn whole_tensor(ckpt: &Checkpoint, name: &str) -> Result<ReadItem> {
         }],
         quant: None,
         amax: None,
+        optional: false,
     })
 }
 
@@ -75,6 +80,7 @@ pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result
         }],
         quant: None,
         amax: None,
+        optional: false,
     })
 }
 
@@ -83,6 +89,12 @@ pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result
 pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
     for item in items {
         validate_amax(item)?;
+        if item.optional && (item.quant.is_none() || item.amax.is_some()) {
+            return Err(Error::Invalid(format!(
+                "{}: only an item quantized on the way with its own amax may be optional",
+                item.name
+            )));
+        }
         for s in &item.segments {
             let shard = ckpt.shards.get(s.shard).ok_or_else(|| {
                 Error::Invalid(format!(

@@ -143,6 +143,9 @@ pub struct Stats {
     pub peak_in_flight: u64,
     pub bytes_read: u64,
     pub threads: usize,
+    /// Time the threads spent, summed over them, idle with chunks still to read: the ring
+    /// was full (the consumer had not released enough yet), in nanoseconds.
+    pub room_wait_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -163,6 +166,7 @@ struct ChunkPlan {
 #[derive(Debug)]
 struct Piece {
     chunk: usize,
+    item: usize,
     shard: usize,
     /// (file offset, length), in file order
     spans: Vec<(u64, u64)>,
@@ -174,6 +178,15 @@ struct Piece {
     scale_dst: Option<u64>,
     /// the item's row the piece starts at, for a quantized item
     row: u64,
+}
+
+/// Source bytes per unit and ring bytes per unit of `item` (a unit: a byte, or, quantized
+/// on the way, a row).
+fn units_of(item: &ReadItem, quantized: bool) -> (u64, u64) {
+    match item.quant {
+        Some(q) if quantized => (q.row_bytes(), q.out_row_bytes()),
+        _ => (1, 1),
+    }
 }
 
 /// The largest gap between two ranges of one piece: past it they are separate pieces.
@@ -188,6 +201,12 @@ const QUANT_PIECE_BYTES: u64 = 1 << 20;
 #[derive(Debug)]
 struct State {
     ring: Ring,
+    /// The chunks of the items planned so far, in plan order: an item's are planned when
+    /// the allocator reaches it (an optional item's layout depends on the reader's
+    /// decision then, [`Shared::decide`]).
+    chunks: Vec<ChunkPlan>,
+    /// Whether each planned item is quantized on the way (one entry per item planned).
+    quantized: Vec<bool>,
     next_alloc: usize,
     next_deliver: usize,
     buf_at: Vec<u64>,
@@ -201,12 +220,14 @@ struct State {
     failed: bool,
     stopped: bool,
     bytes_read: u64,
+    room_wait_ns: u64,
 }
 
 struct Shared {
     ckpt: Arc<Checkpoint>,
     items: Vec<ReadItem>,
-    chunks: Vec<ChunkPlan>,
+    /// `cfg.chunk_bytes`, at most the budget
+    chunk_bytes: Option<u64>,
     buf: DestBuffer,
     cfg: ReaderConfig,
     state: Mutex<State>,
@@ -247,73 +268,62 @@ impl Reader {
         }
         let budget = buf.len();
         let chunk_bytes = cfg.chunk_bytes.map(|c| c.min(budget.max(1)));
-        let mut chunks = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let len = item.len();
-            // source bytes per unit, and buffer bytes per unit (a unit: a byte, or a row)
-            let (unit, out_unit) = match item.quant {
-                Some(q) => (q.row_bytes(), q.out_row_bytes()),
-                None => (1, 1),
+        for item in &items {
+            // an optional item may be read either way: both must fit
+            let ways: &[bool] = if item.optional {
+                &[true, false]
+            } else {
+                &[item.quant.is_some()]
             };
-            let units = len / unit;
-            let over = match chunk_bytes {
-                None => units * out_unit > budget,
-                Some(_) => out_unit > budget && units > 0,
-            };
-            if over {
-                let seg = item.segments[0];
-                return Err(Error::TensorOverBudget {
-                    path: ckpt.shards[seg.shard].path.clone(),
-                    tensor: item.name.clone(),
-                    needed: if chunk_bytes.is_none() {
-                        units * out_unit
-                    } else {
-                        out_unit
-                    },
-                    budget,
-                });
-            }
-            let step = chunk_bytes.map_or(units, |c| (c / out_unit).max(1)).max(1);
-            let mut at = 0;
-            loop {
-                let n = step.min(units - at);
-                chunks.push(ChunkPlan {
-                    item: i,
-                    item_offset: at * unit,
-                    len: n * out_unit,
-                    src_len: n * unit,
-                });
-                at += n;
-                if at >= units {
-                    break;
+            for &quantized in ways {
+                let (unit, out_unit) = units_of(item, quantized);
+                let units = item.len() / unit;
+                let over = match chunk_bytes {
+                    None => units * out_unit > budget,
+                    Some(_) => out_unit > budget && units > 0,
+                };
+                if over {
+                    let seg = item.segments[0];
+                    return Err(Error::TensorOverBudget {
+                        path: ckpt.shards[seg.shard].path.clone(),
+                        tensor: item.name.clone(),
+                        needed: if chunk_bytes.is_none() {
+                            units * out_unit
+                        } else {
+                            out_unit
+                        },
+                        budget,
+                    });
                 }
             }
         }
-        if budget == 0 && chunks.iter().any(|c| c.len > 0) {
+        if budget == 0 && items.iter().any(|i| !i.is_empty()) {
             return Err(Error::Invalid("the memory budget is 0 bytes".into()));
         }
-        let n = chunks.len();
         let shared = Arc::new(Shared {
             ckpt,
-            items,
-            chunks,
+            chunk_bytes,
             buf,
             state: Mutex::new(State {
                 ring: Ring::new(budget),
+                chunks: Vec::new(),
+                quantized: Vec::with_capacity(items.len()),
                 next_alloc: 0,
                 next_deliver: 0,
-                buf_at: vec![0; n],
-                remaining: vec![0; n],
+                buf_at: Vec::new(),
+                remaining: Vec::new(),
                 queue: VecDeque::new(),
                 held: HashMap::new(),
                 error: None,
                 failed: false,
                 stopped: false,
                 bytes_read: 0,
+                room_wait_ns: 0,
             }),
             cv: Condvar::new(),
             live: AtomicUsize::new(0),
             cfg,
+            items,
         });
         let workers = (0..shared.cfg.threads)
             .map(|i| {
@@ -349,6 +359,13 @@ impl Reader {
         &self.shared.items
     }
 
+    /// Whether item `item` is read quantized on the way: its [`ReadItem::quant`], or for an
+    /// optional item what the reader decided when it reached it (None until then; decided
+    /// before its first chunk is delivered, and never changed).
+    pub fn quantized(&self, item: usize) -> Option<bool> {
+        self.shared.lock().quantized.get(item).copied()
+    }
+
     /// Waits up to `timeout` for the next chunk in plan order.
     pub fn next_timeout(&self, timeout: Duration) -> Result<Next> {
         let sh = &self.shared;
@@ -361,12 +378,12 @@ impl Reader {
             if st.failed {
                 return Err(Error::Cancelled);
             }
-            if st.next_deliver == sh.chunks.len() {
+            if st.next_deliver == st.chunks.len() && st.quantized.len() == sh.items.len() {
                 return Ok(Next::Done);
             }
             let c = st.next_deliver;
             if st.next_alloc > c && st.remaining[c] == 0 {
-                let plan = sh.chunks[c];
+                let plan = st.chunks[c];
                 let at = st.buf_at[c];
                 let (last, len, src_len) = sh.merged(&st, c);
                 st.next_deliver = last + 1;
@@ -382,14 +399,21 @@ impl Reader {
                 }));
             }
             sh.fill(&mut st);
-            if st.next_alloc == c {
+            if st.next_alloc == c && !st.stopped {
                 // Everything allocated has been delivered and the next chunk does not fit:
                 // only the consumer can make room.
-                let item = &sh.items[sh.chunks[c].item];
+                let (item, needed) = match st.chunks.get(c) {
+                    Some(plan) => (plan.item, plan.len),
+                    // not planned: the item's first chunk fits neither way
+                    None => (
+                        st.quantized.len(),
+                        sh.first_chunk_len(st.quantized.len(), false),
+                    ),
+                };
                 return Err(Error::BudgetExhausted {
-                    tensor: item.name.clone(),
+                    tensor: sh.items[item].name.clone(),
                     held: st.ring.used(),
-                    needed: sh.chunks[c].len,
+                    needed,
                     budget: st.ring.capacity(),
                 });
             }
@@ -435,22 +459,22 @@ impl Reader {
                 why: "no delivered, unreleased chunk starts there".into(),
             });
         };
-        let held: u64 = (first..=last).map(|c| sh.chunks[c].len).sum();
+        let held: u64 = (first..=last).map(|c| st.chunks[c].len).sum();
         if held != len {
             return Err(Error::InvalidRelease {
                 buf_offset,
                 len,
                 why: format!(
                     "the chunk delivered there (of tensor {:?}) is {held} bytes long",
-                    sh.items[sh.chunks[first].item].name
+                    sh.items[st.chunks[first].item].name
                 ),
             });
         }
         st.held.remove(&buf_offset);
         for c in first..=last {
-            let at = st.buf_at[c];
+            let (at, len) = (st.buf_at[c], st.chunks[c].len);
             st.ring
-                .free(at, sh.chunks[c].len)
+                .free(at, len)
                 .expect("a held chunk is a live ring region of its length");
         }
         sh.fill(&mut st);
@@ -487,6 +511,7 @@ impl Reader {
             peak_in_flight: st.ring.peak(),
             bytes_read: st.bytes_read,
             threads: self.shared.cfg.threads,
+            room_wait_ns: st.room_wait_ns,
         }
     }
 }
@@ -515,13 +540,13 @@ impl Shared {
     /// chunks after it of the same item that continue it both in the item and in the
     /// buffer, up to `merge_bytes` in all. Returns (last chunk, len, src_len).
     fn merged(&self, st: &State, c: usize) -> (usize, u64, u64) {
-        let first = self.chunks[c];
+        let first = st.chunks[c];
         let (mut last, mut len, mut src_len) = (c, first.len, first.src_len);
-        if self.cfg.merge_bytes == 0 || first.len == 0 || self.items[first.item].quant.is_some() {
+        if self.cfg.merge_bytes == 0 || first.len == 0 || st.quantized[first.item] {
             return (last, len, src_len);
         }
         while last + 1 < st.next_alloc && st.remaining[last + 1] == 0 {
-            let next = self.chunks[last + 1];
+            let next = st.chunks[last + 1];
             if next.item != first.item
                 || next.len == 0
                 || next.item_offset != first.item_offset + src_len
@@ -537,11 +562,91 @@ impl Shared {
         (last, len, src_len)
     }
 
+    /// Plans the chunks of the next item, deciding first whether an optional item is
+    /// quantized on the way ([`Shared::decide`]); false when every item is planned, or when
+    /// an optional item's first chunk does not fit the ring now (it is decided when it
+    /// does, as late as possible).
+    fn plan_next(&self, st: &mut State) -> bool {
+        let i = st.quantized.len();
+        let Some(item) = self.items.get(i) else {
+            return false;
+        };
+        let quantized = if item.optional {
+            let first = self
+                .first_chunk_len(i, false)
+                .max(self.first_chunk_len(i, true));
+            if first > 0 && st.ring.fits(first).is_none() {
+                return false;
+            }
+            self.decide(st)
+        } else {
+            item.quant.is_some()
+        };
+        st.quantized.push(quantized);
+        let (unit, out_unit) = units_of(item, quantized);
+        let units = item.len() / unit;
+        let step = self
+            .chunk_bytes
+            .map_or(units, |c| (c / out_unit).max(1))
+            .max(1);
+        let mut at = 0;
+        loop {
+            let n = step.min(units - at);
+            st.chunks.push(ChunkPlan {
+                item: i,
+                item_offset: at * unit,
+                len: n * out_unit,
+                src_len: n * unit,
+            });
+            st.buf_at.push(0);
+            st.remaining.push(0);
+            at += n;
+            if at >= units {
+                return true;
+            }
+        }
+    }
+
+    /// Whether the threads quantize the optional item reached now: yes when they are ahead
+    /// of the consumer, when more of the ring holds chunks read and waiting for the consumer
+    /// (delivered and not released: their copies are in flight; or not delivered yet) than
+    /// chunks being read. Then the bus (or the consumer) sets the pace, and the FP8 bytes
+    /// halve what it moves for the threads' time; else the threads set it, and only read.
+    fn decide(&self, st: &State) -> bool {
+        let mut ready: u64 = (st.held.values())
+            .map(|&(first, last)| (first..=last).map(|c| st.chunks[c].len).sum::<u64>())
+            .sum();
+        let mut reading = 0;
+        for c in st.next_deliver..st.next_alloc {
+            if st.remaining[c] == 0 {
+                ready += st.chunks[c].len;
+            } else {
+                reading += st.chunks[c].len;
+            }
+        }
+        ready > reading
+    }
+
+    /// The bytes of item `i`'s first chunk in the ring, read quantized or not.
+    fn first_chunk_len(&self, i: usize, quantized: bool) -> u64 {
+        let item = &self.items[i];
+        let (unit, out_unit) = units_of(item, quantized);
+        let units = item.len() / unit;
+        let step = self
+            .chunk_bytes
+            .map_or(units, |c| (c / out_unit).max(1))
+            .max(1);
+        step.min(units) * out_unit
+    }
+
     /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
     fn fill(&self, st: &mut State) {
-        while !st.stopped && st.next_alloc < self.chunks.len() {
+        while !st.stopped {
+            if st.next_alloc == st.chunks.len() && !self.plan_next(st) {
+                return;
+            }
             let c = st.next_alloc;
-            let plan = self.chunks[c];
+            let plan = st.chunks[c];
             let at = if plan.len == 0 {
                 0
             } else {
@@ -559,7 +664,7 @@ impl Shared {
             let mut dst = at;
             let mut cur: Option<Piece> = None;
             // a quantized item: pieces of whole rows, e4m3 bytes then scales
-            let quant = item.quant.map(|q| {
+            let quant = item.quant.filter(|_| st.quantized[plan.item]).map(|q| {
                 let rows = plan.src_len / q.row_bytes();
                 let piece = match self.cfg.method {
                     ReadMethod::Mmap => self.cfg.piece_bytes,
@@ -587,6 +692,7 @@ impl Shared {
                         let row = (plan.item_offset + plan.src_len - todo) / q.row_bytes();
                         st.queue.push_back(Piece {
                             chunk: c,
+                            item: plan.item,
                             shard: seg.shard,
                             spans: vec![(off, l)],
                             dst,
@@ -621,6 +727,7 @@ impl Shared {
                         }
                         cur = Some(Piece {
                             chunk: c,
+                            item: plan.item,
                             shard: seg.shard,
                             spans: vec![(off, l)],
                             dst,
@@ -654,11 +761,18 @@ impl Shared {
                 self.fill(&mut st);
             }
             let Some(p) = st.queue.pop_front() else {
+                // chunks left to allocate: the ring is full, only a release makes room
+                let for_room =
+                    st.next_alloc < st.chunks.len() || st.quantized.len() < self.items.len();
+                let t = std::time::Instant::now();
                 st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                if for_room {
+                    st.room_wait_ns += t.elapsed().as_nanos() as u64;
+                }
                 continue;
             };
             drop(st);
-            let item = &self.items[self.chunks[p.chunk].item];
+            let item = &self.items[p.item];
             let shard = &self.ckpt.shards[p.shard];
             let res = match (item.quant, p.scale_dst) {
                 (Some(q), Some(scale_dst)) => {

@@ -45,6 +45,20 @@ impl Ring {
     /// Reserves `len > 0` contiguous bytes, returning their offset, or None if they do not
     /// fit now.
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
+        let start = self.fits(len)?;
+        self.regions.push_back(Region {
+            start,
+            len,
+            free: false,
+        });
+        self.used += len;
+        self.peak = self.peak.max(self.used);
+        Some(start)
+    }
+
+    /// Where [`Ring::alloc`] would place `len > 0` bytes now, without reserving them, or
+    /// None if they do not fit now.
+    pub fn fits(&self, len: u64) -> Option<u64> {
         debug_assert!(len > 0);
         if len > self.cap {
             return None;
@@ -70,13 +84,6 @@ impl Ring {
                 }
             }
         };
-        self.regions.push_back(Region {
-            start,
-            len,
-            free: false,
-        });
-        self.used += len;
-        self.peak = self.peak.max(self.used);
         Some(start)
     }
 
@@ -108,6 +115,8 @@ mod tests {
         let b = r.alloc(40).unwrap();
         assert_eq!((a, b), (0, 40));
         assert!(r.alloc(30).is_none());
+        assert_eq!((r.fits(20), r.fits(21)), (Some(80), None));
+        assert_eq!(r.used(), 80, "fits reserves nothing");
         r.free(b, 40).unwrap(); // out of order: b is free but a still blocks the front
         assert!(r.alloc(30).is_none() || r.used() <= 100);
         r.free(a, 40).unwrap();

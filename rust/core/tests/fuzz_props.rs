@@ -1120,6 +1120,7 @@ proptest! {
                     .collect(),
                 quant: None,
                 amax: None,
+                optional: false,
             })
             .collect();
         let mut buf = vec![0u8; budget as usize];

@@ -375,6 +375,7 @@ fn strided_ranges_read_as_the_slice() {
                 segments: segments.clone(),
                 quant: None,
                 amax: None,
+                optional: false,
             };
             let budget = 64 << 10;
             let mut buf = vec![0u8; budget];
@@ -401,6 +402,141 @@ fn strided_ranges_read_as_the_slice() {
                 "cols {cols:?}, piece {piece}, chunk {chunk}, {method:?}"
             );
         }
+    }
+}
+
+/// Three bf16 weights `[64, 64]` (8 KiB each) of finite values, and their source bytes.
+fn three_weights(dir: &Path) -> (Arc<Checkpoint>, Vec<Vec<u8>>) {
+    let p = dir.join("w.safetensors");
+    let (rows, cols) = (64usize, 64usize);
+    let n = rows * cols * 2;
+    let header = format!(
+        r#"{{"a":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[0,{n}]}},"b":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[{n},{}]}},"c":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[{},{}]}}}}"#,
+        2 * n,
+        2 * n,
+        3 * n
+    );
+    let weights: Vec<Vec<u8>> = (0..3)
+        .map(|w| {
+            (0..rows * cols)
+                .flat_map(|i| {
+                    let v = ((i * 7 + w * 13) as f32 * 0.37).sin() * (1 + i / cols) as f32;
+                    ((v.to_bits() >> 16) as u16).to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    for w in &weights {
+        bytes.extend_from_slice(w);
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    (Arc::new(Checkpoint::open(&p).unwrap()), weights)
+}
+
+/// An optional item (quantized on the way, or not, as the reader decides on reaching it):
+/// read plain when the threads are not ahead (the first item, the ring empty), quantized
+/// when more of the ring waits for the consumer than is being read; undecided until the
+/// reader reaches it; the bytes right either way, and the decision never changes.
+#[test]
+fn optional_items_are_decided_as_the_reader_reaches_them() {
+    use fastfp8_core::quant::{quantize_rows, QuantSpec, Rounding};
+    use fastfp8_core::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, weights) = three_weights(dir.path());
+    let spec = QuantSpec::new(Dtype::BF16, 64, Rounding::Fp32).unwrap();
+    let mut quantized_c = (vec![0u8; 64 * 64], vec![0u8; 64 * 2]);
+    quantize_rows(&spec, &weights[2], &mut quantized_c.0, &mut quantized_c.1);
+    let item = |name: &str, optional: bool| {
+        let mut it = whole_tensor(&ckpt, name).unwrap();
+        if optional {
+            it.quant = Some(spec);
+            it.optional = true;
+        }
+        it
+    };
+    for method in [ReadMethod::Pread, ReadMethod::Mmap] {
+        let cfg = ReaderConfig {
+            threads: 2,
+            chunk_bytes: Some(8 << 10),
+            piece_bytes: 4 << 10,
+            method,
+            merge_bytes: 0,
+        };
+        // first: nothing read yet, nothing waiting: plain
+        let mut buf = vec![0u8; 16 << 10];
+        // SAFETY: `buf` outlives the reader (dropped first, at the end of the block) and is
+        // only read between delivery and release.
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
+        {
+            let reader =
+                Reader::start(Arc::clone(&ckpt), vec![item("c", true)], dest, cfg.clone()).unwrap();
+            let d = reader.next().unwrap().unwrap();
+            assert_eq!(reader.quantized(0), Some(false));
+            assert_eq!((d.len, d.src_len), (8 << 10, 8 << 10));
+            assert_eq!(
+                &buf[d.buf_offset as usize..][..d.len as usize],
+                &weights[2][..]
+            );
+            reader.release(d.buf_offset, d.len).unwrap();
+            assert!(reader.next().unwrap().is_none());
+        }
+        // last, behind two chunks the consumer holds: the ring (two chunks) is full until
+        // the first is released, and then the second waits for the consumer: quantized
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
+        let items = vec![item("a", false), item("b", false), item("c", true)];
+        let reader = Reader::start(Arc::clone(&ckpt), items, dest, cfg).unwrap();
+        let a = reader.next().unwrap().unwrap();
+        let b = reader.next().unwrap().unwrap();
+        assert_eq!((a.item, b.item), (0, 1));
+        assert_eq!(reader.quantized(2), None, "not reached yet");
+        assert_eq!(reader.quantized(0), Some(false));
+        assert_eq!(
+            &buf[b.buf_offset as usize..][..b.len as usize],
+            &weights[1][..]
+        );
+        reader.release(a.buf_offset, a.len).unwrap();
+        let c = reader.next().unwrap().unwrap();
+        assert_eq!(reader.quantized(2), Some(true), "{method:?}");
+        assert_eq!((c.item, c.len, c.src_len), (2, 64 * 66, 8 << 10));
+        let got = &buf[c.buf_offset as usize..][..c.len as usize];
+        assert_eq!(&got[..64 * 64], &quantized_c.0[..]);
+        assert_eq!(&got[64 * 64..], &quantized_c.1[..]);
+        reader.release(b.buf_offset, b.len).unwrap();
+        reader.release(c.buf_offset, c.len).unwrap();
+        assert!(reader.next().unwrap().is_none());
+        assert_eq!(reader.quantized(2), Some(true));
+        drop(reader);
+    }
+}
+
+/// An optional item must be one quantized on the way (with its own amax), and must fit
+/// the budget read either way.
+#[test]
+fn optional_items_are_checked() {
+    use fastfp8_core::quant::{QuantSpec, Rounding};
+    use fastfp8_core::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, _) = three_weights(dir.path());
+    let mut buf = vec![0u8; 4 << 10];
+    let cfg = ReaderConfig {
+        threads: 1,
+        chunk_bytes: None,
+        ..ReaderConfig::default()
+    };
+    let mut plain = whole_tensor(&ckpt, "a").unwrap();
+    plain.optional = true;
+    let mut too_big = whole_tensor(&ckpt, "a").unwrap();
+    too_big.quant = Some(QuantSpec::new(Dtype::BF16, 64, Rounding::Fp32).unwrap());
+    too_big.optional = true;
+    for (item, kind) in [(plain, ErrorKind::Invalid), (too_big, ErrorKind::Budget)] {
+        // SAFETY: `buf` outlives the reader, which fails to start.
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
+        let err = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg.clone())
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), kind, "{err}");
     }
 }
 

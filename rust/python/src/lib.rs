@@ -107,6 +107,7 @@ struct PyReaderStats {
     peak_in_flight: u64,
     bytes_read: u64,
     threads: usize,
+    room_wait_ns: u64,
 }
 
 #[pymethods]
@@ -316,6 +317,7 @@ fn parse_items(items: Vec<ItemSpec>) -> PyResult<Vec<ReadItem>> {
             segments,
             quant,
             amax,
+            optional: false,
         });
     }
     Ok(parsed)
@@ -340,7 +342,7 @@ fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
 #[pymethods]
 impl PyReader {
     #[new]
-    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0))]
+    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -354,11 +356,21 @@ impl PyReader {
         piece_bytes: u64,
         method: &str,
         merge_bytes: u64,
+        optional: Vec<usize>,
     ) -> PyResult<Self> {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
         }
-        let items = parse_items(items)?;
+        let mut items = parse_items(items)?;
+        for i in optional {
+            let n = items.len();
+            items
+                .get_mut(i)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("optional item {i} out of range ({n} items)"))
+                })?
+                .optional = true;
+        }
         let cfg = ReaderConfig {
             threads: threads.unwrap_or_else(default_threads),
             chunk_bytes,
@@ -442,6 +454,12 @@ impl PyReader {
         }
     }
 
+    /// Whether item `item` is read quantized on the way: as given, or for an optional item
+    /// as the reader decided on reaching it (None until then; before its first delivery).
+    fn quantized(&self, item: usize) -> PyResult<Option<bool>> {
+        Ok(self.get()?.quantized(item))
+    }
+
     fn stats(&self) -> PyResult<PyReaderStats> {
         let s = self.get()?.stats();
         Ok(PyReaderStats {
@@ -449,6 +467,7 @@ impl PyReader {
             peak_in_flight: s.peak_in_flight,
             bytes_read: s.bytes_read,
             threads: s.threads,
+            room_wait_ns: s.room_wait_ns,
         })
     }
 }
