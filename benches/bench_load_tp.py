@@ -27,13 +27,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, verify: bool, opts: dict,
-          device: str) -> None:
+          device: str, engine: dict) -> None:
     import fastfp8
+    import fastfp8.engine
     import torch
     import torch.distributed as dist
     from fastfp8.layouts import layout_for
     from fastfp8.tensor_parallel import TensorParallel, rank_slice
 
+    for key, value in engine.items():  # fastfp8.engine constants under test (--engine)
+        setattr(fastfp8.engine, key, value)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -90,12 +93,13 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
         dist.destroy_process_group()
 
 
-def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Path, device: str) -> dict:
+def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Path, device: str,
+           engine: dict | None = None) -> dict:
     import torch.multiprocessing as mp
 
     out = str(tmp / f"tp{size}")
     port = 29500 + size + int(time.time()) % 1000
-    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device), nprocs=size,
+    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device, engine or {}), nprocs=size,
                        start_method="spawn")
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(size)]
     times = [max(rk["runs"][i]["seconds"] for rk in ranks) for i in range(repeat)]
@@ -119,7 +123,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="reader threads per rank (default: fastfp8's)")
     ap.add_argument("--out", default=str(HERE / "results" / "load_tp_h200.json"))
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a smoke test")
+    ap.add_argument("--engine", nargs="*", default=[], metavar="NAME=INT",
+                    help="fastfp8.engine constants set in every rank (DRIVER_COPY=0 MERGE_SHARE=4)")
     args = ap.parse_args(argv)
+    engine = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import tempfile
 
@@ -136,13 +143,13 @@ def main(argv=None) -> int:
     n_dev = torch.cuda.device_count() if cuda else 64
     doc = {"gpu": torch.cuda.get_device_name(0) if cuda else "cpu (gloo)", "gpus": n_dev if cuda else 0,
            "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt, "checkpoint_bytes": ckpt.nbytes,
-           "cpu_cores": os.cpu_count(), "repeat": args.repeat, "rows": []}
+           "cpu_cores": os.cpu_count(), "repeat": args.repeat, "engine": engine, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for size in [int(x) for x in args.tp.split(",")]:
             if size > n_dev:
                 print(f"tp {size}: only {n_dev} GPUs, skipped", flush=True)
                 continue
-            row = run_tp(args.ckpt, size, args.repeat, not args.no_verify, opts, Path(tmp), args.device)
+            row = run_tp(args.ckpt, size, args.repeat, not args.no_verify, opts, Path(tmp), args.device, engine)
             row["gbps"] = ckpt.nbytes / row["seconds"] / 1e9
             doc["rows"].append(row)
             print(f"tp {size}: {row['seconds']:.3f} s  {row['gbps']:.1f} GB/s  read/rank "

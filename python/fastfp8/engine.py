@@ -6,16 +6,18 @@ On CUDA, all overlapped:
 
 1. The native reader copies the planned byte ranges on its own threads (no GIL) into pinned
    host slots carved from one ``memory_budget``-sized pool buffer, in plan order.
-2. Each chunk goes host-to-device on a copy stream, straight into its output (tensors kept
-   as they are) or into one of two device staging buffers (tensors to quantize). The slot
-   is released once its copy's event has completed.
+2. Each chunk goes host-to-device on a copy stream (queued through the CUDA driver:
+   :mod:`fastfp8.driver_copy`), straight into its output (tensors kept as they are) or into
+   one of two device staging buffers (tensors to quantize). The slot is released once its
+   copy's event has completed.
 3. When a job's last chunk has landed, the compute stream waits for that copy and runs the
    fused quantization kernel from staging into the outputs. The copy stream reuses a
    staging buffer only after the quantization that read it is done, so reading the next
    tensor never waits for the previous tensor's quantization.
 
 Outputs come from the sink (:class:`StateSink`: each tensor allocated once at its final
-size when its first bytes arrive, so allocation overlaps with reading;
+size when its first bytes arrive, so allocation overlaps with reading, from one segment
+the caching allocator holds for them all (:func:`reserve_device_memory`);
 :class:`StreamSink`: fresh tensors per job, handed to the caller). :func:`run` yields
 ``(job, tensors)`` as each job is done (on CUDA: enqueued, with the caller's stream made
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is

@@ -276,10 +276,10 @@ class BufferPool:
 
 
 def _pinned(size: int) -> torch.Tensor:
-    """``size`` bytes of page-locked memory: anonymous memory on transparent huge pages,
-    registered with CUDA (:func:`_huge_registered`), or where that fails, or with
-    ``FASTFP8_PINNED=cuda``, torch's pinned allocation (cudaHostAlloc's 4 KiB pages)."""
-    if os.environ.get("FASTFP8_PINNED", "thp") != "cuda":
+    """``size`` bytes of page-locked memory: torch's pinned allocation (cudaHostAlloc's 4 KiB
+    pages), or with ``FASTFP8_PINNED=thp`` anonymous memory on transparent huge pages
+    registered with CUDA (:func:`_huge_registered`; torch's where registering fails)."""
+    if os.environ.get("FASTFP8_PINNED", "cuda") == "thp":
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             return _huge_registered(size)
     return torch.empty(size, dtype=torch.uint8, pin_memory=True)
@@ -287,9 +287,10 @@ def _pinned(size: int) -> torch.Tensor:
 
 def _huge_registered(size: int) -> torch.Tensor:
     """Anonymous memory backed by transparent huge pages, then page-locked with
-    cudaHostRegister. A process's first load pins its 128 MiB ring in half the time this way
-    (setup 164 against 335 ms on an H200 machine, benches/NOTES.md); later loads reuse
-    torch's cached pinned blocks either way and ran as fast (49.9 against 50.4 GB/s)."""
+    cudaHostRegister. A process's first load pinned its 128 MiB ring faster this way on two
+    H200 machines (setup 164 and 193 ms against 335 and 232) and slower on a third (303
+    against 242); later loads register it again each time (5 ms more setup), and ran as
+    fast or slower (49.9 against 50.4, 40.1 against 44.9 GB/s): benches/NOTES.md."""
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         m.madvise(mmap.MADV_HUGEPAGE)
