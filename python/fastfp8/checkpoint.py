@@ -250,7 +250,7 @@ class ChunkReader:
     many bytes (not for host-quantized items), so a consumer slower than the threads makes
     fewer, larger copies; each delivery is still released whole. ``optional``: indices of
     quantized items (with no given amax) that the threads may read plain instead, deciding as
-    they reach each one (quantized while they are ahead of the consumer): :meth:`quantized`
+    they reach each one (quantized when their idle time covers it): :meth:`quantized`
     says which, before the item's first delivery. Close
     it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
     ``close`` joins them even while another thread is inside ``next()`` (which then raises

@@ -9,8 +9,8 @@ the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts 
 ``[in, out]`` (transposed on the device) are quantized on the device. With
 ``quantize_on="split"`` the host takes ``host_share`` of the quantized bytes and the device
 the rest (:func:`host_quant_specs`). With ``quantize_on="adaptive"`` the reader threads
-decide weight by weight as they reach each one: on the host while they are ahead of the
-consumer and the bus, else on the device (:func:`optional_items`). ``"auto"`` is the device
+decide weight by weight as they reach each one: on the host when the time they spent
+waiting for room in the ring covers its cost, else on the device (:func:`optional_items`). ``"auto"`` is the device
 on a GPU (:func:`resolve_quantize_on`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
@@ -82,10 +82,10 @@ DEFAULT_HOST_SHARE = 0.3
 def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptions:
     """``options`` with ``quantize_on`` made explicit for a load onto ``device``: ``"auto"``
     is ``"host"`` on the CPU and ``"device"`` on a GPU, the same on every tensor-parallel
-    rank. On the GPU machines measured, the device alone was the fastest or within noise of
-    it: a fixed split (:data:`DEFAULT_HOST_SHARE`) won on some and lost on others, and
-    ``"adaptive"`` (:func:`optional_items`) lost, 41.0 against 46.1 GB/s on one H200
-    (benches/NOTES.md)."""
+    rank. On the GPU machines measured, a fixed split (:data:`DEFAULT_HOST_SHARE`) ran up to
+    12% faster than the device alone on some and as much slower on others;
+    ``"adaptive"`` (:func:`optional_items`) won where a split wins (52.5 against 48.0 GB/s)
+    and has not been measured where one loses (benches/NOTES.md)."""
     if options.quantize_on == "auto":
         return options.replace(quantize_on="device" if device.type == "cuda" else "host")
     return options
@@ -93,11 +93,11 @@ def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptio
 
 def optional_items(jobs: list[Job], specs: list, options: LoadOptions) -> list[int]:
     """The jobs the reader threads may quantize or leave to the device, deciding as they
-    reach each one (``quantize_on="adaptive"``: on the host when more of the ring waits for
-    the consumer than is being read, the native reader's ``Shared::decide``): every one with
-    a host spec. Row-parallel slices are never among them: their side decides which
-    collectives each rank joins, so it is fixed alike on every rank (the device:
-    :func:`_host_can`)."""
+    reach each one (``quantize_on="adaptive"``: on the host when the threads' idle time,
+    waiting for room in the ring, covers the host's cost of quantizing it, the native
+    reader's ``Shared::decide``): every one with a host spec. Row-parallel slices are never
+    among them: their side decides which collectives each rank joins, so it is fixed alike on
+    every rank (the device: :func:`_host_can`)."""
     if options.quantize_on != "adaptive":
         return []
     return [i for i, (j, sp) in enumerate(zip(jobs, specs, strict=True)) if sp is not None and not j.reduce]

@@ -56,9 +56,9 @@ class LoadOptions:
     #: ``"split"``: ``host_share`` of the quantized bytes on the host (the weights only the
     #: device can do counted on its side), tensor by tensor, so that the cores and the bus are
     #: both busy (:func:`fastfp8.host_quant.host_quant_specs`); ``"adaptive"``: the reader
-    #: threads decide tensor by tensor as they reach each one, on the host while they are
-    #: ahead of the bus, on the device while they are behind (tensor-parallel row slices on
-    #: the device); ``"auto"``: ``"host"`` on the CPU, ``"device"`` on a GPU
+    #: threads decide tensor by tensor as they reach each one, on the host when the time they
+    #: spent waiting for room in the ring covers its cost, else on the device (tensor-parallel
+    #: row slices on the device); ``"auto"``: ``"host"`` on the CPU, ``"device"`` on a GPU
     #: (:func:`fastfp8.host_quant.resolve_quantize_on`)
     quantize_on: str = "auto"
     #: with ``quantize_on="split"``: the share of the quantized bytes the host takes (0 - 1;

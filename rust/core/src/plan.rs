@@ -26,7 +26,7 @@ pub struct ReadItem {
     /// [`crate::quant::quantize_rows_with_amax`]). One value per row, not negative.
     pub amax: Option<Vec<f32>>,
     /// With `quant`: the reader may read the item plain instead, deciding as it reaches the
-    /// item (on the host while its threads are ahead of the consumer, else not: see
+    /// item (when its threads' idle time waiting for room covers the cost, else not: see
     /// [`crate::reader::Reader::quantized`]).
     pub optional: bool,
 }

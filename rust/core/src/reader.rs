@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -189,6 +189,15 @@ fn units_of(item: &ReadItem, quantized: bool) -> (u64, u64) {
     }
 }
 
+/// One reader thread's cost of quantizing a source byte on the way, beyond reading it, in
+/// picoseconds: about 4.4 GB/s of bf16 per core on the H200 machines' Xeon cores
+/// (`host_quant_core_gbps` in benches/results/load_h200.json).
+pub const HOST_QUANT_PS_PER_BYTE: u64 = 230;
+
+/// The most idle thread time [`Shared::decide`] saves up (ns): idle time long past (the
+/// load's start, a slow stretch) does not pay for quantizing much later.
+const CREDIT_CAP_NS: u64 = 50_000_000;
+
 /// The largest gap between two ranges of one piece: past it they are separate pieces.
 const MAX_GAP: u64 = 1 << 20;
 
@@ -221,6 +230,22 @@ struct State {
     stopped: bool,
     bytes_read: u64,
     room_wait_ns: u64,
+    /// Threads' idle time not yet spent on quantizing optional items ([`Shared::decide`]).
+    credit_ns: u64,
+    /// Threads waiting for room now, and when `room_wait_ns` last counted them.
+    room_waiters: u64,
+    accrued_at: Instant,
+}
+
+impl State {
+    /// Counts the time the threads waiting for room have waited since the last count.
+    fn accrue(&mut self) {
+        let now = Instant::now();
+        let idle = self.room_waiters * now.duration_since(self.accrued_at).as_nanos() as u64;
+        self.accrued_at = now;
+        self.room_wait_ns += idle;
+        self.credit_ns = (self.credit_ns + idle).min(CREDIT_CAP_NS);
+    }
 }
 
 struct Shared {
@@ -319,6 +344,9 @@ impl Reader {
                 stopped: false,
                 bytes_read: 0,
                 room_wait_ns: 0,
+                credit_ns: 0,
+                room_waiters: 0,
+                accrued_at: Instant::now(),
             }),
             cv: Condvar::new(),
             live: AtomicUsize::new(0),
@@ -505,7 +533,8 @@ impl Reader {
     }
 
     pub fn stats(&self) -> Stats {
-        let st = self.shared.lock();
+        let mut st = self.shared.lock();
+        st.accrue(); // the waits going on now, so far
         Stats {
             budget: st.ring.capacity(),
             peak_in_flight: st.ring.peak(),
@@ -578,7 +607,7 @@ impl Shared {
             if first > 0 && st.ring.fits(first).is_none() {
                 return false;
             }
-            self.decide(st)
+            self.decide(st, i)
         } else {
             item.quant.is_some()
         };
@@ -607,24 +636,20 @@ impl Shared {
         }
     }
 
-    /// Whether the threads quantize the optional item reached now: yes when they are ahead
-    /// of the consumer, when more of the ring holds chunks read and waiting for the consumer
-    /// (delivered and not released: their copies are in flight; or not delivered yet) than
-    /// chunks being read. Then the bus (or the consumer) sets the pace, and the FP8 bytes
-    /// halve what it moves for the threads' time; else the threads set it, and only read.
-    fn decide(&self, st: &State) -> bool {
-        let mut ready: u64 = (st.held.values())
-            .map(|&(first, last)| (first..=last).map(|c| st.chunks[c].len).sum::<u64>())
-            .sum();
-        let mut reading = 0;
-        for c in st.next_deliver..st.next_alloc {
-            if st.remaining[c] == 0 {
-                ready += st.chunks[c].len;
-            } else {
-                reading += st.chunks[c].len;
-            }
+    /// Whether the threads quantize the optional item `i` reached now: yes when the time
+    /// they have spent idle for want of room in the ring (the bus or the consumer setting
+    /// the pace), less what the optional items they quantized cost, covers what quantizing
+    /// this one costs ([`HOST_QUANT_PS_PER_BYTE`]). Spare time buys FP8 over the bus; none
+    /// left, they only read, and leave the item to the device.
+    fn decide(&self, st: &mut State, i: usize) -> bool {
+        st.accrue();
+        let cost = self.items[i].len().saturating_mul(HOST_QUANT_PS_PER_BYTE) / 1000;
+        if st.credit_ns >= cost {
+            st.credit_ns -= cost;
+            true
+        } else {
+            false
         }
-        ready > reading
     }
 
     /// The bytes of item `i`'s first chunk in the ring, read quantized or not.
@@ -764,10 +789,14 @@ impl Shared {
                 // chunks left to allocate: the ring is full, only a release makes room
                 let for_room =
                     st.next_alloc < st.chunks.len() || st.quantized.len() < self.items.len();
-                let t = std::time::Instant::now();
+                if for_room {
+                    st.accrue();
+                    st.room_waiters += 1;
+                }
                 st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 if for_room {
-                    st.room_wait_ns += t.elapsed().as_nanos() as u64;
+                    st.accrue();
+                    st.room_waiters -= 1;
                 }
                 continue;
             };

@@ -436,9 +436,9 @@ fn three_weights(dir: &Path) -> (Arc<Checkpoint>, Vec<Vec<u8>>) {
 }
 
 /// An optional item (quantized on the way, or not, as the reader decides on reaching it):
-/// read plain when the threads are not ahead (the first item, the ring empty), quantized
-/// when more of the ring waits for the consumer than is being read; undecided until the
-/// reader reaches it; the bytes right either way, and the decision never changes.
+/// read plain when the threads have had no idle time (the first item), quantized when they
+/// have waited for room (a consumer holding its chunks); undecided until the reader reaches
+/// it; the bytes right either way, and the decision never changes.
 #[test]
 fn optional_items_are_decided_as_the_reader_reaches_them() {
     use fastfp8_core::quant::{quantize_rows, QuantSpec, Rounding};
@@ -482,8 +482,8 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
             reader.release(d.buf_offset, d.len).unwrap();
             assert!(reader.next().unwrap().is_none());
         }
-        // last, behind two chunks the consumer holds: the ring (two chunks) is full until
-        // the first is released, and then the second waits for the consumer: quantized
+        // last, behind two chunks the consumer holds for 10 ms: the ring (two chunks) is
+        // full until the first is released, the threads idle meanwhile: quantized
         let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
         let items = vec![item("a", false), item("b", false), item("c", true)];
         let reader = Reader::start(Arc::clone(&ckpt), items, dest, cfg).unwrap();
@@ -495,6 +495,11 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
         assert_eq!(
             &buf[b.buf_offset as usize..][..b.len as usize],
             &weights[1][..]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert!(
+            reader.stats().room_wait_ns >= 10_000_000,
+            "two threads waited"
         );
         reader.release(a.buf_offset, a.len).unwrap();
         let c = reader.next().unwrap().unwrap();
