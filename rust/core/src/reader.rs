@@ -612,12 +612,7 @@ impl Shared {
             item.quant.is_some()
         };
         st.quantized.push(quantized);
-        let (unit, out_unit) = units_of(item, quantized);
-        let units = item.len() / unit;
-        let step = self
-            .chunk_bytes
-            .map_or(units, |c| (c / out_unit).max(1))
-            .max(1);
+        let (unit, out_unit, units, step) = self.chunking(i, quantized);
         let mut at = 0;
         loop {
             let n = step.min(units - at);
@@ -654,6 +649,13 @@ impl Shared {
 
     /// The bytes of item `i`'s first chunk in the ring, read quantized or not.
     fn first_chunk_len(&self, i: usize, quantized: bool) -> u64 {
+        let (_, out_unit, units, step) = self.chunking(i, quantized);
+        step.min(units) * out_unit
+    }
+
+    /// How item `i` is cut into chunks, read quantized or not: source bytes and ring bytes
+    /// per unit ([`units_of`]), its units, and the units of a chunk.
+    fn chunking(&self, i: usize, quantized: bool) -> (u64, u64, u64, u64) {
         let item = &self.items[i];
         let (unit, out_unit) = units_of(item, quantized);
         let units = item.len() / unit;
@@ -661,7 +663,7 @@ impl Shared {
             .chunk_bytes
             .map_or(units, |c| (c / out_unit).max(1))
             .max(1);
-        step.min(units) * out_unit
+        (unit, out_unit, units, step)
     }
 
     /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
