@@ -98,6 +98,23 @@ def test_room_wait_counts_threads_idle_for_a_full_ring(ckpt):
         assert r.stats()["room_wait_ns"] == 0
 
 
+def test_optional_items_are_checked(ckpt):
+    """``optional``: an index past the items, or an item the threads cannot quantize (no
+    quantization spec), is a ValueError saying which; ``quantized`` says how each item
+    comes (a plain item: False)."""
+    ckpt, _ = ckpt
+    items = [(n, [(0, ckpt.info(n).begin, ckpt.info(n).nbytes)]) for n in ("t0", "t1")]
+    with pytest.raises(ValueError, match="optional item 5 out of range"):
+        ChunkReader(ckpt, items, memory_budget="2MiB", chunk_bytes=None, optional=[5])
+    with pytest.raises(ValueError, match="t1: only an item quantized on the way"):
+        ChunkReader(ckpt, items, memory_budget="2MiB", chunk_bytes=None, optional=[1])
+    with ChunkReader(ckpt, items, memory_budget="2MiB", chunk_bytes=None) as r:
+        while (d := r.next()) is not None:
+            r.release(d[2], d[3])
+        assert (r.quantized(0), r.quantized(1), r.quantized(2)) == (False, False, None)
+        assert r.optional == frozenset()
+
+
 def test_tensor_over_budget_names_it(ckpt):
     ckpt, _ = ckpt
     with pytest.raises(fastfp8.BudgetError, match=r"\"t1\" needs .* budget"):

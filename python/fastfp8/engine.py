@@ -287,7 +287,7 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
                              threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
                              pin=device.type == "cuda",
                              merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0,
-                             optional=optional_items(plan.jobs, specs, options))
+                             optional=optional_items(specs, options))
     return reader, specs, amax
 
 

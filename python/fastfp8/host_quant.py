@@ -10,8 +10,8 @@ the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts 
 ``quantize_on="split"`` the host takes ``host_share`` of the quantized bytes and the device
 the rest (:func:`host_quant_specs`). With ``quantize_on="adaptive"`` the reader threads
 decide weight by weight as they reach each one: on the host when the time they spent
-waiting for room in the ring covers its cost, else on the device (:func:`optional_items`). ``"auto"`` is the device
-on a GPU (:func:`resolve_quantize_on`).
+waiting for room in the ring covers its cost, else on the device (:func:`optional_items`).
+``"auto"`` is the device on a GPU (:func:`resolve_quantize_on`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax is
@@ -91,16 +91,16 @@ def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptio
     return options
 
 
-def optional_items(jobs: list[Job], specs: list, options: LoadOptions) -> list[int]:
+def optional_items(specs: list, options: LoadOptions) -> list[int]:
     """The jobs the reader threads may quantize or leave to the device, deciding as they
     reach each one (``quantize_on="adaptive"``: on the host when the threads' idle time,
     waiting for room in the ring, covers the host's cost of quantizing it, the native
-    reader's ``Shared::decide``): every one with a host spec. Row-parallel slices are never
-    among them: their side decides which collectives each rank joins, so it is fixed alike on
-    every rank (the device: :func:`_host_can`)."""
+    reader's ``Shared::decide``): every one with a host spec. Row-parallel slices have none
+    there (:func:`_host_can`): their side decides which collectives each rank joins, so it
+    is fixed alike on every rank, the device."""
     if options.quantize_on != "adaptive":
         return []
-    return [i for i, (j, sp) in enumerate(zip(jobs, specs, strict=True)) if sp is not None and not j.reduce]
+    return [i for i, sp in enumerate(specs) if sp is not None]
 
 
 def _host_can(job: Job, options: LoadOptions, device: torch.device) -> bool:

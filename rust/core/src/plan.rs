@@ -91,7 +91,7 @@ pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
         validate_amax(item)?;
         if item.optional && (item.quant.is_none() || item.amax.is_some()) {
             return Err(Error::Invalid(format!(
-                "{}: only an item quantized on the way with its own amax may be optional",
+                "{}: only an item quantized on the way, with no given row amax, may be optional",
                 item.name
             )));
         }

@@ -516,8 +516,8 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
     }
 }
 
-/// An optional item must be one quantized on the way (with its own amax), and must fit
-/// the budget read either way.
+/// An optional item must be one quantized on the way (with no given row amax), and must
+/// fit the budget read either way.
 #[test]
 fn optional_items_are_checked() {
     use fastfp8_core::quant::{QuantSpec, Rounding};
