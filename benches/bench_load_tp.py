@@ -10,6 +10,11 @@ checkpoint bytes / that time (GB/s), bytes read per rank, peak GPU memory per ra
 check that every rank's bytes equal the matching slice of the one-GPU result (each rank
 loads the whole checkpoint once more, untimed, and compares on its GPU). The page cache is
 warmed first. NCCL's NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
+
+``--variants "default,quantize_on=host,quantize_on=split host_share=0.3"`` (the syntax of
+``probe_pipeline.py``: ``load_quantized`` keywords and ``engine.NAME=value``) loads each
+variant in turn in the same process group, round robin (drift falls on all alike); the
+first one is the headline row, the only one verified.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, verify: bool, opts: dict,
-          device: str, engine: dict) -> None:
+          device: str, engine: dict, variants: dict) -> None:
     import fastfp8
     import fastfp8.engine
     import torch
     import torch.distributed as dist
     from fastfp8.layouts import layout_for
     from fastfp8.tensor_parallel import TensorParallel, rank_slice
+    from probe_pipeline import engine_constants
 
     for key, value in engine.items():  # fastfp8.engine constants under test (--engine)
         setattr(fastfp8.engine, key, value)
@@ -51,27 +57,33 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
 
         quantize_channelwise(torch.randn(256, 4096, device=dev).to(torch.bfloat16), check_finite=False)
         sync(dev)
-        runs = []
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        last = None
         for _ in range(repeat):
-            base = 0
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-            dist.barrier()
-            t0 = time.perf_counter()
-            state = fastfp8.load_quantized(ckpt, device=dev, tp_rank=rank, tp_size=size, progress=False, **opts)
-            sync(dev)
-            own = time.perf_counter() - t0
-            dist.barrier()
-            secs = time.perf_counter() - t0
-            runs.append({"seconds": secs, "own_seconds": own, "bytes_read": state.stats.bytes_read,
-                         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) - base if cuda else 0,
-                         "final_bytes": sum(t.numel() * t.element_size() for t in state.values()),
-                         "phases": state.stats.phases, "memory_budget": state.stats.memory_budget,
-                         "chunk_bytes": state.stats.chunk_bytes, "threads": state.stats.threads})
-            last = state
-            del state
+            for name, kw in variants.items():  # round robin
+                base = 0
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
+                dist.barrier()
+                t0 = time.perf_counter()
+                with engine_constants(kw) as load_kw:
+                    state = fastfp8.load_quantized(ckpt, device=dev, tp_rank=rank, tp_size=size, progress=False,
+                                                   **{**opts, **load_kw})
+                sync(dev)
+                own = time.perf_counter() - t0
+                dist.barrier()
+                secs = time.perf_counter() - t0
+                runs[name].append({"seconds": secs, "own_seconds": own, "bytes_read": state.stats.bytes_read,
+                                   "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) - base if cuda else 0,
+                                   "final_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+                                   "phases": state.stats.phases, "memory_budget": state.stats.memory_budget,
+                                   "chunk_bytes": state.stats.chunk_bytes, "threads": state.stats.threads,
+                                   "host_quantized": state.stats.host_quantized})
+                if last is None:  # the first variant's: the one verified
+                    last = state
+                del state
         mismatched = None
         if verify:
             full = fastfp8.load_quantized(ckpt, device=dev, progress=False, **opts)
@@ -94,23 +106,31 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
 
 
 def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Path, device: str,
-           engine: dict | None = None) -> dict:
+           engine: dict | None = None, variants: dict | None = None) -> list[dict]:
+    """One row per variant (``{"default": {}}`` when none are given), the first verified."""
     import torch.multiprocessing as mp
 
+    variants = variants or {"default": {}}
     out = str(tmp / f"tp{size}")
     port = 29500 + size + int(time.time()) % 1000
-    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device, engine or {}), nprocs=size,
-                       start_method="spawn")
+    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device, engine or {}, variants),
+                       nprocs=size, start_method="spawn")
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(size)]
-    times = [max(rk["runs"][i]["seconds"] for rk in ranks) for i in range(repeat)]
-    return {"tp": size, "seconds": statistics.median(times), "runs_seconds": times,
-            "bytes_read_per_rank": [rk["runs"][-1]["bytes_read"] for rk in ranks],
-            "peak_gpu_bytes_per_rank": [max(r["peak_gpu_bytes"] for r in rk["runs"]) for rk in ranks],
-            "final_bytes_per_rank": [rk["runs"][-1]["final_bytes"] for rk in ranks],
-            "phases_rank0": ranks[0]["runs"][-1]["phases"],
-            "memory_budget": ranks[0]["runs"][-1]["memory_budget"],
-            "chunk_bytes": ranks[0]["runs"][-1]["chunk_bytes"], "threads": ranks[0]["runs"][-1]["threads"],
-            "mismatched": None if not verify else sorted({n for rk in ranks for n in rk["mismatched"]})}
+    rows = []
+    for k, name in enumerate(variants):
+        runs = [rk["runs"][name] for rk in ranks]
+        times = [max(r[i]["seconds"] for r in runs) for i in range(repeat)]
+        med = times.index(statistics.median(times)) if repeat % 2 else -1
+        rows.append({"tp": size, "variant": name, "seconds": statistics.median(times), "runs_seconds": times,
+                     "bytes_read_per_rank": [r[-1]["bytes_read"] for r in runs],
+                     "peak_gpu_bytes_per_rank": [max(x["peak_gpu_bytes"] for x in r) for r in runs],
+                     "final_bytes_per_rank": [r[-1]["final_bytes"] for r in runs],
+                     "phases_rank0": runs[0][med]["phases"], "phases_per_rank": [r[med]["phases"] for r in runs],
+                     "host_quantized_per_rank": [r[-1]["host_quantized"] for r in runs],
+                     "memory_budget": runs[0][-1]["memory_budget"],
+                     "chunk_bytes": runs[0][-1]["chunk_bytes"], "threads": runs[0][-1]["threads"],
+                     "mismatched": None if not verify or k else sorted({n for rk in ranks for n in rk["mismatched"]})})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -125,8 +145,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a smoke test")
     ap.add_argument("--engine", nargs="*", default=[], metavar="NAME=INT",
                     help="fastfp8.engine constants set in every rank (DRIVER_COPY=0 MERGE_SHARE=4)")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated load variants, round robin: \"default\" or load_quantized keywords and "
+                    "engine.NAME=value (\"quantize_on=split host_share=0.3\"); the first is the headline")
     args = ap.parse_args(argv)
     engine = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
+    from probe_pipeline import parse_variant
+
+    variants = {v: {} if v == "default" else parse_variant(v) for v in args.variants.split(",")}
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import tempfile
 
@@ -149,15 +175,18 @@ def main(argv=None) -> int:
             if size > n_dev:
                 print(f"tp {size}: only {n_dev} GPUs, skipped", flush=True)
                 continue
-            row = run_tp(args.ckpt, size, args.repeat, not args.no_verify, opts, Path(tmp), args.device, engine)
-            row["gbps"] = ckpt.nbytes / row["seconds"] / 1e9
-            doc["rows"].append(row)
-            print(f"tp {size}: {row['seconds']:.3f} s  {row['gbps']:.1f} GB/s  read/rank "
-                  f"{[round(b / 1e9, 2) for b in row['bytes_read_per_rank']]} GB  peak GPU/rank "
-                  f"{[round(b / 2**30, 2) for b in row['peak_gpu_bytes_per_rank']]} GiB  "
-                  f"mismatched {row['mismatched']}  phases(rank0) "
-                  f"{ {k: round(v, 3) for k, v in row['phases_rank0'].items()} }", flush=True)
-    by = {r["tp"]: r for r in doc["rows"]}
+            for row in run_tp(args.ckpt, size, args.repeat, not args.no_verify, opts, Path(tmp), args.device,
+                              engine, variants):
+                row["gbps"] = ckpt.nbytes / row["seconds"] / 1e9
+                doc["rows"].append(row)
+                print(f"tp {size} [{row['variant']}]: {row['seconds']:.3f} s  {row['gbps']:.1f} GB/s  read/rank "
+                      f"{[round(b / 1e9, 2) for b in row['bytes_read_per_rank']]} GB  peak GPU/rank "
+                      f"{[round(b / 2**30, 2) for b in row['peak_gpu_bytes_per_rank']]} GiB  "
+                      f"host-quantized {row['host_quantized_per_rank']}  mismatched {row['mismatched']}  "
+                      f"phases(rank0) { {k: round(v, 3) for k, v in row['phases_rank0'].items()} }", flush=True)
+    headline = next(iter(variants))
+    doc["variants"] = list(variants)
+    by = {r["tp"]: r for r in doc["rows"] if r["variant"] == headline}
     if 1 in by:
         doc["single_gbps"] = by[1]["gbps"]
     for size, r in by.items():
@@ -177,13 +206,13 @@ def markdown(doc: dict) -> str:
     lines = [f"Tensor-parallel `load_quantized` of `{doc['checkpoint']}` ({doc['checkpoint_bytes'] / 1e9:.1f} GB "
              f"bf16), {doc['gpus']} x {doc['gpu']}, {doc['cpu_cores']} cores, {doc['date']}; NCCL, one process per "
              f"GPU, warm page cache, median of {doc['repeat']} (slowest rank).", "",
-             "| tp | s | GB/s (checkpoint / slowest rank) | read per rank GB | peak GPU per rank GiB "
+             "| tp | variant | s | GB/s (checkpoint / slowest rank) | read per rank GB | peak GPU per rank GiB "
              "| bytes = slice of 1-GPU |",
-             "| ---: | ---: | ---: | --- | --- | --- |"]
+             "| ---: | --- | ---: | ---: | --- | --- | --- |"]
     for r in doc["rows"]:
         bad = r["mismatched"]
         ok = "not checked" if bad is None else ("yes" if not bad else f"NO: {bad[:3]}")
-        lines.append(f"| {r['tp']} | {r['seconds']:.3f} | {r['gbps']:.1f} | "
+        lines.append(f"| {r['tp']} | {r.get('variant', 'default')} | {r['seconds']:.3f} | {r['gbps']:.1f} | "
                      f"{', '.join(f'{b / 1e9:.2f}' for b in r['bytes_read_per_rank'])} | "
                      f"{', '.join(f'{b / 2**30:.2f}' for b in r['peak_gpu_bytes_per_rank'])} | {ok} |")
     return "\n".join(lines) + "\n"

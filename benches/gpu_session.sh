@@ -15,6 +15,7 @@
 #            process's first load (fresh processes)                       ~4 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
 #   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
+#            (TP_SIZES="1,2", TP_REPEAT=3, TP_VARIANTS="default,quantize_on=host": round robin)
 #
 # Everything lands under $OUT (logs, JSON, markdown), and all of it again in $OUT/0-all.tgz
 # (only 8 files come back, the first by name); a stage that fails is reported and the next
@@ -89,7 +90,8 @@ for s in "$@"; do
         [ -f "$CKPT/model.safetensors.index.json" ] ||
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
-        stage load_tp 480 env NCCL_NVLS_ENABLE=0 python3 benches/bench_load_tp.py "$CKPT" --tp 1,2 \
+        stage load_tp 480 env NCCL_NVLS_ENABLE=0 python3 benches/bench_load_tp.py "$CKPT" --tp "${TP_SIZES:-1,2}" \
+            --repeat "${TP_REPEAT:-3}" ${TP_VARIANTS:+--variants "$TP_VARIANTS"} \
             --out "$OUT/load_tp_${GPU}x$(nvidia-smi -L | wc -l).json" ;;
     *)
         echo "unknown stage: $s (tests, tune, modules, load, probe, decode, tp)" >&2; failed+=("$s") ;;

@@ -52,6 +52,23 @@ _SCRIPT = textwrap.dedent(
                         q2, s2 = quantize_channelwise(part, rounding=rounding, reduce_absmax=reduce)
                         assert same(q2, qf[..., a:b]) and same(s2, sf), (shape, dtype, rounding, "public")
                 n += 1
+    # the kernel's row maxima alone (what a tensor-parallel load all-reduces): exact fp32, a
+    # NaN in a row gives a NaN with its sign clear, so the int32 patterns order like values
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for shape in [(7, 33), (5, 20000), (3, 40, 70), (1, 1), (0, 8)]:
+            g = torch.Generator().manual_seed(n)
+            w = (torch.randn(shape, generator=g) * 3).to(dtype).to(device)
+            if w.shape[-2] >= 3:
+                w[..., 0, :] = 0
+                w[..., 1, -1] = float("-nan")
+                w[..., 2, 0] = float("-inf")
+            want = w.abs().amax(dim=-1, keepdim=True).float() if w.numel() else torch.zeros(shape[:-1] + (1,))
+            got = tk.row_amax_triton(w)
+            assert got.dtype == torch.float32 and got.shape == want.shape, (shape, dtype, got.shape)
+            assert torch.equal(got.isnan().cpu(), want.isnan().cpu()), (shape, dtype)
+            assert torch.equal(got.nan_to_num(7.0).cpu(), want.nan_to_num(7.0).cpu()), (shape, dtype)
+            assert (got.view(torch.int32) >= 0).all(), (shape, dtype)  # sign bits clear, NaN included
+            n += 1
     print("OK", n)
     """
 )

@@ -97,13 +97,20 @@ def test_ranks_hold_slices_of_the_single_process_result(tmp_path, arch, size, ig
         assert got["bytes_read"] == want_read, (rank, got["bytes_read"], want_read)
 
 
-def _rank_load(rank: int, size: int, path: str, init: str, out: str, quantize_on: str) -> None:
-    """Loads rank ``rank``'s slice; saves the state, or the error's type and message."""
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+def _rank_load(rank: int, size: int, path: str, init: str, out: str, quantize_on: str, device: str = "cpu",
+               backend: str = "gloo") -> None:
+    """Loads rank ``rank``'s slice; saves the state, or the error's type and message. With
+    ``backend="nccl"`` each rank has its own GPU; with gloo on ``"cuda"`` they share one."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
     try:
         try:
-            state = fastfp8.load_quantized(path, device="cpu", tp_size=size, tp_rank=rank, quantize_on=quantize_on)
-            res = {"state": dict(state), "host_quantized": state.stats.host_quantized}
+            state = fastfp8.load_quantized(path, device=device, tp_size=size, tp_rank=rank, quantize_on=quantize_on)
+            state = {k: v.cpu() for k, v in state.items()} | {"__stats": state.stats}
+            res = {"state": {k: v for k, v in state.items() if k != "__stats"},
+                   "host_quantized": state["__stats"].host_quantized}
         except fastfp8.NonFiniteWeightError as e:
             res = {"error": str(e)}
         torch.save(res, f"{out}.{rank}")
@@ -153,6 +160,33 @@ def test_row_parallel_on_the_host_empty_slices_zero_and_non_finite_rows(tmp_path
     for rank in range(4):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         assert "model.layers.1.mlp.down_proj.weight" in got.get("error", ""), rank
+
+
+@pytest.mark.parametrize(("device", "backend", "quantize_on"), [
+    ("cpu", "gloo", "device"),
+    pytest.param("cuda", "gloo", "device", marks=pytest.mark.cuda),
+    pytest.param("cuda", "nccl", "device", marks=pytest.mark.cuda),
+    pytest.param("cuda", "nccl", "host", marks=pytest.mark.cuda)])
+def test_a_nan_in_one_ranks_part_of_a_row_is_reported_on_every_rank(tmp_path, device, backend, quantize_on):
+    """A NaN in rank 0's part of one row of a row-parallel weight: the all-reduced row maximum
+    is NaN on both ranks (their int32 patterns reduced, which a float MAX, NCCL's, does not
+    promise), so each rank's load reports that weight. On the device path through NCCL too."""
+    from test_host_quant import llama
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (nvidia-h200-x2)")
+    t = llama(tmp_path / "m")
+    w = t["model.layers.1.mlp.down_proj.weight"]
+    w[4, 0] = float("nan")  # rank 0's part; rank 1's part of the row is finite
+    save_file(t, str(tmp_path / "m" / "model.safetensors"))
+    out = str(tmp_path / "nan")
+    mp.start_processes(_rank_load, args=(2, str(tmp_path / "m"), f"file://{tmp_path}/pg", out, quantize_on, device,
+                                         backend), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert "model.layers.1.mlp.down_proj.weight" in got.get("error", ""), (rank, sorted(got))
 
 
 def test_split_rules(tmp_path):

@@ -57,6 +57,7 @@ from .host_quant import (
 from .options import LoadOptions
 from .plan import FP8, Job, Plan
 from .quant import quantize_channelwise, resolve_rounding
+from .tensor_parallel import all_reduce_absmax
 from .units import TQDM_BYTES
 
 #: names of points where the tests inject faults (``FAULT_HOOK``): "allocate", "copy",
@@ -353,12 +354,10 @@ def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], roundin
     q, s = outs
     reduce = None
     if job.reduce and plan.tp is not None:
-        import torch.distributed as dist
-
         group = plan.tp.group
 
         def reduce(absmax: torch.Tensor) -> None:
-            dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group)
+            all_reduce_absmax(absmax, group)
 
     if w.numel():
         quantize_channelwise(w, out=q, scale_out=s, check_finite=False, rounding=rounding, reduce_absmax=reduce)

@@ -31,6 +31,7 @@ from .checkpoint import Checkpoint, ItemSpec, row_amax
 from .options import LoadOptions
 from .plan import Job, Plan
 from .quant import quantize_channelwise
+from .tensor_parallel import all_reduce_absmax
 
 __all__ = ["bytes_view", "chunk_pieces", "empty_slice_scales", "host_quant_spec", "host_quant_specs", "optional_items",
            "reader_item", "reduced_row_amax", "resolve_quantize_on"]
@@ -189,10 +190,8 @@ def reduced_row_amax(ckpt: Checkpoint, plan: Plan, specs, options: LoadOptions,
             amax[at : at + r] = local[got : got + r]
             got += r
         at += r
-    import torch.distributed as dist
-
     on = amax.to(device) if device.type == "cuda" else amax
-    dist.all_reduce(on, op=dist.ReduceOp.MAX, group=tp.group)
+    all_reduce_absmax(on, tp.group)
     amax = on.cpu() if on is not amax else amax
     return dict(zip(idx, amax.split(rows), strict=True))
 

@@ -46,6 +46,21 @@ def resolve(tp_rank: int | None, tp_size: int | None, process_group: Any) -> Ten
     return None if tp.size == 1 else tp
 
 
+def all_reduce_absmax(absmax: Any, group: Any = None) -> None:
+    """All-reduces (MAX, in place) per-row absolute maxima over ``group``. The maxima are
+    non-negative, so their float32 bit patterns, sign bit cleared and read as int32, order
+    like the values, and a NaN (pattern above +inf's) wins: a NaN in one rank's part of a row reaches every rank,
+    which a float MAX does not promise (NCCL's takes the other operand)."""
+    import torch
+    import torch.distributed as dist
+
+    bits = absmax.float().view(torch.int32)
+    bits.bitwise_and_(0x7FFFFFFF)  # a NaN from torch's ops may carry a sign bit
+    dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=group)
+    if bits.data_ptr() != absmax.data_ptr():
+        absmax.copy_(bits.view(torch.float32))
+
+
 def heads_span(heads: int, head_dim: int, tp: TensorParallel) -> tuple[int, int]:
     """This rank's rows of a key/value projection of ``heads`` heads (vLLM's
     QKVParallelLinear): whole heads, each replicated over ``size // heads`` ranks when the

@@ -177,11 +177,11 @@ def quantize_channelwise(
         (forced == "triton" or (forced != "reference" and triton_supported(weight.device))) and weight.is_cuda
     )
     if use_triton:
-        from .triton_kernel import quantize_channelwise_triton
+        from .triton_kernel import quantize_channelwise_triton, row_amax_triton
 
         amax = None
         if reduce_absmax is not None and weight.numel():
-            amax = weight.abs().amax(dim=-1, keepdim=True)  # exact in the weight dtype, NaN propagates
+            amax = row_amax_triton(weight)  # fp32, exact, NaN propagates
             reduce_absmax(amax)
         q, scale = quantize_channelwise_triton(weight, out=out, scale_out=scale_out, rounding=rounding, amax=amax)
     else:

@@ -45,7 +45,7 @@ import triton.language as tl
 from ..fp8 import FP8
 from .reference import Rounding, check_args, expected_scale_shape
 
-__all__ = ["launch_config", "pick_config", "quantize_channelwise_triton"]
+__all__ = ["launch_config", "pick_config", "quantize_channelwise_triton", "row_amax_triton"]
 
 _DTYPE_ID = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_Y = 65535  # CUDA limit of grid axis 1 (experts per launch)
@@ -144,6 +144,7 @@ def _fp8_channel_quant_kernel(
     INT64: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
     AMAX_GIVEN: tl.constexpr,
+    AMAX_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -184,29 +185,32 @@ def _fp8_channel_quant_kernel(
         amax_bits = tl.max(acc, axis=1)
         amax = amax_bits.to(tl.float32, bitcast=True)
 
-    # ---- scale = amax / 448 in the weight dtype; 0 -> eps(dtype) ----
-    scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
-    scale = _round_to_weight_dtype(scale, DTYPE_ID, EMULATE)
-    scale = tl.where(scale == 0.0, EPS, scale)
-    if EMULATE and DTYPE_ID == 0:  # the interpreter's fp32->bf16 cast breaks subnormals
-        scale_st = (scale.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    if AMAX_ONLY:  # the row maxima alone, fp32 into a_ptr (row_amax_triton)
+        tl.store(a_ptr + grp * n_rows + rows, amax, mask=row_ok)
     else:
-        scale_st = scale.to(s_ptr.dtype.element_ty)  # exact: already rounded to dtype
-    tl.store(s_ptr + grp * ss_g + rows * ss_r, scale_st, mask=row_ok)
-    scale_col = scale[:, None]
+        # ---- scale = amax / 448 in the weight dtype; 0 -> eps(dtype) ----
+        scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
+        scale = _round_to_weight_dtype(scale, DTYPE_ID, EMULATE)
+        scale = tl.where(scale == 0.0, EPS, scale)
+        if EMULATE and DTYPE_ID == 0:  # the interpreter's fp32->bf16 cast breaks subnormals
+            scale_st = (scale.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            scale_st = scale.to(s_ptr.dtype.element_ty)  # exact: already rounded to dtype
+        tl.store(s_ptr + grp * ss_g + rows * ss_r, scale_st, mask=row_ok)
+        scale_col = scale[:, None]
 
-    # ---- pass 2: q = e4m3(clamp(x / scale)) ----
-    if SINGLE_PASS:
-        q = _quantize_block(x, scale_col, DTYPE_ID, DOUBLE_ROUND, EMULATE)
-        tl.store(q_rows + cols[None, :] * sq_c, q, mask=mask)
-    else:
-        for c0 in range(0, n_cols, BLOCK_N):
-            c = c0 + cols
-            mask = row_ok[:, None] & (c[None, :] < n_cols)
-            xb = tl.load(x_rows + c[None, :] * sx_c, mask=mask, other=0.0, eviction_policy="evict_first")
-            xb = _widen(xb, DTYPE_ID, EMULATE)
-            q = _quantize_block(xb, scale_col, DTYPE_ID, DOUBLE_ROUND, EMULATE)
-            tl.store(q_rows + c[None, :] * sq_c, q, mask=mask)
+        # ---- pass 2: q = e4m3(clamp(x / scale)) ----
+        if SINGLE_PASS:
+            q = _quantize_block(x, scale_col, DTYPE_ID, DOUBLE_ROUND, EMULATE)
+            tl.store(q_rows + cols[None, :] * sq_c, q, mask=mask)
+        else:
+            for c0 in range(0, n_cols, BLOCK_N):
+                c = c0 + cols
+                mask = row_ok[:, None] & (c[None, :] < n_cols)
+                xb = tl.load(x_rows + c[None, :] * sx_c, mask=mask, other=0.0, eviction_policy="evict_first")
+                xb = _widen(xb, DTYPE_ID, EMULATE)
+                q = _quantize_block(xb, scale_col, DTYPE_ID, DOUBLE_ROUND, EMULATE)
+                tl.store(q_rows + c[None, :] * sq_c, q, mask=mask)
 
 
 def _next_pow2(n: int) -> int:
@@ -288,6 +292,21 @@ def quantize_channelwise_triton(
     return out, scale_out
 
 
+@torch.no_grad()
+def row_amax_triton(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's ``max|x|`` as float32, shape ``[..., out, 1]`` (the kernel's own first
+    pass, no temporary): exact, a NaN in a row gives a (positive) NaN, every value has its
+    sign bit clear, so the bit patterns read as int32 order like the values (what a
+    tensor-parallel all-reduce MAX relies on: :func:`fastfp8.tensor_parallel.all_reduce_absmax`)."""
+    check_args(weight, None, None, "fp32")
+    amax = torch.empty(expected_scale_shape(weight.shape), dtype=torch.float32, device=weight.device)
+    if weight.numel():
+        _launch(weight, weight, amax, "fp32", amax=amax, amax_only=True)
+    else:
+        amax.zero_()
+    return amax
+
+
 def _geometry(
     weight: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor
 ) -> tuple[int, int, int, tuple[int, int, int], tuple[int, int, int], tuple[int, int]]:
@@ -333,9 +352,12 @@ def _launch(
     rounding: str,
     config: tuple[int, int, bool, int] | None = None,
     amax: torch.Tensor | None = None,
+    amax_only: bool = False,
 ) -> list[Any]:
     """Launch the kernel on checked arguments; returns Triton's compiled-kernel handles
-    (tests read their PTX). ``config`` overrides :func:`pick_config` (benchmark sweeps)."""
+    (tests read their PTX). ``config`` overrides :func:`pick_config` (benchmark sweeps).
+    ``amax_only``: write each row's amax (fp32) into ``amax`` and nothing else (``out`` and
+    ``scale_out`` only give the geometry)."""
     if weight.numel() == 0:
         return []
     groups, rows, cols, x_s, q_s, s_s = _geometry(weight, out, scale_out)
@@ -345,7 +367,7 @@ def _launch(
         for g0 in range(0, groups, _MAX_GRID_Y):
             g1 = min(groups, g0 + _MAX_GRID_Y)
             part = None if amax is None else amax[g0:g1]
-            handles += _launch(weight[g0:g1], out[g0:g1], scale_out[g0:g1], rounding, config, part)
+            handles += _launch(weight[g0:g1], out[g0:g1], scale_out[g0:g1], rounding, config, part, amax_only)
         return handles
 
     block_m, block_n, single_pass, num_warps = config or pick_config(rows, cols, x_s[2])
@@ -379,7 +401,8 @@ def _launch(
             EMULATE=not weight.is_cuda,
             INT64=need_int64,
             SINGLE_PASS=single_pass,
-            AMAX_GIVEN=amax is not None,
+            AMAX_GIVEN=amax is not None and not amax_only,
+            AMAX_ONLY=amax_only,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=num_warps,
