@@ -57,6 +57,7 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
 
         quantize_channelwise(torch.randn(256, 4096, device=dev).to(torch.bfloat16), check_finite=False)
         sync(dev)
+        h2d = _h2d_ceilings(dev, rank, size) if cuda else {}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         last = None
         for _ in range(repeat):
@@ -100,9 +101,39 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
                                                             want.contiguous().view(torch.uint8)):
                     mismatched.append(name)
             del full
-        Path(f"{out}.{rank}").write_text(json.dumps({"rank": rank, "runs": runs, "mismatched": mismatched}))
+        Path(f"{out}.{rank}").write_text(json.dumps({"rank": rank, "runs": runs, "mismatched": mismatched,
+                                                     "h2d": h2d}))
     finally:
         dist.destroy_process_group()
+
+
+def _h2d_ceilings(dev, rank: int, size: int, total: int = 4 << 30, chunk: int = 64 << 20) -> dict[str, float]:
+    """Pinned host -> GPU in 64 MiB copies: rank 0's GPU alone, then every rank's at once
+    (GPUs behind one PCIe switch share its link to the host). GB/s, best of 3; the
+    concurrent figure is this rank's, the caller sums them."""
+    import torch
+    import torch.distributed as dist
+
+    src = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    src.random_()
+    dst = torch.empty(total, dtype=torch.uint8, device=dev)
+
+    def copy_s() -> float:
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for off in range(0, total, chunk):
+            dst[off : off + chunk].copy_(src[off : off + chunk], non_blocking=True)
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    alone = together = 0.0
+    for _ in range(3):
+        dist.barrier()
+        if rank == 0:
+            alone = max(alone, total / copy_s() / 1e9)
+        dist.barrier()
+        together = max(together, total / copy_s() / 1e9)
+    return {"alone_gbps": alone, "concurrent_gbps": together}
 
 
 def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Path, device: str,
@@ -116,6 +147,8 @@ def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Pat
     mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device, engine or {}, variants),
                        nprocs=size, start_method="spawn")
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(size)]
+    h2d = {"h2d_rank0_alone_gbps": ranks[0]["h2d"].get("alone_gbps"),
+           "h2d_all_ranks_gbps": sum(rk["h2d"].get("concurrent_gbps", 0.0) for rk in ranks)} if ranks[0]["h2d"] else {}
     rows = []
     for k, name in enumerate(variants):
         runs = [rk["runs"][name] for rk in ranks]
@@ -129,7 +162,8 @@ def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Pat
                      "host_quantized_per_rank": [r[-1]["host_quantized"] for r in runs],
                      "memory_budget": runs[0][-1]["memory_budget"],
                      "chunk_bytes": runs[0][-1]["chunk_bytes"], "threads": runs[0][-1]["threads"],
-                     "mismatched": None if not verify or k else sorted({n for rk in ranks for n in rk["mismatched"]})})
+                     "mismatched": None if not verify or k else sorted({n for rk in ranks for n in rk["mismatched"]}),
+                     **h2d})
     return rows
 
 
@@ -179,6 +213,9 @@ def main(argv=None) -> int:
                               engine, variants):
                 row["gbps"] = ckpt.nbytes / row["seconds"] / 1e9
                 doc["rows"].append(row)
+                if "h2d_all_ranks_gbps" in row and row["variant"] == next(iter(variants)):
+                    print(f"tp {size}: pinned H2D, rank 0 alone {row['h2d_rank0_alone_gbps']:.1f} GB/s, every rank "
+                          f"at once {row['h2d_all_ranks_gbps']:.1f} GB/s in all", flush=True)
                 print(f"tp {size} [{row['variant']}]: {row['seconds']:.3f} s  {row['gbps']:.1f} GB/s  read/rank "
                       f"{[round(b / 1e9, 2) for b in row['bytes_read_per_rank']]} GB  peak GPU/rank "
                       f"{[round(b / 2**30, 2) for b in row['peak_gpu_bytes_per_rank']]} GiB  "
@@ -194,6 +231,9 @@ def main(argv=None) -> int:
             doc[f"tp{size}_gbps"] = r["gbps"]
             doc[f"tp{size}_bytes_read_per_rank"] = r["bytes_read_per_rank"]
             doc[f"tp{size}_peak_gpu_bytes_per_rank"] = r["peak_gpu_bytes_per_rank"]
+        if "h2d_all_ranks_gbps" in r:
+            doc[f"tp{size}_h2d_all_ranks_gbps"] = r["h2d_all_ranks_gbps"]
+            doc["h2d_one_gpu_gbps"] = r["h2d_rank0_alone_gbps"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -21,13 +21,14 @@ the caching allocator holds for them all (:func:`reserve_device_memory`);
 :class:`StreamSink`: fresh tensors per job, handed to the caller). :func:`run` yields
 ``(job, tensors)`` as each job is done (on CUDA: enqueued, with the caller's stream made
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
-the outputs plus two staging buffers of the largest job quantized.
+the outputs plus two staging buffers of the largest job quantized (with tensor parallelism,
+two more of the largest row-parallel slice: :data:`REDUCE_LANE`).
 
 Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"`` on a CPU device): the
 reader threads quantize rows as they read them (:mod:`fastfp8.host_quant` says which and
 how). Tensor parallelism on the device path: row-parallel slices all-reduce their per-row
-amax (MAX) over the group on the compute stream (NCCL queues it there without blocking the
-host).
+amax (MAX) over the group on a stream of their own (NCCL queues it there without blocking
+the host; the other jobs do not wait behind it).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class LoadStats:
     #: outputs' allocation at each job's first chunk), "release" (finished copies' chunks
     #: handed back to the reader, "copy_wait" included),
     #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
-    #: the finiteness check); "room_wait": the reader threads' time idle for want of room
+    #: the finiteness check; of it "finish_sync": waiting for the scales' copies); tensor
+    #: parallelism: "reduce" (of "launch": the all-reduce calls of row-parallel maxima);
+    #: "room_wait": the reader threads' time idle for want of room
     #: in the ring (the consumer had not released enough), per thread
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -242,6 +245,11 @@ MERGE_SHARE = 0
 #: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
 DRIVER_COPY = True
 
+#: tensor parallelism: row-parallel slices quantized on a stream and staging buffers of
+#: their own (their maxima all-reduced: a rank that is ahead waits there for the other),
+#: so that the other jobs' quantizations and copies do not wait behind that collective
+REDUCE_LANE = True
+
 #: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
 CACHED_ENOUGH = 0.5
 
@@ -332,7 +340,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
         bar.close()
     t = time.perf_counter()
     _fault("finish", None)
-    stats.non_finite = _non_finite(flags)
+    stats.non_finite = _non_finite(flags, stats.phases)
     stats.phases["finish"] = stats.phases.get("finish", 0.0) + time.perf_counter() - t
     stats.bytes_read, stats.peak_in_flight, stats.threads = rs["bytes_read"], rs["peak_in_flight"], rs["threads"]
     stats.phases["room_wait"] = rs["room_wait_ns"] / 1e9 / max(1, rs["threads"])
@@ -343,7 +351,37 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
             f"{names} (pass allow_non_finite=True to load them anyway)")
 
 
-def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], rounding: str, plan: Plan) -> None:
+@dataclass
+class _Lane:
+    """Where the device quantizes a kind of job: a stream and two staging buffers (sized for
+    the largest of those jobs) used in turn; the copy stream refills one only after the
+    quantization that read it (``done``) has run."""
+
+    stream: torch.cuda.Stream
+    staging: list[torch.Tensor]
+    done: list[torch.cuda.Event | None]
+    count: int = 0
+
+    @classmethod
+    def of(cls, dev: torch.device, jobs: list[Job]) -> _Lane:
+        size = max((j.nbytes for j in jobs), default=0)
+        staging = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(2)] if size else []
+        return cls(torch.cuda.Stream(dev), staging, [None, None])
+
+    def take(self, copy_stream: torch.cuda.Stream) -> int:
+        """The next staging slot, the copy stream made to wait until it is free."""
+        slot = self.count % 2
+        self.count += 1
+        if self.done[slot] is not None:
+            copy_stream.wait_event(self.done[slot])
+        return slot
+
+
+def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], rounding: str, plan: Plan,
+              phases: dict[str, float] | None = None) -> None:
+    """Quantizes ``job`` from ``staging`` into ``outs`` on the current stream; a row-parallel
+    slice's maxima all-reduced over the group first (``phases["reduce"]``: the time the
+    collective's call took on this thread)."""
     _fault("quantize", job)
     w = staging[: job.nbytes].view(job.dtype)
     if job.transpose:  # [in, out] as read (in column blocks) -> [out, in], contiguous for the kernel
@@ -357,7 +395,10 @@ def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], roundin
         group = plan.tp.group
 
         def reduce(absmax: torch.Tensor) -> None:
+            t = time.perf_counter()
             all_reduce_absmax(absmax, group)
+            if phases is not None:
+                phases["reduce"] = phases.get("reduce", 0.0) + time.perf_counter() - t
 
     if w.numel():
         quantize_channelwise(w, out=q, scale_out=s, check_finite=False, rounding=rounding, reduce_absmax=reduce)
@@ -372,19 +413,23 @@ def _quantize(job: Job, staging: torch.Tensor, outs: list[torch.Tensor], roundin
 def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, rounding, bar, stats, flags):
     jobs = plan.jobs
     copy_stream = torch.cuda.Stream(dev)
-    compute_stream = torch.cuda.Stream(dev)
     # the jobs the device may quantize: those with no host spec, and those the reader may
     # leave to it (quantize_on="adaptive")
     optional = reader.optional
-    staging_bytes = max((j.nbytes for i, (j, sp) in enumerate(zip(jobs, specs, strict=True))
-                         if j.quantized and (sp is None or i in optional)), default=0)
-    staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=dev) for _ in range(2)] if staging_bytes else []
-    quant_done: list[torch.cuda.Event | None] = [None, None]
+    on_device = [j for i, (j, sp) in enumerate(zip(jobs, specs, strict=True))
+                 if j.quantized and (sp is None or i in optional)]
+    # row-parallel slices (their maxima all-reduced: the ranks wait for each other there) on
+    # a lane of their own, so that a wait for the other rank holds back only them
+    split_lanes = REDUCE_LANE and plan.tp is not None and any(j.reduce for j in on_device)
+    lanes = [_Lane.of(dev, [j for j in on_device if not (split_lanes and j.reduce)])]
+    if split_lanes:
+        lanes.append(_Lane.of(dev, [j for j in on_device if j.reduce]))
+    lane = lanes[0]
     pending: deque[tuple[torch.cuda.Event, int, int]] = deque()
     spare: list[torch.cuda.Event] = []  # events of released chunks, recorded again (no re-creation)
     held = 0
     limit = max(0, options.memory_budget - 2 * options.chunk_bytes)  # room so the reader can always progress
-    n_quant = slot = 0
+    slot = 0
     outs: list[torch.Tensor] = []
     spec = None  # the current job's host spec, set at its first chunk
     dst: torch.Tensor | None = None
@@ -436,11 +481,9 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     if spec is not None:
                         dst = None
                     elif job.quantized:
-                        slot = n_quant % 2
-                        n_quant += 1
-                        if quant_done[slot] is not None:
-                            copy_stream.wait_event(quant_done[slot])
-                        dst = staging[slot] if staging else None
+                        lane = lanes[-1] if split_lanes and job.reduce else lanes[0]
+                        slot = lane.take(copy_stream)
+                        dst = lane.staging[slot] if lane.staging else None
                     else:
                         dst = bytes_view(outs[0])
                 src_n = n
@@ -474,18 +517,19 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     continue
                 done = torch.cuda.Event()
                 if job.quantized and spec is None:
-                    compute_stream.wait_stream(copy_stream)
-                    torch.cuda.set_stream(compute_stream)
+                    lane.stream.wait_stream(copy_stream)
+                    torch.cuda.set_stream(lane.stream)
                     try:
                         t_launch = clock()
-                        _quantize(job, staging[slot] if staging else torch.empty(0, dtype=torch.uint8, device=dev),
-                                  outs, rounding, plan)
+                        _quantize(job, lane.staging[slot] if lane.staging else torch.empty(0, dtype=torch.uint8,
+                                                                                            device=dev),
+                                  outs, rounding, plan, stats.phases)
                         launch += clock() - t_launch
                         flags.append((job, outs[1]))
                     finally:
                         torch.cuda.set_stream(copy_stream)
-                    done.record(compute_stream)
-                    quant_done[slot] = done
+                    done.record(lane.stream)
+                    lane.done[slot] = done
                 else:
                     if spec is not None:
                         _fault("quantize", job)
@@ -504,7 +548,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
             torch.cuda.set_stream(caller)
         t = clock()
         caller.wait_stream(copy_stream)
-        caller.wait_stream(compute_stream)
+        for ln in lanes:
+            caller.wait_stream(ln.stream)
         torch.cuda.synchronize(dev)
         stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, alloc=alloc, job_end=job_end,
                             launch=launch, release=release, caller=caller_time, drain=clock() - t)
@@ -553,7 +598,7 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
         yield job, outs
 
 
-def _non_finite(flags: list[tuple[Job, torch.Tensor]]) -> list[str]:
+def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] | None = None) -> list[str]:
     """Names of the source tensors with a NaN/Inf scale, from every quantized job's scales
     (kept by reference as each job ends: no kernel per job on the consumer thread's path),
     checked once when the load has finished, on the host: a device's scales come over in
@@ -573,7 +618,10 @@ def _non_finite(flags: list[tuple[Job, torch.Tensor]]) -> list[str]:
         for dst, (_, s) in zip(torch.split(buf, sizes), group, strict=True):
             dst.copy_(s.reshape(-1), non_blocking=on_cuda)
         if on_cuda:
+            t = time.perf_counter()
             torch.cuda.synchronize(group[0][1].device)
+            if phases is not None:
+                phases["finish_sync"] = phases.get("finish_sync", 0.0) + time.perf_counter() - t
         finite = torch.isfinite(buf)
         if bool(finite.all()):
             continue
