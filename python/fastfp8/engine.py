@@ -34,6 +34,7 @@ the host; the other jobs do not wait behind it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
 from collections import deque
@@ -245,6 +246,10 @@ MERGE_SHARE = 0
 #: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
 DRIVER_COPY = True
 
+#: Python's cyclic garbage collector paused during a load (a full collection of a large
+#: heap stops the consumer thread for tens of ms)
+GC_OFF = False
+
 #: tensor parallelism: row-parallel slices quantized on a stream and staging buffers of
 #: their own (their maxima all-reduced: a rank that is ahead waits there for the other),
 #: so that the other jobs' quantizations and copies do not wait behind that collective
@@ -308,6 +313,18 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     :class:`NonFiniteWeightError` unless ``options.allow_non_finite`` (the names are in
     ``stats.non_finite`` either way). Closing the generator early stops the reader."""
     t0 = time.perf_counter()
+    gc_was = GC_OFF and gc.isenabled()
+    if gc_was:
+        gc.disable()
+    try:
+        yield from _run(ckpt, plan, options, device, sink, stats, desc, t0)
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device, sink, stats: LoadStats,
+         desc: str, t0: float) -> Iterator[tuple[Job, list[torch.Tensor]]]:
     rounding = resolve_rounding(options.rounding, device)
     options = options.replace(method=resolve_method(ckpt, options))
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
@@ -623,8 +640,11 @@ def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] 
             buf, pinned = pinned[:need].view(dtype), pinned[-(-need // 256) * 256 :]
         else:
             buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=on_cuda)
+        t = time.perf_counter()
         for dst, (_, s) in zip(torch.split(buf, sizes), group, strict=True):
             dst.copy_(s.reshape(-1), non_blocking=on_cuda)
+        if phases is not None:
+            phases["finish_copy"] = phases.get("finish_copy", 0.0) + time.perf_counter() - t
         if on_cuda:
             t = time.perf_counter()
             torch.cuda.synchronize(group[0][1].device)
