@@ -291,3 +291,19 @@ def test_cuda_consumer_variants_give_the_same_bytes(tmp_path, monkeypatch, reser
     assert state.stats.phases["room_wait"] >= 0
     if quantize_on != "adaptive":  # adaptive: the threads decide, either way
         assert (state.stats.host_quantized > 0) == (quantize_on != "device")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_finiteness_check_of_scales_agrees_with_torch_on_every_bit_pattern(dtype):
+    """The load's check of its scales reads their bit patterns in numpy (torch's own ops ran
+    on its intra-op thread pool): the same answer as ``torch.isfinite`` for every 16-bit
+    pattern, and for fp32's specials, subnormals and extremes."""
+    from fastfp8.engine import _finite
+
+    if dtype == torch.float32:
+        x = torch.tensor([0.0, -0.0, 1e-45, -1e-40, 3.0, 3.4e38, -3.4e38, float("inf"), float("-inf"),
+                          float("nan"), -float("nan")])
+        x = torch.cat([x, torch.randn(10000) * 1e30])
+    else:
+        x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    assert (_finite(x.to(dtype)) == torch.isfinite(x.to(dtype)).numpy()).all()

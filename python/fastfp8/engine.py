@@ -21,14 +21,13 @@ the caching allocator holds for them all (:func:`reserve_device_memory`);
 :class:`StreamSink`: fresh tensors per job, handed to the caller). :func:`run` yields
 ``(job, tensors)`` as each job is done (on CUDA: enqueued, with the caller's stream made
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
-the outputs plus two staging buffers of the largest job quantized (with tensor parallelism,
-two more of the largest row-parallel slice: :data:`REDUCE_LANE`).
+the outputs plus two staging buffers of the largest job quantized.
 
 Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"`` on a CPU device): the
 reader threads quantize rows as they read them (:mod:`fastfp8.host_quant` says which and
 how). Tensor parallelism on the device path: row-parallel slices all-reduce their per-row
-amax (MAX) over the group on a stream of their own (NCCL queues it there without blocking
-the host; the other jobs do not wait behind it).
+amax (MAX) over the group on the quantization stream (NCCL queues it there without
+blocking the host).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import driver_copy, host
@@ -246,14 +246,11 @@ MERGE_SHARE = 0
 #: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
 DRIVER_COPY = True
 
-#: Python's cyclic garbage collector paused during a load (a full collection of a large
-#: heap stops the consumer thread for tens of ms)
-GC_OFF = False
-
-#: tensor parallelism: row-parallel slices quantized on a stream and staging buffers of
-#: their own (their maxima all-reduced: a rank that is ahead waits there for the other),
-#: so that the other jobs' quantizations and copies do not wait behind that collective
-REDUCE_LANE = True
+#: Python's cyclic garbage collector paused during a load (reference counting still frees
+#: what it can): a collection of a large heap stops the consumer thread. Two tensor-parallel
+#: ranks on one host (two H200s): 40.3 against 32.7 GB/s, 4 of 5 rounds ahead; one GPU:
+#: 47.1 against 47.4 (benches/results/logs/tp_probe_h200x2_gc.json)
+GC_OFF = True
 
 #: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
 CACHED_ENOUGH = 0.5
@@ -371,9 +368,9 @@ def _run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.devic
 
 @dataclass
 class _Lane:
-    """Where the device quantizes a kind of job: a stream and two staging buffers (sized for
-    the largest of those jobs) used in turn; the copy stream refills one only after the
-    quantization that read it (``done``) has run."""
+    """Where the device quantizes: a stream and two staging buffers (sized for the largest
+    job it quantizes) used in turn; the copy stream refills one only after the quantization
+    that read it (``done``) has run."""
 
     stream: torch.cuda.Stream
     staging: list[torch.Tensor]
@@ -434,15 +431,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
     # the jobs the device may quantize: those with no host spec, and those the reader may
     # leave to it (quantize_on="adaptive")
     optional = reader.optional
-    on_device = [j for i, (j, sp) in enumerate(zip(jobs, specs, strict=True))
-                 if j.quantized and (sp is None or i in optional)]
-    # row-parallel slices (their maxima all-reduced: the ranks wait for each other there) on
-    # a lane of their own, so that a wait for the other rank holds back only them
-    split_lanes = REDUCE_LANE and plan.tp is not None and any(j.reduce for j in on_device)
-    lanes = [_Lane.of(dev, [j for j in on_device if not (split_lanes and j.reduce)])]
-    if split_lanes:
-        lanes.append(_Lane.of(dev, [j for j in on_device if j.reduce]))
-    lane = lanes[0]
+    lane = _Lane.of(dev, [j for i, (j, sp) in enumerate(zip(jobs, specs, strict=True))
+                          if j.quantized and (sp is None or i in optional)])
     pending: deque[tuple[torch.cuda.Event, int, int]] = deque()
     spare: list[torch.cuda.Event] = []  # events of released chunks, recorded again (no re-creation)
     held = 0
@@ -499,7 +489,6 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     if spec is not None:
                         dst = None
                     elif job.quantized:
-                        lane = lanes[-1] if split_lanes and job.reduce else lanes[0]
                         slot = lane.take(copy_stream)
                         dst = lane.staging[slot] if lane.staging else None
                     else:
@@ -566,8 +555,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
             torch.cuda.set_stream(caller)
         t = clock()
         caller.wait_stream(copy_stream)
-        for ln in lanes:
-            caller.wait_stream(ln.stream)
+        caller.wait_stream(lane.stream)
         torch.cuda.synchronize(dev)
         stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, alloc=alloc, job_end=job_end,
                             launch=launch, release=release, caller=caller_time, drain=clock() - t)
@@ -616,6 +604,22 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
         yield job, outs
 
 
+#: the exponent bits of a float dtype, all set in an Inf or NaN: (integer view, mask)
+_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000)}
+
+
+def _finite(buf: torch.Tensor) -> np.ndarray:
+    """Which values of the CPU tensor ``buf`` are finite, in numpy on its bit patterns (one
+    thread: torch's ``isfinite`` and ``all`` ran on its intra-op pool, which took 70 - 90 ms
+    of each load with two tensor-parallel ranks on one host)."""
+    view, mask = _EXPONENT.get(buf.dtype, (None, 0))
+    if view is None:
+        return torch.isfinite(buf).numpy()
+    bits = buf.view(view).numpy()
+    return (bits & mask) != mask
+
+
 def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] | None = None,
                 pinned: torch.Tensor | None = None) -> list[str]:
     """Names of the source tensors with a NaN/Inf scale, from every quantized job's scales
@@ -650,11 +654,11 @@ def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] 
             torch.cuda.synchronize(group[0][1].device)
             if phases is not None:
                 phases["finish_sync"] = phases.get("finish_sync", 0.0) + time.perf_counter() - t
-        finite = torch.isfinite(buf)
-        if bool(finite.all()):
+        finite = _finite(buf)
+        if finite.all():
             continue
-        for (job, _), f in zip(group, torch.split(finite, sizes), strict=True):
-            if not bool(f.all()):
+        for (job, _), f in zip(group, np.split(finite, np.cumsum(sizes)[:-1]), strict=True):
+            if not f.all():
                 bad_jobs.add(id(job))
     names: list[str] = []
     for job, _ in flags:
