@@ -255,7 +255,12 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['tp']} | {r.get('variant', 'default')} | {r['seconds']:.3f} | {r['gbps']:.1f} | "
                      f"{', '.join(f'{b / 1e9:.2f}' for b in r['bytes_read_per_rank'])} | "
                      f"{', '.join(f'{b / 2**30:.2f}' for b in r['peak_gpu_bytes_per_rank'])} | {ok} |")
-    return "\n".join(lines) + "\n"
+    extra = [f"Pinned host -> GPU (64 MiB copies): one GPU {doc['h2d_one_gpu_gbps']:.1f} GB/s, "
+             f"{size} GPUs at once {doc[f'tp{size}_h2d_all_ranks_gbps']:.1f} GB/s in all."
+             for size in (2, 4, 8) if f"tp{size}_h2d_all_ranks_gbps" in doc and "h2d_one_gpu_gbps" in doc]
+    if doc.get("code"):
+        extra.append(f"Code: {doc['code']}.")
+    return "\n".join(lines + (["", *extra] if extra else [])) + "\n"
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ blocking the host).
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 import time
 from collections import deque
@@ -99,7 +98,8 @@ class LoadStats:
     #: outputs' allocation at each job's first chunk), "release" (finished copies' chunks
     #: handed back to the reader, "copy_wait" included),
     #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
-    #: the finiteness check; of it "finish_sync": waiting for the scales' copies); tensor
+    #: the finiteness check; of it "finish_copy" and "finish_sync": queueing the scales' copies
+    #: and waiting for them); tensor
     #: parallelism: "reduce" (of "launch": the all-reduce calls of row-parallel maxima);
     #: "room_wait": the reader threads' time idle for want of room
     #: in the ring (the consumer had not released enough), per thread
@@ -246,11 +246,6 @@ MERGE_SHARE = 0
 #: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
 DRIVER_COPY = True
 
-#: Python's cyclic garbage collector paused during a load (reference counting still frees
-#: what it can): a collection of a large heap stops the consumer thread. Two tensor-parallel
-#: ranks on one host (two H200s): 40.3 against 32.7 GB/s, 4 of 5 rounds ahead; one GPU:
-#: 47.1 against 47.4 (benches/results/logs/tp_probe_h200x2_gc.json)
-GC_OFF = True
 
 #: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
 CACHED_ENOUGH = 0.5
@@ -310,18 +305,6 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     :class:`NonFiniteWeightError` unless ``options.allow_non_finite`` (the names are in
     ``stats.non_finite`` either way). Closing the generator early stops the reader."""
     t0 = time.perf_counter()
-    gc_was = GC_OFF and gc.isenabled()
-    if gc_was:
-        gc.disable()
-    try:
-        yield from _run(ckpt, plan, options, device, sink, stats, desc, t0)
-    finally:
-        if gc_was:
-            gc.enable()
-
-
-def _run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device, sink, stats: LoadStats,
-         desc: str, t0: float) -> Iterator[tuple[Job, list[torch.Tensor]]]:
     rounding = resolve_rounding(options.rounding, device)
     options = options.replace(method=resolve_method(ckpt, options))
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
@@ -343,8 +326,7 @@ def _run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.devic
                                     if sp and (i not in reader.optional or reader.quantized(i))})
         t = time.perf_counter()
         _fault("finish", None)
-        # the scales come back through the pinned ring, idle now (every chunk released)
-        stats.non_finite = _non_finite(flags, stats.phases, reader.buffer if device.type == "cuda" else None)
+        stats.non_finite = _non_finite(flags, stats.phases)
         stats.phases["finish"] = stats.phases.get("finish", 0.0) + time.perf_counter() - t
     except BaseException:
         if device.type == "cuda":
@@ -620,15 +602,12 @@ def _finite(buf: torch.Tensor) -> np.ndarray:
     return (bits & mask) != mask
 
 
-def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] | None = None,
-                pinned: torch.Tensor | None = None) -> list[str]:
+def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] | None = None) -> list[str]:
     """Names of the source tensors with a NaN/Inf scale, from every quantized job's scales
     (kept by reference as each job ends: no kernel per job on the consumer thread's path),
     checked once when the load has finished, on the host: a device's scales come over in
     plain copies into pinned memory, one buffer per dtype (no kernel, so none to load on a
-    process's first load), then one sync. The buffers are carved from ``pinned`` (the
-    load's idle ring, uint8) while it has room, else allocated: pinning fresh memory took
-    30 - 90 ms of a load on the H200 machines."""
+    process's first load), then one sync, then :func:`_finite` on the host."""
     flags = [(job, s) for job, s in flags if s.numel()]
     if not flags:
         return []
@@ -639,11 +618,7 @@ def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] 
     for dtype, group in by_dtype.items():
         sizes = [s.numel() for _, s in group]
         on_cuda = group[0][1].is_cuda
-        need = sum(sizes) * dtype.itemsize
-        if on_cuda and pinned is not None and need <= pinned.numel():
-            buf, pinned = pinned[:need].view(dtype), pinned[-(-need // 256) * 256 :]
-        else:
-            buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=on_cuda)
+        buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=on_cuda)
         t = time.perf_counter()
         for dst, (_, s) in zip(torch.split(buf, sizes), group, strict=True):
             dst.copy_(s.reshape(-1), non_blocking=on_cuda)
