@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, verify: bool, opts: dict,
-          device: str, engine: dict, variants: dict) -> None:
+          device: str, engine: dict, variants: dict, cold: bool = False) -> None:
     import fastfp8
     import fastfp8.engine
     import torch
@@ -67,6 +67,10 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(dev)
                     base = torch.cuda.memory_allocated(dev)
+                if cold and rank == 0:  # every rank's first read comes from the disk
+                    from fastfp8.bench import evict_page_cache
+
+                    evict_page_cache([str(p) for p in fastfp8.open_checkpoint(ckpt).shards])
                 dist.barrier()
                 t0 = time.perf_counter()
                 with engine_constants(kw) as load_kw:
@@ -137,14 +141,15 @@ def _h2d_ceilings(dev, rank: int, size: int, total: int = 4 << 30, chunk: int = 
 
 
 def run_tp(ckpt: str, size: int, repeat: int, verify: bool, opts: dict, tmp: Path, device: str,
-           engine: dict | None = None, variants: dict | None = None) -> list[dict]:
+           engine: dict | None = None, variants: dict | None = None, cold: bool = False) -> list[dict]:
     """One row per variant (``{"default": {}}`` when none are given), the first verified."""
     import torch.multiprocessing as mp
 
     variants = variants or {"default": {}}
     out = str(tmp / f"tp{size}")
     port = 29500 + size + int(time.time()) % 1000
-    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device, engine or {}, variants),
+    mp.start_processes(_rank, args=(size, ckpt, port, repeat, out, verify, opts, device, engine or {}, variants,
+                                    cold),
                        nprocs=size, start_method="spawn")
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(size)]
     h2d = {"h2d_rank0_alone_gbps": ranks[0]["h2d"].get("alone_gbps"),
@@ -179,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a smoke test")
     ap.add_argument("--engine", nargs="*", default=[], metavar="NAME=INT",
                     help="fastfp8.engine constants set in every rank (DRIVER_COPY=0 MERGE_SHARE=4)")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the checkpoint from the page cache before every load (rank 0, then a barrier)")
     ap.add_argument("--variants", default="default",
                     help="comma-separated load variants, round robin: \"default\" or load_quantized keywords and "
                     "engine.NAME=value (\"quantize_on=split host_share=0.3\"); the first is the headline")
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
     import torch
 
     ckpt = fastfp8.open_checkpoint(args.ckpt)
-    for p in ckpt.shards:  # warm the page cache
+    for p in ckpt.shards if not args.cold else ():  # warm the page cache
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
@@ -203,14 +210,14 @@ def main(argv=None) -> int:
     n_dev = torch.cuda.device_count() if cuda else 64
     doc = {"gpu": torch.cuda.get_device_name(0) if cuda else "cpu (gloo)", "gpus": n_dev if cuda else 0,
            "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt, "checkpoint_bytes": ckpt.nbytes,
-           "cpu_cores": os.cpu_count(), "repeat": args.repeat, "engine": engine, "rows": []}
+           "cpu_cores": os.cpu_count(), "repeat": args.repeat, "engine": engine, "cold": args.cold, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for size in [int(x) for x in args.tp.split(",")]:
             if size > n_dev:
                 print(f"tp {size}: only {n_dev} GPUs, skipped", flush=True)
                 continue
             for row in run_tp(args.ckpt, size, args.repeat, not args.no_verify, opts, Path(tmp), args.device,
-                              engine, variants):
+                              engine, variants, args.cold):
                 row["gbps"] = ckpt.nbytes / row["seconds"] / 1e9
                 doc["rows"].append(row)
                 if "h2d_all_ranks_gbps" in row and row["variant"] == next(iter(variants)):
@@ -245,7 +252,8 @@ def main(argv=None) -> int:
 def markdown(doc: dict) -> str:
     lines = [f"Tensor-parallel `load_quantized` of `{doc['checkpoint']}` ({doc['checkpoint_bytes'] / 1e9:.1f} GB "
              f"bf16), {doc['gpus']} x {doc['gpu']}, {doc['cpu_cores']} cores, {doc['date']}; NCCL, one process per "
-             f"GPU, warm page cache, median of {doc['repeat']} (slowest rank).", "",
+             f"GPU, {'cold (evicted before every load)' if doc.get('cold') else 'warm'} page cache, median of "
+             f"{doc['repeat']} (slowest rank).", "",
              "| tp | variant | s | GB/s (checkpoint / slowest rank) | read per rank GB | peak GPU per rank GiB "
              "| bytes = slice of 1-GPU |",
              "| ---: | --- | ---: | ---: | --- | --- | --- |"]

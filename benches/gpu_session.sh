@@ -16,6 +16,7 @@
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
 #   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
 #            (TP_SIZES="1,2", TP_REPEAT=3, TP_VARIANTS="default,quantize_on=host": round robin)
+#   tpcold   the same, the page cache evicted before every load (default,method=pread, 1 each) ~3 min
 #
 # Everything lands under $OUT (logs, JSON, markdown), and all of it again in $OUT/0-all.tgz
 # (only 8 files come back, the first by name); a stage that fails is reported and the next
@@ -93,8 +94,15 @@ for s in "$@"; do
         stage load_tp 480 env NCCL_NVLS_ENABLE=0 python3 benches/bench_load_tp.py "$CKPT" --tp "${TP_SIZES:-1,2}" \
             --repeat "${TP_REPEAT:-3}" ${TP_VARIANTS:+--variants "$TP_VARIANTS"} \
             --out "$OUT/load_tp_${GPU}x$(nvidia-smi -L | wc -l).json" ;;
+    tpcold)
+        [ -f "$CKPT/model.safetensors.index.json" ] ||
+            stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
+        sync
+        stage load_tp_cold 480 env NCCL_NVLS_ENABLE=0 python3 benches/bench_load_tp.py "$CKPT" --cold --no-verify \
+            --tp "${TP_SIZES:-1,2}" --repeat "${TP_REPEAT:-1}" --variants "${TP_VARIANTS:-default,method=pread}" \
+            --out "$OUT/load_tp_cold_${GPU}x$(nvidia-smi -L | wc -l).json" ;;
     *)
-        echo "unknown stage: $s (tests, tune, modules, load, probe, decode, tp)" >&2; failed+=("$s") ;;
+        echo "unknown stage: $s (tests, tune, modules, load, probe, decode, tp, tpcold)" >&2; failed+=("$s") ;;
     esac
 done
 # At most 8 files come back from $OUT, the first 8 by name: everything goes into one archive
