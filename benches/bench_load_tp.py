@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # probe_pipeline, here and in the spawned ranks
+    sys.path.insert(0, str(HERE))
 
 
 def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, verify: bool, opts: dict,
@@ -272,5 +274,4 @@ def markdown(doc: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     raise SystemExit(main())

@@ -210,3 +210,31 @@ def test_split_rules(tmp_path):
         TensorParallel(4, 4)
     with pytest.raises(ValueError, match="tp_rank and tp_size"):
         fastfp8.load_quantized("nowhere", device="cpu", tp_size=2)
+
+
+def test_the_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path):
+    """benches/bench_load_tp.py end to end over gloo (what the GPU machine runs with NCCL):
+    round-robin variants, the page cache evicted before each load, each rank's bytes
+    checked against the one-process load, JSON and markdown written."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benches" / "bench_load_tp.py"
+    spec = importlib.util.spec_from_file_location("bench_load_tp", path)
+    bench_load_tp = importlib.util.module_from_spec(spec)
+    sys.modules["bench_load_tp"] = bench_load_tp  # the spawned ranks unpickle its _rank by this name
+    spec.loader.exec_module(bench_load_tp)
+    save(tiny("llama"), tmp_path / "ckpt")
+    out = tmp_path / "tp.json"
+    assert bench_load_tp.main([str(tmp_path / "ckpt"), "--tp", "1,2", "--device", "cpu", "--repeat", "1", "--cold",
+                               "--variants", "default,quantize_on=device", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["cold"] and doc["variants"] == ["default", "quantize_on=device"]
+    rows = {(r["tp"], r["variant"]): r for r in doc["rows"]}
+    assert set(rows) == {(t, v) for t in (1, 2) for v in doc["variants"]}
+    assert rows[2, "default"]["mismatched"] == [] and rows[2, "quantize_on=device"]["mismatched"] is None
+    assert rows[2, "quantize_on=device"]["host_quantized_per_rank"] == [0, 0]
+    assert len(rows[2, "default"]["phases_per_rank"]) == 2 and doc["tp2_gbps"] > 0
+    assert "| 2 | quantize_on=device |" in out.with_suffix(".md").read_text()
