@@ -14,9 +14,11 @@ waiting for room in the ring covers its cost, else on the device (:func:`optiona
 ``"auto"`` is the device on a GPU (:func:`resolve_quantize_on`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
-comes from its amax over every rank. On the device path the slice's per-row amax is
-all-reduced (MAX) over the group on the compute stream (NCCL queues it there without
-blocking the host). On the host path (:func:`reduced_row_amax`), before the main read,
+comes from its amax over every rank. On the device path the slice's per-row amax (fp32, from
+the quantization kernel's first pass) is all-reduced (MAX) over the group on the
+quantization stream, NCCL queueing it there without blocking the host
+(:func:`fastfp8.tensor_parallel.all_reduce_absmax`: as int32 bit patterns, so that a NaN in
+one rank's part of a row reaches every rank). On the host path (:func:`reduced_row_amax`), before the main read,
 native threads read every such slice once for its rows' amax, one all-reduce (MAX) over the
 group takes them all (on a CUDA device through a CUDA tensor: one host sync per load), and
 the reader threads quantize the rows with the reduced amax. Every rank's bytes equal the
