@@ -98,11 +98,10 @@ class LoadStats:
     #: outputs' allocation at each job's first chunk), "release" (finished copies' chunks
     #: handed back to the reader, "copy_wait" included),
     #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
-    #: the finiteness check; of it "finish_copy" and "finish_sync": queueing the scales' copies
-    #: and waiting for them); tensor
-    #: parallelism: "reduce" (of "launch": the all-reduce calls of row-parallel maxima);
-    #: "room_wait": the reader threads' time idle for want of room
-    #: in the ring (the consumer had not released enough), per thread
+    #: the finiteness check; of it "finish_copy" and "finish_sync": queueing the scales'
+    #: copies and waiting for them); tensor parallelism: "reduce" (of "launch": the
+    #: all-reduce calls of row-parallel maxima); "room_wait": the reader threads' time idle
+    #: for want of room in the ring (the consumer had not released enough), per thread
     phases: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -245,7 +244,6 @@ MERGE_SHARE = 0
 #: instead of ``Tensor.copy_``: its copies took 32 instead of 72 ms of a 0.33 s load on an
 #: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
 DRIVER_COPY = True
-
 
 #: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
 CACHED_ENOUGH = 0.5
