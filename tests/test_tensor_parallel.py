@@ -98,7 +98,7 @@ def test_ranks_hold_slices_of_the_single_process_result(tmp_path, arch, size, ig
 
 
 def _rank_load(rank: int, size: int, path: str, init: str, out: str, quantize_on: str, device: str = "cpu",
-               backend: str = "gloo") -> None:
+               backend: str = "gloo", method: str = "auto") -> None:
     """Loads rank ``rank``'s slice; saves the state, or the error's type and message. With
     ``backend="nccl"`` each rank has its own GPU; with gloo on ``"cuda"`` they share one."""
     if backend == "nccl":
@@ -107,7 +107,8 @@ def _rank_load(rank: int, size: int, path: str, init: str, out: str, quantize_on
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
     try:
         try:
-            state = fastfp8.load_quantized(path, device=device, tp_size=size, tp_rank=rank, quantize_on=quantize_on)
+            state = fastfp8.load_quantized(path, device=device, tp_size=size, tp_rank=rank, quantize_on=quantize_on,
+                                           method=method)
             state = {k: v.cpu() for k, v in state.items()} | {"__stats": state.stats}
             res = {"state": {k: v for k, v in state.items() if k != "__stats"},
                    "host_quantized": state["__stats"].host_quantized}
@@ -187,6 +188,39 @@ def test_a_nan_in_one_ranks_part_of_a_row_is_reported_on_every_rank(tmp_path, de
     for rank in range(2):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         assert "model.layers.1.mlp.down_proj.weight" in got.get("error", ""), (rank, sorted(got))
+
+
+@pytest.mark.parametrize("method", ["mmap", "pread"])
+def test_row_slices_quantized_on_the_host_a_piece_of_many_rows_at_a_time(tmp_path, method):
+    """A row-parallel slice is one short segment a row; the reader joins a piece's worth of
+    rows into one read (out of a mapping: one populate and one drop of their span, not one
+    a row). Small pieces (``piece_bytes``) so that a tensor takes several, each of several
+    rows, some ending mid-tensor: every rank's bytes equal its slice of the one-process load."""
+    from test_host_quant import llama
+
+    llama(tmp_path / "m")
+    full = dict(fastfp8.load_quantized(tmp_path / "m", device="cpu", quantize_on="device"))
+    splits = splits_of(tmp_path / "m")
+    out = str(tmp_path / "r")
+    mp.start_processes(_rank_piece_load, args=(2, str(tmp_path / "m"), f"file://{tmp_path}/pg", out, method),
+                       nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert got["host_quantized"] > 0
+        tp = TensorParallel(rank, 2)
+        for name, v in got["state"].items():
+            base = name[: -len("_scale")] if name.endswith("_scale") else name
+            assert same_bytes(v, rank_slice(splits[base], name, full[name], tp)), (rank, name)
+
+
+def _rank_piece_load(rank: int, size: int, path: str, init: str, out: str, method: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        state = fastfp8.load_quantized(path, device="cpu", tp_size=size, tp_rank=rank, quantize_on="host",
+                                       method=method, piece_bytes="2KiB", memory_budget="1MiB", chunk_bytes="64KiB")
+        torch.save({"state": dict(state), "host_quantized": state.stats.host_quantized}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_split_rules(tmp_path):

@@ -716,18 +716,37 @@ impl Shared {
                     if let Some((q, _, piece_src)) = quant {
                         let l = left.min(piece_src);
                         let rows = l / q.row_bytes();
-                        let row = (plan.item_offset + plan.src_len - todo) / q.row_bytes();
-                        st.queue.push_back(Piece {
-                            chunk: c,
-                            item: plan.item,
-                            shard: seg.shard,
-                            spans: vec![(off, l)],
-                            dst,
-                            len: l,
-                            scale_dst: Some(scale_at),
-                            row,
+                        // Rows of several short segments (a tensor-parallel row slice: one
+                        // segment a row) join one piece, as plain bytes do: one read of
+                        // their span, not one per row.
+                        let joins = cur.as_ref().is_some_and(|p| {
+                            let (o, len) = *p.spans.last().expect("a piece has a span");
+                            p.shard == seg.shard
+                                && p.len + l <= piece_src
+                                && off >= o + len
+                                && off - (o + len) <= MAX_GAP
                         });
-                        n += 1;
+                        if joins {
+                            let p = cur.as_mut().expect("checked above");
+                            p.spans.push((off, l));
+                            p.len += l;
+                        } else {
+                            if let Some(p) = cur.take() {
+                                st.queue.push_back(p);
+                                n += 1;
+                            }
+                            let row = (plan.item_offset + plan.src_len - todo) / q.row_bytes();
+                            cur = Some(Piece {
+                                chunk: c,
+                                item: plan.item,
+                                shard: seg.shard,
+                                spans: vec![(off, l)],
+                                dst,
+                                len: l,
+                                scale_dst: Some(scale_at),
+                                row,
+                            });
+                        }
                         off += l;
                         dst += rows * q.cols;
                         scale_at += rows * q.elem_bytes();
@@ -833,7 +852,14 @@ impl Shared {
                         None => quantize_rows(&q, src, qdst, sdst),
                     };
                     let (offset, _) = p.spans[0];
-                    if self.cfg.method == ReadMethod::Mmap {
+                    if p.spans.len() > 1 {
+                        // rows of several segments, gathered (one mapping of their span
+                        // populated and dropped, or one read a segment)
+                        scratch.resize(p.len as usize, 0);
+                        shard
+                            .read_spans_into(&p.spans, &mut scratch, self.cfg.method, &item.name)
+                            .map(|()| quantize(&scratch))
+                    } else if self.cfg.method == ReadMethod::Mmap {
                         // Straight from the page cache: no copy into scratch.
                         shard.with_mapped(offset, p.len as usize, &item.name, quantize)
                     } else {
