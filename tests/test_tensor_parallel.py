@@ -109,9 +109,7 @@ def _rank_load(rank: int, size: int, path: str, init: str, out: str, quantize_on
         try:
             state = fastfp8.load_quantized(path, device=device, tp_size=size, tp_rank=rank, quantize_on=quantize_on,
                                            method=method)
-            state = {k: v.cpu() for k, v in state.items()} | {"__stats": state.stats}
-            res = {"state": {k: v for k, v in state.items() if k != "__stats"},
-                   "host_quantized": state["__stats"].host_quantized}
+            res = {"state": {k: v.cpu() for k, v in state.items()}, "host_quantized": state.stats.host_quantized}
         except fastfp8.NonFiniteWeightError as e:
             res = {"error": str(e)}
         torch.save(res, f"{out}.{rank}")

@@ -713,52 +713,21 @@ impl Shared {
                 let mut left = (seg.len - skip).min(todo);
                 skip = 0;
                 while left > 0 {
-                    if let Some((q, _, piece_src)) = quant {
-                        let l = left.min(piece_src);
-                        let rows = l / q.row_bytes();
-                        // Rows of several short segments (a tensor-parallel row slice: one
-                        // segment a row) join one piece, as plain bytes do: one read of
-                        // their span, not one per row.
-                        let joins = cur.as_ref().is_some_and(|p| {
-                            let (o, len) = *p.spans.last().expect("a piece has a span");
-                            p.shard == seg.shard
-                                && p.len + l <= piece_src
-                                && off >= o + len
-                                && off - (o + len) <= MAX_GAP
-                        });
-                        if joins {
-                            let p = cur.as_mut().expect("checked above");
-                            p.spans.push((off, l));
-                            p.len += l;
-                        } else {
-                            if let Some(p) = cur.take() {
-                                st.queue.push_back(p);
-                                n += 1;
-                            }
-                            let row = (plan.item_offset + plan.src_len - todo) / q.row_bytes();
-                            cur = Some(Piece {
-                                chunk: c,
-                                item: plan.item,
-                                shard: seg.shard,
-                                spans: vec![(off, l)],
-                                dst,
-                                len: l,
-                                scale_dst: Some(scale_at),
-                                row,
-                            });
-                        }
-                        off += l;
-                        dst += rows * q.cols;
-                        scale_at += rows * q.elem_bytes();
-                        left -= l;
-                        todo -= l;
-                        continue;
-                    }
-                    let l = left.min(self.cfg.piece_bytes);
+                    let (limit, scale_dst, row) = match quant {
+                        Some((q, _, piece_src)) => (
+                            piece_src,
+                            Some(scale_at),
+                            (plan.item_offset + plan.src_len - todo) / q.row_bytes(),
+                        ),
+                        None => (self.cfg.piece_bytes, None, 0),
+                    };
+                    let l = left.min(limit);
+                    // Short segments join the piece before them (a tensor-parallel row
+                    // slice: one segment a row): one read of their span, not one each.
                     let joins = cur.as_ref().is_some_and(|p| {
                         let (o, len) = *p.spans.last().expect("a piece has a span");
                         p.shard == seg.shard
-                            && p.len + l <= self.cfg.piece_bytes
+                            && p.len + l <= limit
                             && off >= o + len
                             && off - (o + len) <= MAX_GAP
                     });
@@ -778,12 +747,19 @@ impl Shared {
                             spans: vec![(off, l)],
                             dst,
                             len: l,
-                            scale_dst: None,
-                            row: 0,
+                            scale_dst,
+                            row,
                         });
                     }
                     off += l;
-                    dst += l;
+                    match quant {
+                        Some((q, _, _)) => {
+                            let rows = l / q.row_bytes();
+                            dst += rows * q.cols;
+                            scale_at += rows * q.elem_bytes();
+                        }
+                        None => dst += l,
+                    }
                     left -= l;
                     todo -= l;
                 }
