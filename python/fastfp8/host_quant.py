@@ -18,9 +18,9 @@ comes from its amax over every rank. On the device path the slice's per-row amax
 the quantization kernel's first pass) is all-reduced (MAX) over the group on the
 quantization stream, NCCL queueing it there without blocking the host
 (:func:`fastfp8.tensor_parallel.all_reduce_absmax`: as int32 bit patterns, so that a NaN in
-one rank's part of a row reaches every rank). On the host path (:func:`reduced_row_amax`), before the main read,
-native threads read every such slice once for its rows' amax, one all-reduce (MAX) over the
-group takes them all (on a CUDA device through a CUDA tensor: one host sync per load), and
+one rank's part of a row reaches every rank). On the host path (:func:`reduced_row_amax`),
+before the main read, native threads read every such slice once for its rows' amax, one
+all-reduce (MAX) over the group takes them all (on a CUDA device through a CUDA tensor: one host sync per load), and
 the reader threads quantize the rows with the reduced amax. Every rank's bytes equal the
 matching slice of the one-process result either way.
 """

@@ -49,8 +49,8 @@ def resolve(tp_rank: int | None, tp_size: int | None, process_group: Any) -> Ten
 def all_reduce_absmax(absmax: Any, group: Any = None) -> None:
     """All-reduces (MAX, in place) per-row absolute maxima over ``group``. The maxima are
     non-negative, so their float32 bit patterns, sign bit cleared and read as int32, order
-    like the values, and a NaN (pattern above +inf's) wins: a NaN in one rank's part of a row reaches every rank,
-    which a float MAX does not promise (NCCL's takes the other operand)."""
+    like the values, and a NaN (pattern above +inf's) wins: a NaN in one rank's part of a
+    row reaches every rank, which a float MAX does not promise."""
     import torch
     import torch.distributed as dist
 

@@ -146,6 +146,8 @@ pub struct Stats {
     /// Time the threads spent, summed over them, idle with chunks still to read: the ring
     /// was full (the consumer had not released enough yet), in nanoseconds.
     pub room_wait_ns: u64,
+    /// Pieces of work the threads took (a piece: one read of one or more spans of a shard).
+    pub pieces: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +232,7 @@ struct State {
     stopped: bool,
     bytes_read: u64,
     room_wait_ns: u64,
+    pieces: u64,
     /// Threads' idle time not yet spent on quantizing optional items ([`Shared::decide`]).
     credit_ns: u64,
     /// Threads waiting for room now, and when `room_wait_ns` last counted them.
@@ -344,6 +347,7 @@ impl Reader {
                 stopped: false,
                 bytes_read: 0,
                 room_wait_ns: 0,
+                pieces: 0,
                 credit_ns: 0,
                 room_waiters: 0,
                 accrued_at: Instant::now(),
@@ -541,6 +545,7 @@ impl Reader {
             bytes_read: st.bytes_read,
             threads: self.shared.cfg.threads,
             room_wait_ns: st.room_wait_ns,
+            pieces: st.pieces,
         }
     }
 }
@@ -769,6 +774,7 @@ impl Shared {
                 n += 1;
             }
             st.remaining[c] = n;
+            st.pieces += n as u64;
         }
     }
 

@@ -405,6 +405,74 @@ fn strided_ranges_read_as_the_slice() {
     }
 }
 
+/// Rows of a column slice (one segment a row, as a tensor-parallel row slice) quantized on
+/// the way: several rows join one piece (one read of their span), and the bytes equal the
+/// quantization of the slice's rows, with either method.
+#[test]
+fn strided_rows_quantized_on_the_way_join_pieces() {
+    use fastfp8_core::plan::{ReadItem, Segment};
+    use fastfp8_core::quant::{quantize_rows, QuantSpec, Rounding};
+    use fastfp8_core::Dtype;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let (rows, width, a, b) = (300usize, 1000usize, 100usize, 350usize); // bytes; 125 bf16 columns
+    write_shard(&p, &[("w", rows * width), ("z", 5)]);
+    let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+    let base = whole_tensor(&ckpt, "w").unwrap().segments[0].offset;
+    let all = pattern("w", rows * width);
+    let segments: Vec<Segment> = (0..rows)
+        .map(|r| Segment {
+            shard: 0,
+            offset: base + (r * width + a) as u64,
+            len: (b - a) as u64,
+        })
+        .collect();
+    let slice: Vec<u8> = (0..rows)
+        .flat_map(|r| all[r * width + a..r * width + b].to_vec())
+        .collect();
+    let cols = (b - a) / 2;
+    let spec = QuantSpec::new(Dtype::BF16, cols as u64, Rounding::Fp32).unwrap();
+    let mut want = (vec![0u8; rows * cols], vec![0u8; rows * 2]);
+    quantize_rows(&spec, &slice, &mut want.0, &mut want.1);
+    for method in [ReadMethod::Mmap, ReadMethod::Pread] {
+        let item = ReadItem {
+            name: "w".into(),
+            segments: segments.clone(),
+            quant: Some(spec),
+            amax: None,
+            optional: false,
+        };
+        let budget = 256 << 10;
+        let mut buf = vec![0u8; budget];
+        // SAFETY: `buf` outlives `reader` (dropped below, first) and is only read between
+        // delivery and release.
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), budget as u64) };
+        let piece = 8 * (b - a) as u64; // 8 rows a piece
+        let cfg = ReaderConfig {
+            threads: 3,
+            chunk_bytes: Some(budget as u64 / 2), // the whole slice: one chunk
+            piece_bytes: piece,
+            method,
+            merge_bytes: 0,
+        };
+        let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
+        let d = reader.next().unwrap().expect("one chunk");
+        let got = buf[d.buf_offset as usize..(d.buf_offset + d.len) as usize].to_vec();
+        reader.release(d.buf_offset, d.len).unwrap();
+        assert!(reader.next().unwrap().is_none());
+        let pieces = reader.stats().pieces;
+        drop(reader);
+        assert_eq!(&got[..rows * cols], &want.0[..], "{method:?}");
+        assert_eq!(&got[rows * cols..], &want.1[..], "{method:?}");
+        assert_eq!(
+            pieces,
+            rows.div_ceil(8) as u64,
+            "{method:?}: 8 rows a piece"
+        );
+    }
+}
+
 /// Three bf16 weights `[64, 64]` (8 KiB each) of finite values, and their source bytes.
 fn three_weights(dir: &Path) -> (Arc<Checkpoint>, Vec<Vec<u8>>) {
     let p = dir.join("w.safetensors");
