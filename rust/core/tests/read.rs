@@ -342,9 +342,31 @@ fn index_resolution_and_its_errors() {
 /// A row-parallel slice: one small range per row, gaps between them. The reader groups
 /// such ranges into pieces; the bytes must be the strided slice, with either method, for
 /// chunk and piece sizes that cut through the groups.
+/// Bytes `[a, b)` of each of `rows` rows of `width` bytes from `base`: one segment a row (a
+/// tensor-parallel row slice), and the bytes they hold, from `all` (the rows' bytes).
+fn column_slice(
+    base: u64,
+    all: &[u8],
+    rows: usize,
+    width: usize,
+    (a, b): (usize, usize),
+) -> (Vec<fastfp8_core::plan::Segment>, Vec<u8>) {
+    let segments = (0..rows)
+        .map(|r| fastfp8_core::plan::Segment {
+            shard: 0,
+            offset: base + (r * width + a) as u64,
+            len: (b - a) as u64,
+        })
+        .collect();
+    let bytes = (0..rows)
+        .flat_map(|r| all[r * width + a..r * width + b].to_vec())
+        .collect();
+    (segments, bytes)
+}
+
 #[test]
 fn strided_ranges_read_as_the_slice() {
-    use fastfp8_core::plan::{ReadItem, Segment};
+    use fastfp8_core::plan::ReadItem;
 
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("model.safetensors");
@@ -358,17 +380,7 @@ fn strided_ranges_read_as_the_slice() {
         ((0, 1), 64, 7),
         ((999, 1000), 1 << 20, 1 << 20),
     ] {
-        let (a, b) = cols;
-        let segments: Vec<Segment> = (0..rows)
-            .map(|r| Segment {
-                shard: 0,
-                offset: base + (r * width + a) as u64,
-                len: (b - a) as u64,
-            })
-            .collect();
-        let want: Vec<u8> = (0..rows)
-            .flat_map(|r| all[r * width + a..r * width + b].to_vec())
-            .collect();
+        let (segments, want) = column_slice(base, &all, rows, width, cols);
         for method in [ReadMethod::Mmap, ReadMethod::Pread] {
             let item = ReadItem {
                 name: "w".into(),
@@ -410,7 +422,7 @@ fn strided_ranges_read_as_the_slice() {
 /// quantization of the slice's rows, with either method.
 #[test]
 fn strided_rows_quantized_on_the_way_join_pieces() {
-    use fastfp8_core::plan::{ReadItem, Segment};
+    use fastfp8_core::plan::ReadItem;
     use fastfp8_core::quant::{quantize_rows, QuantSpec, Rounding};
     use fastfp8_core::Dtype;
 
@@ -421,16 +433,7 @@ fn strided_rows_quantized_on_the_way_join_pieces() {
     let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
     let base = whole_tensor(&ckpt, "w").unwrap().segments[0].offset;
     let all = pattern("w", rows * width);
-    let segments: Vec<Segment> = (0..rows)
-        .map(|r| Segment {
-            shard: 0,
-            offset: base + (r * width + a) as u64,
-            len: (b - a) as u64,
-        })
-        .collect();
-    let slice: Vec<u8> = (0..rows)
-        .flat_map(|r| all[r * width + a..r * width + b].to_vec())
-        .collect();
+    let (segments, slice) = column_slice(base, &all, rows, width, (a, b));
     let cols = (b - a) / 2;
     let spec = QuantSpec::new(Dtype::BF16, cols as u64, Rounding::Fp32).unwrap();
     let mut want = (vec![0u8; rows * cols], vec![0u8; rows * 2]);
