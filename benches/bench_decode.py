@@ -299,7 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--n1", type=int, default=16)
-    ap.add_argument("--n2", type=int, default=80)
+    ap.add_argument("--n2", type=int, default=144,
+                    help="steps of the longer generate(); 128 steps between n1 and n2 (64 varied by 20%% run to run)")
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")

@@ -3,9 +3,15 @@
 eager decode step after a 128-token prompt (static cache), profiled with ``torch.profiler``;
 prints the kernels by GPU time per step, batch 1 and 32.
 
+``--generate``: where a step of ``generate()`` (static cache, compiled with CUDA graphs, as
+``bench_decode.py`` runs it) spends its time, FP8 against bf16: ``generate(n)`` timed for
+several ``n`` (is the time per step constant?), the profiler's host ops per step (the
+difference of two ``generate()`` lengths) and the kernels' time per step.
+
 On the GPU machine (from the repo root)::
 
     python benches/probe_decode.py --out $OUT/decode_profile.json
+    python benches/probe_decode.py --generate --layers 32 --out $OUT/decode_host.json
 """
 
 from __future__ import annotations
@@ -60,10 +66,121 @@ def profile_step(model, cfg, batch: int, steps: int = 5) -> list[tuple[float, fl
     return sorted(rows, reverse=True)
 
 
+def host_per_step(gen, n1: int, n2: int) -> dict:
+    """The profiler's host ops (self CPU time) and kernels (self device time) per decode step:
+    ``generate(n2)`` less ``generate(n1)``, divided by the steps between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tot = {}
+    for n in (n1, n2):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            gen(n)
+            torch.cuda.synchronize()
+        tot[n] = {e.key: (e.self_cpu_time_total, e.count, getattr(e, "self_device_time_total", 0))
+                  for e in p.key_averages()}
+    steps = n2 - n1
+    rows = []
+    for key, (cpu2, cnt2, dev2) in tot[n2].items():
+        cpu1, cnt1, dev1 = tot[n1].get(key, (0, 0, 0))
+        rows.append(((cpu2 - cpu1) / steps, (cnt2 - cnt1) / steps, (dev2 - dev1) / steps, key[:100]))
+    rows.sort(reverse=True)
+    return {"cpu_us_per_step": sum(r[0] for r in rows), "device_us_per_step": sum(r[2] for r in rows),
+            "ops": rows[:40]}
+
+
+def prefill_probe(models: dict, cfg, tokens: int = 128) -> dict:
+    """An eager forward of a ``tokens``-token prompt (what ``generate()`` runs before its
+    compiled steps): wall time, and the profiler's top host ops and kernels."""
+    import statistics
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(1, cfg.vocab_size, (1, tokens), device="cuda")
+    out = {}
+    for tag, model in models.items():
+        with torch.no_grad():
+            for _ in range(2):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            runs = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+                runs.append(time.perf_counter() - t)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+        rows = sorted(((e.self_cpu_time_total, e.count, getattr(e, "self_device_time_total", 0), e.key[:100])
+                       for e in p.key_averages()), reverse=True)
+        r = {"wall_ms": statistics.median(runs) * 1e3, "cpu_us": sum(x[0] for x in rows),
+             "device_us": sum(x[2] for x in rows), "ops": rows[:40]}
+        out[f"{tag}_prefill{tokens}"] = r
+        print(f"== {tag} eager prefill {tokens}: {r['wall_ms']:.1f} ms; profiler host {r['cpu_us'] / 1e3:.1f} ms, "
+              f"kernels {r['device_us'] / 1e3:.1f} ms", flush=True)
+        for cpu, cnt, dev, key in rows[:25]:
+            print(f"  cpu {cpu:9.1f} us  x{cnt:6d}  dev {dev:8.1f} us  {key}")
+    return out
+
+
+def generate_probe(models: dict, cfg, args) -> dict:
+    """``generate()`` as ``bench_decode.decode_step_s`` runs it, timed at several lengths and
+    profiled (host ops per step)."""
+    import statistics
+    import time
+
+    from transformers import CompileConfig
+
+    out = {}
+    for batch in (1,):
+        g = torch.Generator(device="cuda").manual_seed(batch)
+        ids = torch.randint(1, cfg.vocab_size, (batch, 128), device="cuda", generator=g)
+        mask = torch.ones_like(ids)
+        for tag, model in models.items():
+            bd._prep_generation(model)
+            kw = {"compile_config": CompileConfig(backend="inductor", fullgraph=False, mode="reduce-overhead")}
+
+            def gen(n, model=model, kw=kw, ids=ids, mask=mask):
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      cache_implementation="static", do_sample=False, **kw)
+
+            t = time.perf_counter()
+            gen(80)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t
+            times = {}
+            for n in (2, 16, 48, 80):
+                gen(n)
+                runs = []
+                for _ in range(3):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    gen(n)
+                    torch.cuda.synchronize()
+                    runs.append(time.perf_counter() - t)
+                times[n] = statistics.median(runs)
+            prof = host_per_step(gen, 16, 48)
+            r = {"first_call_s": first, "generate_s": times,
+                 "step_ms_16_80": (times[80] - times[16]) / 64 * 1e3,
+                 "step_ms_2_16": (times[16] - times[2]) / 14 * 1e3,
+                 "step_ms_48_80": (times[80] - times[48]) / 32 * 1e3, **prof}
+            out[f"{tag}_b{batch}"] = r
+            print(f"== {tag} b{batch}: generate(n) s {times}; ms/step 2-16 {r['step_ms_2_16']:.2f}, 16-80 "
+                  f"{r['step_ms_16_80']:.2f}, 48-80 {r['step_ms_48_80']:.2f}; profiler per step: host "
+                  f"{prof['cpu_us_per_step']:.0f} us, kernels {prof['device_us_per_step']:.0f} us", flush=True)
+            for cpu, cnt, dev, key in prof["ops"][:30]:
+                print(f"  cpu {cpu:8.1f} us  x{cnt:6.1f}  dev {dev:8.1f} us  {key}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="decode_profile.json")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--generate", action="store_true",
+                    help="profile an eager prefill and generate()'s steps instead (host time)")
+    ap.add_argument("--prefill-only", action="store_true", help="with --generate: the eager prefill only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -76,6 +193,13 @@ def main(argv=None) -> int:
     with torch.device("cuda"):
         bf16 = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
     models = {"bf16": bf16, "fp8": fp8_copy(bf16)}
+    if args.generate:
+        res = prefill_probe(models, cfg)
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+        if not args.prefill_only:
+            res.update(generate_probe(models, cfg, args))
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+        return 0
     out = {}
     for tag, model in models.items():
         for batch in (1, 32):
