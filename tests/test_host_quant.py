@@ -307,7 +307,9 @@ def test_auto_resolves_by_device():
     auto = fastfp8.LoadOptions.make()
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_quantize_on(auto, cpu).quantize_on == "host"
-    assert resolve_quantize_on(auto, gpu).quantize_on == "device"
+    assert resolve_quantize_on(auto, gpu).quantize_on == "adaptive"
+    assert resolve_quantize_on(auto, gpu, tp_size=2).quantize_on == "device"  # the same on every rank
+    assert resolve_quantize_on(auto, cpu, tp_size=2).quantize_on == "host"
     split = auto.replace(quantize_on="split", host_share=0.25)
     assert resolve_quantize_on(split, gpu) == split
     for chosen in ("host", "device", "split", "adaptive"):  # what the caller chose stands
@@ -325,14 +327,15 @@ def test_specs_want_a_resolved_choice(tmp_path):
 
 @pytest.mark.cuda
 def test_defaults_on_a_gpu_match_the_device(tmp_path):
-    """"auto" on a GPU is the device; adaptive (the reader threads decide weight by weight)
-    and a split at DEFAULT_HOST_SHARE load the device's bytes."""
+    """"auto" on a GPU is adaptive (the reader threads decide weight by weight); it, adaptive
+    named and a split at DEFAULT_HOST_SHARE load the device's bytes."""
     llama(tmp_path / "m")
-    dev_state, dev_stats = load(tmp_path / "m", "cuda")
+    dev_state, dev_stats = load(tmp_path / "m", "cuda", quantize_on="device")
     assert dev_stats.host_quantized == 0
-    state, stats = load(tmp_path / "m", "cuda", quantize_on="adaptive")
-    assert 0 <= stats.host_quantized <= stats.quantized
-    same_state(state, dev_state)
+    for chosen in ("auto", "adaptive"):
+        state, stats = load(tmp_path / "m", "cuda", quantize_on=chosen)
+        assert 0 <= stats.host_quantized <= stats.quantized
+        same_state(state, dev_state)
     state, stats = load(tmp_path / "m", "cuda", quantize_on="split")
     assert 0 < stats.host_quantized < stats.quantized
     same_state(state, dev_state)

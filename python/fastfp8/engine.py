@@ -282,7 +282,7 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
     # count follows it) and the pinned ring (first touched here)
     with host.on_cpus(host.reader_cpus(device)):
-        options = resolve_quantize_on(options, device)
+        options = resolve_quantize_on(options, device, tp_size)
         specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=tp_size)
         amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
         items = [reader_item(name, segs, job, sp, amax.get(i))

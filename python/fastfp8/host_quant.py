@@ -11,7 +11,8 @@ the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts 
 the rest (:func:`host_quant_specs`). With ``quantize_on="adaptive"`` the reader threads
 decide weight by weight as they reach each one: on the host when the time they spent
 waiting for room in the ring covers its cost, else on the device (:func:`optional_items`).
-``"auto"`` is the device on a GPU (:func:`resolve_quantize_on`).
+``"auto"`` is ``"adaptive"`` on a GPU, the device with tensor parallelism
+(:func:`resolve_quantize_on`).
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax (fp32, from
@@ -82,15 +83,19 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
 DEFAULT_HOST_SHARE = 0.3
 
 
-def resolve_quantize_on(options: LoadOptions, device: torch.device) -> LoadOptions:
+def resolve_quantize_on(options: LoadOptions, device: torch.device, tp_size: int = 1) -> LoadOptions:
     """``options`` with ``quantize_on`` made explicit for a load onto ``device``: ``"auto"``
-    is ``"host"`` on the CPU and ``"device"`` on a GPU, the same on every tensor-parallel
-    rank. On the GPU machines measured, a fixed split (:data:`DEFAULT_HOST_SHARE`) ran up to
-    12% faster than the device alone on some and as much slower on others;
-    ``"adaptive"`` (:func:`optional_items`) won where a split wins (52.5 against 48.0 GB/s)
-    and has not been measured where one loses (benches/NOTES.md)."""
+    is ``"host"`` on the CPU, ``"adaptive"`` on a GPU, and ``"device"`` on every rank of a
+    tensor-parallel load (``tp_size > 1``). On one H200 machine kind (16 cores),
+    ``"adaptive"`` beat the device alone on each of three machines: 52.5 against 48.0 GB/s
+    (medians of 5, round robin), 50.2 against 47.8 and 49.8 against 45.7 - 47.2 (``bench_load``,
+    medians of 3), the last where a fixed split (:data:`DEFAULT_HOST_SHARE`) lost (43.3); at
+    tp 2 it has not been measured since the tensor-parallel fixes of 2026-11-30
+    (benches/NOTES.md)."""
     if options.quantize_on == "auto":
-        return options.replace(quantize_on="device" if device.type == "cuda" else "host")
+        if device.type != "cuda":
+            return options.replace(quantize_on="host")
+        return options.replace(quantize_on="adaptive" if tp_size == 1 else "device")
     return options
 
 
