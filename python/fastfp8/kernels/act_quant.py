@@ -31,7 +31,7 @@ import contextlib
 import torch
 
 from . import common
-from .common import FP8, FP8_MAX, fp8_supported, tl, triton
+from .common import FP8, FP8_MAX, cdiv, fp8_supported, next_power_of_2, tl, triton
 
 #: The smallest per-token scale (vLLM's ``1 / (448 * 512)``): rows whose amax is below
 #: ``448 * SCALE_FLOOR`` (including all-zero rows) use this scale.
@@ -208,17 +208,13 @@ if triton is not None:
                 tl.store(q_rows + c[None, :], _to_e4m3(xb, inv_col, EMULATE), mask=mask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def pick_config(n_rows: int, n_cols: int, gated: bool) -> tuple[int, int, bool, int]:
     """``(BLOCK_M, BLOCK_K, SINGLE_PASS, num_warps)``: whole rows in registers up to 16384
     columns (8192 gated), several short rows per program (~4096 elements a program)."""
     limit = _SINGLE_PASS_MAX // 2 if gated else _SINGLE_PASS_MAX
     if n_cols <= limit:
-        block_k = max(16, _next_pow2(n_cols))
-        block_m = max(1, min(4096 // block_k, _next_pow2(n_rows)))
+        block_k = max(16, next_power_of_2(n_cols))
+        block_m = max(1, min(4096 // block_k, next_power_of_2(n_rows)))
         elems = block_m * block_k
         num_warps = 4 if elems <= 2048 else (8 if elems <= 8192 else 16)
         return block_m, block_k, True, num_warps
@@ -254,11 +250,11 @@ def triton_act_quant(
             s.fill_(SCALE_FLOOR)
         return q, s
     block_m, block_k, single, num_warps = pick_config(rows, cols, gated)
-    padded_rows = triton.cdiv(rows, block_m) * block_m
+    padded_rows = cdiv(rows, block_m) * block_m
     need64 = max(padded_rows * max(x.stride(0), q.stride(0)) + 2 * cols + block_k, 0) >= _INT32_LIMIT
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
-        _act_quant_kernel[(triton.cdiv(rows, block_m),)](
+        _act_quant_kernel[(cdiv(rows, block_m),)](
             x, q, s, rows, cols, x.stride(0), q.stride(0),
             GATED=gated,
             IS_BF16=x.dtype == torch.bfloat16,

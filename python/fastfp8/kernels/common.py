@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fp8 import FP8, FP8_MAX, capability, fp8_supported
+from ..fp8 import FP8, FP8_MAX, capability, cdiv, fp8_supported, next_power_of_2
 
 try:
     import triton
@@ -15,7 +15,7 @@ except ImportError:  # CPU-only installs without Triton: the torch references do
     triton = None
     tl = None
 
-__all__ = ["FP8", "FP8_MAX", "capability", "fp8_supported", "tl", "triton"]
+__all__ = ["FP8", "FP8_MAX", "capability", "cdiv", "fp8_supported", "next_power_of_2", "tl", "triton"]
 
 
 #: Tests set this: kernel outputs and intermediate buffers are filled with NaN (fp8: 0x7F)

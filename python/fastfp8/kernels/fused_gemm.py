@@ -28,7 +28,7 @@ import torch
 
 from . import common
 from .act_quant import SCALE_FLOOR
-from .common import FP8, FP8_MAX, tl, triton
+from .common import FP8, FP8_MAX, cdiv, tl, triton
 from .gemm import GemmConfig
 
 __all__ = ["default_config", "fp8_gemm_fused", "fp8_gemm_fused_reference"]
@@ -160,7 +160,7 @@ def fp8_gemm_fused(
         y = torch.zeros((m, n), dtype=out_dtype, device=x.device)
         return y + bias.to(out_dtype) if bias is not None and m else y
     y = common.empty((m, n), out_dtype, x.device)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid = (cdiv(m, bm) * cdiv(n, bn),)
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
         _fused_gemm_kernel[grid](

@@ -31,7 +31,7 @@ import functools
 import torch
 
 from . import common
-from .common import FP8, tl, triton
+from .common import FP8, cdiv, tl, triton
 
 __all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported", "w16_gemm"]
 
@@ -299,7 +299,7 @@ def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a16: bool) -> torch.T
         c = torch.zeros((m, n), dtype=torch.float32, device=a.device)
     else:
         c = common.empty((m, n), out_dtype, a.device)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    grid = (cdiv(m, bm) * cdiv(n, bn), split)
     _fp8_gemm_tile_kernel[grid](
         a, w, c, sa, sb, bias if bias is not None else sb,
         m, n, k, a.stride(0), w.stride(0), c.stride(0),
@@ -331,7 +331,7 @@ def _launch_tma(a_q, sa, w, sb, bias, out_dtype, bm, bn, bk, gm, nw, ns):
     b_d = desc.from_tensor(w, [bn, bk])
     c_d = desc.from_tensor(c, [bm, bn])
     sms = _num_sms(_device_index(a_q))
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     grid = (min(sms, tiles),)
     _fp8_gemm_tma_kernel[grid](
         a_d, b_d, c_d, sa, sb, bias if bias is not None else sb, m, n, k,

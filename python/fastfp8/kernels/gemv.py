@@ -34,7 +34,7 @@ import os
 import torch
 
 from . import common
-from .common import tl, triton
+from .common import cdiv, next_power_of_2, tl, triton
 from .linear_table import GEMV_MAX_ROWS as MAX_ROWS
 
 __all__ = ["MAX_ROWS", "block_m", "config_of", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
@@ -42,7 +42,7 @@ __all__ = ["MAX_ROWS", "block_m", "config_of", "fp8_gemv", "fp8_gemv_reference",
 
 def block_m(m: int, use_dot: bool) -> int:
     """Rows per program: 1 for the elementwise variant, else ``M`` padded to 16, 32, 64 or 128."""
-    return max(16, triton.next_power_of_2(m)) if use_dot else 1
+    return max(16, next_power_of_2(m)) if use_dot else 1
 
 
 @torch.no_grad()
@@ -166,12 +166,12 @@ def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | b
     env = os.environ.get("FASTFP8_GEMV_CONFIG")
     if env:
         return config_of([int(v) for v in env.split(",")], m)
-    kp = triton.next_power_of_2(max(k, 1))
+    kp = next_power_of_2(max(k, 1))
     if use_dot:
-        bn = 32 if triton.cdiv(n, 32) >= num_sms // 2 else 16
+        bn = 32 if cdiv(n, 32) >= num_sms // 2 else 16
         return dict(BLOCK_N=bn, BLOCK_K=max(32, min(256, kp)), num_warps=4, num_stages=3, USE_DOT=True)
     bn = 64
-    while bn > 8 and triton.cdiv(n, bn) < 4 * num_sms:
+    while bn > 8 and cdiv(n, bn) < 4 * num_sms:
         bn //= 2
     bk = max(32, min(8192 // bn, 1024, kp))
     return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, USE_DOT=False)
@@ -250,7 +250,7 @@ def fp8_gemv(
     if split < 1 or split * m * n >= 2**31:
         raise ValueError(f"SPLIT_K={split} is out of range for {m} x {n}")
     int64 = n * weight.stride(0) + cfg["BLOCK_K"] >= 2**31 - 1
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split)
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
         if split > 1:

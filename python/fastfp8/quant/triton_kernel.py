@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import FP8
+from ..fp8 import FP8, cdiv, next_power_of_2
 from .reference import Rounding, check_args, expected_scale_shape
 
 __all__ = ["launch_config", "pick_config", "quantize_channelwise_triton", "row_amax_triton"]
@@ -213,10 +213,6 @@ def _fp8_channel_quant_kernel(
                 tl.store(q_rows + c[None, :] * sq_c, q, mask=mask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def pick_config(n_rows: int, n_cols: int, col_stride: int) -> tuple[int, int, bool, int]:
     """Launch configuration ``(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps)``.
 
@@ -228,13 +224,13 @@ def pick_config(n_rows: int, n_cols: int, col_stride: int) -> tuple[int, int, bo
     """
     if col_stride == 1 or n_cols == 1:
         if n_cols <= _SINGLE_PASS_MAX_COLS:
-            block_n = max(16, _next_pow2(n_cols))
-            block_m = max(1, min(_TILE_ELEMS // block_n, _next_pow2(n_rows)))
+            block_n = max(16, next_power_of_2(n_cols))
+            block_m = max(1, min(_TILE_ELEMS // block_n, next_power_of_2(n_rows)))
             elems = block_m * block_n
             num_warps = 4 if elems <= 4096 else (8 if elems <= 8192 else 16)
             return block_m, block_n, True, num_warps
         return 1, 4096, False, 8
-    block_m = max(16, min(64, _next_pow2(n_rows)))
+    block_m = max(16, min(64, next_power_of_2(n_rows)))
     block_n = 64
     return block_m, block_n, n_cols <= block_n, 4
 
@@ -376,7 +372,7 @@ def _launch(
     padded = (groups, math.ceil(rows / block_m) * block_m, math.ceil(cols / block_n) * block_n)
     need_int64 = max(_max_offset(padded, x_s), _max_offset(padded, q_s), _max_offset(padded[:2], s_s)) >= _INT32_LIMIT
 
-    grid = (triton.cdiv(rows, block_m), groups)
+    grid = (cdiv(rows, block_m), groups)
     # Triton launches on the current CUDA device; switch only when needed (cheap path).
     switch = weight.is_cuda and weight.device.index != torch.cuda.current_device()
     with torch.cuda.device(weight.device) if switch else contextlib.nullcontext():

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..act_quant import act_quant, triton_act_quant
-from ..common import empty, tl, triton
+from ..common import cdiv, empty, next_power_of_2, tl, triton
 from .routing import _expert_inputs
 from .sort import align_tokens
 
@@ -128,14 +128,14 @@ def moe_config(pairs: int, num_experts: int, n: int, k: int, *, a8: bool, gated:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=64 if gated else 128, BLOCK_K=bk, num_warps=4, num_stages=4 if a8 else 3)
-    cfg["BLOCK_K"] = max(32 if a8 else 16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))  # fp8 dots: K >= 32
+    cfg["BLOCK_K"] = max(32 if a8 else 16, min(cfg["BLOCK_K"], next_power_of_2(k)))  # fp8 dots: K >= 32
     return cfg
 
 
 def _launch_moe(a, a_scale, w, w_scale, out, rw, sorted_ids, expert_ids, num_padded, *, a_div, gated, a8, cfg):
     n_out = out.shape[1]
     k_dim = w.shape[2]
-    grid = (sorted_ids.numel() // cfg["BLOCK_M"], triton.cdiv(n_out, cfg["BLOCK_N"]))
+    grid = (sorted_ids.numel() // cfg["BLOCK_M"], cdiv(n_out, cfg["BLOCK_N"]))
     ws = w_scale.reshape(w_scale.shape[0], -1)
     switch = a.is_cuda and a.device.index != torch.cuda.current_device()
     with torch.cuda.device(a.device) if switch else contextlib.nullcontext():

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ..common import empty, tl, triton
+from ..common import cdiv, empty, next_power_of_2, tl, triton
 
 __all__ = ["align_tokens", "align_tokens_torch", "sort_tokens", "sort_tokens_torch"]
 
@@ -118,7 +118,7 @@ def _sort_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, pad:
     k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     ends = torch.empty(num_experts, dtype=torch.int32, device=dev)
-    block = min(1024, max(16, triton.next_power_of_2(p)))
+    block = min(1024, max(16, next_power_of_2(p)))
     switch = dev.index != torch.cuda.current_device() if flat.is_cuda else False
     with torch.cuda.device(dev) if switch else contextlib.nullcontext():
         _count_kernel[(num_experts,)](flat, counts, p, BLOCK=block, num_warps=4)
@@ -134,7 +134,7 @@ def _sort_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, pad:
             expert_ids = npad = ends  # unused
         _place_kernel[(num_experts,)](
             flat, counts, ids, tok, expert_ids, ends, npad, p, num_experts, k,
-            PAD=pad, BM=block_m, BLOCK=block, BLOCK_E=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
+            PAD=pad, BM=block_m, BLOCK=block, BLOCK_E=max(16, next_power_of_2(num_experts)), num_warps=4)
     return ids, (None if pad else tok), ends, (expert_ids if pad else None), (npad if pad else None)
 
 
@@ -151,8 +151,8 @@ def _combine(y, order, topk_weights, t, k, weights_on_input, out_dtype=None):
         if not w.is_contiguous():
             w = w.contiguous()
         out = empty((t, h), out_dtype, y.device)
-        block_h = min(1024, triton.next_power_of_2(max(h, 16)))
-        _combine_kernel[(t, triton.cdiv(h, block_h))](
+        block_h = min(1024, next_power_of_2(max(h, 16)))
+        _combine_kernel[(t, cdiv(h, block_h))](
             y, inv, w, out, h, y.stride(0), out.stride(0),
             K=k, HAS_W=not weights_on_input, BLOCK_H=block_h, num_warps=4)
         return out
