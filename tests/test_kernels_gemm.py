@@ -334,3 +334,14 @@ def test_gemv_split_configs_compile_for_sm90_and_fit():
                    ([64, 128, 4, 3, 8], 128), ([32, 256, 4, 3], 64)]:
         smem = _shared_bytes_sm90(lambda cfg=cfg, m=m: _compile_gemv_sm90(cfg, m))
         assert smem <= SM90_SHARED, (cfg, m, smem)
+
+
+def test_launch_geometry_matches_tritons_own():
+    """``cdiv`` / ``next_power_of_2`` (plain Python: Triton's are constexpr functions, ~8 us a
+    call from the host) give Triton's results wherever the launches use them."""
+    triton = pytest.importorskip("triton")
+    for a in [*range(1, 300), 4095, 4096, 4097, 14336, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert common.next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 64, 128, 132, 1000):
+            assert common.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert common.cdiv(0, 7) == 0
