@@ -23,11 +23,11 @@ the caching allocator holds for them all (:func:`reserve_device_memory`);
 to wait for it), so the caller can write, assign or keep them. Device memory at peak is
 the outputs plus two staging buffers of the largest job quantized.
 
-Quantization on the host (``quantize_on="host"``, ``"split"``; ``"auto"`` on a CPU device): the
-reader threads quantize rows as they read them (:mod:`fastfp8.host_quant` says which and
-how). Tensor parallelism on the device path: row-parallel slices all-reduce their per-row
-amax (MAX) over the group on the quantization stream (NCCL queues it there without
-blocking the host).
+Quantization on the host (``quantize_on="host"``, ``"split"``, ``"adaptive"``; ``"auto"`` is
+``"host"`` on a CPU device and ``"adaptive"`` on one GPU): the reader threads quantize rows as
+they read them (:mod:`fastfp8.host_quant` says which and how). Tensor parallelism on the
+device path: row-parallel slices all-reduce their per-row amax (MAX) over the group on the
+quantization stream (NCCL queues it there without blocking the host).
 """
 
 from __future__ import annotations
