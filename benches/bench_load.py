@@ -6,18 +6,20 @@ Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
 ``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
 
-fastfp8 runs with its defaults (``fastfp8``: on a GPU the device quantizes every weight),
-with that named (``fastfp8_device``), the reader threads quantizing every weight they can
-(``fastfp8_host``), a fixed split at ``host_quant.DEFAULT_HOST_SHARE`` (``fastfp8_split``),
-the threads deciding weight by weight (``fastfp8_adaptive``), merging ready chunks of a
-tensor into one copy as before 2026-11-30 (``fastfp8_merge``), with ``mmap`` (also quantizing on the host straight from
-the page cache: ``fastfp8_mmap_host``), with a 256 MiB ring of 16 MiB chunks
+fastfp8 runs with its defaults (``fastfp8``: on one GPU the reader threads decide weight
+by weight, ``"adaptive"``), with the device quantizing every weight (``fastfp8_device``;
+``fastfp8_mmap_device`` read with ``mmap``), the reader threads quantizing every weight they
+can, in place in the page cache (``fastfp8_mmap_host``, what ``quantize_on="host"`` reads
+with) or from a copy (``fastfp8_host_pread``), a fixed split at
+``host_quant.DEFAULT_HOST_SHARE`` (``fastfp8_split``), the adaptive choice read with
+``mmap`` (``fastfp8_mmap_adaptive``), with a 256 MiB ring of 16 MiB chunks
 (``fastfp8_ring256``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
 and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``). The
 same run measures the ceilings: pinned host-to-device copies
 (``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
 queue depths (``disk_direct_gbps``: the best; cold runs are compared with it), and one
-core's host quantization rate (``host_quant_core_gbps``), and, after the warm loads, what
+core's host quantization rate (``host_quant_core_gbps``, and its code path,
+``host_quant_isa``), and, after the warm loads, what
 fastfp8's reader threads alone deliver with the load's own plan, pread or mmap, with and
 without host quantization (``readers_only_gbps``: :func:`readers_gbps`).
 
@@ -42,8 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_host", "fastfp8_split", "fastfp8_adaptive", "fastfp8_merge",
-           "fastfp8_mmap", "fastfp8_mmap_host", "fastfp8_ring256"]
+FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_mmap_host", "fastfp8_host_pread", "fastfp8_split",
+           "fastfp8_mmap_adaptive", "fastfp8_mmap_device", "fastfp8_ring256"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
@@ -54,8 +56,13 @@ VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_dev
             "fastfp8_split": {"quantize_on": "split"}, "fastfp8_adaptive": {"quantize_on": "adaptive"},
             "fastfp8_mmap": {"method": "mmap"},
             "fastfp8_pread": {"method": "pread"}, "fastfp8_direct": {"method": "direct"},
-            # host quantization straight from the page cache (no copy into a scratch buffer)
+            # host quantization straight from the page cache (no copy into a scratch buffer;
+            # what method="auto" reads with for quantize_on="host" on a GPU)
             "fastfp8_mmap_host": {"method": "mmap", "quantize_on": "host"},
+            # host quantization from a copy into each thread's scratch buffer
+            "fastfp8_host_pread": {"method": "pread", "quantize_on": "host"},
+            "fastfp8_mmap_adaptive": {"method": "mmap", "quantize_on": "adaptive"},
+            "fastfp8_mmap_device": {"method": "mmap", "quantize_on": "device"},
             # a ring twice the default, chunks of 16 MiB: half the chunks for the consumer thread
             "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"}}
 
@@ -322,14 +329,15 @@ def readers_gbps(ckpt_dir: str, repeat: int = 3, **fields) -> float:
     import fastfp8
     import torch
     from fastfp8 import engine
+    from fastfp8.host_quant import resolve_quantize_on
     from fastfp8.options import LoadOptions
     from fastfp8.plan import make_plan
     from fastfp8.quant import resolve_rounding
 
     dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     ckpt = fastfp8.open_checkpoint(ckpt_dir)
-    options = LoadOptions.make(**fields)
-    options = options.replace(method=engine.resolve_method(ckpt, options))
+    options = resolve_quantize_on(LoadOptions.make(**fields), dev)
+    options = options.replace(method=engine.resolve_method(ckpt, options, dev))
     plan = make_plan(ckpt, options)
     rounding = resolve_rounding(options.rounding, dev)
     times = []
@@ -396,7 +404,8 @@ def markdown(doc: dict) -> str:
                      f"{s['peak_gpu_bytes'] / gib:.2f} | {s['host_rss_growth_bytes'] / gib:.2f} |")
     ceilings = [("pinned host -> device copy", doc.get("h2d_pinned_gbps")),
                 ("disk, O_DIRECT, best queue depth", doc.get("disk_direct_gbps")),
-                ("host quantization, one core (bf16 in)", doc.get("host_quant_core_gbps"))]
+                (f"host quantization, one core (bf16 in, {doc.get('host_quant_isa', '?')})",
+                 doc.get("host_quant_core_gbps"))]
     readers = doc.get("readers_only_gbps") or {}
     ceilings += [(f"fastfp8's readers alone, {k} (no device work)", v) for k, v in readers.items()
                  if isinstance(v, float)]
@@ -522,8 +531,11 @@ def main(argv=None) -> int:
         print(f"disk O_DIRECT by queue depth: {depths}", flush=True)
     doc["h2d_pinned_gbps"] = h2d_pinned_gbps()
     doc["host_quant_core_gbps"] = host_quant_core_gbps()
+    from fastfp8 import _native
+
+    doc["host_quant_isa"] = _native.quant_isa()
     print(f"pinned H2D {doc['h2d_pinned_gbps']:.2f} GB/s, host quantization {doc['host_quant_core_gbps']:.2f} "
-          "GB/s per core", flush=True)
+          f"GB/s per core ({doc['host_quant_isa']})", flush=True)
     peer_names = set(WARM_PEERS) | set(COLD_PEERS)
     ff_warm = best("warm", {"fastfp8"})[0]
     doc.update({
@@ -536,6 +548,9 @@ def main(argv=None) -> int:
         "fastfp8_adaptive_warm_gbps": best("warm", {"fastfp8_adaptive"})[0],
         "fastfp8_merge_warm_gbps": best("warm", {"fastfp8_merge"})[0],
         "fastfp8_mmap_host_warm_gbps": best("warm", {"fastfp8_mmap_host"})[0],
+        "fastfp8_host_pread_warm_gbps": best("warm", {"fastfp8_host_pread"})[0],
+        "fastfp8_mmap_adaptive_warm_gbps": best("warm", {"fastfp8_mmap_adaptive"})[0],
+        "fastfp8_mmap_device_warm_gbps": best("warm", {"fastfp8_mmap_device"})[0],
         "fastfp8_ring256_warm_gbps": best("warm", {"fastfp8_ring256"})[0],
         "fastfp8_direct_cold_gbps": best("cold", {"fastfp8_direct"})[0],
         "best_peer_warm_gbps": best("warm", peer_names)[0],

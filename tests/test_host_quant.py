@@ -328,7 +328,8 @@ def test_specs_want_a_resolved_choice(tmp_path):
 @pytest.mark.cuda
 def test_defaults_on_a_gpu_match_the_device(tmp_path):
     """"auto" on a GPU is adaptive (the reader threads decide weight by weight); it, adaptive
-    named and a split at DEFAULT_HOST_SHARE load the device's bytes."""
+    named, the host (read with mmap: in place in the page cache) and a split at
+    DEFAULT_HOST_SHARE load the device's bytes."""
     llama(tmp_path / "m")
     dev_state, dev_stats = load(tmp_path / "m", "cuda", quantize_on="device")
     assert dev_stats.host_quantized == 0
@@ -336,6 +337,9 @@ def test_defaults_on_a_gpu_match_the_device(tmp_path):
         state, stats = load(tmp_path / "m", "cuda", quantize_on=chosen)
         assert 0 <= stats.host_quantized <= stats.quantized
         same_state(state, dev_state)
+    state, stats = load(tmp_path / "m", "cuda", quantize_on="host")
+    assert (stats.method, stats.host_quantized) == ("mmap", stats.quantized)
+    same_state(state, dev_state)
     state, stats = load(tmp_path / "m", "cuda", quantize_on="split")
     assert 0 < stats.host_quantized < stats.quantized
     same_state(state, dev_state)

@@ -1,6 +1,7 @@
-"""``method="auto"`` (the default): ``pread`` when the checkpoint is in the page cache (the
-faster warm read), ``mmap`` when it is not (the faster cold read), decided once per load
-from sampled one-byte ``RWF_NOWAIT`` reads; explicit methods are taken as given."""
+"""``method="auto"`` (the default): ``mmap`` when the reader threads quantize every weight
+for a GPU; else ``pread`` when the checkpoint is in the page cache (the faster warm read),
+``mmap`` when it is not (the faster cold read), decided once per load from sampled one-byte
+``RWF_NOWAIT`` reads; explicit methods are taken as given."""
 
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ class _Probe:
                                                 (None, "pread")])  # cannot say: the warm default
 def test_auto_picks_by_the_page_cache(fraction, want):
     assert resolve_method(_Probe(fraction), LoadOptions.make()) == want
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, None])
+def test_auto_maps_when_the_host_quantizes_for_a_gpu(fraction):
+    """The reader threads quantizing every weight for a GPU read in place in the page cache,
+    warm or cold; for a CPU device, or the GPU quantizing, the page cache decides."""
+    import torch
+
+    host = LoadOptions.make(quantize_on="host")
+    assert resolve_method(_Probe(fraction), host, torch.device("cuda", 0)) == "mmap"
+    want = "mmap" if fraction == 0.0 else "pread"
+    assert resolve_method(_Probe(fraction), host, torch.device("cpu")) == want
+    for where in ("device", "adaptive", "split"):
+        options = LoadOptions.make(quantize_on=where)
+        assert resolve_method(_Probe(fraction), options, torch.device("cuda", 0)) == want
 
 
 @pytest.mark.parametrize("method", ["pread", "mmap", "direct"])

@@ -15,6 +15,7 @@ __all__ = [
     "TensorEntry",
     "default_thread_count",
     "error_classes",
+    "quant_isa",
     "quantize_rows",
 ]
 
@@ -31,6 +32,7 @@ _Item = (
 
 def default_thread_count() -> int: ...
 def error_classes() -> list[tuple[str, str]]: ...
+def quant_isa() -> str: ...
 def quantize_rows(src: bytes, dtype: str, cols: int, rounding: str = "fp32") -> tuple[bytes, bytes]: ...
 
 @final

@@ -12,7 +12,8 @@ the rest (:func:`host_quant_specs`). With ``quantize_on="adaptive"`` the reader 
 decide weight by weight as they reach each one: on the host when the time they spent
 waiting for room in the ring covers its cost, else on the device (:func:`optional_items`).
 ``"auto"`` is ``"adaptive"`` on a GPU, the device with tensor parallelism
-(:func:`resolve_quantize_on`).
+(:func:`resolve_quantize_on`). With ``"host"`` on a GPU, ``method="auto"`` reads with
+``mmap``: the rows are quantized in place in the page cache, no copy.
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax (fp32, from
@@ -86,12 +87,15 @@ DEFAULT_HOST_SHARE = 0.3
 def resolve_quantize_on(options: LoadOptions, device: torch.device, tp_size: int = 1) -> LoadOptions:
     """``options`` with ``quantize_on`` made explicit for a load onto ``device``: ``"auto"``
     is ``"host"`` on the CPU, ``"adaptive"`` on a GPU, and ``"device"`` on every rank of a
-    tensor-parallel load (``tp_size > 1``). On one H200 machine kind (16 cores),
-    ``"adaptive"`` beat the device alone on each of three machines: 52.5 against 48.0 GB/s
-    (medians of 5, round robin), 50.2 against 47.8 and 49.8 against 45.7 - 47.2 (``bench_load``,
-    medians of 3), the last where a fixed split (:data:`DEFAULT_HOST_SHARE`) lost (43.3); at
-    tp 2 it has not been measured since the tensor-parallel fixes of 2026-11-30
-    (benches/NOTES.md)."""
+    tensor-parallel load (``tp_size > 1``).
+
+    With the host quantizer's table path (AVX-512 VBMI, 2026-11-30), on four H200 machines of
+    one kind (16 Xeon cores): every weight on the host, read with ``mmap``, ran at 60.4 GB/s
+    on one (``"adaptive"`` 51.8, the device 48.4) and 4 - 9% behind ``"adaptive"`` on the
+    three others (44.9 against 48.8, 39.4 against 41.1, 37.8 against 41.2), so ``"auto"``
+    stays ``"adaptive"``; before it, ``"adaptive"`` had beaten the device alone on each of
+    three machines (benches/NOTES.md). At tp 2 it has not been measured since the
+    tensor-parallel fixes."""
     if options.quantize_on == "auto":
         if device.type != "cuda":
             return options.replace(quantize_on="host")
@@ -225,13 +229,13 @@ def empty_slice_scales(job: Job, outs: list[torch.Tensor], amax: torch.Tensor | 
     outs[1].copy_(s)
 
 
-def chunk_pieces(job: Job, spec: tuple[str, int, str], outs: list[torch.Tensor], ioff: int, n: int):
-    """(destinations, sources) of a host-quantized chunk: ``n`` bytes of the slot hold whole
-    rows' e4m3 bytes, then their scales; ``ioff`` is the rows' source offset. Returns the
-    output byte views to copy into, the slot's (offset, length) pieces, and the source
-    bytes the chunk covers."""
+def chunk_pieces(job: Job, spec: tuple[str, int, str], ioff: int, n: int):
+    """Where a host-quantized chunk goes: ``n`` bytes of the slot hold whole rows' e4m3
+    bytes, then their scales; ``ioff`` is the rows' source offset. Returns ``(output index,
+    byte offset in that output, offset in the slot, length)`` for the bytes and for the
+    scales, and the source bytes the chunk covers. Plain numbers, no tensor views: the
+    consumer thread computes this for every chunk."""
     cols, eb = spec[1], job.dtype.itemsize
     rows = n // (cols + eb)
     r0 = ioff // (cols * eb)
-    dsts = [bytes_view(outs[0])[r0 * cols : (r0 + rows) * cols], bytes_view(outs[1])[r0 * eb : (r0 + rows) * eb]]
-    return dsts, [(0, rows * cols), (rows * cols, rows * eb)], rows * cols * eb
+    return [(0, r0 * cols, 0, rows * cols), (1, r0 * eb, rows * cols, rows * eb)], rows * cols * eb

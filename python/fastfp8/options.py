@@ -47,8 +47,10 @@ class LoadOptions:
     #: fastest cold load on the H200 machine, 1.70 GB/s against 1.50 for pread),
     #: ``"direct"`` (``O_DIRECT`` past the page cache, 32 threads deep unless ``threads``
     #: is set; slower cold than the page cache's read-ahead on the H200 machine's disk);
-    #: ``"auto"``: ``"pread"`` when most of the checkpoint is in the page cache (sampled
-    #: when the load starts: :func:`fastfp8.engine.resolve_method`), else ``"mmap"``
+    #: ``"auto"``: ``"mmap"`` with ``quantize_on="host"`` on a GPU (rows quantized in place
+    #: in the page cache, no copy); else ``"pread"`` when most of the checkpoint is in the
+    #: page cache (sampled when the load starts: :func:`fastfp8.engine.resolve_method`),
+    #: else ``"mmap"``
     method: str = "auto"
     rounding: str = "auto"
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses

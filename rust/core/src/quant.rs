@@ -29,6 +29,9 @@
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
+use std::sync::OnceLock;
+use std::time::Instant;
+
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
@@ -147,6 +150,71 @@ pub fn quantize_rows_with_amax(
     quantize_rows_on(Isa::detect(), spec, src, amax, q, scales);
 }
 
+/// The code path host quantization takes on this CPU: `"avx512vbmi"`, `"avx512"`,
+/// `"avx2"` or `"generic"`.
+pub fn isa_name() -> &'static str {
+    match Isa::detect() {
+        Isa::Generic => "generic",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vbmi => "avx512vbmi",
+    }
+}
+
+/// One core's cost of quantizing a source byte of `dtype` (bf16, fp16 or fp32) on this CPU,
+/// in picoseconds: measured once per process and dtype, the best of five passes over
+/// 256 KiB of weight-like rows (Eager rounding, the slower) that stay in the core's cache,
+/// as a reader thread's piece does. What the reader weighs against its idle time when it
+/// decides whether to quantize a weight on the way.
+pub fn core_ps_per_byte(dtype: Dtype) -> u64 {
+    static MEASURED: [OnceLock<u64>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = match dtype {
+        Dtype::BF16 => 0,
+        Dtype::F16 => 1,
+        _ => 2,
+    };
+    *MEASURED[slot].get_or_init(|| {
+        const COLS: usize = 4096;
+        let spec = QuantSpec::new(dtype, COLS as u64, Rounding::Eager)
+            .expect("a dtype the quantizer takes");
+        let rows = (256 << 10) / spec.row_bytes() as usize;
+        // a sum of two uniforms scaled to a weight's range, no two rows alike
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let src: Vec<u8> = (0..rows * COLS)
+            .flat_map(|_| {
+                let v = (next() + next()) * 0.04;
+                match dtype {
+                    Dtype::BF16 => round_bf16(v).to_le_bytes().to_vec(),
+                    Dtype::F16 => f16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                    _ => v.to_le_bytes().to_vec(),
+                }
+            })
+            .collect();
+        let mut q = vec![0u8; rows * COLS];
+        let mut scales = vec![0u8; rows * spec.elem_bytes() as usize];
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                quantize_rows(&spec, &src, &mut q, &mut scales);
+                t.elapsed()
+            })
+            .min()
+            .unwrap_or_default();
+        let ps = best.as_nanos() as u64 * 1000 / src.len() as u64;
+        // a preempted pass or a clock that did not move must not make it free or absurd
+        ps.clamp(20, 5000)
+    })
+}
+
 /// The largest magnitude of each whole row of `src` (little-endian `spec.dtype`), as f32
 /// (exact: every bf16, fp16 and fp32 value is an f32); a row holding NaN or Inf gives +Inf,
 /// so that a MAX all-reduce carries it to every rank (a NaN may not survive one) and
@@ -168,7 +236,9 @@ fn rows_amax_on(isa: Isa, spec: &QuantSpec, src: &[u8], out: &mut [f32]) {
         let bits = match (spec.dtype, isa) {
             // SAFETY: the CPU has the features the function is compiled for (checked above).
             #[cfg(target_arch = "x86_64")]
-            (Dtype::BF16, Isa::Avx512) => u32::from(unsafe { x86::bf16_amax_avx512(row) }),
+            (Dtype::BF16, Isa::Avx512 | Isa::Avx512Vbmi) => {
+                u32::from(unsafe { x86::bf16_amax_avx512(row) })
+            }
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             (Dtype::BF16, Isa::Avx2) => u32::from(unsafe { x86::bf16_amax_avx2(row) }),
@@ -236,6 +306,9 @@ enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AVX-512 with VBMI: the bf16 rows' bulk by table (byte permutes).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vbmi,
 }
 
 impl Isa {
@@ -243,6 +316,9 @@ impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
+            if Isa::Avx512Vbmi.available() {
+                return Isa::Avx512Vbmi;
+            }
             if Isa::Avx512.available() {
                 return Isa::Avx512;
             }
@@ -270,6 +346,10 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vbmi => {
+                Isa::Avx512.available() && std::arch::is_x86_feature_detected!("avx512vbmi")
+            }
         }
     }
 }
@@ -295,24 +375,41 @@ fn quantize_rows_on(
         Isa::Avx2 => unsafe { rows_avx2(spec, src, floor, q, scales) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { rows_avx512(spec, src, floor, q, scales) },
+        Isa::Avx512 => unsafe { rows_avx512(spec, false, src, floor, q, scales) },
+        // SAFETY: as above (VBMI included).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vbmi => unsafe { rows_avx512(spec, true, src, floor, q, scales) },
     }
 }
 
-/// bf16 rows with explicit intrinsics; fp16 and fp32 rows as the compiler vectorizes
-/// [`rows_generic`] for these features.
+/// bf16 rows with explicit intrinsics (by table where `vbmi`); fp16 and fp32 rows as the
+/// compiler vectorizes [`rows_generic`] for these features.
+///
+/// # Safety
+/// `vbmi`: the CPU has AVX-512 VBMI.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn rows_avx512(spec: &QuantSpec, src: &[u8], floor: &[f32], q: &mut [u8], scales: &mut [u8]) {
+unsafe fn rows_avx512(
+    spec: &QuantSpec,
+    vbmi: bool,
+    src: &[u8],
+    floor: &[f32],
+    q: &mut [u8],
+    scales: &mut [u8],
+) {
     match spec.dtype {
-        Dtype::BF16 => x86::bf16_rows_avx512(
-            spec.cols as usize,
-            spec.rounding == Rounding::Eager,
-            src,
-            floor,
-            q,
-            scales,
-        ),
+        // SAFETY: the caller's contract on `vbmi`.
+        Dtype::BF16 => unsafe {
+            x86::bf16_rows_avx512(
+                spec.cols as usize,
+                spec.rounding == Rounding::Eager,
+                vbmi,
+                src,
+                floor,
+                q,
+                scales,
+            )
+        },
         _ => rows_generic(spec, src, floor, q, scales),
     }
 }
@@ -636,7 +733,7 @@ mod tests {
         #[allow(unused_mut)]
         let mut isas = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        isas.extend([Isa::Avx2, Isa::Avx512]);
+        isas.extend([Isa::Avx2, Isa::Avx512, Isa::Avx512Vbmi]);
         isas.retain(|i| i.available());
         isas
     }
@@ -764,6 +861,34 @@ mod tests {
                     }
                     _ => {}
                 }
+                src.extend(row.iter().flat_map(|b| b.to_le_bytes()));
+            }
+            for rounding in [Rounding::Fp32, Rounding::Eager] {
+                let spec = QuantSpec::new(Dtype::BF16, cols as u64, rounding).unwrap();
+                check_paths(&spec, &src);
+            }
+        }
+    }
+
+    /// Rows with no zero and no value far below their largest, as weights are: the blocks
+    /// of 64 take the table ([`Isa::Avx512Vbmi`]) rather than the arithmetic, except where
+    /// a rare quotient lands in e4m3's subnormals.
+    #[test]
+    fn simd_paths_match_generic_for_rows_of_normal_quotients() {
+        let mut rng = Rng(0x51_7CC1_B727_220A);
+        for cols in [64usize, 65, 127, 128, 200, 4096] {
+            let mut src = Vec::new();
+            for r in 0..32 {
+                let exp = [9u16, 60, 118, 121, 124, 127, 130, 200, 254][r % 9];
+                // 12 binades keep every quotient above 2^-6; 17 reach e4m3's subnormals
+                let spread = if r % 4 == 0 { 17 } else { 12 };
+                let row: Vec<u16> = (0..cols)
+                    .map(|_| {
+                        let b = rng.next();
+                        let e = exp.saturating_sub(((b >> 20) % spread) as u16).max(1);
+                        (b as u16 & 0x8000) | (e << 7) | ((b >> 8) as u16 & 0x7F)
+                    })
+                    .collect();
                 src.extend(row.iter().flat_map(|b| b.to_le_bytes()));
             }
             for rounding in [Rounding::Fp32, Rounding::Eager] {
@@ -1038,7 +1163,7 @@ mod tests {
         #[allow(unused_mut)] // on x86-64 only it grows
         let mut isas = vec![Isa::Generic];
         #[cfg(target_arch = "x86_64")]
-        isas.extend([Isa::Avx2, Isa::Avx512]);
+        isas.extend([Isa::Avx2, Isa::Avx512, Isa::Avx512Vbmi]);
         for (data, src) in [("exponents", &exps), ("weights", &weights)] {
             // the same rows one byte further on: u16 loads off their alignment
             let mut shifted = vec![0u8; src.len() + 1];

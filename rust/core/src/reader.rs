@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::plan::{validate, ReadItem};
-use crate::quant::{quantize_rows, quantize_rows_with_amax};
+use crate::quant::{self, quantize_rows, quantize_rows_with_amax};
 use crate::ring::Ring;
 use crate::shard::ReadMethod;
 
@@ -191,11 +191,6 @@ fn units_of(item: &ReadItem, quantized: bool) -> (u64, u64) {
     }
 }
 
-/// One reader thread's cost of quantizing a source byte on the way, beyond reading it, in
-/// picoseconds: about 4.4 GB/s of bf16 per core on the H200 machines' Xeon cores
-/// (`host_quant_core_gbps` in benches/results/load_h200.json).
-pub const HOST_QUANT_PS_PER_BYTE: u64 = 230;
-
 /// The most idle thread time [`Shared::decide`] saves up (ns): idle time long past (the
 /// load's start, a slow stretch) does not pay for quantizing much later.
 const CREDIT_CAP_NS: u64 = 50_000_000;
@@ -296,6 +291,10 @@ impl Reader {
         }
         let budget = buf.len();
         let chunk_bytes = cfg.chunk_bytes.map(|c| c.min(budget.max(1)));
+        for q in items.iter().filter(|i| i.optional).filter_map(|i| i.quant) {
+            // measured now, not under the lock when the first one is decided
+            quant::core_ps_per_byte(q.dtype);
+        }
         for item in &items {
             // an optional item may be read either way: both must fit
             let ways: &[bool] = if item.optional {
@@ -639,11 +638,14 @@ impl Shared {
     /// Whether the threads quantize the optional item `i` reached now: yes when the time
     /// they have spent idle for want of room in the ring (the bus or the consumer setting
     /// the pace), less what the optional items they quantized cost, covers what quantizing
-    /// this one costs ([`HOST_QUANT_PS_PER_BYTE`]). Spare time buys FP8 over the bus; none
+    /// this one costs (one core's measured rate, [`quant::core_ps_per_byte`]). Spare time buys FP8 over the bus; none
     /// left, they only read, and leave the item to the device.
     fn decide(&self, st: &mut State, i: usize) -> bool {
         st.accrue();
-        let cost = self.items[i].len().saturating_mul(HOST_QUANT_PS_PER_BYTE) / 1000;
+        let ps = self.items[i]
+            .quant
+            .map_or(0, |q| quant::core_ps_per_byte(q.dtype));
+        let cost = self.items[i].len().saturating_mul(ps) / 1000;
         if st.credit_ns >= cost {
             st.credit_ns -= cost;
             true

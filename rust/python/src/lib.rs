@@ -514,6 +514,13 @@ fn default_thread_count() -> usize {
     default_threads()
 }
 
+/// The code path of host quantization on this CPU (`"avx512vbmi"`, `"avx512"`, `"avx2"`
+/// or `"generic"`).
+#[pyfunction]
+fn quant_isa() -> &'static str {
+    fastfp8_core::quant::isa_name()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCheckpoint>()?;
@@ -523,6 +530,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyReaderStats>()?;
     m.add_function(wrap_pyfunction!(default_thread_count, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_isa, m)?)?;
     m.add_function(wrap_pyfunction!(error_classes, m)?)?;
     m.add("MAX_HEADER_LEN", fastfp8_core::header::MAX_HEADER_LEN)?;
     Ok(())

@@ -10,8 +10,17 @@
 //! the scalar code.
 //!
 //! Rows are read with unaligned loads, so a row at an odd address costs nothing extra.
+//!
+//! With AVX-512 VBMI the bulk of a row takes a table instead of the arithmetic: the e4m3
+//! byte of `x / s` for a normal quotient of at least 2^-6 is `T[m_s][m_x] + 8 (e_x - e_s)`
+//! (before the clamp), where `m_x`, `m_s` are the 7 stored significand bits and `e_x`,
+//! `e_s` the biased exponents, and `T[m_s][m_x]` is the scalar code's byte for
+//! `1.m_x / 1.m_s` (see [`lut_blocks_vbmi`]); 64 lanes look their bytes up in one byte
+//! permute. A block of 64 with a lane outside that range (a zero, a quotient in e4m3's
+//! subnormals) takes the arithmetic.
 
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
 use super::{
     bf16_f32, bf16_quotient, bf16_row, e4m3, floor_bits, round_bf16, Dtype, FP8_MAX, FP8_NAN,
@@ -45,25 +54,33 @@ fn bf16_scale(m: u16) -> Scale {
 
 /// Quantizes the bf16 rows of `cols` elements in `src` into `q` and `scales` (two bytes a
 /// row) on AVX-512; the buffers are whole rows ([`super::quantize_rows`] checks).
+///
+/// # Safety
+/// `vbmi`: the CPU has AVX-512 VBMI (the rows then take [`lut_blocks_vbmi`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(super) fn bf16_rows_avx512(
+pub(super) unsafe fn bf16_rows_avx512(
     cols: usize,
     eager: bool,
+    vbmi: bool,
     src: &[u8],
     floor: &[f32],
     q: &mut [u8],
     scales: &mut [u8],
 ) {
+    let lut = vbmi.then(|| quotient_bytes(eager));
     let rows = src
         .chunks_exact(2 * cols)
         .zip(q.chunks_exact_mut(cols))
         .zip(scales.chunks_exact_mut(2));
     for (r, ((row, qrow), scale)) in rows.enumerate() {
         let fl = floor_bits(Dtype::BF16, floor, r) as u16;
-        let s = if eager {
-            bf16_row_avx512::<true>(row, qrow, fl)
-        } else {
-            bf16_row_avx512::<false>(row, qrow, fl)
+        // SAFETY: `lut` is Some only where the caller vouched for VBMI.
+        let s = unsafe {
+            if eager {
+                bf16_row_avx512::<true>(row, qrow, fl, lut)
+            } else {
+                bf16_row_avx512::<false>(row, qrow, fl, lut)
+            }
         };
         scale.copy_from_slice(&s.to_le_bytes());
     }
@@ -108,9 +125,17 @@ pub(super) fn bf16_amax_avx2(row: &[u8]) -> u16 {
 
 /// One row (`row` holds `q.len()` bf16 values) whose amax is at least `floor` (magnitude
 /// bits); returns its scale.
+///
+/// # Safety
+/// `lut` ([`quotient_bytes`]) is Some only if the CPU has AVX-512 VBMI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16 {
+unsafe fn bf16_row_avx512<const EAGER: bool>(
+    row: &[u8],
+    q: &mut [u8],
+    floor: u16,
+    lut: Option<&QuotientBytes>,
+) -> u16 {
     let n = q.len();
     assert_eq!(row.len(), 2 * n);
     let (s, sf, r) = match bf16_scale(amax_avx512(row).max(floor)) {
@@ -124,34 +149,15 @@ fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u
     let (vs, vr) = (_mm512_set1_ps(sf), _mm512_set1_ps(r));
     let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
     let mut i = 0;
+    let e_s = s >> 7;
+    if let Some(lut) = lut.filter(|_| e_s >= LUT_MIN_SCALE_EXP) {
+        // SAFETY: `lut` is Some only on a CPU with VBMI (this function's contract).
+        i = unsafe { lut_blocks_vbmi::<EAGER>(row, q, &lut[usize::from(s & 0x7F)], e_s, vs, vr) };
+    }
     while i + 64 <= n {
-        // SAFETY: i + 64 <= n, so the 128 bytes at 2i lie inside `row` (2n bytes); the
-        // loads take any alignment.
-        let (x0, x1) = unsafe {
-            (
-                _mm512_loadu_si512(src.add(2 * i).cast()),
-                _mm512_loadu_si512(src.add(2 * i + 64).cast()),
-            )
-        };
-        // bf16 to f32 is a shift by 16: interleaving zero words below the values does it
-        // for elements 0-3 (lo) and 4-7 (hi) of each 128-bit lane; the packs below work
-        // lane by lane too and undo the interleaving
-        let zero = _mm512_setzero_si512();
-        let x = [
-            _mm512_unpacklo_epi16(zero, x0),
-            _mm512_unpackhi_epi16(zero, x0),
-            _mm512_unpacklo_epi16(zero, x1),
-            _mm512_unpackhi_epi16(zero, x1),
-        ];
-        let [lo0, hi0, lo1, hi1] = e4m3_x64::<EAGER>(x.map(|x| _mm512_castsi512_ps(x)), vs, vr);
-        // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
-        // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
-        // before x1's
-        let w = _mm512_packus_epi16(_mm512_packus_epi32(lo0, hi0), _mm512_packus_epi32(lo1, hi1));
-        let w = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), w);
-        // SAFETY: the 64 bytes at i lie inside `q` (n bytes), which nothing else borrows;
-        // the store takes any alignment.
-        unsafe { _mm512_storeu_si512(dst.add(i).cast(), w) };
+        // SAFETY: i + 64 <= n: the 128 bytes at 2i lie inside `row` (2n bytes) and the 64
+        // bytes at i inside `q` (n bytes), which nothing else borrows.
+        unsafe { block_x64::<EAGER>(src.add(2 * i), dst.add(i), vs, vr) };
         i += 64;
     }
     while i + 16 <= n {
@@ -173,6 +179,167 @@ fn bf16_row_avx512<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u
         unsafe { _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, v) };
     }
     s
+}
+
+/// The e4m3 bytes of 64 bf16 values at `src` (128 bytes) divided by `s` (`r` = 1/s), written
+/// to the 64 bytes at `dst`.
+///
+/// # Safety
+/// Both ranges are valid for their reads and writes (any alignment).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn block_x64<const EAGER: bool>(src: *const u8, dst: *mut u8, vs: __m512, vr: __m512) {
+    // SAFETY: the caller's contract; the loads take any alignment.
+    let (x0, x1) = unsafe {
+        (
+            _mm512_loadu_si512(src.cast()),
+            _mm512_loadu_si512(src.add(64).cast()),
+        )
+    };
+    // bf16 to f32 is a shift by 16: interleaving zero words below the values does it for
+    // elements 0-3 (lo) and 4-7 (hi) of each 128-bit lane; the packs below work lane by
+    // lane too and undo the interleaving
+    let zero = _mm512_setzero_si512();
+    let x = [
+        _mm512_unpacklo_epi16(zero, x0),
+        _mm512_unpackhi_epi16(zero, x0),
+        _mm512_unpacklo_epi16(zero, x1),
+        _mm512_unpackhi_epi16(zero, x1),
+    ];
+    let [lo0, hi0, lo1, hi1] = e4m3_x64::<EAGER>(x.map(|x| _mm512_castsi512_ps(x)), vs, vr);
+    // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds the
+    // bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's before
+    // x1's
+    let w = _mm512_packus_epi16(_mm512_packus_epi32(lo0, hi0), _mm512_packus_epi32(lo1, hi1));
+    let w = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), w);
+    // SAFETY: the caller's contract; the store takes any alignment.
+    unsafe { _mm512_storeu_si512(dst.cast(), w) };
+}
+
+/// `T[m_s][m_x]`: the e4m3 byte the scalar code gives `1.m_x / 1.m_s` (both bf16 values in
+/// [1, 2), so the quotient lies in (0.5, 2) and its byte in 0x30 ..= 0x40).
+pub(super) type QuotientBytes = [[u8; 128]; 128];
+
+/// The smallest biased exponent of a scale whose rows take the table: below it, a zero or
+/// subnormal `x` (exponent field 0) could come out of `T + 8 (0 - e_s)` above 8.
+const LUT_MIN_SCALE_EXP: u16 = 8;
+
+/// The table of `eager`'s rounding, built once from the scalar steps.
+fn quotient_bytes(eager: bool) -> &'static QuotientBytes {
+    static TABLES: [OnceLock<Box<QuotientBytes>>; 2] = [OnceLock::new(), OnceLock::new()];
+    TABLES[usize::from(eager)].get_or_init(|| {
+        let mut t = Box::new([[0u8; 128]; 128]);
+        for (ms, row) in t.iter_mut().enumerate() {
+            let sf = bf16_f32(0x3F80 | ms as u16);
+            let r = 1.0 / sf;
+            for (mx, b) in row.iter_mut().enumerate() {
+                let v = bf16_quotient(bf16_f32(0x3F80 | mx as u16), sf, r);
+                *b = e4m3(if eager { bf16_f32(round_bf16(v)) } else { v });
+            }
+        }
+        t
+    })
+}
+
+/// The whole blocks of 64 of a row (`row` holds `q.len()` bf16 values) by table, whose
+/// scale has exponent `e_s` (at least [`LUT_MIN_SCALE_EXP`]) and significand row `t` of
+/// [`QuotientBytes`]; `vs`, `vr` (the scale and its reciprocal) for the blocks that take
+/// the arithmetic ([`block_x64`]). Returns how many elements it wrote (a multiple of 64).
+///
+/// Why the table gives the scalar bytes: the quotient `v` of [`bf16_quotient`] (and its
+/// bf16 rounding, for EAGER) is `q(1.m_x, 1.m_s) 2^d`, `d = e_x - e_s`, exactly while it is
+/// a normal fp32; [`e4m3`]'s byte of a `v` from 2^-6 up, before the clamp, is
+/// `((a + 0x7FFFF + lsb) >> 20) - 960` of its bits `a`, and adding `d << 23` to `a` adds
+/// `8 d` to that (the lsb is bit 20, untouched): the byte is `t[m_x] + 8 d`. The formula
+/// grows with `a`, so a `v` below 2^-6 gives at most 8, and a `v` from 2^-6 up at least 8:
+/// a lane whose sum is above 8 is exact, clamped as [`e4m3`] clamps (448 is 0x7E, and any
+/// `v` above 448 gives 0x7E or more); a block with a lane at 8 or below (zeros, subnormal
+/// `x`: the exponent field 0 with `e_s >= 8` gives at most 0; quotients in or near e4m3's
+/// subnormals) takes the arithmetic. The sign is `x`'s (`s` is positive, `x` is not zero).
+///
+/// # Safety
+/// The CPU has AVX-512 VBMI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")]
+unsafe fn lut_blocks_vbmi<const EAGER: bool>(
+    row: &[u8],
+    q: &mut [u8],
+    t: &[u8; 128],
+    e_s: u16,
+    vs: __m512,
+    vr: __m512,
+) -> usize {
+    let n = q.len();
+    assert_eq!(row.len(), 2 * n);
+    // byte j of the 128 bytes of two vectors of 32 words: the low byte of word j
+    static EVEN: [u8; 64] = {
+        let mut e = [0u8; 64];
+        let mut j = 0;
+        while j < 64 {
+            e[j] = 2 * j as u8;
+            j += 1;
+        }
+        e
+    };
+    // SAFETY: `EVEN` and `t` are 64 and 128 bytes.
+    let (even, t0, t1) = unsafe {
+        (
+            _mm512_loadu_si512(EVEN.as_ptr().cast()),
+            _mm512_loadu_si512(t.as_ptr().cast()),
+            _mm512_loadu_si512(t.as_ptr().add(64).cast()),
+        )
+    };
+    let c = _mm512_set1_epi16((8 * e_s) as i16);
+    let exp_bits = _mm512_set1_epi16(0x7F8);
+    let top = _mm512_set1_epi16(0x7E);
+    let eight = _mm512_set1_epi16(8);
+    let sign = _mm512_set1_epi16(0x80);
+    let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
+    let mut i = 0;
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n, so the 128 bytes at 2i lie inside `row` (2n bytes); the
+        // loads take any alignment.
+        let (x0, x1) = unsafe {
+            (
+                _mm512_loadu_si512(src.add(2 * i).cast()),
+                _mm512_loadu_si512(src.add(2 * i + 64).cast()),
+            )
+        };
+        // the low bytes hold m_x in bits 0-6; the permute reads bits 0-6 of each index
+        let m = _mm512_permutex2var_epi8(x0, even, x1);
+        let tb = _mm512_permutex2var_epi8(t0, m, t1);
+        let tw = [
+            _mm512_cvtepu8_epi16(_mm512_castsi512_si256(tb)),
+            _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(tb)),
+        ];
+        // t[m_x] + 8 e_x - 8 e_s: (w >> 4) & 0x7F8 is 8 e_x
+        let b = [x0, x1].map(|x| _mm512_and_si512(_mm512_srli_epi16::<4>(x), exp_bits));
+        let v = [
+            _mm512_add_epi16(tw[0], _mm512_sub_epi16(b[0], c)),
+            _mm512_add_epi16(tw[1], _mm512_sub_epi16(b[1], c)),
+        ];
+        let low = _mm512_cmple_epi16_mask(v[0], eight) | _mm512_cmple_epi16_mask(v[1], eight);
+        if low != 0 {
+            // SAFETY: as for the loads above, and the 64 bytes at i lie inside `q`.
+            unsafe { block_x64::<EAGER>(src.add(2 * i), dst.add(i), vs, vr) };
+            i += 64;
+            continue;
+        }
+        // the clamp, then x's sign (bit 15, shifted to bit 7) or'ed in: a | (b & c)
+        let w = [(v[0], x0), (v[1], x1)].map(|(v, x)| {
+            _mm512_ternarylogic_epi32::<0xF8>(
+                _mm512_min_epi16(v, top),
+                _mm512_srli_epi16::<8>(x),
+                sign,
+            )
+        });
+        let out = _mm512_permutex2var_epi8(w[0], even, w[1]);
+        // SAFETY: the 64 bytes at i lie inside `q` (n bytes), which nothing else borrows;
+        // the store takes any alignment.
+        unsafe { _mm512_storeu_si512(dst.add(i).cast(), out) };
+        i += 64;
+    }
+    i
 }
 
 /// The largest `bits & 0x7FFF` of the bf16 values in `row`.
