@@ -102,7 +102,7 @@ def fp8_linear(
     CUDA sm89+: the path of the selection table (:func:`linear_choice`): the W8A16 GEMV
     kernel for a few rows (bf16/fp16); the W8A16 tiled GEMM (bf16/fp16, no activation
     quantization); the one-kernel FP8 GEMM that quantizes the activations
-    per K slice itself (:mod:`fastfp8.kernels.fused_gemm`); else the fused per-token
+    per token itself (:mod:`fastfp8.kernels.fused_gemm`); else the fused per-token
     activation quantization followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias
     added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
     :func:`fp8_linear_fallback`.

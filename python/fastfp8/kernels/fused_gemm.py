@@ -1,20 +1,23 @@
 """FP8 GEMM that quantizes the activations itself: one kernel from bf16/fp16 ``x`` to ``y``.
 
 ``y = x @ (w * w_scale).T + bias`` with the fp8 e4m3 weight ``w [N, K]`` (per-output-channel
-``w_scale``) and the activations quantized on the fly, per row and per ``BLOCK_K`` slice of
-K: every K step loads a ``[BLOCK_M, BLOCK_K]`` tile of ``x``, takes each row's amax over
-the tile, scales the row into e4m3 (``scale = max(amax / 448, SCALE_FLOOR)``, then ``x *
-(1 / scale)`` saturated and rounded to nearest even: the per-token rule of
-:mod:`fastfp8.kernels.act_quant` applied to one slice), runs the fp8 ``tl.dot`` and
-adds its product times the row scales to the fp32 accumulator. The weight scales and the
-bias follow once per output tile.
+``w_scale``) and the activations quantized per token inside the kernel, by the rule of
+:mod:`fastfp8.kernels.act_quant` (``scale = max(amax / 448, SCALE_FLOOR)``, then ``x * (1 /
+scale)`` saturated and rounded to nearest even): each program first reads its ``BLOCK_M``
+rows over all of K for their amax, then walks K again quantizing each ``[BLOCK_M, BLOCK_K]``
+tile in registers into the fp8 ``tl.dot``, accumulating in fp32 with the dot itself (so the
+tensor-core products of successive K steps overlap); the row scales, the weight scales and
+the bias follow once per output tile. The quantized activations and their scales equal
+:func:`~fastfp8.kernels.act_quant.act_quant_reference`'s bit for bit, so the result is the
+two-kernel paths' (activation quantization, then a GEMM) up to fp32 summation order.
 
-Why: the two-kernel W8A8 paths (activation quantization, then a GEMM) read the activations
-in bf16, write them in fp8 and read them again; where the weight is small (attention k/v
-projections, Qwen3-MoE attention) those passes cost more than the fp8 tensor cores save, and
-fastfp8 was slower than bf16 there. Here the activations are read once (per column block of
-the output), in bf16, and no second kernel runs. Scales per K slice are finer than per
-token, so the result is at least as accurate as the per-token paths.
+Why: the two-kernel W8A8 paths read the activations in bf16, write them in fp8 and read them
+again, and pay a second launch; where the weight is small (attention k/v projections,
+Qwen3-MoE attention) that costs more than the fp8 tensor cores save, and fastfp8 was slower
+than bf16 there. Here the activations are read twice in bf16 (the second time mostly from
+L2) and no second kernel runs. (The first version scaled each K slice apart: its products
+could not accumulate in the dot, each K step waited for its own, and it ran 3 - 6x slower
+than the two-kernel paths on the H200.)
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 on the e4m3 values (the
 interpreter has no fp8 dot): the same products, exactly.
@@ -27,8 +30,8 @@ import contextlib
 import torch
 
 from . import common
-from .act_quant import SCALE_FLOOR
-from .common import FP8, FP8_MAX, cdiv, tl, triton
+from .act_quant import SCALE_FLOOR, act_quant_reference
+from .common import cdiv, tl, triton
 from .gemm import GemmConfig
 
 __all__ = ["default_config", "fp8_gemm_fused", "fp8_gemm_fused_reference"]
@@ -41,23 +44,12 @@ def fp8_gemm_fused_reference(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    block_k: int,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The kernel's math in torch (fp32): ``x`` quantized per row and per ``block_k`` slice
-    of K (the last slice zero-padded), each slice's product scaled by its row scales."""
-    m, k = x.shape
-    n = w.shape[0]
-    nb = -(-k // block_k) if k else 0
-    pad = nb * block_k - k
-    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(m, nb, block_k)
-    wf = torch.nn.functional.pad(w.float(), (0, pad)).view(n, nb, block_k)
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp_min(amax / FP8_MAX, SCALE_FLOOR)
-    inv = torch.ones_like(scale) / scale
-    q = torch.clamp(xf * inv, -FP8_MAX, FP8_MAX).to(FP8).float()
-    y = torch.einsum("mbk,nbk->mbn", q, wf)  # per slice, exact products in fp32
-    y = (y * scale).sum(dim=1) * w_scale.float().reshape(1, -1)
+    """The kernel's math in torch (fp32): ``x`` quantized per token
+    (:func:`~fastfp8.kernels.act_quant.act_quant_reference`), times the dequantized weight."""
+    q, s = act_quant_reference(x)
+    y = (q.float() * s) @ (w.float() * w_scale.float().reshape(-1, 1)).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -66,6 +58,19 @@ def fp8_gemm_fused_reference(
 if triton is not None:
     from .act_quant import _to_e4m3  # the per-token kernel's fp32 -> e4m3 (saturating, RTNE)
     from .gemm import grouped_tile
+
+    @triton.jit
+    def _x_tile(ptrs, k0, rk, K, EVEN_K: tl.constexpr, IS_BF16: tl.constexpr, EMULATE: tl.constexpr):
+        """A ``[BLOCK_M, BLOCK_K]`` tile of ``x`` at column ``k0`` as fp32 (exact; past K: 0)."""
+        if EVEN_K:  # noqa: SIM108 (constexpr branch)
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
+        if EMULATE and IS_BF16:  # the interpreter's bf16 -> fp32 cast breaks subnormals
+            xf = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            xf = x.to(tl.float32)
+        return xf
 
     @triton.jit
     def _fused_gemm_kernel(
@@ -84,35 +89,34 @@ if triton is not None:
         rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm_s[:, None] * s_xm + rk[None, :]
+        # pass 1: each row's amax over K, as the max of |x| bit patterns (exact; NaN, above
+        # +inf, propagates), kept elementwise and reduced once
+        bits = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            xf = _x_tile(x_ptrs + k0, k0, rk, K, EVEN_K, IS_BF16, EMULATE)
+            bits = tl.maximum(bits, xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        amax = tl.max(bits, axis=1).to(tl.float32, bitcast=True)
+        scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
+        scale = tl.where(scale < FLOOR, FLOOR, scale)  # keeps NaN
+        inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
+        # pass 2: quantize each tile in registers into the dot, which accumulates
         w_ptrs = w_ptr + rn_s[None, :] * s_wn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs)
+            if EVEN_K:  # noqa: SIM108 (constexpr branch)
                 w = tl.load(w_ptrs)
             else:
-                k_ok = (k0 + rk) < K
-                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-            if EMULATE and IS_BF16:  # the interpreter's bf16 -> fp32 cast breaks subnormals
-                xf = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                xf = x.to(tl.float32)
-            # max over |x| bit patterns: exact, and NaN (above +inf) propagates
-            amax = tl.max(xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
-            scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
-            scale = tl.where(scale < FLOOR, FLOOR, scale)  # keeps NaN
-            inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
+                w = tl.load(w_ptrs, mask=(k0 + rk)[:, None] < K, other=0.0)
+            xf = _x_tile(x_ptrs, k0, rk, K, EVEN_K, IS_BF16, EMULATE)
             q = _to_e4m3(xf, inv[:, None], EMULATE)
-            if EMULATE:  # noqa: SIM108 (constexpr branch)
-                part = tl.dot(q.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            if EMULATE:
+                acc += tl.dot(q.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
-                part = tl.dot(q, w)
-            acc += part * scale[:, None]
+                acc = tl.dot(q, w, acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         sb = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-        acc = acc * sb[None, :]
+        acc = acc * scale[:, None] * sb[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * s_ym + rn[None, :]

@@ -4,7 +4,7 @@ the GPU, stored in the package (``linear_table.json``), read once, never re-tune
 Backends: ``"gemv"`` (W8A16 weight streaming, M <= :data:`GEMV_MAX_ROWS`, :mod:`.gemv`), ``"w16"``
 (the W8A16 tiled GEMM: bf16/fp16 activations as they are, the fp8 weight widened in
 registers, :func:`.gemm.w16_gemm`), ``"fused"``
-(one kernel: activations quantized per K slice inside the FP8 GEMM, :mod:`.fused_gemm`), ``"scaled_mm"`` (fused
+(one kernel: activations quantized per token inside the FP8 GEMM, :mod:`.fused_gemm`), ``"scaled_mm"`` (fused
 per-token activation quantization + ``torch._scaled_mm`` rowwise), ``"tile"`` / ``"tma"``
 (the same quantization + the Triton W8A8 GEMM of :mod:`.gemm`).
 
