@@ -535,7 +535,7 @@ fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16
                 _mm256_loadu_si256(src.add(2 * i + 32).cast()),
             )
         };
-        // as in bf16_row_avx512: zero words interleaved below the values make them f32
+        // as in block_x64: zero words interleaved below the values make them f32
         // (elements 0-3 and 4-7 of each 128-bit lane), and the packs undo the interleaving
         let zero = _mm256_setzero_si256();
         let x = [
