@@ -11,13 +11,14 @@
 //!
 //! Rows are read with unaligned loads, so a row at an odd address costs nothing extra.
 //!
-//! With AVX-512 VBMI the bulk of a row takes a table instead of the arithmetic: the e4m3
-//! byte of `x / s` for a normal quotient of at least 2^-6 is `T[m_s][m_x] + 8 (e_x - e_s)`
-//! (before the clamp), where `m_x`, `m_s` are the 7 stored significand bits and `e_x`,
-//! `e_s` the biased exponents, and `T[m_s][m_x]` is the scalar code's byte for
-//! `1.m_x / 1.m_s` (see [`lut_blocks_vbmi`]); 64 lanes look their bytes up in one byte
-//! permute. A block of 64 with a lane outside that range (a zero, a quotient in e4m3's
-//! subnormals) takes the arithmetic.
+//! The bulk of a row takes a table instead of the arithmetic: the e4m3 byte of `x / s` for
+//! a normal quotient of at least 2^-6 is `T[m_s][m_x] + 8 (e_x - e_s)` (before the clamp),
+//! where `m_x`, `m_s` are the 7 stored significand bits and `e_x`, `e_s` the biased
+//! exponents, and `T[m_s][m_x]` is the scalar code's byte for `1.m_x / 1.m_s` (see
+//! [`lut_blocks_vbmi`]). With AVX-512 VBMI 64 lanes look their bytes up in one byte permute
+//! ([`lut_blocks_vbmi`]); on AVX2, 32 lanes in eight 16-byte shuffles and seven blends
+//! ([`lut_blocks_avx2`]); plain AVX-512 (no VBMI) keeps the arithmetic. A block with a lane
+//! outside that range (a zero, a quotient in e4m3's subnormals) takes the arithmetic.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -509,7 +510,7 @@ fn e4m3_small_x16(a: __m512i, normal: __m512i) -> __m512i {
 }
 
 /// One row on AVX2 (`row` holds `q.len()` bf16 values) whose amax is at least `floor`;
-/// returns its scale.
+/// returns its scale. The bulk by table where the scale allows ([`lut_blocks_avx2`]).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16 {
@@ -526,6 +527,89 @@ fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16
     let (vs, vr) = (_mm256_set1_ps(sf), _mm256_set1_ps(r));
     let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
     let mut i = 0;
+    let e_s = s >> 7;
+    if e_s >= LUT_MIN_SCALE_EXP {
+        let t = &quotient_bytes(EAGER)[usize::from(s & 0x7F)];
+        i = lut_blocks_avx2::<EAGER>(row, q, t, e_s, vs, vr);
+    }
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n: the 64 bytes at 2i lie inside `row` (2n bytes) and the 32
+        // bytes at i inside `q` (n bytes), which nothing else borrows.
+        unsafe { block_x32::<EAGER>(src.add(2 * i), dst.add(i), vs, vr) };
+        i += 32;
+    }
+    // the last n % 32 elements: the scalar steps
+    for (o, b) in q[i..].iter_mut().zip(row[2 * i..].chunks_exact(2)) {
+        let v = bf16_quotient(bf16_f32(u16::from_le_bytes([b[0], b[1]])), sf, r);
+        *o = e4m3(if EAGER { bf16_f32(round_bf16(v)) } else { v });
+    }
+    s
+}
+
+/// As [`block_x64`], for 32 values on AVX2.
+///
+/// # Safety
+/// The 64 bytes at `src` and the 32 at `dst` are valid for their reads and writes (any
+/// alignment).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_x32<const EAGER: bool>(src: *const u8, dst: *mut u8, vs: __m256, vr: __m256) {
+    // SAFETY: the caller's contract; the loads take any alignment.
+    let (x0, x1) = unsafe {
+        (
+            _mm256_loadu_si256(src.cast()),
+            _mm256_loadu_si256(src.add(32).cast()),
+        )
+    };
+    // as in block_x64: zero words interleaved below the values make them f32 (elements 0-3
+    // and 4-7 of each 128-bit lane), and the packs undo the interleaving
+    let zero = _mm256_setzero_si256();
+    let x = [
+        _mm256_unpacklo_epi16(zero, x0),
+        _mm256_unpackhi_epi16(zero, x0),
+        _mm256_unpacklo_epi16(zero, x1),
+        _mm256_unpackhi_epi16(zero, x1),
+    ];
+    let [lo0, hi0, lo1, hi1] = e4m3_x32::<EAGER>(x.map(|x| _mm256_castsi256_ps(x)), vs, vr);
+    // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds the
+    // bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's before
+    // x1's
+    let w = _mm256_packus_epi16(_mm256_packus_epi32(lo0, hi0), _mm256_packus_epi32(lo1, hi1));
+    let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
+    // SAFETY: the caller's contract; the store takes any alignment.
+    unsafe { _mm256_storeu_si256(dst.cast(), w) };
+}
+
+/// As [`lut_blocks_vbmi`], 32 values at a time on AVX2: the 128-byte row `t` of the table
+/// is eight 16-byte shuffles (`pshufb` on the low 4 bits of `m_x`), of which three rounds
+/// of byte blends keep the one bits 4 - 6 name. Returns how many elements it wrote (a
+/// multiple of 32).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn lut_blocks_avx2<const EAGER: bool>(
+    row: &[u8],
+    q: &mut [u8],
+    t: &[u8; 128],
+    e_s: u16,
+    vs: __m256,
+    vr: __m256,
+) -> usize {
+    let n = q.len();
+    assert_eq!(row.len(), 2 * n);
+    // SAFETY: each 16-byte load lies inside `t` (128 bytes); they take any alignment.
+    let tabs: [__m256i; 8] = std::array::from_fn(|j| unsafe {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr().add(16 * j).cast()))
+    });
+    let c = _mm256_set1_epi16((8 * e_s) as i16);
+    let (low_byte, m_bits) = (_mm256_set1_epi16(0xFF), _mm256_set1_epi8(0x7F));
+    let (exp_bits, top, nine) = (
+        _mm256_set1_epi16(0x7F8),
+        _mm256_set1_epi16(0x7E),
+        _mm256_set1_epi16(9),
+    );
+    let sign = _mm256_set1_epi16(0x80);
+    let (src, dst) = (row.as_ptr(), q.as_mut_ptr());
+    let mut i = 0;
     while i + 32 <= n {
         // SAFETY: i + 32 <= n, so the 64 bytes at 2i lie inside `row` (2n bytes); the
         // loads take any alignment.
@@ -535,32 +619,64 @@ fn bf16_row_avx2<const EAGER: bool>(row: &[u8], q: &mut [u8], floor: u16) -> u16
                 _mm256_loadu_si256(src.add(2 * i + 32).cast()),
             )
         };
-        // as in block_x64: zero words interleaved below the values make them f32
-        // (elements 0-3 and 4-7 of each 128-bit lane), and the packs undo the interleaving
+        // m_x of the 32 values, lane l holding x0's 8 of lane l, then x1's (the unpacks
+        // below undo it); bit 7 (e_x's lowest) cleared: pshufb reads it as "zero"
+        let m = _mm256_and_si256(
+            _mm256_packus_epi16(
+                _mm256_and_si256(x0, low_byte),
+                _mm256_and_si256(x1, low_byte),
+            ),
+            m_bits,
+        );
+        let p: [__m256i; 8] = tabs.map(|tab| _mm256_shuffle_epi8(tab, m));
+        // blendv keys on each byte's top bit: bit b of m shifted up to bit 7 (a 16-bit
+        // shift, so each byte's bit 7 is its own bit b)
+        let b4 = _mm256_slli_epi16::<3>(m);
+        let b5 = _mm256_slli_epi16::<2>(m);
+        let b6 = _mm256_slli_epi16::<1>(m);
+        let q01 = _mm256_blendv_epi8(p[0], p[1], b4);
+        let q23 = _mm256_blendv_epi8(p[2], p[3], b4);
+        let q45 = _mm256_blendv_epi8(p[4], p[5], b4);
+        let q67 = _mm256_blendv_epi8(p[6], p[7], b4);
+        let q03 = _mm256_blendv_epi8(q01, q23, b5);
+        let q47 = _mm256_blendv_epi8(q45, q67, b5);
+        let tb = _mm256_blendv_epi8(q03, q47, b6);
         let zero = _mm256_setzero_si256();
-        let x = [
-            _mm256_unpacklo_epi16(zero, x0),
-            _mm256_unpackhi_epi16(zero, x0),
-            _mm256_unpacklo_epi16(zero, x1),
-            _mm256_unpackhi_epi16(zero, x1),
+        let tw = [
+            _mm256_unpacklo_epi8(tb, zero),
+            _mm256_unpackhi_epi8(tb, zero),
         ];
-        let [lo0, hi0, lo1, hi1] = e4m3_x32::<EAGER>(x.map(|x| _mm256_castsi256_ps(x)), vs, vr);
-        // lanes of at most 0xFF, which the saturating packs keep: 128-bit lane l of w holds
-        // the bytes of x0[8l..8l + 8], then of x1[8l..8l + 8]; the qword permute puts x0's
-        // before x1's
-        let w = _mm256_packus_epi16(_mm256_packus_epi32(lo0, hi0), _mm256_packus_epi32(lo1, hi1));
-        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
+        // t[m_x] + 8 e_x - 8 e_s: (w >> 4) & 0x7F8 is 8 e_x
+        let b = [x0, x1].map(|x| _mm256_and_si256(_mm256_srli_epi16::<4>(x), exp_bits));
+        let v = [
+            _mm256_add_epi16(tw[0], _mm256_sub_epi16(b[0], c)),
+            _mm256_add_epi16(tw[1], _mm256_sub_epi16(b[1], c)),
+        ];
+        let low = _mm256_or_si256(
+            _mm256_cmpgt_epi16(nine, v[0]),
+            _mm256_cmpgt_epi16(nine, v[1]),
+        );
+        if _mm256_testz_si256(low, low) == 0 {
+            // SAFETY: as for the loads above, and the 32 bytes at i lie inside `q`.
+            unsafe { block_x32::<EAGER>(src.add(2 * i), dst.add(i), vs, vr) };
+            i += 32;
+            continue;
+        }
+        // the clamp, then x's sign (bit 15, shifted to bit 7) or'ed in
+        let w = [(v[0], x0), (v[1], x1)].map(|(v, x)| {
+            _mm256_or_si256(
+                _mm256_min_epi16(v, top),
+                _mm256_and_si256(_mm256_srli_epi16::<8>(x), sign),
+            )
+        });
+        // as in block_x32: the pack interleaves the lanes, the qword permute puts them back
+        let out = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(w[0], w[1]));
         // SAFETY: the 32 bytes at i lie inside `q` (n bytes), which nothing else borrows;
         // the store takes any alignment.
-        unsafe { _mm256_storeu_si256(dst.add(i).cast(), w) };
+        unsafe { _mm256_storeu_si256(dst.add(i).cast(), out) };
         i += 32;
     }
-    // the last n % 32 elements: the scalar steps
-    for (o, b) in q[i..].iter_mut().zip(row[2 * i..].chunks_exact(2)) {
-        let v = bf16_quotient(bf16_f32(u16::from_le_bytes([b[0], b[1]])), sf, r);
-        *o = e4m3(if EAGER { bf16_f32(round_bf16(v)) } else { v });
-    }
-    s
+    i
 }
 
 /// The largest `bits & 0x7FFF` of the bf16 values in `row`, on AVX2.
