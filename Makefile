@@ -9,7 +9,7 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 # (torch and vLLM's CUDA wheels are gigabytes).
 export PIP_NO_CACHE_DIR := 1
 
-.PHONY: setup build demo test test-rust test-python test-vllm test-latest lint lock fmt wheel clean
+.PHONY: setup build demo test test-rust test-python test-vllm test-latest lint lock lock-vllm fmt wheel clean
 
 setup: $(STAMP)
 
@@ -57,12 +57,19 @@ VLLM_STAMP := $(VLLM_VENV)/.deps-installed
 VLLM_MIN_FREE_GB ?= 12
 VLLM_UV    := UV_CACHE_DIR=$(VLLM_VENV)/.uv-cache UV_LINK_MODE=hardlink $(VENV)/bin/uv
 
-$(VLLM_STAMP): | $(STAMP)
+$(VLLM_STAMP): requirements-vllm.lock | $(STAMP)
 	$(PYTHON3) -m venv $(VLLM_VENV)
-	$(VLLM_UV) pip install -q --python $(VLLM_VENV)/bin/python vllm==0.33.0 \
-		"$$(grep -oE '^pytest==[^ ]+' requirements-dev.lock)"
+	$(VLLM_UV) pip install -q --python $(VLLM_VENV)/bin/python -r requirements-vllm.lock
 	$(VLLM_UV) cache clean -q
 	touch $@
+
+# The vLLM venv's pins, from requirements-vllm.in (its pytest kept equal to the dev lock's).
+lock-vllm: $(STAMP)
+	grep -oE '^pytest==[^ ]+' requirements-dev.lock > .lock-vllm-pytest.tmp
+	$(VENV)/bin/uv pip compile requirements-vllm.in -c .lock-vllm-pytest.tmp --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o requirements-vllm.lock
+	sed -i 's/-c .lock-vllm-pytest.tmp, //; s/, -c .lock-vllm-pytest.tmp//' requirements-vllm.lock
+	rm -f .lock-vllm-pytest.tmp
 
 test-vllm: build
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
