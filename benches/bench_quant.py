@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ try:  # run from a source checkout without installing
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from timing import timeit
+from timing import per_call_us, timeit
 
 DEFAULT_SHAPES = [
     "4096x4096",
@@ -85,19 +84,6 @@ def eager_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bench(fn: Callable[[int], Any], n_buffers: int, rep_ms: int) -> float:
     """Median milliseconds of ``fn(i)``, ``i`` rotating over the ``n_buffers`` buffers, eager."""
     return timeit([functools.partial(fn, i) for i in range(n_buffers)], graph=False, rep_ms=rep_ms, warmup_ms=10) / 1e3
-
-
-def host_launch_us(fn: Callable[[], Any], n: int = 2000) -> float:
-    """Host-side cost of one call (no sync inside the loop): the launch overhead floor."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def sweep_configs(w: torch.Tensor) -> list[tuple[int, int, bool, int]]:
@@ -235,9 +221,9 @@ def main() -> None:
     w_small = make_input((1024, 1024), False, dtype, seed=0)
     o_small = torch.empty_like(w_small, dtype=torch.float8_e4m3fn)
     s_small = torch.empty((1024, 1), dtype=dtype, device=DEVICE)
-    launch_us = host_launch_us(
+    launch_us = per_call_us(
         lambda: quantize_channelwise_triton(w_small, out=o_small, scale_out=s_small, rounding=args.rounding)
-    )
+    )[0]
 
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     print(f"\n{props.name}, {versions}, {args.dtype}, rounding={args.rounding}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels.common import tl, triton
+from timing import per_call_us
 
 if triton is not None:
 
@@ -37,20 +37,6 @@ if triton is not None:
     def _noop_kernel(x_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n), mask=i < n)
-
-
-def per_call(fn, calls: int) -> tuple[float, float]:
-    """(host us, wall us) per call of ``fn`` queued ``calls`` times."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
 def main(argv=None) -> int:
@@ -65,8 +51,8 @@ def main(argv=None) -> int:
 
     res = {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "cases": {}}
     buf = torch.zeros(1024, device="cuda")
-    res["cases"]["triton no-op kernel"] = per_call(lambda: _noop_kernel[(1,)](buf, 1024, BLOCK=1024), args.calls)
-    res["cases"]["torch add_"] = per_call(lambda: buf.add_(1.0), args.calls)
+    res["cases"]["triton no-op kernel"] = per_call_us(lambda: _noop_kernel[(1,)](buf, 1024, BLOCK=1024), args.calls)
+    res["cases"]["torch add_"] = per_call_us(lambda: buf.add_(1.0), args.calls)
     for n, k in ((4096, 4096), (14336, 4096)):
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
         q, s = quantize_channelwise(wb, rounding="fp32")
@@ -77,20 +63,20 @@ def main(argv=None) -> int:
             tag = f"{n}x{k} M={m}"
             backend, cfg = ops.linear_choice(x, q)
             c = res["cases"]
-            c[f"{tag} bf16 F.linear"] = per_call(lambda x=x, wb=wb: torch.nn.functional.linear(x, wb), args.calls)
-            c[f"{tag} fp8_linear ({backend})"] = per_call(lambda x=x, q=q, s=s: ops.fp8_linear(x, q, s), args.calls)
-            c[f"{tag} linear_choice"] = per_call(lambda x=x, q=q: ops.linear_choice(x, q), args.calls)
-            c[f"{tag} triton_act_quant"] = per_call(lambda x=x: aq.triton_act_quant(x), args.calls)
+            c[f"{tag} bf16 F.linear"] = per_call_us(lambda x=x, wb=wb: torch.nn.functional.linear(x, wb), args.calls)
+            c[f"{tag} fp8_linear ({backend})"] = per_call_us(lambda x=x, q=q, s=s: ops.fp8_linear(x, q, s), args.calls)
+            c[f"{tag} linear_choice"] = per_call_us(lambda x=x, q=q: ops.linear_choice(x, q), args.calls)
+            c[f"{tag} triton_act_quant"] = per_call_us(lambda x=x: aq.triton_act_quant(x), args.calls)
             if backend in ("tile", "tma"):
-                c[f"{tag} fp8_gemm ({backend})"] = per_call(
+                c[f"{tag} fp8_gemm ({backend})"] = per_call_us(
                     lambda xq=xq, xs=xs, q=q, s=s, cfg=cfg: gm.fp8_gemm(xq, xs, q, s, config=cfg), args.calls)
             if backend == "scaled_mm":
-                c[f"{tag} _scaled_mm"] = per_call(
+                c[f"{tag} _scaled_mm"] = per_call_us(
                     lambda xq=xq, xs=xs, q=q, s=s, n=n: torch._scaled_mm(
                         xq, q.t(), scale_a=xs, scale_b=s.reshape(1, n), out_dtype=torch.bfloat16,
                         use_fast_accum=True), args.calls)
             if m <= 16:
-                c[f"{tag} fp8_gemv"] = per_call(lambda x=x, q=q, s=s: gv.fp8_gemv(x, q, s), args.calls)
+                c[f"{tag} fp8_gemv"] = per_call_us(lambda x=x, q=q, s=s: gv.fp8_gemv(x, q, s), args.calls)
     for name, (host, wall) in res["cases"].items():
         print(f"{name:48s} host {host:8.1f} us  wall {wall:8.1f} us", flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -14,6 +14,7 @@ import time
 import fastfp8
 import fastfp8.engine
 import torch
+from timing import per_call_us
 
 
 def h2d_ceiling(total=4 << 30, chunk=64 << 20) -> float:
@@ -68,14 +69,7 @@ def consumer_costs(chunk: int = 8 << 20, ring: int = 128 << 20, n: int = 512, ca
         out["copy_and_event_issue_us"], _ = copies(True)
 
     def per_call(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        us = (time.perf_counter() - t) / calls * 1e6
-        torch.cuda.synchronize()
-        return us
+        return per_call_us(fn, calls, warmup=1)[0]
 
     w = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="cuda")

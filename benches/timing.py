@@ -1,4 +1,5 @@
-"""GPU timing shared by the kernel benchmarks (``bench_modules``, ``tune_linear``, ``bench_quant``).
+"""GPU timing shared by the kernel benchmarks (``bench_modules``, ``tune_linear``, ``bench_quant``)
+and the probes.
 
 A benchmark makes several copies of a call's weights and inputs, together larger than L2
 (:data:`ROTATE_BYTES`, or its own multiple of the L2 size), and hands :func:`timeit` one call
@@ -8,6 +9,7 @@ timing is :func:`fastfp8.kernels.common.sqnr` (the tests use it too).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,3 +51,19 @@ def timeit(fns: Sequence[Callable[[], Any]], *, rep_ms: int, graph: bool = True,
         i[0] += 1
 
     return do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def per_call_us(fn: Callable[[], Any], calls: int = 2000, warmup: int = 20) -> tuple[float, float]:
+    """``(host, wall)`` microseconds per call of ``fn`` queued ``calls`` times back to back,
+    no sync inside: the host's cost of queueing one (a launch's overhead floor), and the
+    time until the GPU has run them all, per call. Where host >= wall, the host bounds it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6

@@ -16,7 +16,7 @@ again, and pay a second launch; where the weight is small (attention k/v project
 Qwen3-MoE attention) that costs more than the fp8 tensor cores save, and fastfp8 was slower
 than bf16 there. Here the activations are read twice in bf16 (the second time mostly from
 L2) and no second kernel runs. (The first version scaled each K slice apart: its products
-could not accumulate in the dot, each K step waited for its own, and it ran 3 - 6x slower
+could not accumulate in the dot, each K step waited for its own, and it ran 1.1 - 7.6x slower
 than the two-kernel paths on the H200.)
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 on the e4m3 values (the

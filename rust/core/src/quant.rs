@@ -22,9 +22,10 @@
 //! [`quantize_rows`].
 //!
 //! The bf16 rows (the common case) run on explicit AVX-512 or AVX2 intrinsics where the CPU
-//! has them (module `x86`, chosen at run time), byte for byte what the plain Rust loops here
-//! give; fp16 and fp32 rows are plain Rust loops, which the compiler vectorizes for the
-//! widest instruction set the CPU has.
+//! has them (module `x86`, chosen at run time; most values by a table of e4m3 bytes on
+//! AVX-512 VBMI and on AVX2), byte for byte what the plain Rust loops here give; fp16 and
+//! fp32 rows are plain Rust loops, which the compiler vectorizes for the widest instruction
+//! set the CPU has.
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -871,8 +872,9 @@ mod tests {
     }
 
     /// Rows with no zero and no value far below their largest, as weights are: the blocks
-    /// of 64 take the table ([`Isa::Avx512Vbmi`]) rather than the arithmetic, except where
-    /// a rare quotient lands in e4m3's subnormals.
+    /// take the table (64 values on [`Isa::Avx512Vbmi`], 32 on [`Isa::Avx2`]) rather than
+    /// the arithmetic, except where a quotient lands in or near e4m3's subnormals (every
+    /// fourth row reaches them).
     #[test]
     fn simd_paths_match_generic_for_rows_of_normal_quotients() {
         let mut rng = Rng(0x51_7CC1_B727_220A);
@@ -895,6 +897,19 @@ mod tests {
                 let spec = QuantSpec::new(Dtype::BF16, cols as u64, rounding).unwrap();
                 check_paths(&spec, &src);
             }
+        }
+    }
+
+    #[test]
+    fn a_cores_quantization_cost_is_measured_once_and_plausible() {
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let ps = core_ps_per_byte(dtype);
+            assert!((20..=5000).contains(&ps), "{dtype}: {ps} ps a byte");
+            assert_eq!(
+                core_ps_per_byte(dtype),
+                ps,
+                "{dtype}: measured once per process"
+            );
         }
     }
 

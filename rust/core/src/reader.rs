@@ -638,8 +638,8 @@ impl Shared {
     /// Whether the threads quantize the optional item `i` reached now: yes when the time
     /// they have spent idle for want of room in the ring (the bus or the consumer setting
     /// the pace), less what the optional items they quantized cost, covers what quantizing
-    /// this one costs (one core's measured rate, [`quant::core_ps_per_byte`]). Spare time buys FP8 over the bus; none
-    /// left, they only read, and leave the item to the device.
+    /// this one costs (at one core's measured rate, [`quant::core_ps_per_byte`]). Spare time
+    /// buys FP8 over the bus; none left, they only read, and leave the item to the device.
     fn decide(&self, st: &mut State, i: usize) -> bool {
         st.accrue();
         let ps = self.items[i]
