@@ -323,6 +323,11 @@ def main(argv=None) -> int:
     e2e: dict[str, Any] = {"transformers": transformers.__version__, "backend": args.backend, "prompt": args.prompt,
                            "device": str(DEVICE), "tiny": args.tiny,
                            "n1": args.n1, "n2": args.n2, "models": {}, "errors": []}
+    # a model measured by an earlier run into the same JSON stays, marked as such (one
+    # device call may not hold both models)
+    earlier = {k: {**v, "earlier_run": True} for k, v in (report.get("e2e") or {}).get("models", {}).items()
+               if k not in args.models.split(",")}
+    e2e["models"].update(earlier)
     t0 = args.t0
     for name in args.models.split(","):
         if time.perf_counter() - t0 > args.budget_s:

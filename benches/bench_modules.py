@@ -527,6 +527,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="also sweep GEMV / MoE launch configs")
     ap.add_argument("--only", choices=["linear", "moe", "tune", "probe"], default=None)
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--moe-tokens", default=None,
+                    help=f"comma-separated token counts of the MoE table (default {','.join(map(str, MOE_TOKENS))})")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -554,6 +556,8 @@ def main(argv=None) -> int:
     lin_m = [1, 16, 4096] if args.quick else LINEAR_M
     moe_shapes = {"Qwen3-30B-A3B": MOE_SHAPES["Qwen3-30B-A3B"]} if args.quick else MOE_SHAPES
     moe_tokens = [16, 4096] if args.quick else MOE_TOKENS
+    if args.moe_tokens:
+        moe_tokens = [int(t) for t in args.moe_tokens.split(",")]
     if args.only in (None, "linear"):
         bench_linear(lin_shapes, lin_m, args.rep_ms, report["linear"], report["errors"])
     if args.only in (None, "moe"):

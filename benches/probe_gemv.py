@@ -4,10 +4,11 @@ doing the same product, per shape, M = 1 - 16; bf16 ``F.linear`` beside them.
 
 Variants (every output checked against an fp32 reference before it is timed):
 
-- ``gemv/BN/BK/W/S``: the package's kernel with that config (elementwise at M = 1, ``tl.dot``
-  in the activation dtype above);
+- ``gemv/BN/BK/W/S(/1/L)``: the package's kernel with that config (elementwise at M = 1,
+  ``tl.dot`` in the activation dtype above; ``L``: the M = 1 loop's ring of asynchronous copies);
 - ``loads/BN/BK/W/S``: the same loads of the weight (as int32 words) with an XOR instead of
-  the product: the ceiling of that load pattern, no conversions, no arithmetic;
+  the product: the ceiling of that load pattern, no conversions, no arithmetic (``S`` = 1:
+  each step loads into registers; ``S`` > 1: through a ring of ``S`` asynchronous copies);
 - ``wt16/BN/BK/W/S``: W8A16 with the product transposed, ``W [BN, BK] @ x.T [BK, 16]``
   (the weight is the MMA's M side: 64 rows of it fill one warpgroup instruction);
 - ``g1pP/BN/BK/W``: M = 1 with the next weight tile loaded before the current one's products
@@ -50,7 +51,12 @@ SHAPES = [(14336, 4096), (4096, 4096), (4096, 14336), (6144, 4096), (1024, 4096)
           (2048, 4096)]
 MS = [1]
 GEMV_CFGS = [(32, 256, 4, 3), (16, 512, 4, 3), (8, 1024, 4, 3), (4, 2048, 4, 3)]
-LOAD_CFGS = [(8, 1024, 4, 3), (8, 2048, 8, 3)]
+# (..., SPLIT_K, LOAD_STAGES): the M == 1 loop's weight tiles through a ring of asynchronous copies
+GEMV_CFGS += [(bn, bk, w, s, 1, s) for bn, bk in ((32, 256), (16, 512), (8, 1024), (4, 2048)) for w in (4, 8)
+              for s in (3, 4, 6)]
+# (BLOCK_N, BLOCK_K, num_warps, stages): stages 1 loads into registers, > 1 through asynchronous copies
+LOAD_CFGS = [(8, 1024, 4, 1), (8, 2048, 8, 1), (8, 1024, 4, 3), (8, 1024, 4, 4), (16, 512, 4, 4), (32, 256, 4, 4),
+             (8, 1024, 8, 6), (16, 1024, 8, 4)]
 # prefetching M == 1 kernel (BLOCK_N, BLOCK_K, num_warps), with PERSIST programs per SM (0: not persistent)
 G1_CFGS = [(8, 1024, 4), (4, 1024, 2), (4, 2048, 4), (16, 512, 4), (8, 512, 2), (16, 1024, 8), (32, 256, 4)]
 G1_PERSIST: list[int] = []  # measured slower than the plain kernel at every shape (0, 4, 8, 16 per SM)
@@ -62,7 +68,8 @@ T_SPLIT = [(64, 128, 4, 4, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 4)]
 if triton is not None:
 
     @triton.jit
-    def _loads_kernel(w_ptr, y_ptr, N, KW, sw_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _loads_kernel(w_ptr, y_ptr, N, KW, sw_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      STAGES: tl.constexpr):
         """XOR of every int32 word of BLOCK_N rows: the weight's loads alone."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,7 +77,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         ptrs = w_ptr + rn[:, None] * sw_n + rk[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-        for _ in range(0, KW, BLOCK_K):
+        for _ in tl.range(0, KW, BLOCK_K, num_stages=STAGES):
             acc ^= tl.load(ptrs, eviction_policy="evict_first")
             ptrs += BLOCK_K
         tl.store(y_ptr + pid * BLOCK_N + tl.arange(0, BLOCK_N), tl.xor_sum(acc, axis=1))
@@ -195,7 +202,7 @@ def loads(w32: torch.Tensor, cfg) -> torch.Tensor:
     bn, bk, nw, ns = cfg
     n, kw = w32.shape
     y = torch.empty(triton.cdiv(n, bn) * bn, dtype=torch.int32, device=w32.device)
-    _loads_kernel[(triton.cdiv(n, bn),)](w32, y, n, kw, w32.stride(0), BLOCK_N=bn, BLOCK_K=bk // 4,
+    _loads_kernel[(triton.cdiv(n, bn),)](w32, y, n, kw, w32.stride(0), BLOCK_N=bn, BLOCK_K=bk // 4, STAGES=ns,
                                          num_warps=nw, num_stages=ns)
     return y
 
@@ -297,7 +304,7 @@ def run_shape(n, k, rep_ms, res):
             fam = name.split("/")[0]
             if fam not in fams or t < us[fams[fam]]:
                 fams[fam] = name
-        line = "  ".join(f"{fam} {us[nm]:.1f} ({nm.partition('/')[2]}; {n * k / us[nm] / 1e3:.2f} TB/s)"
+        line = "  ".join(f"{fam} {us[nm]:.1f} ({nm.partition('/')[2]}; {n * k / us[nm] / 1e6:.2f} TB/s)"
                          for fam, nm in sorted(fams.items()))
         print(f"N={n} K={k} M={m}: {line}  errs {len(case['err'])}", flush=True)
 

@@ -52,11 +52,16 @@ WARMUP_MS = 5  # do_bench warm-up of every timing here (bench_modules keeps time
 # M <= 128 (dot, rows padded to 32/64/128: one W8A16 kernel, no activation quantization)
 GEMV_M1 = [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 256),
                                           (32, 512), (64, 256)) for w in (4, 8) for s in (2, 3)]
+# M == 1 with the weight tiles through a ring of LOAD_STAGES asynchronous copies
+# (..., SPLIT_K, LOAD_STAGES): more bytes in flight per SM than loads into registers
+GEMV_M1_PIPE = [(bn, bk, w, s, 1, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 256),
+                                                    (32, 512), (64, 256)) for w in (4, 8) for s in (3, 4)]
 GEMV_M16 = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
 GEMV_M64 = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
 GEMV_M128 = [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3)]
 # split-K GEMV (..., SPLIT_K): more programs for narrow weights (N / BLOCK_N below the SM count)
 GEMV_SPLIT_M1 = [(bn, bk, 4, 2, s) for bn, bk in ((4, 1024), (8, 512), (16, 256)) for s in (2, 4, 8)]
+GEMV_SPLIT_M1 += [(bn, bk, 4, 3, s, 3) for bn, bk in ((4, 1024), (8, 512), (16, 256)) for s in (2, 4, 8)]
 GEMV_SPLIT_DOT = [(bn, bk, 4, 3, s) for bn, bk in ((16, 256), (32, 128), (64, 128)) for s in (2, 4, 8)]
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)
 TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
@@ -65,8 +70,9 @@ TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1,
 # the one-kernel GEMM that quantizes the activations itself (kernels/fused_gemm.py)
 FUSED_SMALL = [("fused", 16, 64, 128, 8, 1, 4, 4), ("fused", 16, 128, 128, 8, 1, 4, 4),
                ("fused", 32, 64, 128, 8, 1, 4, 4)]
-FUSED_MID = [("fused", 64, 64, 128, 8, 1, 4, 4), ("fused", 64, 128, 128, 8, 1, 4, 4),
-             ("fused", 128, 64, 128, 8, 1, 4, 3), ("fused", 128, 128, 128, 8, 1, 8, 3)]
+FUSED_MID = [("fused", 64, 32, 128, 8, 1, 4, 4), ("fused", 64, 64, 128, 8, 1, 4, 4),
+             ("fused", 64, 128, 128, 8, 1, 4, 4), ("fused", 128, 64, 128, 8, 1, 4, 3),
+             ("fused", 128, 128, 128, 8, 1, 8, 3)]
 FUSED_LARGE = [("fused", 128, 128, 128, 8, 1, 8, 3), ("fused", 128, 256, 64, 8, 1, 8, 4),
                ("fused", 128, 256, 128, 8, 1, 8, 3)]
 # W8A16 tiles (kernels/gemm.py "w16"): the tile kernel on the bf16 activations, no activation
@@ -83,7 +89,7 @@ def candidates(m: int) -> list:
     """What is tried for ``M`` rows (no duplicates)."""
     out: list = [("scaled_mm",)]
     if m == 1:
-        out += [("gemv", *c) for c in GEMV_M1 + GEMV_SPLIT_M1]
+        out += [("gemv", *c) for c in GEMV_M1 + GEMV_M1_PIPE + GEMV_SPLIT_M1]
     elif m <= 16:
         out += [("gemv", *c) for c in GEMV_M16 + GEMV_SPLIT_DOT]
     elif m <= 64:

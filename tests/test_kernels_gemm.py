@@ -229,9 +229,9 @@ def _compile_sm90(cfg, bias):
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "y_ptr": "*bf16", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
                "M": "i32", "N": "i32", "K": "i32", "s_xm": "i32", "s_wn": "i32", "s_ym": "i32",
                **dict.fromkeys(("HAS_BIAS", "EVEN_K", "EMULATE", "IS_BF16", "FLOOR", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                "GROUP_M"), "constexpr")}
+                                "GROUP_M", "STAGES"), "constexpr")}
         consts = {"HAS_BIAS": bias, "EVEN_K": True, "EMULATE": False, "IS_BF16": True, "FLOOR": aq.SCALE_FLOOR,
-                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "STAGES": ns}
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)}
         fn = fg._fused_gemm_kernel
     elif kind in ("tile", "w16"):  # w16: the tile kernel on bf16 activations
@@ -315,10 +315,11 @@ def _compile_gemv_sm90(cfg, m):
     launch = gv.config_of(cfg, m)
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
            "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "sx_m": "i32", "sw_n": "i32",
-           "sy_m": "i32", **dict.fromkeys(("HAS_BIAS", "USE_DOT", "EMULATE", "EVEN_K", "INT64", "SPLIT_K", "BLOCK_M",
-                                           "BLOCK_N", "BLOCK_K"), "constexpr")}
+           "sy_m": "i32", **dict.fromkeys(("HAS_BIAS", "USE_DOT", "EMULATE", "EVEN_K", "INT64", "SPLIT_K",
+                                           "LOAD_STAGES", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")}
+    stages = launch["num_stages"] if launch["USE_DOT"] else launch.get("LOAD_STAGES", 1)
     consts = {"HAS_BIAS": True, "USE_DOT": launch["USE_DOT"], "EMULATE": False, "EVEN_K": True, "INT64": False,
-              "SPLIT_K": launch.get("SPLIT_K", 1), "BLOCK_M": gv.block_m(m, launch["USE_DOT"]),
+              "SPLIT_K": launch.get("SPLIT_K", 1), "LOAD_STAGES": stages, "BLOCK_M": gv.block_m(m, launch["USE_DOT"]),
               "BLOCK_N": launch["BLOCK_N"], "BLOCK_K": launch["BLOCK_K"]}
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12)}
     src = ASTSource(fn=gv._fp8_gemv_kernel, signature=sig, constexprs=consts, attrs=attrs)
@@ -330,7 +331,8 @@ def _compile_gemv_sm90(cfg, m):
 def test_gemv_split_configs_compile_for_sm90_and_fit():
     """The split-K GEMV (counters, partials, the last split's epilogue) compiles for Hopper
     at both variants (elementwise M = 1, tl.dot M > 1) and fits its shared memory."""
-    for cfg, m in [([4, 1024, 4, 2, 8], 1), ([8, 512, 4, 2, 2], 1), ([16, 256, 4, 3, 4], 16),
+    for cfg, m in [([4, 1024, 4, 2, 8], 1), ([8, 512, 4, 2, 2], 1), ([8, 1024, 4, 3, 1, 3], 1),
+                   ([4, 1024, 4, 4, 8, 4], 1), ([16, 256, 4, 3, 4], 16),
                    ([64, 128, 4, 3, 8], 128), ([32, 256, 4, 3], 64)]:
         smem = _shared_bytes_sm90(lambda cfg=cfg, m=m: _compile_gemv_sm90(cfg, m))
         assert smem <= SM90_SHARED, (cfg, m, smem)

@@ -17,7 +17,11 @@ Qwen3-MoE attention) that costs more than the fp8 tensor cores save, and fastfp8
 than bf16 there. Here the activations are read twice in bf16 (the second time mostly from
 L2) and no second kernel runs. (The first version scaled each K slice apart: its products
 could not accumulate in the dot, each K step waited for its own, and it ran 1.1 - 7.6x slower
-than the two-kernel paths on the H200.)
+than the two-kernel paths on the H200. This one, measured there too, is still 1.2 - 6.2x
+slower than the best path at every shape and row count tried, median 2.9x: every program
+reads its rows of the activations over all of K twice, and the narrow weights it was for
+give few programs, each bound by the bytes it can have in flight. The selection table does
+not take it.)
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 on the e4m3 values (the
 interpreter has no fp8 dot): the same products, exactly.
@@ -85,6 +89,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, BLOCK_K)
@@ -92,7 +97,7 @@ if triton is not None:
         # pass 1: each row's amax over K, as the max of |x| bit patterns (exact; NaN, above
         # +inf, propagates), kept elementwise and reduced once
         bits = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # asked for: no dot, no pipelining
             xf = _x_tile(x_ptrs + k0, k0, rk, K, EVEN_K, IS_BF16, EMULATE)
             bits = tl.maximum(bits, xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         amax = tl.max(bits, axis=1).to(tl.float32, bitcast=True)
@@ -175,7 +180,7 @@ def fp8_gemm_fused(
             EMULATE=not x.is_cuda,
             IS_BF16=x.dtype == torch.bfloat16,
             FLOOR=SCALE_FLOOR,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, STAGES=ns,
             num_warps=nw, num_stages=ns,
         )
     return y

@@ -80,6 +80,7 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         INT64: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        LOAD_STAGES: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -106,7 +107,10 @@ if triton is not None:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        # LOAD_STAGES > 1: the weight tiles arrive through a ring of that many shared-memory
+        # buffers by asynchronous copies (Triton pipelines a loop's loads only where they feed
+        # a dot, or where the loop asks for it); 1: each step loads straight into registers
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOAD_STAGES):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
@@ -161,7 +165,8 @@ def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | b
     """Launch parameters (from an H100 sweep, ``benches/bench_modules.py --only probe``):
     M == 1: the widest ``BLOCK_N`` in {64, 32, 16, 8} that still gives >= 4 programs per SM,
     8 KiB of weight per step; M > 1: 32 x 256 tiles (16 x 256 for narrow N); no split-K.
-    ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages[,SPLIT_K]"`` overrides them."""
+    ``FASTFP8_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages[,SPLIT_K[,LOAD_STAGES]]"`` overrides
+    them."""
     use_dot = m > 1
     env = os.environ.get("FASTFP8_GEMV_CONFIG")
     if env:
@@ -178,22 +183,29 @@ def gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> dict[str, int | b
 
 
 def config_of(cfg, m: int) -> dict[str, int | bool]:
-    """A selection-table config ``[BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K)]`` as
-    launch parameters for ``M`` rows (the dot variant, ``M > 1``, needs 16 columns)."""
-    if len(cfg) not in (4, 5):
-        raise ValueError(f"a GEMV config is [BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K)], got {cfg}")
-    bn, bk, nw, ns, *split = cfg
+    """A selection-table config ``[BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K(,
+    LOAD_STAGES))]`` as launch parameters for ``M`` rows (the dot variant, ``M > 1``, needs 16
+    columns; ``LOAD_STAGES``, default 1, is the M == 1 loop's ring of asynchronous weight
+    copies: 1 loads each tile straight into registers)."""
+    if len(cfg) not in (4, 5, 6):
+        raise ValueError("a GEMV config is [BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K(, LOAD_STAGES))], "
+                         f"got {cfg}")
+    bn, bk, nw, ns, *rest = cfg
     out: dict[str, int | bool] = dict(BLOCK_N=max(bn, 16) if m > 1 else bn, BLOCK_K=bk, num_warps=nw,
                                       num_stages=ns, USE_DOT=m > 1)
-    if split and split[0] > 1:
-        out["SPLIT_K"] = split[0]
+    if rest and rest[0] > 1:
+        out["SPLIT_K"] = rest[0]
+    if len(rest) > 1 and rest[1] > 1:
+        out["LOAD_STAGES"] = rest[1]
     return out
 
 
 #: split-K arrival counters per (device, stream), zero between launches (the last split of a
 #: column block sets its counter back): launches on one stream never overlap, so they can
 #: share them, and a CUDA graph captured on that stream keeps using the same ones. Retired
-#: (too small) buffers stay alive, since a captured graph may still point at them.
+#: (too small) buffers stay alive, since a captured graph may still point at them. (Not under
+#: torch.compile's CUDA graphs, which refuse such a buffer in their pool: see
+#: ``fastfp8.ops.fp8_linear``'s ``split_k``.)
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
 
@@ -244,6 +256,9 @@ def fp8_gemv(
     cfg = dict(config) if config else gemv_config(m, n, k, sms)
     use_dot = cfg.pop("USE_DOT", m > 1)
     split = int(cfg.pop("SPLIT_K", 1))
+    # the dot variant's loads are pipelined by num_stages as they feed the dot
+    load_stages = cfg["num_stages"] if use_dot else int(cfg.pop("LOAD_STAGES", 1))
+    cfg.pop("LOAD_STAGES", None)
     bm = block_m(m, use_dot)
     if not use_dot and m != 1:
         raise ValueError("the elementwise (no-dot) variant serves M == 1 only")
@@ -267,6 +282,7 @@ def fp8_gemv(
             EVEN_K=k % cfg["BLOCK_K"] == 0,
             INT64=int64,
             SPLIT_K=split,
+            LOAD_STAGES=load_stages,
             BLOCK_M=bm,
             **cfg,
         )

@@ -16,7 +16,7 @@ The JSON (written by ``benches/tune_linear.py --table``)::
 
 Rows of one shape are sorted by ``m_max``: a call with ``M`` rows takes the first row with
 ``M <= m_max`` (the last row also serves every larger ``M``). ``config`` is the backend's
-launch configuration (``gemv``: ``[BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K)]``;
+launch configuration (``gemv``: ``[BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K(, LOAD_STAGES))]``;
 ``w16``/``fused``/``tile``/``tma``: a :data:`fastfp8.kernels.gemm.GemmConfig` list; ``null``:
 the backend's own default).
 Shapes not in ``entries`` use ``generic``. The table serves only GPUs of its compute
@@ -73,8 +73,9 @@ def _check_rows(key, rows, path) -> None:
             last = m_max
         if backend == "gemv" and (m_max is None or m_max > GEMV_MAX_ROWS):
             raise ValueError(f"{path}: the GEMV serves at most {GEMV_MAX_ROWS} rows ({key})")
-        if backend == "gemv" and cfg is not None and (len(cfg) not in (4, 5) or min(cfg) < 1):
-            raise ValueError(f"{path}: a GEMV config is [BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K)] "
+        if backend == "gemv" and cfg is not None and (len(cfg) not in (4, 5, 6) or min(cfg) < 1):
+            raise ValueError(f"{path}: a GEMV config is [BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K(, "
+                             "LOAD_STAGES))] "
                              f"of positive integers, got {cfg} ({key})")
 
 

@@ -20,9 +20,10 @@ Backends of :func:`fused_moe` (``"auto"`` picks one per call from the device and
 - ``"triton"``: fused Triton kernels over tokens sorted per expert and padded to the block
   size (vLLM's fused-MoE scheme). Stage 1 computes gate and up tiles together and writes
   ``silu(g) * u``; stage 2 multiplies by ``w2`` and the routing weight. ``a8=False``: the
-  activations stay bf16 and the fp8 weights are widened in registers (W8A16; the decode
-  case, bound by reading the weights); ``a8=True``: per-token fp8 activations and fp8
-  tensor-core dots (W8A8, sm89+).
+  activations stay bf16 and the fp8 weights are widened in registers (W8A16, named only:
+  slower than W8A8 on the H200 even at one token); ``a8=True`` (``"triton_a8"``, what
+  ``"auto"`` takes up to :data:`MOE_SMALL_PAIRS_PER_EXPERT` pairs per expert): per-token fp8
+  activations and fp8 tensor-core dots (W8A8, sm89+).
 - ``"grouped"``: ``torch._scaled_grouped_mm`` (sm90, torch >= 2.8), W8A8 rowwise with fast
   accumulation; the activation between the GEMMs is fused with its quantization
   (:func:`fastfp8.kernels.act_quant.triton_act_quant` ``gated=True``).
