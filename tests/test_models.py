@@ -203,13 +203,17 @@ def test_bench_decode_smoke_cpu(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "modules.json"
-    out.write_text(json.dumps({"gpu": "x", "targets": {"decode_speedup_b1": 1.5}}))
+    out.write_text(json.dumps({"gpu": "x", "targets": {"decode_speedup_b1": 1.5},
+                               "e2e": {"models": {"older": {"layers": 2}, "llama8b": {"stale": True}}}}))
     rc = mod.main(["--device", "cpu", "--tiny", "--layers", "1", "--moe-layers", "1", "--backend", "none",
                    "--n1", "2", "--n2", "4", "--prefill", "16", "--prompt", "4", "--batches", "1,2",
                    "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["gpu"] == "x" and not rep["e2e"]["errors"], rep["e2e"]["errors"]
-    assert set(rep["e2e"]["models"]) == {"llama8b", "qwen3moe"}
+    # a model of an earlier run stays, marked; one measured again is replaced
+    assert set(rep["e2e"]["models"]) == {"llama8b", "qwen3moe", "older"}
+    assert rep["e2e"]["models"]["older"] == {"layers": 2, "earlier_run": True}
+    assert "stale" not in rep["e2e"]["models"]["llama8b"]
     for key in ("prefill_speedup_16", "moe_prefill_speedup_16", "logits_sqnr_8b", "logits_sqnr_moe"):
         assert rep[key] is not None and rep[key] > 0, key
     assert rep["logits_sqnr_8b"] > 20 and rep["logits_sqnr_moe"] > 15

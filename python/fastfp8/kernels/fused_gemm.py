@@ -97,7 +97,8 @@ if triton is not None:
         # pass 1: each row's amax over K, as the max of |x| bit patterns (exact; NaN, above
         # +inf, propagates), kept elementwise and reduced once
         bits = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # asked for: no dot, no pipelining
+        # stages asked for: Triton pipelines by itself only the loads that feed a dot
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             xf = _x_tile(x_ptrs + k0, k0, rk, K, EVEN_K, IS_BF16, EMULATE)
             bits = tl.maximum(bits, xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         amax = tl.max(bits, axis=1).to(tl.float32, bitcast=True)

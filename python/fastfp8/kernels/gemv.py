@@ -256,9 +256,9 @@ def fp8_gemv(
     cfg = dict(config) if config else gemv_config(m, n, k, sms)
     use_dot = cfg.pop("USE_DOT", m > 1)
     split = int(cfg.pop("SPLIT_K", 1))
-    # the dot variant's loads are pipelined by num_stages as they feed the dot
-    load_stages = cfg["num_stages"] if use_dot else int(cfg.pop("LOAD_STAGES", 1))
-    cfg.pop("LOAD_STAGES", None)
+    load_stages = int(cfg.pop("LOAD_STAGES", 1))
+    if use_dot:  # the dot variant's loads feed the dot: num_stages pipelines them
+        load_stages = cfg["num_stages"]
     bm = block_m(m, use_dot)
     if not use_dot and m != 1:
         raise ValueError("the elementwise (no-dot) variant serves M == 1 only")
