@@ -12,7 +12,9 @@ streamed and quantized by ``load_quantized``). Both models then run:
 
 - logits SQNR of FP8 against bf16 on a 128-token prompt (last position and all positions),
 - prefill: one forward of ``--prefill`` tokens (batch 1, ``logits_to_keep=1``), eager,
-  median of 3 after a warm-up,
+  median of 3 after a warm-up; then (last, as it compiles the models' layers in place) the
+  same with every decoder layer compiled (``torch.compile``, inductor: the norms, RoPE and
+  SiLU fused, as a serving engine runs prefill): ``prefill_speedup_4096_compiled``,
 - decode: ``generate()`` greedy with a static cache, which transformers compiles
   (``CompileConfig(backend=--backend, mode="reduce-overhead")``: CUDA graphs). Time per
   step = (time of ``generate(n2)`` - time of ``generate(n1)``) / (n2 - n1), so that the
@@ -185,6 +187,28 @@ def prefill_s(model, tokens: int, vocab: int) -> float:
     return statistics.median(_sync_time(run) for _ in range(3))
 
 
+def prefill_compiled_s(model, tokens: int, vocab: int) -> tuple[float, float]:
+    """:func:`prefill_s` with every decoder layer compiled (``torch.compile``, inductor, no
+    CUDA graphs: the norms, RoPE and SiLU fused as a serving engine's prefill runs them;
+    the layers share the compiled code). Returns ``(seconds per forward, first call's
+    seconds)``. Compiles the model's layers in place: measured last."""
+    layers = model.model.layers
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = max(limit, 2 * len(layers))
+    for layer in layers:
+        layer.compile()
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    ids = torch.randint(1, vocab, (1, tokens), device=DEVICE, generator=g)
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    first = _sync_time(run)
+    run()
+    return statistics.median(_sync_time(run) for _ in range(3)), first
+
+
 def logits_sqnr(fp8, bf16, vocab: int) -> dict[str, float]:
     g = torch.Generator(device=DEVICE).manual_seed(3)
     ids = torch.randint(1, vocab, (2, 128), device=DEVICE, generator=g)
@@ -282,6 +306,19 @@ def run_model(name: str, config, args) -> dict[str, Any]:
     res["logits_sqnr_weight_only_control"] = weight_only_control_sqnr(bf16, vocab)
     print(f"[{name}] control: bf16 with fake-quantized weights, logits SQNR "
           f"{res['logits_sqnr_weight_only_control']:.2f} dB", flush=True)
+    if args.compiled_prefill and time.perf_counter() - args.t0 <= args.budget_s:
+        pc = f"prefill_{args.prefill}_compiled_ms_"
+        try:
+            for tag, model in (("bf16", bf16), ("fp8", fp8)):
+                s, first = prefill_compiled_s(model, args.prefill, vocab)
+                res[pc + tag] = s * 1e3
+                res[pc + tag + "_first_call_s"] = first
+            res[f"prefill_speedup_{args.prefill}_compiled"] = res[pc + "bf16"] / res[pc + "fp8"]
+            print(f"[{name}] prefill {args.prefill}, layers compiled: bf16 {res[pc + 'bf16']:.1f} ms, fp8 "
+                  f"{res[pc + 'fp8']:.1f} ms", flush=True)
+        except Exception as e:
+            traceback.print_exc()
+            res[f"prefill_{args.prefill}_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     del bf16, fp8
     gc.collect()
     torch._dynamo.reset()
@@ -302,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n2", type=int, default=144,
                     help="steps of the longer generate(); 128 steps between n1 and n2 (64 varied by 20%% run to run)")
     ap.add_argument("--prefill", type=int, default=4096)
+    ap.add_argument("--no-compiled-prefill", dest="compiled_prefill", action="store_false",
+                    help="skip the prefill with compiled decoder layers (measured last, after the eager one)")
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
@@ -349,6 +388,7 @@ def main(argv=None) -> int:
             report[f"{prefix}decode_speedup_b{b}"] = r.get(f"decode_speedup_b{b}")
             report[f"{prefix}decode_gpu_speedup_b{b}"] = r.get(f"decode_gpu_speedup_b{b}")
         report[f"{prefix}prefill_speedup_{args.prefill}"] = r.get(f"prefill_speedup_{args.prefill}")
+        report[f"{prefix}prefill_speedup_{args.prefill}_compiled"] = r.get(f"prefill_speedup_{args.prefill}_compiled")
         report["logits_sqnr_8b" if name == "llama8b" else "logits_sqnr_moe"] = r["logits_sqnr"]["all"]
         report[("logits_sqnr_8b" if name == "llama8b" else "logits_sqnr_moe") + "_weight_only_control"] = \
             r["logits_sqnr_weight_only_control"]

@@ -8,12 +8,13 @@ On the GPU machine (from the repo root)::
 For every ``(N, K)`` of :data:`SHAPES` and every ``M`` of :data:`MS`, times (CUDA graphs,
 weights rotated past L2, ``do_bench`` medians) bf16 ``F.linear`` and each fp8 candidate,
 activation quantization included where the candidate needs it: the GEMV kernel (W8A16,
-M <= 128, with and without split-K), the one-kernel GEMM that quantizes the activations per
-token itself (``"fused"``), fused act-quant + ``torch._scaled_mm`` rowwise, fused act-quant +
-the Triton GEMM (``"tile"`` and ``"tma"`` configs). Each candidate's output is first checked against an fp32
-emulation (a failure drops it). The JSON is written after every shape, so a run cut short
-keeps what it measured. ``--table`` picks the fastest candidate per ``(N, K, M)`` and writes
-the table module.
+M <= 128, with and without split-K), the W8A16 tiled GEMM (``"w16"``), fused act-quant +
+``torch._scaled_mm`` rowwise, fused act-quant + the Triton GEMM (``"tile"`` and ``"tma"``
+configs). (A one-kernel GEMM that quantized the activations itself lost at all 144 shapes
+and row counts of the session-14 sweep, 1.2 - 6.2x slower than the best path, and is gone.) Each candidate's output
+is first checked against an fp32 emulation (a failure drops it). The JSON is written after
+every shape, so a run cut short keeps what it measured. ``--table`` picks the fastest
+candidate per ``(N, K, M)`` and writes the table module.
 """
 
 from __future__ import annotations
@@ -56,25 +57,20 @@ GEMV_M1 = [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 5
 # (..., SPLIT_K, LOAD_STAGES): more bytes in flight per SM than loads into registers
 GEMV_M1_PIPE = [(bn, bk, w, s, 1, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 256),
                                                     (32, 512), (64, 256)) for w in (4, 8) for s in (3, 4)]
-GEMV_M16 = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3)]
-GEMV_M64 = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
-GEMV_M128 = [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3)]
+# (the weight tile is the dot's first operand: 64 and 128 rows fill Hopper's wgmma from registers)
+WIDE = [(64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
+GEMV_M16 = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), *WIDE]
+GEMV_M64 = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), *WIDE]
+GEMV_M128 = [(32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), *WIDE]
 # split-K GEMV (..., SPLIT_K): more programs for narrow weights (N / BLOCK_N below the SM count)
 GEMV_SPLIT_M1 = [(bn, bk, 4, 2, s) for bn, bk in ((4, 1024), (8, 512), (16, 256)) for s in (2, 4, 8)]
 GEMV_SPLIT_M1 += [(bn, bk, 4, 3, s, 3) for bn, bk in ((4, 1024), (8, 512), (16, 256)) for s in (2, 4, 8)]
 GEMV_SPLIT_DOT = [(bn, bk, 4, 3, s) for bn, bk in ((16, 256), (32, 128), (64, 128)) for s in (2, 4, 8)]
+GEMV_SPLIT_DOT += [(128, 128, 4, 3, s) for s in (2, 4)] + [(64, 128, 4, 4, s) for s in (2, 4)]
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, num_warps, num_stages)
 TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
 TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
 TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1, 8, 3)]
-# the one-kernel GEMM that quantizes the activations itself (kernels/fused_gemm.py)
-FUSED_SMALL = [("fused", 16, 64, 128, 8, 1, 4, 4), ("fused", 16, 128, 128, 8, 1, 4, 4),
-               ("fused", 32, 64, 128, 8, 1, 4, 4)]
-FUSED_MID = [("fused", 64, 32, 128, 8, 1, 4, 4), ("fused", 64, 64, 128, 8, 1, 4, 4),
-             ("fused", 64, 128, 128, 8, 1, 4, 4), ("fused", 128, 64, 128, 8, 1, 4, 3),
-             ("fused", 128, 128, 128, 8, 1, 8, 3)]
-FUSED_LARGE = [("fused", 128, 128, 128, 8, 1, 8, 3), ("fused", 128, 256, 64, 8, 1, 8, 4),
-               ("fused", 128, 256, 128, 8, 1, 8, 3)]
 # W8A16 tiles (kernels/gemm.py "w16"): the tile kernel on the bf16 activations, no activation
 # quantization kernel; for the mid-M shapes where that kernel's cost is what FP8 loses by
 W16_SMALL = [("w16", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("w16", 32, 64, 128, 8, 1, 4, 4)]
@@ -97,25 +93,20 @@ def candidates(m: int) -> list:
     elif m <= 128:
         out += [("gemv", *c) for c in GEMV_M128 + GEMV_SPLIT_DOT]
     if m <= 32:
-        out += TILE_SMALL + FUSED_SMALL
+        out += TILE_SMALL
     if 1 < m <= 32:
         out += W16_SMALL
     if 16 < m <= 512:
         out += TILE_MID + W16_MID
     if 128 <= m <= 2048:
         out += W16_LARGE
-    if 16 < m <= 1024:
-        out += FUSED_MID
     if m >= 128:
         out += TILE_LARGE + TMA
-    if m >= 256:
-        out += FUSED_LARGE
     return list(dict.fromkeys(out))
 
 
 def run_case(n, k, m, ws, sws, wbs, rep_ms):
     from fastfp8.kernels import act_quant as aq
-    from fastfp8.kernels import fused_gemm as fg
     from fastfp8.kernels import gemm as gm
     from fastfp8.kernels import gemv as gv
 
@@ -146,10 +137,6 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
                 def f(i, cand=cand):
                     return gm.w16_gemm(xs[i], ws[i], sws[i], config=cand)
                 ref = emu16
-            elif cand[0] == "fused":
-                def f(i, cand=cand):
-                    return fg.fp8_gemm_fused(xs[i], ws[i], sws[i], config=cand)
-                ref = emu8  # per-token quantization inside: the two-kernel paths' math
             else:
                 def f(i, cand=cand):
                     q, s = aq.triton_act_quant(xs[i])

@@ -8,7 +8,6 @@ import pytest
 import torch
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
-from fastfp8.kernels import fused_gemm as fg
 from fastfp8.kernels import gemm as gm
 
 FP8 = torch.float8_e4m3fn
@@ -87,6 +86,37 @@ def test_gemm_tile_cuda(monkeypatch, cfg, m, n, k, bias):
     check(m, n, k, cfg, bias=bias, device="cuda", seed=m + n)
 
 
+if common.triton is not None:
+
+    @common.triton.jit
+    def _widen_kernel(w_ptr, like_ptr, out_ptr, BLOCK: common.tl.constexpr):
+        r = common.tl.arange(0, BLOCK)
+        common.tl.store(out_ptr + r, common.widen(common.tl.load(w_ptr + r), common.tl.load(like_ptr + r)))
+
+
+@cuda
+@needs_fp8
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_widen_every_e4m3_byte_cuda(dtype):
+    """The W8A16 kernels' weight conversion (bf16: inline PTX) gives torch's value for every
+    e4m3 byte but the two NaNs (which read as +-480 on the bf16 path): zeros with their sign,
+    subnormals, 448. Outputs poisoned; the bytes in a shuffled order, so that each lane of
+    the packed conversion sees every kind."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    codes = codes[torch.randperm(codes.numel(), generator=torch.Generator().manual_seed(0))]
+    codes = torch.cat([codes, codes[:256 - codes.numel()]]).to(torch.uint8).cuda()
+    w = codes.view(FP8)
+    out = torch.full((256,), float("nan"), dtype=dtype, device="cuda")
+    _widen_kernel[(1,)](w, torch.zeros(256, dtype=dtype, device="cuda"), out, BLOCK=256)
+    want = w.to(dtype)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    if dtype == BF16:
+        nan = torch.tensor([0x7F, 0xFF] * 128, dtype=torch.uint8, device="cuda").view(FP8)
+        _widen_kernel[(1,)](nan, torch.zeros(256, dtype=dtype, device="cuda"), out, BLOCK=256)
+        assert out.float().abs().eq(480).all()
+
+
 W16_CONFIGS = [("w16", 16, 64, 128, 8, 1, 4, 4), ("w16", 16, 64, 128, 8, 4, 4, 4), ("w16", 64, 128, 64, 8, 2, 4, 4),
                ("w16", 128, 128, 64, 8, 1, 8, 3)]
 
@@ -140,38 +170,8 @@ def test_gemm_tma_cuda(monkeypatch, cfg, m, n, k, bias):
     check(m, n, k, cfg, bias=bias, device="cuda", seed=m + 2 * n)
 
 
-FUSED_CONFIGS = [("fused", 16, 64, 128, 8, 1, 4, 4), ("fused", 64, 128, 128, 8, 1, 4, 4),
-                 ("fused", 128, 128, 128, 8, 1, 8, 3), ("fused", 128, 256, 64, 8, 1, 8, 4),
-                 ("fused", 32, 64, 64, 8, 1, 4, 4)]
-
-
-@cuda
-@needs_fp8
-@pytest.mark.parametrize("cfg", FUSED_CONFIGS)
-@pytest.mark.parametrize(("m", "n", "k"), [*ODD, (4100, 512, 2048)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gemm_fused_cuda(monkeypatch, cfg, m, n, k, bias):
-    """The one-kernel GEMM that quantizes the activations itself, against its torch emulation;
-    a zero row, and a NaN row that stays NaN without touching the others."""
-    monkeypatch.setattr(common, "POISON", True)
-    g = torch.Generator(device="cuda").manual_seed(m + 3 * n + k)
-    x = torch.randn(m, k, generator=g, device="cuda", dtype=BF16)
-    x[0] = 0
-    w = (torch.randn(n, k, generator=g, device="cuda") * 64).clamp(-448, 448).to(FP8)
-    ws = torch.rand(n, generator=g, device="cuda") / 64 + 1e-3
-    b = torch.randn(n, generator=g, device="cuda", dtype=BF16) if bias else None
-    y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
-    ref = fg.fp8_gemm_fused_reference(x, w, ws, b)
-    assert y.shape == (m, n) and y.dtype == BF16
-    assert common.sqnr(y, ref) > 45, (m, n, k, cfg, common.sqnr(y, ref))
-    if m > 1:
-        x[1, k // 2] = float("nan")
-        y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
-        assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(m, device="cuda") != 1]).all()
-
-
 def test_every_fp8_kernel_checks_its_weight_operand_alike():
-    """One check (``common.fp8_weight``) for the W8A16 GEMV, the W8A8 GEMM and the fused GEMM:
+    """One check (``common.fp8_weight``) for the W8A16 GEMV and the W8A8 GEMM:
     a weight that is not fp8 ``[N, K]``, or a scale count other than ``N``, is a ValueError
     that says so."""
     from fastfp8.kernels import gemv as gv
@@ -182,7 +182,6 @@ def test_every_fp8_kernel_checks_its_weight_operand_alike():
     calls = {
         "gemv": lambda w, s: gv.fp8_gemv(x, w, s),
         "gemm": lambda w, s: gm.fp8_gemm(q, torch.ones(4), w, s, config=("tile", 16, 32, 32, 1, 1, 4, 2)),
-        "fused": lambda w, s: fg.fp8_gemm_fused(x, w, s, config=("fused", 16, 32, 32, 1, 1, 4, 2)),
     }
     for call in calls.values():
         for bad_w in (w.float(), w[:, :32], w.reshape(1, 32, 64)):
@@ -190,31 +189,6 @@ def test_every_fp8_kernel_checks_its_weight_operand_alike():
                 call(bad_w, torch.ones(32))
         with pytest.raises(ValueError, match="weight scale must hold 32 values"):
             call(w, torch.ones(31))
-
-
-def test_fused_gemm_rejects_bad_inputs():
-    x = torch.randn(4, 64, dtype=BF16)
-    w = torch.randn(32, 64).to(FP8)
-    ws = torch.ones(32)
-    cfg = ("fused", 16, 32, 32, 1, 1, 4, 2)
-    with pytest.raises(ValueError, match="float8_e4m3fn"):
-        fg.fp8_gemm_fused(x, w.float(), ws, config=cfg)
-    with pytest.raises(ValueError, match="weight scale must hold 32 values"):
-        fg.fp8_gemm_fused(x, w, ws[:3], config=cfg)
-    with pytest.raises(ValueError, match="fused-GEMM config"):
-        fg.fp8_gemm_fused(x, w, ws, config=("tile", *cfg[1:]))
-    with pytest.raises(TypeError, match="activations"):
-        fg.fp8_gemm_fused(x.to(torch.int32), w, ws, config=cfg)
-
-
-def test_fused_reference_is_close_to_the_exact_product():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 300, generator=g, dtype=BF16)
-    w = torch.randn(24, 300, generator=g).to(FP8)
-    ws = torch.rand(24, generator=g) + 0.5
-    ref = fg.fp8_gemm_fused_reference(x, w, ws)
-    exact = x.float() @ (w.float() * ws.reshape(-1, 1)).t()
-    assert common.sqnr(ref, exact) > 28  # e4m3 activations: ~4 significant bits per element
 
 
 def _compile_sm90(cfg, bias):
@@ -225,16 +199,7 @@ def _compile_sm90(cfg, bias):
     from triton.compiler import ASTSource
 
     kind, bm, bn, bk, g, sk, nw, ns = cfg
-    if kind == "fused":
-        sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "y_ptr": "*bf16", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
-               "M": "i32", "N": "i32", "K": "i32", "s_xm": "i32", "s_wn": "i32", "s_ym": "i32",
-               **dict.fromkeys(("HAS_BIAS", "EVEN_K", "EMULATE", "IS_BF16", "FLOOR", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                "GROUP_M", "STAGES"), "constexpr")}
-        consts = {"HAS_BIAS": bias, "EVEN_K": True, "EMULATE": False, "IS_BF16": True, "FLOOR": aq.SCALE_FLOOR,
-                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "STAGES": ns}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)}
-        fn = fg._fused_gemm_kernel
-    elif kind in ("tile", "w16"):  # w16: the tile kernel on bf16 activations
+    if kind in ("tile", "w16"):  # w16: the tile kernel on bf16 activations
         sig = {"a_ptr": "*bf16" if kind == "w16" else "*fp8e4nv", "b_ptr": "*fp8e4nv",
                "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
                "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
@@ -263,12 +228,11 @@ def _table_gemm_configs():
 
     t = lt.load()
     cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows
-            if r[1] in ("fused", "tile", "tma", "w16")}
+            if r[1] in ("tile", "tma", "w16")}
     for m in (1, 32, 200):
         cfgs.add(gm.default_config(m, 4096, 4096, "tile"))
         cfgs.add(gm.default_config(m, 4096, 4096, "tma"))
         cfgs.add(gm.default_config(m, 4096, 4096, "w16"))
-        cfgs.add(fg.default_config(m, 4096, 4096))
     return sorted(cfgs)
 
 

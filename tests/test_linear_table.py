@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from fastfp8 import ops
+from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
-from fastfp8.kernels import fused_gemm as fg
+from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import linear_table as lt
 from fastfp8.modules import Fp8Linear
 
@@ -175,8 +176,9 @@ def _cases():
 def _emulate(x, f: Fp8Linear, backend):
     if backend in ("gemv", "w16"):  # W8A16: bf16 activations times the dequantized weight, fp32
         return x.float() @ (f.weight.float() * f.weight_scale).t()
-    # W8A8: activations quantized per token (the fused kernel's inside, the others' first)
-    return fg.fp8_gemm_fused_reference(x, f.weight, f.weight_scale)
+    # W8A8: activations quantized per token first
+    q, s = aq.act_quant_reference(x)
+    return gm.fp8_gemm_reference(q, s, f.weight, f.weight_scale, out_dtype=torch.float32)
 
 
 @cuda

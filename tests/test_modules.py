@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from fastfp8 import ops
 from fastfp8.kernels import act_quant as aq
 from fastfp8.kernels import common
-from fastfp8.kernels import fused_gemm as fg
 from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
@@ -380,7 +379,7 @@ def test_torch_compile_inductor_cpu():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from fastfp8.kernels import act_quant as aq, common, fused_gemm as fg, gemm as gm, gemv as gv, moe as km
+    from fastfp8.kernels import act_quant as aq, common, gemm as gm, gemv as gv, moe as km
     from fastfp8.kernels.moe import sort as ksort
     from fastfp8.quant import quantize_channelwise
     from test_modules import gen, sqnr, same_bytes, moe_case
@@ -415,6 +414,24 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     q, s = aq.triton_act_quant(x)
     q2, s2 = aq.act_quant_reference(x)
     assert same_bytes(q, q2) and same_bytes(s, s2)
+    # rows scattered to c copies each (the grouped MoE's sorted pairs), poisoned outputs;
+    # single- and two-pass, one and three copies
+    for shape, c in [((6, 80), 3), ((3, 17000), 3), ((5, 64), 1)]:
+        x = torch.randn(shape, generator=gen("scatter", shape)).to(torch.bfloat16)
+        perm = torch.randperm(shape[0] * c, generator=gen("scatter-perm", shape))
+        q = torch.full((shape[0] * c, shape[1]), 0x7F, dtype=torch.uint8).view(FP8)
+        s = torch.full((shape[0] * c, 1), float("nan"))
+        aq.triton_act_quant(x, out=q, scale_out=s, scatter=perm)
+        q2, s2 = aq.act_quant_reference(x.repeat_interleave(c, dim=0))
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        assert same_bytes(q, q2[inv]) and same_bytes(s, s2[inv]), (shape, c)
+    for bad in (perm.int(), perm[:-1]):
+        try:
+            aq.triton_act_quant(x, scatter=bad)
+            raise AssertionError("a bad scatter index was taken")
+        except ValueError as e:
+            assert "scatter must be" in str(e)
 
     # gemv: M = 1 (elementwise) and 2..128 (dot, rows padded to 16/32/64/128), bias, odd N and K, poisoned output
     for m, nn_, k in [(1, 64, 128), (1, 100, 300), (1, 4, 4096), (2, 100, 300), (16, 64, 512), (5, 17, 33),
@@ -455,14 +472,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             n += 1
 
     # the Triton counting sort against the torch sorts (identical: both stable)
-    for t, e, k, bm in [(1, 4, 2, 16), (37, 8, 2, 16), (100, 64, 8, 32), (5, 128, 8, 64), (700, 16, 4, 64)]:
+    for t, e, k, bm in [(1, 4, 2, 16), (37, 8, 2, 16), (100, 64, 8, 32), (5, 128, 8, 64), (700, 16, 4, 64),
+                        (2500, 16, 8, 32)]:  # the last two in 3 and 7 segments
         g = gen("interp-sort", t, e, k)
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
         o1, t1, f1 = km.sort_tokens_torch(ids, e)
-        o2, t2, f2, _, _ = ksort._sort_triton(ids, e, 1, pad=False)
+        o2, t2, f2, _, _, i2 = ksort._sort_triton(ids, e, 1, pad=False)
         assert torch.equal(o1, o2) and torch.equal(t1, t2) and torch.equal(f1, f2)
+        assert torch.equal(i2, ksort._inverse(o1))
         s1, e1, n1 = km.align_tokens_torch(ids, e, bm)
-        s2, _, _, e2, n2 = ksort._sort_triton(ids.int(), e, bm, pad=True)
+        s2, _, _, e2, n2, _ = ksort._sort_triton(ids.int(), e, bm, pad=True)
         n = int(n1)
         assert int(n2) == n and torch.equal(s1[:n], s2[:n]) and torch.equal(e1[: n // bm], e2[: n // bm])
 
@@ -530,30 +549,6 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert y.shape == (m, nn_)
         n += 1
     common.POISON = False
-    # the fused GEMM (activations quantized per token inside): against its torch
-    # emulation (fp32 output: exact up to summation order), a zero row, a masked K tail, a
-    # NaN row (stays NaN), several output tiles, every activation dtype, poisoned outputs
-    common.POISON = True
-    for m, nn_, k, cfg, dtype, bias in [(5, 17, 33, ("fused", 16, 16, 32, 8, 1, 4, 1), torch.bfloat16, True),
-                                        (40, 70, 300, ("fused", 32, 32, 64, 2, 1, 4, 1), torch.float16, False),
-                                        (3, 16, 64, ("fused", 16, 16, 32, 1, 1, 4, 1), torch.float32, True),
-                                        (18, 48, 96, ("fused", 16, 16, 32, 8, 1, 4, 1), torch.bfloat16, False)]:
-        g = gen("interp-fused", m, nn_, k)
-        x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]).to(dtype)
-        x[1] = 0
-        w = torch.randn(nn_, k, generator=g).to(FP8)
-        ws = torch.rand(nn_, 1, generator=g) / 64 + 1e-3
-        b = torch.randn(nn_, generator=g).to(dtype) if bias else None
-        y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg, out_dtype=torch.float32)
-        ref = fg.fp8_gemm_fused_reference(x, w, ws, b)
-        assert sqnr(y, ref) > 100, (m, nn_, k, cfg, sqnr(y, ref))
-        yo = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
-        assert yo.dtype == dtype and sqnr(yo, ref) > 40
-        x[2, 3] = float("nan")
-        y = fg.fp8_gemm_fused(x, w, ws, b, config=cfg)
-        assert torch.isnan(y[2]).all() and torch.isfinite(y[torch.arange(m) != 2]).all()
-        n += 1
-    common.POISON = False
     print("OK", n)
     """
 )
@@ -609,6 +604,13 @@ def test_act_quant_kernel_bit_exact(shape, dtype):
         q2, s2 = aq.act_quant_reference(x)
         assert same_bytes(q, q2) and same_bytes(s, s2)
         assert same_bytes(q, aq.act_quant_reference(x.cpu())[0])  # and the CPU reference
+        # each row scattered to 3 rows of a permutation, poisoned outputs
+        perm = torch.randperm(3 * shape[0], generator=g).cuda()
+        qi, si = poison_like((perm.numel(), shape[1]), FP8), poison_like((perm.numel(), 1), torch.float32)
+        aq.triton_act_quant(x, out=qi, scale_out=si, scatter=perm)
+        src = torch.empty_like(perm)
+        src[perm] = torch.arange(perm.numel(), device="cuda") // 3  # the input row of each output row
+        assert same_bytes(qi, q2[src]) and same_bytes(si, s2[src])
         if shape[1] % 2 == 0:
             qg, sg = poison_like((shape[0], shape[1] // 2), FP8), poison_like((shape[0], 1), torch.float32)
             aq.triton_act_quant(x, gated=True, out=qg, scale_out=sg)
@@ -674,7 +676,7 @@ def test_gemv_kernel_pipelined_loads(n, k, cfg):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("backend", ["gemv", "w16", "fused", "scaled_mm", "tile", "tma", "fallback"])
+@pytest.mark.parametrize("backend", ["gemv", "w16", "scaled_mm", "tile", "tma", "fallback"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336), (1024, 6144, 4096),
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])
@@ -692,8 +694,9 @@ def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     ref = lin(x)
     assert y.dtype == BF16 and y.shape == (m, n)
     assert sqnr(y, ref) >= LAYER_SQNR_DB
-    if backend in ("scaled_mm", "tile", "tma", "fused"):  # against per-token quantization + fp32 matmul
-        emu = fg.fp8_gemm_fused_reference(x, f.weight, f.weight_scale, f.bias)
+    if backend in ("scaled_mm", "tile", "tma"):  # against per-token quantization + fp32 matmul
+        q, s = aq.act_quant_reference(x)
+        emu = gm.fp8_gemm_reference(q, s, f.weight, f.weight_scale, f.bias, out_dtype=torch.float32)
         assert sqnr(y, emu) > 40
     else:
         assert sqnr(y, F.linear(x, f.dequantize(), f.bias)) > 40
@@ -767,10 +770,11 @@ def test_token_sort_cuda():
     for t, e, k, bm in [(1, 8, 2, 16), (16, 128, 8, 16), (4096, 128, 8, 64), (3000, 8, 2, 32), (5, 64, 8, 128)]:
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
         o1, t1, f1 = km.sort_tokens_torch(ids, e)
-        o2, t2, f2, _, _ = ksort._sort_triton(ids, e, 1, pad=False)
+        o2, t2, f2, _, _, i2 = ksort._sort_triton(ids, e, 1, pad=False)
         assert torch.equal(o1, o2) and torch.equal(t1, t2) and torch.equal(f1, f2)
+        assert torch.equal(i2, ksort._inverse(o1))
         s1, e1, n1 = km.align_tokens_torch(ids, e, bm)
-        s2, _, _, e2, n2 = ksort._sort_triton(ids, e, bm, pad=True)
+        s2, _, _, e2, n2, _ = ksort._sort_triton(ids, e, bm, pad=True)
         n = int(n1)
         assert int(n2) == n and torch.equal(s1[:n], s2[:n]) and torch.equal(e1[: n // bm], e2[: n // bm])
     assert ksort._TRITON_SORT  # no fallback happened

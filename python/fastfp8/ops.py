@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import act_quant as _aq
-from .kernels import fused_gemm as _fused
 from .kernels import gemm as _gemm
 from .kernels import gemv as _gemv
 from .kernels import linear_table as _table
@@ -33,7 +32,7 @@ _NS = "fastfp8"
 
 __all__ = ["fp8_linear", "fp8_linear_fallback", "linear_backend", "linear_choice", "moe_experts"]
 
-_FORCED = ("gemv", "w16", "fused", "scaled_mm", "tile", "tma", "fallback")
+_FORCED = ("gemv", "w16", "scaled_mm", "tile", "tma", "fallback")
 
 
 def _fast_path(x: torch.Tensor) -> bool:
@@ -42,9 +41,9 @@ def _fast_path(x: torch.Tensor) -> bool:
 
 def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | None]:
     """``(backend, config)`` that :func:`fp8_linear` uses for ``x [..., K]`` and ``weight [N, K]``:
-    ``"gemv"``, ``"w16"``, ``"fused"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection
-    table, :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND``
-    forces one of them where it can run (``w16``/``fused``/``tile``/``tma`` with a default tile)."""
+    ``"gemv"``, ``"w16"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection table,
+    :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces
+    one of them where it can run (``w16``/``tile``/``tma`` with a default tile)."""
     forced = os.environ.get("FASTFP8_LINEAR_BACKEND", "")
     if forced == "fallback" or not _fast_path(x):
         return "fallback", None
@@ -59,8 +58,6 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
             return "w16", _gemm.default_config(m, n, k, "w16")
         if forced == "scaled_mm" and mm_ok:
             return "scaled_mm", None
-        if forced == "fused":
-            return "fused", _fused.default_config(m, n, k)
         if forced == "tile" or (forced == "tma" and mm_ok and _gemm.tma_supported(x.device)):
             return forced, _gemm.default_config(m, n, k, forced)
     backend, cfg = _table.select(m, n, k, capability(x.device))
@@ -74,8 +71,6 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
     if backend in ("tile", "tma") and cfg is None:
         cfg = _gemm.default_config(m, n, k, backend)
-    if backend == "fused" and cfg is None:
-        cfg = _fused.default_config(m, n, k)
     if backend == "w16" and cfg is None:
         cfg = _gemm.default_config(m, n, k, "w16")
     return backend, cfg
@@ -106,8 +101,7 @@ def fp8_linear(
 
     CUDA sm89+: the path of the selection table (:func:`linear_choice`): the W8A16 GEMV
     kernel for a few rows (bf16/fp16); the W8A16 tiled GEMM (bf16/fp16, no activation
-    quantization); the one-kernel FP8 GEMM that quantizes the activations
-    per token itself (:mod:`fastfp8.kernels.fused_gemm`); else the fused per-token
+    quantization); else the fused per-token
     activation quantization followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias
     added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
     :func:`fp8_linear_fallback`.
@@ -133,9 +127,6 @@ def fp8_linear(
         return y.reshape(*x.shape[:-1], n)
     if backend == "w16":
         y = _gemm.w16_gemm(x2, weight, weight_scale, bias, config=cfg)
-        return y.reshape(*x.shape[:-1], n)
-    if backend == "fused":
-        y = _fused.fp8_gemm_fused(x2, weight, weight_scale, bias, config=cfg)
         return y.reshape(*x.shape[:-1], n)
     q, s = _aq.triton_act_quant(x2)
     if backend in ("tile", "tma"):

@@ -161,6 +161,7 @@ if triton is not None:
         x_ptr,
         q_ptr,
         s_ptr,
+        g_ptr,
         n_rows,
         n_cols,  # of the output (I for the gated variant)
         sx_m,
@@ -169,10 +170,13 @@ if triton is not None:
         IS_BF16: tl.constexpr,
         EMULATE: tl.constexpr,
         INT64: tl.constexpr,
+        SCATTER: tl.constexpr,
         SINGLE_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
+        """``SCATTER`` (> 0): input row ``r``'s bytes and scale go to output rows
+        ``g_ptr[r * SCATTER + j]``, ``j < SCATTER`` (int64 indices), not to row ``r``."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < n_rows
@@ -195,17 +199,22 @@ if triton is not None:
         scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))
         scale = tl.where(scale < 1.0 / (448.0 * 512.0), 1.0 / (448.0 * 512.0), scale)  # == SCALE_FLOOR
         inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
-        tl.store(s_ptr + rows, scale, mask=row_ok)
         inv_col = inv[:, None]
-        q_rows = q_ptr + rows[:, None] * sq_m
-        if SINGLE_PASS:
-            tl.store(q_rows + cols[None, :], _to_e4m3(x, inv_col, EMULATE), mask=mask)
-        else:
-            for c0 in range(0, n_cols, BLOCK_K):
-                c = c0 + cols
-                mask = row_ok[:, None] & (c[None, :] < n_cols)
-                xb = _load_act(x_ptr, rows, c, mask, sx_m, n_cols, GATED, IS_BF16, EMULATE)
-                tl.store(q_rows + c[None, :], _to_e4m3(xb, inv_col, EMULATE), mask=mask)
+        for j in tl.static_range(max(SCATTER, 1)):
+            if SCATTER > 0:  # noqa: SIM108 (a constexpr branch)
+                dst = tl.load(g_ptr + rows.to(tl.int64) * SCATTER + j, mask=row_ok, other=0)
+            else:
+                dst = rows
+            tl.store(s_ptr + dst, scale, mask=row_ok)
+            q_rows = q_ptr + dst[:, None] * sq_m
+            if SINGLE_PASS:
+                tl.store(q_rows + cols[None, :], _to_e4m3(x, inv_col, EMULATE), mask=mask)
+            else:
+                for c0 in range(0, n_cols, BLOCK_K):
+                    c = c0 + cols
+                    mask = row_ok[:, None] & (c[None, :] < n_cols)
+                    xb = _load_act(x_ptr, rows, c, mask, sx_m, n_cols, GATED, IS_BF16, EMULATE)
+                    tl.store(q_rows + c[None, :], _to_e4m3(xb, inv_col, EMULATE), mask=mask)
 
 
 def pick_config(n_rows: int, n_cols: int, gated: bool) -> tuple[int, int, bool, int]:
@@ -228,38 +237,55 @@ def triton_act_quant(
     gated: bool = False,
     out: torch.Tensor | None = None,
     scale_out: torch.Tensor | None = None,
+    scatter: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel. ``x [M, K]`` (``[M, 2I]`` when ``gated``) with unit column stride;
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Writes into ``out`` (fp8,
-    row-contiguous) / ``scale_out`` (fp32 ``[M, 1]``, contiguous) when given."""
+    row-contiguous) / ``scale_out`` (fp32 ``[M, 1]``, contiguous) when given.
+
+    ``scatter`` (``M * c`` int64 row indices, a permutation of ``range(M * c)``): row ``r``
+    of ``x`` is quantized once and written to the result's rows ``scatter[r * c + j]``,
+    ``j < c``: ``M * c`` rows (the grouped MoE's per-expert copies of the tokens, written
+    where the sort puts them: one kernel that reads each token once)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     _check(x, gated=gated)
     if x.stride(1) != 1 and x.shape[1] > 1:
         x = x.contiguous()
+    copies = 0
+    if scatter is not None:
+        if scatter.dim() != 1 or scatter.dtype != torch.int64 or scatter.device != x.device or \
+                (x.shape[0] and scatter.numel() % x.shape[0]) or (scatter.numel() and not x.shape[0]):
+            raise ValueError(f"scatter must be a 1-D int64 tensor on {x.device} of a multiple of {x.shape[0]} "
+                             f"indices, got {scatter.dtype} {tuple(scatter.shape)} on {scatter.device}")
+        scatter = scatter.contiguous()
+        copies = scatter.numel() // x.shape[0] if x.shape[0] else 0
     rows = x.shape[0]
+    out_rows = rows * copies if scatter is not None else rows
     cols = x.shape[1] // 2 if gated else x.shape[1]
-    q = out if out is not None else common.empty((rows, cols), FP8, x.device)
-    s = scale_out if scale_out is not None else common.empty((rows, 1), torch.float32, x.device)
-    if tuple(q.shape) != (rows, cols) or q.dtype != FP8 or (cols > 1 and q.stride(1) != 1):
-        raise ValueError(f"out must be a row-contiguous float8_e4m3fn [{rows}, {cols}] tensor")
-    if tuple(s.shape) != (rows, 1) or s.dtype != torch.float32 or not s.is_contiguous():
-        raise ValueError(f"scale_out must be a contiguous float32 [{rows}, 1] tensor")
-    if rows == 0 or cols == 0:
-        if cols == 0 and rows:
+    q = out if out is not None else common.empty((out_rows, cols), FP8, x.device)
+    s = scale_out if scale_out is not None else common.empty((out_rows, 1), torch.float32, x.device)
+    if tuple(q.shape) != (out_rows, cols) or q.dtype != FP8 or (cols > 1 and q.stride(1) != 1):
+        raise ValueError(f"out must be a row-contiguous float8_e4m3fn [{out_rows}, {cols}] tensor")
+    if tuple(s.shape) != (out_rows, 1) or s.dtype != torch.float32 or not s.is_contiguous():
+        raise ValueError(f"scale_out must be a contiguous float32 [{out_rows}, 1] tensor")
+    if out_rows == 0 or cols == 0:
+        if cols == 0 and out_rows:
             s.fill_(SCALE_FLOOR)
         return q, s
     block_m, block_k, single, num_warps = pick_config(rows, cols, gated)
     padded_rows = cdiv(rows, block_m) * block_m
-    need64 = max(padded_rows * max(x.stride(0), q.stride(0)) + 2 * cols + block_k, 0) >= _INT32_LIMIT
+    need64 = max(max(padded_rows, out_rows) * max(x.stride(0), q.stride(0)) + 2 * cols + block_k,
+                 0) >= _INT32_LIMIT
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
         _act_quant_kernel[(cdiv(rows, block_m),)](
-            x, q, s, rows, cols, x.stride(0), q.stride(0),
+            x, q, s, scatter if scatter is not None else s, rows, cols, x.stride(0), q.stride(0),
             GATED=gated,
             IS_BF16=x.dtype == torch.bfloat16,
             EMULATE=not x.is_cuda,
             INT64=need64,
+            SCATTER=copies,
             SINGLE_PASS=single,
             BLOCK_M=block_m,
             BLOCK_K=block_k,

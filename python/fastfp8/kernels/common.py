@@ -15,7 +15,7 @@ except ImportError:  # CPU-only installs without Triton: the torch references do
     triton = None
     tl = None
 
-__all__ = ["FP8", "FP8_MAX", "capability", "cdiv", "fp8_supported", "next_power_of_2", "tl", "triton"]
+__all__ = ["FP8", "FP8_MAX", "capability", "cdiv", "fp8_supported", "next_power_of_2", "tl", "triton", "widen"]
 
 
 #: Tests set this: kernel outputs and intermediate buffers are filled with NaN (fp8: 0x7F)
@@ -57,3 +57,45 @@ def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("nan")
     err = (out - ref).pow(2).sum()
     return float("inf") if err == 0 else float(10 * torch.log10(ref.pow(2).sum() / err))
+
+
+if triton is not None:
+    #: e4m3 -> bf16 for four bytes at a time (one 32-bit register in, two out): each byte's
+    #: sign to bit 15 and its exponent and significand, shifted, to bits 4 - 13 of a bf16 lane
+    #: give the value times 2^-120 (subnormals included: a zero exponent field stays one), and
+    #: one bf16x2 fma by 2^120 (0x7B80; -0.0 added keeps the signs of zeros) makes it exact.
+    #: Integer and fp16x2 ALU work where Triton's own conversion goes through fp16 with a
+    #: ``cvt`` per element (the W8A16 kernels' weight conversion was their bottleneck).
+    _E4M3_TO_BF16 = tl.constexpr("""
+    {
+    .reg .b32 t0, t1, s0, s1, z, c;
+    prmt.b32 t0, $2, 0, 0x1404;
+    prmt.b32 t1, $2, 0, 0x3424;
+    shr.b32 s0, t0, 4;
+    shr.b32 s1, t1, 4;
+    and.b32 t0, t0, 0x80008000;
+    and.b32 t1, t1, 0x80008000;
+    and.b32 s0, s0, 0x07F007F0;
+    and.b32 s1, s1, 0x07F007F0;
+    or.b32 t0, t0, s0;
+    or.b32 t1, t1, s1;
+    mov.b32 z, 0x80008000;
+    mov.b32 c, 0x7B807B80;
+    fma.rn.bf16x2 $0, t0, c, z;
+    fma.rn.bf16x2 $1, t1, c, z;
+    }
+    """)
+
+    @triton.jit
+    def widen(w, like):
+        """The fp8 e4m3 tensor ``w`` in ``like``'s dtype (bf16 or fp16), exactly (GPU only:
+        inline PTX for bf16). e4m3's NaN bytes (0x7f, 0xff), which the quantizer does not
+        write for finite weights (loads refuse non-finite ones unless told otherwise), read
+        as +-480 on the bf16 path."""
+        if like.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(_E4M3_TO_BF16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                             dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            return w.to(like.dtype)
+else:
+    widen = None

@@ -31,7 +31,7 @@ import functools
 import torch
 
 from . import common
-from .common import FP8, cdiv, tl, triton
+from .common import FP8, cdiv, tl, triton, widen
 
 __all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported", "w16_gemm"]
 
@@ -95,14 +95,18 @@ if triton is not None:
         GROUP_M: tl.constexpr,
     ):
         """``A16``: ``a`` holds the bf16/fp16 activations themselves (W8A16, ``"w16"``): the
-        fp8 weight tile is widened to their dtype in registers (exact) and the dot runs in
-        it; no activation scale (``as_ptr`` is not read)."""
+        fp8 weight tile is widened to their dtype in registers (exact, :func:`.common.widen`)
+        and is the dot's first operand (``W @ a.T``, which Hopper's wgmma takes from registers;
+        as the second it went back through shared memory); no activation scale (``as_ptr``
+        is not read)."""
         pid_k = tl.program_id(1)
         rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm_s[:, None] * s_am + rk[None, :]
         b_ptrs = b_ptr + rn_s[None, :] * s_bn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if A16:  # W8A16 on a GPU: (W @ a.T).T, the widened weight the dot's register operand
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
@@ -114,11 +118,13 @@ if triton is not None:
             if EMULATE:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             elif A16:
-                acc = tl.dot(a, b.to(a.dtype), acc)
+                acc_t = tl.dot(widen(tl.trans(b), a), tl.trans(a), acc_t)
             else:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * SPLIT_K
             b_ptrs += BLOCK_K * SPLIT_K
+        if A16 and not EMULATE:
+            acc = tl.trans(acc_t)
         sb = tl.load(bs_ptr + rn, mask=n_ok, other=0.0)
         if A16:
             acc = acc * sb[None, :]

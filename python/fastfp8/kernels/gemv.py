@@ -11,6 +11,10 @@ Each program owns ``BLOCK_N`` output channels and walks the whole ``K`` in ``BLO
 steps (rows of the weight are contiguous, so every load is a run of ``BLOCK_K`` bytes).
 ``M == 1`` accumulates elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and
 reduces once at the end; ``M > 1`` pads the rows to 16, 32, 64 or 128 and uses ``tl.dot``
+with the weight tile as its first operand (``W @ x.T``: on Hopper the wgmma's A operand may
+come from registers, where the weight is widened by :func:`.common.widen`, while the
+activations go to shared memory as they are; the other way round the widened weight made a
+trip back through shared memory)
 (one kernel, no activation quantization: where the weight's bytes bound the time, this beats
 the two-kernel W8A8 paths up to a few dozen rows; the selection table measures where).
 
@@ -34,7 +38,7 @@ import os
 import torch
 
 from . import common
-from .common import cdiv, next_power_of_2, tl, triton
+from .common import cdiv, next_power_of_2, tl, triton, widen
 from .linear_table import GEMV_MAX_ROWS as MAX_ROWS
 
 __all__ = ["MAX_ROWS", "block_m", "config_of", "fp8_gemv", "fp8_gemv_reference", "gemv_config"]
@@ -103,8 +107,8 @@ if triton is not None:
             k_hi = tl.minimum(k_lo + per, K)
         w_ptrs = w_ptr + rn_safe[:, None] * sw_n + (k_lo + rk)[None, :]
         x_ptrs = x_ptr + rm[:, None] * sx_m + (k_lo + rk)[None, :]
-        if USE_DOT:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if USE_DOT:  # the weight is the dot's first operand (from registers, widened there)
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         # LOAD_STAGES > 1: the weight tiles arrive through a ring of that many shared-memory
@@ -120,14 +124,16 @@ if triton is not None:
                 x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if USE_DOT:
                 if EMULATE:
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                    acc_t += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
                 else:
-                    acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+                    acc_t = tl.dot(widen(w, x), tl.trans(x), acc_t)
             else:
                 acc2 += w.to(tl.float32) * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if not USE_DOT:
+        if USE_DOT:  # noqa: SIM108 (a constexpr branch: each side's tensor exists only there)
+            acc = tl.trans(acc_t)
+        else:
             acc = tl.sum(acc2, axis=1)[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K > 1:

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..act_quant import triton_act_quant
-from ..common import FP8, capability
+from ..common import capability
 from .routing import _expert_inputs
 from .sort import _combine, sort_tokens
 
@@ -34,14 +34,12 @@ def moe_grouped(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, *, weig
     t = x.shape[0]
     k = topk_ids.shape[1]
     num_experts = w13.shape[0]
-    order, tok, offs = sort_tokens(topk_ids, num_experts)
+    order, _, offs, inv = sort_tokens(topk_ids, num_experts, with_inverse=True)
     xin = _expert_inputs(x, topk_weights, weights_on_input)
-    if xin is not None:
-        aq, sa = triton_act_quant(xin[order])
-    else:  # quantize the T tokens once, then gather the k copies (fp8 bytes + scales)
-        xq, xs = triton_act_quant(x)
-        aq = xq.view(torch.uint8)[tok].view(FP8)
-        sa = xs[tok]
+    # each token quantized once and its bytes and scale written to its pairs' sorted rows
+    # (one kernel: quantizing, then gathering the k copies' bytes and scales took three,
+    # 72 us at 4096 tokens of Qwen3-30B-A3B on an H200; quantizing each gathered copy 82)
+    aq, sa = triton_act_quant(x if xin is None else xin, scatter=inv)
     s13 = w13_scale.reshape(num_experts, -1).float()
     s2 = w2_scale.reshape(num_experts, -1).float()
     h13 = torch._scaled_grouped_mm(aq, w13.transpose(1, 2), sa.reshape(-1), s13, offs=offs,
@@ -49,4 +47,4 @@ def moe_grouped(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, *, weig
     act, sact = triton_act_quant(h13, gated=True)
     y = torch._scaled_grouped_mm(act, w2.transpose(1, 2), sact.reshape(-1), s2, offs=offs,
                                  out_dtype=torch.bfloat16, use_fast_accum=GROUPED_FAST_ACCUM)
-    return _combine(y, order, topk_weights, t, k, weights_on_input, out_dtype=x.dtype)
+    return _combine(y, order, topk_weights, t, k, weights_on_input, out_dtype=x.dtype, inv=inv)

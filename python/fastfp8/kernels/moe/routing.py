@@ -94,11 +94,11 @@ def moe_bf16_grouped(x, topk_ids, topk_weights, w13, w2, *, weights_on_input: bo
     grouped path): ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` unquantized."""
     t = x.shape[0]
     k = topk_ids.shape[1]
-    order, tok, offs = sort_tokens(topk_ids, w13.shape[0])
+    order, tok, offs, inv = sort_tokens(topk_ids, w13.shape[0], with_inverse=True)
     xin = _expert_inputs(x, topk_weights, weights_on_input)
     a = xin[order] if xin is not None else x[tok]
     h13 = torch._grouped_mm(a, w13.transpose(1, 2), offs=offs)
     inter = h13.shape[1] // 2
     act = F.silu(h13[:, :inter]) * h13[:, inter:]
     y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
-    return _combine(y, order, topk_weights, t, k, weights_on_input)
+    return _combine(y, order, topk_weights, t, k, weights_on_input, inv=inv)
