@@ -194,7 +194,7 @@ def prefill_compiled_s(model, tokens: int, vocab: int) -> tuple[float, float]:
     seconds)``. Compiles the model's layers in place: measured last."""
     layers = model.model.layers
     limit = torch._dynamo.config.cache_size_limit
-    torch._dynamo.config.cache_size_limit = max(limit, 2 * len(layers))
+    torch._dynamo.config.cache_size_limit = max(limit, 2 * len(layers))  # a layer may recompile once
     for layer in layers:
         layer.compile()
     g = torch.Generator(device=DEVICE).manual_seed(7)
@@ -204,9 +204,12 @@ def prefill_compiled_s(model, tokens: int, vocab: int) -> tuple[float, float]:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    first = _sync_time(run)
-    run()
-    return statistics.median(_sync_time(run) for _ in range(3)), first
+    try:
+        first = _sync_time(run)
+        run()
+        return statistics.median(_sync_time(run) for _ in range(3)), first
+    finally:
+        torch._dynamo.config.cache_size_limit = limit
 
 
 def logits_sqnr(fp8, bf16, vocab: int) -> dict[str, float]:

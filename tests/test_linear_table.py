@@ -143,6 +143,10 @@ def test_forced_backend_and_fallback_cpu(monkeypatch):
     for forced in ("tile", "w16", "gemv"):
         monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", forced)
         assert ops.linear_choice(x, w) == ("fallback", None)  # no CUDA: nothing else runs
+    for bad in ("fused", "Tile"):  # a removed backend, a typo: said, not silently ignored
+        monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", bad)
+        with pytest.raises(ValueError, match="FASTFP8_LINEAR_BACKEND"):
+            ops.linear_choice(x, w)
 
 
 # ---------------------------------------------------------------------------------------

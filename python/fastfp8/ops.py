@@ -45,6 +45,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
     :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces
     one of them where it can run (``w16``/``tile``/``tma`` with a default tile)."""
     forced = os.environ.get("FASTFP8_LINEAR_BACKEND", "")
+    if forced and forced not in _FORCED:
+        raise ValueError(f"FASTFP8_LINEAR_BACKEND={forced!r} is not one of {', '.join(_FORCED)}")
     if forced == "fallback" or not _fast_path(x):
         return "fallback", None
     n, k = weight.shape

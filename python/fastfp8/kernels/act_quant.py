@@ -246,7 +246,9 @@ def triton_act_quant(
     ``scatter`` (``M * c`` int64 row indices, a permutation of ``range(M * c)``): row ``r``
     of ``x`` is quantized once and written to the result's rows ``scatter[r * c + j]``,
     ``j < c``: ``M * c`` rows (the grouped MoE's per-expert copies of the tokens, written
-    where the sort puts them: one kernel that reads each token once)."""
+    where the sort puts them: one kernel that reads each token once). Its dtype, device and
+    length are checked; that it is a permutation is the caller's to ensure (the sort's
+    inverse is one)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     _check(x, gated=gated)

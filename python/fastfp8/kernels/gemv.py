@@ -11,12 +11,12 @@ Each program owns ``BLOCK_N`` output channels and walks the whole ``K`` in ``BLO
 steps (rows of the weight are contiguous, so every load is a run of ``BLOCK_K`` bytes).
 ``M == 1`` accumulates elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and
 reduces once at the end; ``M > 1`` pads the rows to 16, 32, 64 or 128 and uses ``tl.dot``
-with the weight tile as its first operand (``W @ x.T``: on Hopper the wgmma's A operand may
+(one kernel, no activation quantization: where the weight's bytes bound the time, this beats
+the two-kernel W8A8 paths up to a few dozen rows; the selection table measures where). The
+weight tile is the dot's first operand (``W @ x.T``): on Hopper the wgmma's A operand may
 come from registers, where the weight is widened by :func:`.common.widen`, while the
 activations go to shared memory as they are; the other way round the widened weight made a
-trip back through shared memory)
-(one kernel, no activation quantization: where the weight's bytes bound the time, this beats
-the two-kernel W8A8 paths up to a few dozen rows; the selection table measures where).
+trip back through shared memory.
 
 Split-K (``SPLIT_K > 1``, for narrow weights whose ``N / BLOCK_N`` programs would leave SMs
 idle): the programs of one column block divide the K tiles among them and store fp32
