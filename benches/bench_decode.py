@@ -14,7 +14,9 @@ streamed and quantized by ``load_quantized``). Both models then run:
 - prefill: one forward of ``--prefill`` tokens (batch 1, ``logits_to_keep=1``), eager,
   median of 3 after a warm-up; then (last, as it compiles the models' layers in place) the
   same with every decoder layer compiled (``torch.compile``, inductor: the norms, RoPE and
-  SiLU fused, as a serving engine runs prefill): ``prefill_speedup_4096_compiled``,
+  SiLU fused, as a serving engine runs prefill): ``prefill_speedup_4096_compiled``, and then
+  with each compiled layer replayed from CUDA graphs (``mode="reduce-overhead"``, as vLLM's
+  piecewise graphs run prefill: no host time per kernel launch): ``prefill_speedup_4096_graphs``,
 - decode: ``generate()`` greedy with a static cache, which transformers compiles
   (``CompileConfig(backend=--backend, mode="reduce-overhead")``: CUDA graphs). Time per
   step = (time of ``generate(n2)`` - time of ``generate(n1)``) / (n2 - n1), so that the
@@ -187,16 +189,18 @@ def prefill_s(model, tokens: int, vocab: int) -> float:
     return statistics.median(_sync_time(run) for _ in range(3))
 
 
-def prefill_compiled_s(model, tokens: int, vocab: int) -> tuple[float, float]:
-    """:func:`prefill_s` with every decoder layer compiled (``torch.compile``, inductor, no
-    CUDA graphs: the norms, RoPE and SiLU fused as a serving engine's prefill runs them;
-    the layers share the compiled code). Returns ``(seconds per forward, first call's
-    seconds)``. Compiles the model's layers in place: measured last."""
+def prefill_compiled_s(model, tokens: int, vocab: int, mode: str | None = None) -> tuple[float, float]:
+    """:func:`prefill_s` with every decoder layer compiled (``torch.compile``, inductor: the
+    norms, RoPE and SiLU fused as a serving engine's prefill runs them; the layers share the
+    compiled code); ``mode="reduce-overhead"``: and each layer's kernels replayed from a CUDA
+    graph (as vLLM's piecewise graphs run prefill: no host time per launch). Returns
+    ``(seconds per forward, first call's seconds)``. Compiles the model's layers in place:
+    measured last."""
     layers = model.model.layers
     limit = torch._dynamo.config.cache_size_limit
-    torch._dynamo.config.cache_size_limit = max(limit, 2 * len(layers))  # a layer may recompile once
+    torch._dynamo.config.cache_size_limit = max(limit, 4 * len(layers))  # a layer may recompile once a mode
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     g = torch.Generator(device=DEVICE).manual_seed(7)
     ids = torch.randint(1, vocab, (1, tokens), device=DEVICE, generator=g)
 
@@ -206,7 +210,8 @@ def prefill_compiled_s(model, tokens: int, vocab: int) -> tuple[float, float]:
 
     try:
         first = _sync_time(run)
-        run()
+        for _ in range(2):  # CUDA graphs: recorded on the second call, replayed from the third
+            run()
         return statistics.median(_sync_time(run) for _ in range(3)), first
     finally:
         torch._dynamo.config.cache_size_limit = limit
@@ -309,19 +314,23 @@ def run_model(name: str, config, args) -> dict[str, Any]:
     res["logits_sqnr_weight_only_control"] = weight_only_control_sqnr(bf16, vocab)
     print(f"[{name}] control: bf16 with fake-quantized weights, logits SQNR "
           f"{res['logits_sqnr_weight_only_control']:.2f} dB", flush=True)
-    if args.compiled_prefill and time.perf_counter() - args.t0 <= args.budget_s:
-        pc = f"prefill_{args.prefill}_compiled_ms_"
+    modes = (("compiled", None), ("graphs", "reduce-overhead")) if args.compiled_prefill else ()
+    for label, mode in modes:
+        if time.perf_counter() - args.t0 > args.budget_s:
+            res[f"prefill_{args.prefill}_{label}_error"] = f"skipped: past --budget-s {args.budget_s}"
+            continue
+        pc = f"prefill_{args.prefill}_{label}_ms_"
         try:
             for tag, model in (("bf16", bf16), ("fp8", fp8)):
-                s, first = prefill_compiled_s(model, args.prefill, vocab)
+                s, first = prefill_compiled_s(model, args.prefill, vocab, mode)
                 res[pc + tag] = s * 1e3
                 res[pc + tag + "_first_call_s"] = first
-            res[f"prefill_speedup_{args.prefill}_compiled"] = res[pc + "bf16"] / res[pc + "fp8"]
-            print(f"[{name}] prefill {args.prefill}, layers compiled: bf16 {res[pc + 'bf16']:.1f} ms, fp8 "
+            res[f"prefill_speedup_{args.prefill}_{label}"] = res[pc + "bf16"] / res[pc + "fp8"]
+            print(f"[{name}] prefill {args.prefill}, layers {label}: bf16 {res[pc + 'bf16']:.1f} ms, fp8 "
                   f"{res[pc + 'fp8']:.1f} ms", flush=True)
         except Exception as e:
             traceback.print_exc()
-            res[f"prefill_{args.prefill}_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            res[f"prefill_{args.prefill}_{label}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     del bf16, fp8
     gc.collect()
     torch._dynamo.reset()
@@ -343,7 +352,8 @@ def main(argv=None) -> int:
                     help="steps of the longer generate(); 128 steps between n1 and n2 (64 varied by 20%% run to run)")
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--no-compiled-prefill", dest="compiled_prefill", action="store_false",
-                    help="skip the prefill with compiled decoder layers (measured last, after the eager one)")
+                    help="skip the prefill with compiled decoder layers, without and with CUDA graphs "
+                    "(measured last, after the eager one)")
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
@@ -391,7 +401,8 @@ def main(argv=None) -> int:
             report[f"{prefix}decode_speedup_b{b}"] = r.get(f"decode_speedup_b{b}")
             report[f"{prefix}decode_gpu_speedup_b{b}"] = r.get(f"decode_gpu_speedup_b{b}")
         report[f"{prefix}prefill_speedup_{args.prefill}"] = r.get(f"prefill_speedup_{args.prefill}")
-        report[f"{prefix}prefill_speedup_{args.prefill}_compiled"] = r.get(f"prefill_speedup_{args.prefill}_compiled")
+        for label in ("compiled", "graphs"):
+            report[f"{prefix}prefill_speedup_{args.prefill}_{label}"] = r.get(f"prefill_speedup_{args.prefill}_{label}")
         report["logits_sqnr_8b" if name == "llama8b" else "logits_sqnr_moe"] = r["logits_sqnr"]["all"]
         report[("logits_sqnr_8b" if name == "llama8b" else "logits_sqnr_moe") + "_weight_only_control"] = \
             r["logits_sqnr_weight_only_control"]

@@ -433,6 +433,24 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         except ValueError as e:
             assert "scatter must be" in str(e)
 
+    # routing: softmax top-k in one kernel against torch (fp32 and bf16 logits, renormalized or not)
+    from fastfp8.kernels.moe import routing as kroute
+    common.POISON = True
+    for t, e, k in [(1, 8, 2), (37, 128, 8), (5, 60, 4), (20, 16, 16), (3, 300, 1)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(t, e, generator=gen("interp-route", t, e)).mul(3).to(dtype)
+            for renorm in (True, False):
+                w, ids = kroute._route_triton(logits, k, renorm)
+                w2, ids2 = kroute.route_softmax_topk_torch(logits, k, renormalize=renorm)
+                torch.testing.assert_close(w, w2, rtol=2e-6, atol=1e-7)
+                if dtype == torch.float32:  # bf16 logits tie: the same weights, maybe other experts
+                    assert torch.equal(ids, ids2), (t, e, k)
+                else:
+                    assert torch.equal(logits.float().gather(1, ids), logits.float().gather(1, ids2))
+                    assert (ids.sort(1).values.diff(dim=1) > 0).all() if k > 1 else True
+                n += 1
+    common.POISON = False
+
     # gemv: M = 1 (elementwise) and 2..128 (dot, rows padded to 16/32/64/128), bias, odd N and K, poisoned output
     for m, nn_, k in [(1, 64, 128), (1, 100, 300), (1, 4, 4096), (2, 100, 300), (16, 64, 512), (5, 17, 33),
                       (33, 40, 70), (128, 24, 64)]:
@@ -761,6 +779,39 @@ def test_moe_backends_cuda(case, routing, monkeypatch):
         assert sqnr(y, bf) >= (LAYER_SQNR_DB if backend == "triton" else a8_floor), (backend, sqnr(y, bf))
     y = m(x)  # auto
     assert sqnr(y, bf) >= a8_floor
+
+
+@cuda
+def test_route_softmax_topk_cuda(monkeypatch):
+    """The one-kernel routing (what route_softmax_topk runs on CUDA) against torch's softmax,
+    top-k and renormalization: the same experts in the same order for fp32 logits (no ties),
+    the same logits chosen for bf16 ones (ties: either expert), weights to fp32 rounding,
+    poisoned outputs; a NaN row still names experts in range."""
+    from fastfp8.kernels.moe import routing as kroute
+
+    monkeypatch.setattr(common, "POISON", True)
+    for t, e, k in [(1, 8, 2), (7, 60, 4), (4096, 128, 8), (3000, 8, 2), (33, 256, 8), (5, 16, 16), (2, 1024, 3)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = (torch.randn(t, e, generator=gen("cuda-route", t, e)) * 3).to(dtype).cuda()
+            for renorm in (True, False):
+                w, ids = km.route_softmax_topk(logits, k, renormalize=renorm)
+                w2, ids2 = kroute.route_softmax_topk_torch(logits, k, renormalize=renorm)
+                torch.testing.assert_close(w, w2, rtol=2e-6, atol=1e-7)
+                if dtype == torch.float32:
+                    assert torch.equal(ids, ids2), (t, e, k)
+                else:
+                    assert torch.equal(logits.float().gather(1, ids), logits.float().gather(1, ids2))
+                    assert k == 1 or (ids.sort(1).values.diff(dim=1) > 0).all()
+    logits = torch.randn(4, 128, device="cuda")
+    logits[1, 5] = float("nan")
+    _, ids = km.route_softmax_topk(logits, 8)
+    assert ((ids >= 0) & (ids < 128)).all()
+    # strided logits (a view of wider rows)
+    wide = torch.randn(50, 160, device="cuda")
+    w, ids = km.route_softmax_topk(wide[:, :128], 8)
+    w2, ids2 = kroute.route_softmax_topk_torch(wide[:, :128], 8)
+    assert torch.equal(ids, ids2)
+    torch.testing.assert_close(w, w2, rtol=2e-6, atol=1e-7)
 
 
 @cuda

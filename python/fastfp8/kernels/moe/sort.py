@@ -98,8 +98,9 @@ def align_tokens_torch(
 
 
 _TRITON_SORT = os.environ.get("FASTFP8_TRITON_SORT", "1") == "1"
-#: the most segments the pairs are split into (programs per expert in the sort's two launches)
-_SEGMENTS_MAX = 8
+#: the most segments the pairs are split into (programs per expert in the sort's two launches;
+#: ``FASTFP8_SORT_SEGMENTS`` for probes)
+_SEGMENTS_MAX = int(os.environ.get("FASTFP8_SORT_SEGMENTS", "8"))
 
 
 def _use_triton_sort(topk_ids: torch.Tensor) -> bool:
