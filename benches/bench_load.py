@@ -44,14 +44,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_device", "fastfp8_mmap_host", "fastfp8_host_pread", "fastfp8_split",
-           "fastfp8_mmap_adaptive", "fastfp8_mmap_device", "fastfp8_ring256"]
+FASTFP8 = ["fastfp8", "fastfp8_adaptive_balance", "fastfp8_device", "fastfp8_mmap_host", "fastfp8_host_pread",
+           "fastfp8_split", "fastfp8_mmap_adaptive"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
             # ready chunks of a tensor merged into deliveries of up to a quarter of the ring
             # (fastfp8.engine.MERGE_SHARE = 4), the default until 2026-11-30
             "fastfp8_merge": {"_merge_share": 4},
+            # quantize_on="adaptive" by the balance of the threads' work and the bus's
+            # (fastfp8.engine.ADAPTIVE_BALANCE = True), not the default
+            "fastfp8_adaptive_balance": {"_adaptive_balance": True},
             # a fixed split at host_quant.DEFAULT_HOST_SHARE
             "fastfp8_split": {"quantize_on": "split"}, "fastfp8_adaptive": {"quantize_on": "adaptive"},
             "fastfp8_mmap": {"method": "mmap"},
@@ -164,6 +167,8 @@ def worker(args) -> dict:
             kw = {"memory_budget": args.budget, "threads": args.threads, **fastfp8_options(args.loader)}
             if "_merge_share" in kw:
                 fastfp8.engine.MERGE_SHARE = kw.pop("_merge_share")
+            if "_adaptive_balance" in kw:
+                fastfp8.engine.ADAPTIVE_BALANCE = kw.pop("_adaptive_balance")
             return fastfp8.load_quantized(ckpt, device=dev, progress=False, **kw)
         return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))
 
@@ -547,6 +552,7 @@ def main(argv=None) -> int:
         "fastfp8_split_warm_gbps": best("warm", {"fastfp8_split"})[0],
         "fastfp8_adaptive_warm_gbps": best("warm", {"fastfp8_adaptive"})[0],
         "fastfp8_merge_warm_gbps": best("warm", {"fastfp8_merge"})[0],
+        "fastfp8_adaptive_balance_warm_gbps": best("warm", {"fastfp8_adaptive_balance"})[0],
         "fastfp8_mmap_host_warm_gbps": best("warm", {"fastfp8_mmap_host"})[0],
         "fastfp8_host_pread_warm_gbps": best("warm", {"fastfp8_host_pread"})[0],
         "fastfp8_mmap_adaptive_warm_gbps": best("warm", {"fastfp8_mmap_adaptive"})[0],

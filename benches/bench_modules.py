@@ -477,6 +477,8 @@ def markdown(report) -> str:
     lines.append(f"torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}. "
                  "Median µs per call (`triton.testing.do_bench`), weights rotated past L2, CUDA graphs for "
                  "every linear and every MoE call (eager MoE times in the JSON).")
+    if report.get("runs_note"):  # a table put together from several runs says which
+        lines += ["", report["runs_note"]]
     lines.append("")
     lines.append("| headline | value | target |")
     lines.append("| --- | --- | --- |")

@@ -362,10 +362,33 @@ def test_adaptive_takes_both_sides_and_matches_the_device(tmp_path, monkeypatch,
             time.sleep(0.01)  # the consumer falls behind: the threads get ahead of it
 
     monkeypatch.setattr(engine, "FAULT_HOOK", slow)
+    monkeypatch.setattr(engine, "ADAPTIVE_BALANCE", False)  # the idle-time rule (the default)
     state, stats = load(tmp_path / "m", device, quantize_on="adaptive", memory_budget="128KiB",
                         chunk_bytes="16KiB")
     same_state(state, want)
     assert 0 < stats.host_quantized < stats.quantized, (stats.host_quantized, stats.quantized)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adaptive_balances_the_threads_and_the_bus_cuda(tmp_path, monkeypatch):
+    """``quantize_on="adaptive"`` on CUDA with ``ADAPTIVE_BALANCE`` weighs each weight by the balance of the reader
+    threads' work and the bus's: over a bus all but stopped every weight the threads can
+    quantize is quantized on the host, over one all but free none is; the bytes are the
+    device's either way. The measured rate is plausible."""
+    from fastfp8 import engine
+    from test_load import save, tiny
+
+    monkeypatch.setattr(engine, "ADAPTIVE_BALANCE", True)
+    rate = engine.bus_bytes_per_s(torch.device("cuda"))
+    assert 1e9 < rate < 1e12, rate
+    save(tiny("llama"), tmp_path / "m", shard="200KB")
+    want, _ = load(tmp_path / "m", "cuda", quantize_on="device")
+    for gbps, host in (("0.000001", True), ("1000000", False)):
+        monkeypatch.setenv("FASTFP8_BUS_GBPS", gbps)
+        state, stats = load(tmp_path / "m", "cuda", quantize_on="adaptive")
+        same_state(state, want)
+        assert stats.host_quantized == (stats.quantized if host else 0), (gbps, stats.host_quantized)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half"])

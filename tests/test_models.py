@@ -222,3 +222,12 @@ def test_bench_decode_smoke_cpu(tmp_path):
     assert all(f"decode_b{b}_{t}" in llama or f"decode_b{b}_{t}_error" in llama for b in (1, 2)
                for t in ("bf16", "fp8"))
     assert rc in (0, 1)
+    # a run without decode (--batches ""): prefill measured again, the earlier decode kept, marked
+    rc = mod.main(["--device", "cpu", "--tiny", "--models", "qwen3moe", "--moe-layers", "1", "--backend", "none",
+                   "--prefill", "16", "--prompt", "4", "--batches", "", "--no-compiled-prefill", "--out", str(out)])
+    again = json.loads(out.read_text())
+    moe = again["e2e"]["models"]["qwen3moe"]
+    old = rep["e2e"]["models"]["qwen3moe"]
+    assert moe["decode_earlier_run"] and all(moe[k] == v for k, v in old.items() if k.startswith("decode_"))
+    assert again["moe_decode_speedup_b1"] == rep["moe_decode_speedup_b1"]
+    assert rc in (0, 1)

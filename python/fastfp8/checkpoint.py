@@ -250,8 +250,11 @@ class ChunkReader:
     many bytes (not for host-quantized items), so a consumer slower than the threads makes
     fewer, larger copies; each delivery is still released whole. ``optional``: indices of
     quantized items (with no given amax) that the threads may read plain instead, deciding as
-    they reach each one (quantized when their idle time covers it): :meth:`quantized`
-    says which, before the item's first delivery. Close
+    they reach each one: :meth:`quantized` says which, before the item's first delivery.
+    With ``bus_bytes_per_s`` (the rate at which the consumer moves the ring's bytes on), each
+    goes to the side that keeps the threads' work and the bus's even (the threads time their
+    own pieces, plain and quantized); without it, quantized when their idle time waiting for
+    room covers the cost. Close
     it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
     ``close`` joins them even while another thread is inside ``next()`` (which then raises
     :class:`~fastfp8.errors.CancelledError`).
@@ -270,6 +273,7 @@ class ChunkReader:
         pin: bool | None = None,
         merge_bytes: int = 0,
         optional: Sequence[int] = (),
+        bus_bytes_per_s: float = 0.0,
     ) -> None:
         budget = parse_bytes(memory_budget)
         if budget <= 0:
@@ -283,6 +287,7 @@ class ChunkReader:
                 ckpt._native, items, self.buffer, self.buffer.data_ptr(), budget,
                 chunk_bytes=chunk_bytes, threads=threads, piece_bytes=piece_bytes,
                 method=method, merge_bytes=merge_bytes, optional=list(optional),
+                bus_bytes_per_s=bus_bytes_per_s,
             )
         except BaseException:
             POOL.release(self.buffer)

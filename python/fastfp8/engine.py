@@ -33,6 +33,8 @@ quantization stream (NCCL queues it there without blocking the host).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
 import time
 from collections import deque
@@ -266,6 +268,49 @@ def resolve_method(ckpt: Checkpoint, options: LoadOptions, device: torch.device 
     return "pread" if cached is None or cached >= CACHED_ENOUGH else "mmap"
 
 
+#: ``quantize_on="adaptive"`` on CUDA: the reader weighs each weight's side by the balance of
+#: its threads' work and the bus's (:func:`bus_bytes_per_s`; ``FASTFP8_ADAPTIVE_BALANCE=1``)
+#: instead of by the threads' idle time alone (the default). Off: on two H200 machines the
+#: balance kept more weights on the device and loaded slower (49.7 against 53.4 GB/s, medians
+#: of 5, round robin; 49.6 against 51.5 in bench_load.py): the model counts the threads' and
+#: the bus's time, not the pipeline's waits between them (``benches/NOTES.md``)
+ADAPTIVE_BALANCE = os.environ.get("FASTFP8_ADAPTIVE_BALANCE", "0") == "1"
+
+#: of the bus's measured host-to-device rate, what the consumer moves on (copying only, an
+#: H200 machine's load moved 49.6 GB/s where its bus measured 55.4)
+BUS_SHARE = 0.9
+BUS_PROBE_BYTES = 32 << 20
+
+
+@functools.cache
+def _bus_rate(index: int) -> float:
+    dev = torch.device("cuda", index)
+    src = torch.empty(BUS_PROBE_BYTES, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(BUS_PROBE_BYTES, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.Stream(dev)
+    best = float("inf")
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+    return BUS_PROBE_BYTES / best
+
+
+def bus_bytes_per_s(device: torch.device) -> float:
+    """The rate at which a load moves bytes from the pinned ring to ``device``: its bus's
+    host-to-device rate (pinned copies of 32 MiB, best of 3, measured once per process and
+    device) times :data:`BUS_SHARE`; ``FASTFP8_BUS_GBPS`` sets it instead (GB/s)."""
+    env = os.environ.get("FASTFP8_BUS_GBPS")
+    if env:
+        return float(env) * 1e9
+    return _bus_rate(device.index if device.index is not None else torch.cuda.current_device()) * BUS_SHARE
+
+
 def reader_threads(options: LoadOptions) -> int | None:
     """The reader's thread count: ``options.threads``; else :data:`DIRECT_THREADS` for
     ``method="direct"`` and the native default (the cores but one, at most 16) otherwise."""
@@ -293,11 +338,13 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
         amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
         items = [reader_item(name, segs, job, sp, amax.get(i))
                  for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
+        optional = optional_items(specs, options)
+        bus = bus_bytes_per_s(device) if optional and device.type == "cuda" and ADAPTIVE_BALANCE else 0.0
         reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
                              threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
                              pin=device.type == "cuda",
                              merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0,
-                             optional=optional_items(specs, options))
+                             optional=optional, bus_bytes_per_s=bus)
     return reader, specs, amax
 
 
@@ -445,6 +492,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         t = clock()
         sink.reserve(plan)
         alloc += clock() - t
+        issue += alloc  # the outputs' allocation, done up front (alloc is a part of issue)
         torch.cuda.set_stream(copy_stream)
         try:
             while True:

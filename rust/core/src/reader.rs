@@ -57,6 +57,11 @@ pub struct ReaderConfig {
     /// larger deliveries for a consumer that is slower than the threads); 0: never. Never
     /// for quantized items (each chunk holds its own e4m3 bytes and scales).
     pub merge_bytes: u64,
+    /// The rate at which the consumer moves the ring's bytes on (host to device, bytes a
+    /// second): with it, an optional item is quantized on the way when that keeps the
+    /// threads' work and the bus's as even as the plan so far allows ([`Shared::decide`]);
+    /// 0: when the threads' idle time pays for it.
+    pub bus_bytes_per_s: f64,
 }
 
 impl Default for ReaderConfig {
@@ -67,6 +72,7 @@ impl Default for ReaderConfig {
             piece_bytes: 4 << 20,
             method: ReadMethod::default(),
             merge_bytes: 0,
+            bus_bytes_per_s: 0.0,
         }
     }
 }
@@ -195,6 +201,14 @@ fn units_of(item: &ReadItem, quantized: bool) -> (u64, u64) {
 /// load's start, a slow stretch) does not pay for quantizing much later.
 const CREDIT_CAP_NS: u64 = 50_000_000;
 
+/// A thread's cost of a source byte before the first piece of its kind is timed (ps): a read
+/// at 4 GB/s a thread, as on the H200 machines' Xeons.
+const PRIOR_READ_PS: f64 = 250.0;
+
+/// The weight of a new piece's cost in the running averages of [`State::read_ps`] and
+/// [`State::quant_ps`].
+const COST_EWMA: f64 = 1.0 / 16.0;
+
 /// The largest gap between two ranges of one piece: past it they are separate pieces.
 const MAX_GAP: u64 = 1 << 20;
 
@@ -233,6 +247,15 @@ struct State {
     /// Threads waiting for room now, and when `room_wait_ns` last counted them.
     room_waiters: u64,
     accrued_at: Instant,
+    /// A thread's time per source byte (ps) of the pieces read plain, and of those
+    /// quantized on the way (read included), running averages of the pieces timed so far.
+    read_ps: Option<f64>,
+    quant_ps: Option<f64>,
+    /// The bytes of the items planned so far: source bytes read plain (the bus carries them
+    /// all), source bytes quantized on the way, and what of those the bus carries.
+    plain_bytes: u64,
+    host_bytes: u64,
+    host_out_bytes: u64,
 }
 
 impl State {
@@ -244,6 +267,41 @@ impl State {
         self.room_wait_ns += idle;
         self.credit_ns = (self.credit_ns + idle).min(CREDIT_CAP_NS);
     }
+}
+
+/// Source bytes of the items planned so far, by how they are read ([`quantize_balances`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedBytes {
+    /// read plain: the threads read them, the bus carries them
+    pub plain: f64,
+    /// quantized on the way: the threads read and quantize them
+    pub host: f64,
+    /// what the bus carries of `host` (e4m3 bytes and scales)
+    pub host_out: f64,
+}
+
+/// Whether quantizing the next item (`bytes` source bytes, `out_bytes` of them on the bus
+/// quantized) on the way finishes `plan` and the item sooner than reading it plain, with
+/// the threads' work (`read_ps` / `quant_ps` a source byte, on `threads` threads at once)
+/// and the bus's (`bus_ps` a byte) running side by side: the later of the two ends first.
+pub fn quantize_balances(
+    plan: &PlannedBytes,
+    bytes: f64,
+    out_bytes: f64,
+    read_ps: f64,
+    quant_ps: f64,
+    bus_ps: f64,
+    threads: f64,
+) -> bool {
+    let threads = threads.max(1.0);
+    let end = |plain: f64, host: f64, host_out: f64| {
+        let cores = (plain * read_ps + host * quant_ps) / threads;
+        let bus = (plain + host_out) * bus_ps;
+        cores.max(bus)
+    };
+    let quantized = end(plan.plain, plan.host + bytes, plan.host_out + out_bytes);
+    let plain = end(plan.plain + bytes, plan.host, plan.host_out);
+    quantized < plain
 }
 
 struct Shared {
@@ -350,6 +408,11 @@ impl Reader {
                 credit_ns: 0,
                 room_waiters: 0,
                 accrued_at: Instant::now(),
+                read_ps: None,
+                quant_ps: None,
+                plain_bytes: 0,
+                host_bytes: 0,
+                host_out_bytes: 0,
             }),
             cv: Condvar::new(),
             live: AtomicUsize::new(0),
@@ -617,6 +680,12 @@ impl Shared {
         };
         st.quantized.push(quantized);
         let (unit, out_unit, units, step) = self.chunking(i, quantized);
+        if quantized {
+            st.host_bytes += units * unit;
+            st.host_out_bytes += units * out_unit;
+        } else {
+            st.plain_bytes += units * unit;
+        }
         let mut at = 0;
         loop {
             let n = step.min(units - at);
@@ -635,17 +704,42 @@ impl Shared {
         }
     }
 
-    /// Whether the threads quantize the optional item `i` reached now: yes when the time
-    /// they have spent idle for want of room in the ring (the bus or the consumer setting
-    /// the pace), less what the optional items they quantized cost, covers what quantizing
-    /// this one costs (at one core's measured rate, [`quant::core_ps_per_byte`]). Spare time
-    /// buys FP8 over the bus; none left, they only read, and leave the item to the device.
+    /// Whether the threads quantize the optional item `i` reached now.
+    ///
+    /// With the bus's rate ([`ReaderConfig::bus_bytes_per_s`]): when the plan so far, this
+    /// item included, then finishes sooner, the threads' work and the bus's running side by
+    /// side ([`quantize_balances`]; the threads' costs measured on their pieces so far). FP8
+    /// halves what the bus carries and costs the threads the quantization: each weight goes
+    /// to the side that keeps the cores and the bus both busy.
+    ///
+    /// Without it: when the time the threads have spent idle for want of room in the ring
+    /// (the bus or the consumer setting the pace), less what the optional items they
+    /// quantized cost, covers what quantizing this one costs (at one core's measured rate,
+    /// [`quant::core_ps_per_byte`]). Spare time buys FP8 over the bus; none left, they only
+    /// read, and leave the item to the device.
     fn decide(&self, st: &mut State, i: usize) -> bool {
         st.accrue();
-        let ps = self.items[i]
-            .quant
-            .map_or(0, |q| quant::core_ps_per_byte(q.dtype));
-        let cost = self.items[i].len().saturating_mul(ps) / 1000;
+        let item = &self.items[i];
+        let core_ps = item.quant.map_or(0, |q| quant::core_ps_per_byte(q.dtype));
+        if self.cfg.bus_bytes_per_s > 0.0 {
+            let (_, out_unit, units, _) = self.chunking(i, true);
+            let read_ps = st.read_ps.unwrap_or(PRIOR_READ_PS);
+            let plan = PlannedBytes {
+                plain: st.plain_bytes as f64,
+                host: st.host_bytes as f64,
+                host_out: st.host_out_bytes as f64,
+            };
+            return quantize_balances(
+                &plan,
+                item.len() as f64,
+                (units * out_unit) as f64,
+                read_ps,
+                st.quant_ps.unwrap_or(read_ps + core_ps as f64),
+                1e12 / self.cfg.bus_bytes_per_s,
+                self.cfg.threads as f64,
+            );
+        }
+        let cost = item.len().saturating_mul(core_ps) / 1000;
         if st.credit_ns >= cost {
             st.credit_ns -= cost;
             true
@@ -806,6 +900,7 @@ impl Shared {
                 continue;
             };
             drop(st);
+            let started = Instant::now();
             let item = &self.items[p.item];
             let shard = &self.ckpt.shards[p.shard];
             let res = match (item.quant, p.scale_dst) {
@@ -871,9 +966,16 @@ impl Shared {
                     }
                 }
             };
+            let ps = started.elapsed().as_nanos() as f64 * 1000.0 / p.len.max(1) as f64;
             st = self.lock();
             match res {
                 Ok(()) => {
+                    let avg = if p.scale_dst.is_some() {
+                        &mut st.quant_ps
+                    } else {
+                        &mut st.read_ps
+                    };
+                    *avg = Some(avg.map_or(ps, |a| a + COST_EWMA * (ps - a)));
                     st.bytes_read += p.len;
                     st.remaining[p.chunk] -= 1;
                     if st.remaining[p.chunk] == 0 {
@@ -892,5 +994,75 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{quantize_balances, PlannedBytes};
+
+    const EMPTY: PlannedBytes = PlannedBytes {
+        plain: 0.0,
+        host: 0.0,
+        host_out: 0.0,
+    };
+
+    #[test]
+    fn the_side_that_ends_the_plan_sooner_takes_the_item() {
+        // 16 threads reading 4 GB/s each (250 ps a byte), quantizing 2.5 GB/s (400 ps), a
+        // 50 GB/s bus (20 ps a byte): one thread-byte of reading is 250 / 16 = 15.6 ps of
+        // the plan, the bus 20: the bus is the slower side, and FP8 halves its share
+        let fits =
+            |plan: &PlannedBytes| quantize_balances(plan, 1e8, 0.5e8, 250.0, 400.0, 20.0, 16.0);
+        // the first item alone: the bus carries it in 2.0 ms plain, the threads quantize it
+        // in 2.5: plain
+        assert!(!fits(&EMPTY));
+        // behind 1 GB read plain (the bus 20 ms, the threads 15.6): quantized
+        let behind = PlannedBytes {
+            plain: 1e9,
+            ..EMPTY
+        };
+        assert!(fits(&behind));
+        // once a third of the bytes is quantized, the threads are the slower side
+        let third = PlannedBytes {
+            plain: 2e9,
+            host: 1e9,
+            host_out: 0.5e9,
+        };
+        assert!(!fits(&third));
+        // the threads alone faster than the bus even quantizing everything: all quantized
+        let fast =
+            |plan: &PlannedBytes| quantize_balances(plan, 1e8, 0.5e8, 50.0, 100.0, 20.0, 16.0);
+        assert!(fast(&PlannedBytes {
+            plain: 0.0,
+            host: 1e10,
+            host_out: 0.5e10
+        }));
+        // a free bus: only the threads' work counts, and quantizing adds to it
+        assert!(!quantize_balances(
+            &EMPTY, 1e8, 0.5e8, 250.0, 400.0, 0.0, 16.0
+        ));
+        // an fp32 source: a quarter of the bytes cross the bus
+        assert!(quantize_balances(
+            &behind, 1e8, 0.25e8, 250.0, 400.0, 20.0, 16.0
+        ));
+    }
+
+    #[test]
+    fn the_balance_holds_the_split_near_the_point_where_both_sides_end_together() {
+        // deciding 1,000 equal items one by one: the share quantized ends near the x where
+        // (1 - x) 250 + x 400 = 16 * 20 (1 - x / 2), x = (320 - 250) / (150 + 160) = 0.226
+        let mut plan = EMPTY;
+        let mut quantized = 0;
+        for _ in 0..1000 {
+            if quantize_balances(&plan, 1e8, 0.5e8, 250.0, 400.0, 20.0, 16.0) {
+                plan.host += 1e8;
+                plan.host_out += 0.5e8;
+                quantized += 1;
+            } else {
+                plan.plain += 1e8;
+            }
+        }
+        assert!((220..=232).contains(&quantized), "{quantized} of 1000");
     }
 }

@@ -81,6 +81,7 @@ fn truncation_during_mapped_copies_is_never_silent_zeros() {
             piece_bytes: len as u64,
             method: ReadMethod::Mmap,
             merge_bytes: 0,
+            bus_bytes_per_s: 0.0,
         };
         // The first attempt measures how long a copy takes; the others cut the file at
         // points spread over that time.
@@ -148,6 +149,7 @@ fn truncation_while_quantizing_from_the_mapping_is_never_silent_zeros() {
             piece_bytes: (rows * cols * 2) as u64,
             method: ReadMethod::Mmap,
             merge_bytes: 0,
+            bus_bytes_per_s: 0.0,
         };
         let cut = cut_later(&p, size, (attempt > 0).then(|| quant_time * attempt / 9));
         let t0 = std::time::Instant::now();
@@ -214,6 +216,7 @@ fn small_reader(
         piece_bytes: 64,
         method: ReadMethod::Pread,
         merge_bytes: 0,
+        bus_bytes_per_s: 0.0,
     };
     (
         Reader::start(ckpt, items.clone(), dest, cfg).unwrap(),

@@ -98,6 +98,7 @@ fn reads_in_chunks_within_budget() {
                 piece_bytes: piece,
                 method,
                 merge_bytes,
+                bus_bytes_per_s: 0.0,
             };
             let s = read_all(ckpt, &names, budget, cfg);
             assert!(s.peak_in_flight <= budget as u64);
@@ -134,6 +135,7 @@ fn ready_chunks_are_merged_for_a_slow_consumer() {
         piece_bytes: 4096,
         method: ReadMethod::Pread,
         merge_bytes: 16384,
+        bus_bytes_per_s: 0.0,
     };
     let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
     let mut got: Vec<Vec<u8>> = tensors.iter().map(|_| Vec::new()).collect();
@@ -265,6 +267,7 @@ fn truncated_after_open_is_a_read_error() {
             piece_bytes: 500,
             method,
             merge_bytes: 0,
+            bus_bytes_per_s: 0.0,
         };
         let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
         let err = loop {
@@ -400,6 +403,7 @@ fn strided_ranges_read_as_the_slice() {
                 piece_bytes: piece,
                 method,
                 merge_bytes: 0,
+                bus_bytes_per_s: 0.0,
             };
             let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
             let mut got = vec![0u8; want.len()];
@@ -458,6 +462,7 @@ fn strided_rows_quantized_on_the_way_join_pieces() {
             piece_bytes: piece,
             method,
             merge_bytes: 0,
+            bus_bytes_per_s: 0.0,
         };
         let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
         let d = reader.next().unwrap().expect("one chunk");
@@ -534,6 +539,7 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
             piece_bytes: 4 << 10,
             method,
             merge_bytes: 0,
+            bus_bytes_per_s: 0.0,
         };
         // first: nothing read yet, nothing waiting: plain
         let mut buf = vec![0u8; 16 << 10];
@@ -583,6 +589,60 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
         reader.release(c.buf_offset, c.len).unwrap();
         assert!(reader.next().unwrap().is_none());
         assert_eq!(reader.quantized(2), Some(true));
+        drop(reader);
+    }
+}
+
+/// With the bus's rate given, an optional item goes to the side that ends the plan sooner:
+/// over a bus that is all but stopped (the bus sets the pace), quantized, FP8 halving its
+/// bytes; over a bus that is all but free (the threads set the pace), read plain, the
+/// quantization only adding to the threads' work. The bytes right either way.
+#[test]
+fn optional_items_follow_the_balance_of_threads_and_bus() {
+    use fastfp8_core::quant::{QuantSpec, Rounding};
+    use fastfp8_core::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, weights) = three_weights(dir.path());
+    let spec = QuantSpec::new(Dtype::BF16, 64, Rounding::Fp32).unwrap();
+    for (bus, want) in [(1.0, true), (1e18, false)] {
+        let items: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let mut it = whole_tensor(&ckpt, name).unwrap();
+                if i > 0 {
+                    it.quant = Some(spec);
+                    it.optional = true;
+                }
+                it
+            })
+            .collect();
+        let cfg = ReaderConfig {
+            threads: 2,
+            chunk_bytes: Some(8 << 10),
+            piece_bytes: 4 << 10,
+            method: ReadMethod::Pread,
+            merge_bytes: 0,
+            bus_bytes_per_s: bus,
+        };
+        let mut buf = vec![0u8; 32 << 10];
+        // SAFETY: `buf` outlives the reader (dropped at the end of the iteration, after
+        // it) and is only read between delivery and release.
+        let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), buf.len() as u64) };
+        let reader = Reader::start(Arc::clone(&ckpt), items, dest, cfg).unwrap();
+        while let Some(d) = reader.next().unwrap() {
+            let got = &buf[d.buf_offset as usize..][..d.len as usize];
+            if d.item == 0 || !want {
+                assert_eq!(got, &weights[d.item][..], "item {}", d.item);
+            } else {
+                assert_eq!(d.len, 64 * 66, "item {}: e4m3 bytes and scales", d.item);
+            }
+            reader.release(d.buf_offset, d.len).unwrap();
+        }
+        assert_eq!(reader.quantized(0), Some(false));
+        for i in 1..3 {
+            assert_eq!(reader.quantized(i), Some(want), "bus {bus} B/s, item {i}");
+        }
         drop(reader);
     }
 }
@@ -664,6 +724,7 @@ fn read_throughput() {
                     piece_bytes,
                     method,
                     merge_bytes: 0,
+                    bus_bytes_per_s: 0.0,
                 };
                 let t0 = std::time::Instant::now();
                 let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();

@@ -342,7 +342,7 @@ fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
 #[pymethods]
 impl PyReader {
     #[new]
-    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new()))]
+    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new(), bus_bytes_per_s=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -357,9 +357,15 @@ impl PyReader {
         method: &str,
         merge_bytes: u64,
         optional: Vec<usize>,
+        bus_bytes_per_s: f64,
     ) -> PyResult<Self> {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
+        }
+        if !bus_bytes_per_s.is_finite() || bus_bytes_per_s < 0.0 {
+            return Err(PyValueError::new_err(format!(
+                "bus_bytes_per_s must be a finite rate >= 0, got {bus_bytes_per_s}"
+            )));
         }
         let mut items = parse_items(items)?;
         for i in optional {
@@ -377,6 +383,7 @@ impl PyReader {
             piece_bytes,
             method: method_from(method)?,
             merge_bytes,
+            bus_bytes_per_s,
         };
         // SAFETY: the caller passes the address and size of memory owned by `buffer`, which
         // this object keeps alive until `close` has joined the threads; `reader` is declared
