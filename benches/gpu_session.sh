@@ -81,7 +81,7 @@ for s in "$@"; do
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
         stage probe_pipeline 300 python3 benches/probe_pipeline.py "$CKPT" --out "$OUT/probe_consumer_$GPU.json" \
-            --repeat "${PROBE_REPEAT:-5}" --empty-cache --first-load "default,FASTFP8_PINNED=thp" \
+            --repeat "${PROBE_REPEAT:-5}" --empty-cache --timeline --first-load "default,FASTFP8_PINNED=thp" \
             --variants "${PROBE_VARIANTS:-default,quantize_on=device,engine.DRIVER_COPY=0 engine.MERGE_SHARE=4 engine.RESERVE_OUTPUTS=0 quantize_on=device,quantize_on=split host_share=0.2,quantize_on=split host_share=0.4,no quant (copy only)}" ;;
     decode)
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi

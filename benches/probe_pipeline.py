@@ -179,6 +179,30 @@ def first_loads(ckpt: str, nbytes: int, envs: list[str]) -> list[dict]:
     return rows
 
 
+def timeline_summary(timeline) -> dict:
+    """A load's chunks through the ring (``LoadStats.timeline``), in ms: how long the threads
+    took to read one (allocated -> read), how long a read one waited to be delivered (read ->
+    delivered: behind a late chunk at the ring's head, or the consumer busy), how long the
+    consumer held one (delivered -> released: its copy queued and done); ``out_of_order``:
+    the mean number of later chunks already read when a chunk's own read finished (a chunk
+    late at the head while others behind it wait)."""
+    import numpy as np
+
+    t = np.array([row[2:] for row in timeline if row[1] and row[5]], dtype=np.float64) / 1e6
+    if not len(t):
+        return {}
+    read, wait, hold = t[:, 1] - t[:, 0], t[:, 2] - t[:, 1], t[:, 3] - t[:, 2]
+    done = t[:, 1]
+    later_done = [(done[i + 1:] < done[i]).sum() for i in range(len(done))]
+
+    def q(x):
+        return [round(float(np.percentile(x, p)), 3) for p in (50, 90, 99)]
+
+    return {"chunks": len(t), "read_ms_p50_90_99": q(read), "wait_ms_p50_90_99": q(wait),
+            "hold_ms_p50_90_99": q(hold), "out_of_order": round(float(np.mean(later_done)), 2),
+            "wait_ms_sum": round(float(wait.sum()), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
@@ -187,6 +211,8 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated names from the table, or load_quantized "
                     "keywords (\"quantize_on=split host_share=0.4\")")
     ap.add_argument("--empty-cache", action="store_true", help="free cached GPU memory before each load")
+    ap.add_argument("--timeline", action="store_true", help="each load's chunks through the ring "
+                    "(engine.TIMELINE): how long they took to read, waited read before delivery, were held")
     ap.add_argument("--first-load", default="", help="comma-separated environments (\"default\", "
                     "\"FASTFP8_PINNED=thp\") to time a process's first and second load in, each in a fresh process")
     args = ap.parse_args()
@@ -231,6 +257,9 @@ def main() -> None:
     fastfp8.load_quantized(ckpt, **base)  # warm: kernels, pinned pool, page cache
     # round robin (each round loads every variant once): drift over the run (the page cache,
     # the clocks, a neighbour) falls on every variant alike
+    if args.timeline:
+        fastfp8.engine.TIMELINE = True
+    timelines: dict[str, list[dict]] = {name: [] for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     phases: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeat):
@@ -242,15 +271,21 @@ def main() -> None:
                 out = fastfp8.load_quantized(ckpt, **base, **load_kw)
             times[name].append(out.stats.seconds)
             phases[name].append(out.stats.phases)
+            if out.stats.timeline:
+                timelines[name].append(timeline_summary(out.stats.timeline))
             del out
     for name in variants:
         ts = times[name]
         i = ts.index(statistics.median(ts))
         row = {"variant": name, "seconds": ts[i], "gbps": ckpt.nbytes / ts[i] / 1e9,
                "phases": phases[name][i], "times": ts}
+        if timelines[name]:
+            row["timeline"] = timelines[name][i]
         rows.append(row)
         ph = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in phases[name][i].items())
         print(f"{name:24s} {ts[i]:.3f} s {row['gbps']:6.2f} GB/s  {ph}", flush=True)
+        if "timeline" in row:
+            print("    timeline: " + " ".join(f"{k}={v}" for k, v in row["timeline"].items()), flush=True)
     with open(args.out, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "checkpoint_bytes": ckpt.nbytes, "consumer_costs": costs,
                    "rows": rows}, f, indent=1)

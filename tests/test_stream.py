@@ -98,6 +98,31 @@ def test_room_wait_counts_threads_idle_for_a_full_ring(ckpt):
         assert r.stats()["room_wait_ns"] == 0
 
 
+def test_chunk_times_follow_each_chunk_through_the_ring(ckpt, tmp_path, monkeypatch):
+    """``chunk_times``: each chunk in plan order, allocated, read, delivered and released in
+    that order (a consumer holding each chunk 5 ms: released at least that long after its
+    delivery); a load with ``engine.TIMELINE`` keeps them in its stats."""
+    from fastfp8 import engine
+
+    ckpt, _ = ckpt
+    items = [(n, [(0, ckpt.info(n).begin, ckpt.info(n).nbytes)]) for n in ("t4", "t5")]
+    with ChunkReader(ckpt, items, memory_budget=131_072, chunk_bytes=65_536, threads=2) as r:
+        while (d := r.next()) is not None:
+            time.sleep(0.005)
+            r.release(d[2], d[3])
+        times = r.chunk_times()
+    assert sum(t[1] for t in times) == sum(ckpt.info(n).nbytes for n in ("t4", "t5"))
+    assert [t[0] for t in times] == sorted(t[0] for t in times)
+    for _, _, alloc, read, deliver, release in times:
+        assert alloc <= read <= deliver and release >= deliver + 5_000_000
+    from test_load import save, tiny
+
+    save(tiny("llama"), tmp_path / "m")
+    monkeypatch.setattr(engine, "TIMELINE", True)
+    stats = fastfp8.load_quantized(tmp_path / "m", device="cpu", progress=False).stats
+    assert stats.timeline and sum(t[1] for t in stats.timeline) == stats.bytes_read
+
+
 def test_optional_items_are_checked(ckpt):
     """``optional``: an index past the items, or an item the threads cannot quantize (no
     quantization spec), is a ValueError saying which; ``quantized`` says how each item

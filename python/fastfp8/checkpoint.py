@@ -320,6 +320,12 @@ class ChunkReader:
             self._native.release(buf_offset, nbytes)
             self._held -= 1
 
+    def chunk_times(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Each chunk planned so far, in plan order: ``(item, src_len, alloc_ns, read_ns,
+        deliver_ns, release_ns)``, when it was allocated in the ring, read by the threads,
+        delivered and released (ns since the reader started; 0: not yet). Before ``close``."""
+        return self._native.chunk_times()
+
     def stats(self) -> dict[str, int]:
         """``budget``, ``peak_in_flight`` (bytes), ``bytes_read``, ``threads``,
         ``room_wait_ns`` (the threads' time idle, summed, while the ring was full: waiting

@@ -105,6 +105,9 @@ class LoadStats:
     #: all-reduce calls of row-parallel maxima); "room_wait": the reader threads' time idle
     #: for want of room in the ring (the consumer had not released enough), per thread
     phases: dict[str, float] = field(default_factory=dict)
+    #: with :data:`TIMELINE` on: each chunk's ``(item, src_len, alloc_ns, read_ns, deliver_ns,
+    #: release_ns)`` (:meth:`fastfp8.checkpoint.ChunkReader.chunk_times`)
+    timeline: list[tuple[int, int, int, int, int, int]] | None = None
 
     @property
     def gbps(self) -> float:
@@ -247,6 +250,10 @@ MERGE_SHARE = 0
 #: H200 machine (tests and ``benches/probe_pipeline.py`` compare the two)
 DRIVER_COPY = True
 
+#: keep each chunk's course through the ring in ``LoadStats.timeline`` (probes:
+#: ``benches/probe_pipeline.py --timeline``)
+TIMELINE = False
+
 #: ``method="auto"`` reads with ``pread`` when at least this share of the checkpoint is cached
 CACHED_ENOUGH = 0.5
 
@@ -373,6 +380,8 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
         else:
             yield from _run_host(reader, plan, specs, amax, device, sink, rounding, bar, flags)
         rs = reader.stats()
+        if TIMELINE:
+            stats.timeline = reader.chunk_times()
         # the reader's choice for the jobs it could quantize (all made: every job was read)
         stats.host_quantized = len({j.target.source.name for i, (j, sp) in enumerate(zip(plan.jobs, specs, strict=True))
                                     if sp and (i not in reader.optional or reader.quantized(i))})

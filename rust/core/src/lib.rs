@@ -25,5 +25,5 @@ pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::{Header, TensorInfo};
 pub use plan::{ReadItem, Segment};
-pub use reader::{Delivery, DestBuffer, Next, Reader, ReaderConfig, Stats};
+pub use reader::{ChunkTimes, Delivery, DestBuffer, Next, Reader, ReaderConfig, Stats};
 pub use shard::{ReadMethod, Shard};

@@ -156,6 +156,20 @@ pub struct Stats {
     pub pieces: u64,
 }
 
+/// A chunk's course through the ring ([`Reader::chunk_times`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkTimes {
+    pub item: usize,
+    /// source bytes
+    pub src_len: u64,
+    /// ns since the reader started: allocated (its pieces queued), read (the last piece
+    /// done), delivered to the consumer, released by it; 0: not yet
+    pub alloc_ns: u64,
+    pub read_ns: u64,
+    pub deliver_ns: u64,
+    pub release_ns: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ChunkPlan {
     item: usize,
@@ -256,6 +270,15 @@ struct State {
     plain_bytes: u64,
     host_bytes: u64,
     host_out_bytes: u64,
+    /// When the reader started, and each planned chunk's [`ChunkTimes`] since then (ns).
+    started: Instant,
+    times: Vec<[u64; 4]>,
+}
+
+impl State {
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
 }
 
 impl State {
@@ -413,6 +436,8 @@ impl Reader {
                 plain_bytes: 0,
                 host_bytes: 0,
                 host_out_bytes: 0,
+                started: Instant::now(),
+                times: Vec::new(),
             }),
             cv: Condvar::new(),
             live: AtomicUsize::new(0),
@@ -481,6 +506,10 @@ impl Reader {
                 let at = st.buf_at[c];
                 let (last, len, src_len) = sh.merged(&st, c);
                 st.next_deliver = last + 1;
+                let now = st.now_ns();
+                for t in &mut st.times[c..=last] {
+                    t[2] = now;
+                }
                 if len > 0 {
                     st.held.insert(at, (c, last));
                 }
@@ -565,6 +594,10 @@ impl Reader {
             });
         }
         st.held.remove(&buf_offset);
+        let now = st.now_ns();
+        for t in &mut st.times[first..=last] {
+            t[3] = now;
+        }
         for c in first..=last {
             let (at, len) = (st.buf_at[c], st.chunks[c].len);
             st.ring
@@ -596,6 +629,25 @@ impl Reader {
     /// Worker threads still running (0 after `close`).
     pub fn live_threads(&self) -> usize {
         self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// Each chunk planned so far, in plan order, with when it was allocated in the ring,
+    /// read, delivered and released (ns since the reader started; 0: not yet): where a
+    /// chunk's time goes between the threads and the consumer.
+    pub fn chunk_times(&self) -> Vec<ChunkTimes> {
+        let st = self.shared.lock();
+        st.chunks
+            .iter()
+            .zip(&st.times)
+            .map(|(c, t)| ChunkTimes {
+                item: c.item,
+                src_len: c.src_len,
+                alloc_ns: t[0],
+                read_ns: t[1],
+                deliver_ns: t[2],
+                release_ns: t[3],
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -696,6 +748,7 @@ impl Shared {
                 src_len: n * unit,
             });
             st.buf_at.push(0);
+            st.times.push([0; 4]);
             st.remaining.push(0);
             at += n;
             if at >= units {
@@ -785,6 +838,7 @@ impl Shared {
             };
             st.buf_at[c] = at;
             st.next_alloc += 1;
+            st.times[c][0] = st.now_ns();
             let mut n = 0u32;
             let item = &self.items[plan.item];
             let mut skip = plan.item_offset;
@@ -868,6 +922,9 @@ impl Shared {
             if let Some(p) = cur.take() {
                 st.queue.push_back(p);
                 n += 1;
+            }
+            if n == 0 {
+                st.times[c][1] = st.times[c][0]; // nothing to read
             }
             st.remaining[c] = n;
             st.pieces += n as u64;
@@ -979,6 +1036,7 @@ impl Shared {
                     st.bytes_read += p.len;
                     st.remaining[p.chunk] -= 1;
                     if st.remaining[p.chunk] == 0 {
+                        st.times[p.chunk][1] = st.now_ns();
                         self.cv.notify_all();
                     }
                 }

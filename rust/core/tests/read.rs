@@ -167,6 +167,21 @@ fn ready_chunks_are_merged_for_a_slow_consumer() {
     for (i, (n, len)) in tensors.iter().enumerate() {
         assert_eq!(got[i], pattern(n, *len), "tensor {n}");
     }
+    // every chunk's course: allocated, read, delivered (merged ones with their first),
+    // released, in that order, each chunk once
+    let times = reader.chunk_times();
+    assert_eq!(times.iter().map(|t| t.src_len).sum::<u64>(), 150_005);
+    assert_eq!(times.len(), 25 + 13 + 1);
+    for t in &times {
+        assert!(
+            t.alloc_ns <= t.read_ns && t.read_ns <= t.deliver_ns && t.deliver_ns <= t.release_ns,
+            "{t:?}"
+        );
+        assert!(
+            t.release_ns >= 20_000_000,
+            "{t:?}: released after a 20 ms wait"
+        );
+    }
 }
 
 #[test]

@@ -339,6 +339,9 @@ fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
     QuantSpec::new(d, cols, r).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// `(item, src_len, alloc_ns, read_ns, deliver_ns, release_ns)` ([`PyReader::chunk_times`]).
+type ChunkTimesTuple = (usize, u64, u64, u64, u64, u64);
+
 #[pymethods]
 impl PyReader {
     #[new]
@@ -465,6 +468,26 @@ impl PyReader {
     /// as the reader decided on reaching it (None until then; before its first delivery).
     fn quantized(&self, item: usize) -> PyResult<Option<bool>> {
         Ok(self.get()?.quantized(item))
+    }
+
+    /// `(item, src_len, alloc_ns, read_ns, deliver_ns, release_ns)` of each chunk planned so
+    /// far, in plan order (ns since the reader started; 0: not yet).
+    fn chunk_times(&self) -> PyResult<Vec<ChunkTimesTuple>> {
+        Ok(self
+            .get()?
+            .chunk_times()
+            .into_iter()
+            .map(|t| {
+                (
+                    t.item,
+                    t.src_len,
+                    t.alloc_ns,
+                    t.read_ns,
+                    t.deliver_ns,
+                    t.release_ns,
+                )
+            })
+            .collect())
     }
 
     fn stats(&self) -> PyResult<PyReaderStats> {
