@@ -369,6 +369,17 @@ def test_adaptive_takes_both_sides_and_matches_the_device(tmp_path, monkeypatch,
     assert 0 < stats.host_quantized < stats.quantized, (stats.host_quantized, stats.quantized)
 
 
+@pytest.mark.parametrize("bad", ["fast", "0", "-3", "inf", "nan"])
+def test_bus_rate_override_is_checked(monkeypatch, bad):
+    from fastfp8 import engine
+
+    monkeypatch.setenv("FASTFP8_BUS_GBPS", bad)
+    with pytest.raises(ValueError, match="FASTFP8_BUS_GBPS must be a positive number"):
+        engine.bus_bytes_per_s(torch.device("cuda", 0))
+    monkeypatch.setenv("FASTFP8_BUS_GBPS", "50")
+    assert engine.bus_bytes_per_s(torch.device("cuda", 0)) == 50e9
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_adaptive_balances_the_threads_and_the_bus_cuda(tmp_path, monkeypatch):

@@ -314,7 +314,13 @@ def bus_bytes_per_s(device: torch.device) -> float:
     device) times :data:`BUS_SHARE`; ``FASTFP8_BUS_GBPS`` sets it instead (GB/s)."""
     env = os.environ.get("FASTFP8_BUS_GBPS")
     if env:
-        return float(env) * 1e9
+        try:
+            gbps = float(env)
+        except ValueError:
+            gbps = float("nan")
+        if not 0 < gbps < float("inf"):
+            raise ValueError(f"FASTFP8_BUS_GBPS must be a positive number of GB/s, got {env!r}")
+        return gbps * 1e9
     return _bus_rate(device.index if device.index is not None else torch.cuda.current_device()) * BUS_SHARE
 
 
