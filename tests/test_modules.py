@@ -790,7 +790,9 @@ def test_route_softmax_topk_cuda(monkeypatch):
     from fastfp8.kernels.moe import routing as kroute
 
     monkeypatch.setattr(common, "POISON", True)
-    for t, e, k in [(1, 8, 2), (7, 60, 4), (4096, 128, 8), (3000, 8, 2), (33, 256, 8), (5, 16, 16), (2, 1024, 3)]:
+    # (3, 64, 40): past ROUTE_MAX_TOP_K, torch's path
+    for t, e, k in [(1, 8, 2), (7, 60, 4), (4096, 128, 8), (3000, 8, 2), (33, 256, 8), (5, 16, 16), (2, 1024, 3),
+                    (3, 64, 40)]:
         for dtype in (torch.float32, torch.bfloat16):
             logits = (torch.randn(t, e, generator=gen("cuda-route", t, e)) * 3).to(dtype).cuda()
             for renorm in (True, False):

@@ -15,8 +15,10 @@ from .sort import _combine, sort_tokens
 __all__ = ["moe_bf16_grouped", "moe_bf16_loop", "moe_reference", "route_llama4", "route_softmax_topk",
            "route_softmax_topk_torch"]
 
-#: the most experts the one-kernel routing takes (more: torch)
+#: the most experts, and the largest top-k, the one-kernel routing takes (more: torch; its
+#: k rounds are unrolled when the kernel is compiled)
 ROUTE_MAX_EXPERTS = 1024
+ROUTE_MAX_TOP_K = 32
 
 if triton is not None:
 
@@ -57,16 +59,16 @@ def route_softmax_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral / Qwen3-MoE routing: softmax over the experts in fp32, top-k, optionally
     renormalized to sum to 1. Returns ``(topk_weights fp32 [T, k], topk_ids int64 [T, k])``,
-    the experts in descending order of weight (ties: the lower index first).
+    the experts in descending order of weight (on CUDA, ties: the lower index first).
 
     On CUDA one Triton kernel (torch's softmax, top-k, sum and division took six kernels
     and 48 us at 4096 tokens and 128 experts on an H200, the top-k alone 32); under
-    ``torch.compile``, off CUDA, and past :data:`ROUTE_MAX_EXPERTS` experts:
-    :func:`route_softmax_topk_torch` (the weights agree to fp32 rounding: the kernel's
+    ``torch.compile``, off CUDA, and past :data:`ROUTE_MAX_EXPERTS` experts or a top-k of
+    :data:`ROUTE_MAX_TOP_K`: :func:`route_softmax_topk_torch` (the weights agree to fp32 rounding: the kernel's
     ``exp`` is not torch's)."""
     e = logits.shape[-1]
-    if (logits.is_cuda and triton is not None and logits.dim() == 2 and 1 <= top_k <= e <= ROUTE_MAX_EXPERTS
-            and not torch.compiler.is_compiling()):
+    if (logits.is_cuda and triton is not None and logits.dim() == 2 and e <= ROUTE_MAX_EXPERTS
+            and 1 <= top_k <= min(e, ROUTE_MAX_TOP_K) and not torch.compiler.is_compiling()):
         return _route_triton(logits, top_k, renormalize)
     return route_softmax_topk_torch(logits, top_k, renormalize=renormalize)
 
