@@ -109,6 +109,10 @@ def _prep_generation(model) -> None:
     model.generation_config = gc_
 
 
+#: reset dynamo and the cudagraph trees before each decode measurement (``--fresh-compile``)
+FRESH_COMPILE = False
+
+
 def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str, vocab: int) -> dict[str, float]:
     """Seconds per greedy decode step (CUDA graphs via transformers' auto-compile)."""
     from transformers import CompileConfig
@@ -127,6 +131,15 @@ def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                               cache_implementation="static", do_sample=False, **kw)
 
+    if backend != "none" and FRESH_COMPILE:
+        # each model compiled and captured as if alone in its process: the two models share
+        # their classes' code, so dynamo's cache for it holds the bf16 model's entry when the
+        # FP8 one runs second, one cudagraph tree holds both models' graphs, and batch 32
+        # compiles with a dynamic batch after batch 1 (--fresh-compile; benches/NOTES.md, session 17)
+        torch._dynamo.reset()
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
     t0 = time.perf_counter()
     out = gen(n2)  # compiles (and captures the graphs of) the decode step
     _sync()
@@ -376,11 +389,16 @@ def main(argv=None) -> int:
                     "(measured last, after the eager one)")
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend of generate(): inductor, cudagraphs; none: no compilation")
+    ap.add_argument("--fresh-compile", action="store_true",
+                    help="reset dynamo and the cudagraph trees before each model's decode (as if alone in its "
+                    "process); measured once: decode b1 1.27x, but the compiled prefill after it ran at 1.01x")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (smoke test)")
     ap.add_argument("--budget-s", type=float, default=540,
                     help="start no new model or decode measurement after this many seconds")
     args = ap.parse_args(argv)
+    global FRESH_COMPILE
+    FRESH_COMPILE = args.fresh_compile
     args.t0 = time.perf_counter()
     args.batches = [int(b) for b in args.batches.split(",") if b]
     global DEVICE

@@ -44,8 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_adaptive_balance", "fastfp8_device", "fastfp8_mmap_host", "fastfp8_host_pread",
-           "fastfp8_split", "fastfp8_mmap_adaptive"]
+FASTFP8 = ["fastfp8", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device", "fastfp8_host_pread",
+           "fastfp8_split"]
 COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
@@ -73,6 +73,12 @@ VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_dev
 def fastfp8_options(loader: str) -> dict:
     if loader in VARIANTS:
         return dict(VARIANTS[loader])
+    if loader.startswith("fastfp8:"):  # fastfp8:key=value:key=value (load_quantized keywords)
+        kw = {}
+        for tok in loader.split(":")[1:]:
+            key, _, val = tok.partition("=")
+            kw[key] = int(val) if val.isdigit() else val
+        return kw
     if loader.startswith("fastfp8_t"):  # fastfp8_t<threads>[_host]
         n, _, rest = loader[len("fastfp8_t"):].partition("_")
         return {"threads": int(n), **({"quantize_on": "host"} if rest == "host" else {})}
@@ -178,6 +184,7 @@ def worker(args) -> dict:
             peers.evict_page_cache(paths)
         gc.collect()
         torch.cuda.empty_cache()
+        time.sleep(args.settle_s)  # the driver's own work after the free (see --settle-s)
         torch.cuda.reset_peak_memory_stats(dev)
         base_gpu = torch.cuda.memory_allocated(dev)
         with RssPeak() as rss, peers._PeakSampler(dev, period_s=0.005) as dsamp:
@@ -201,9 +208,9 @@ def worker(args) -> dict:
             "info": {k: str(v) for k, v in peers.LAST_INFO.items()}}
 
 
-def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout) -> dict:
+def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout, settle_s=0.5) -> dict:
     cmd = [sys.executable, __file__, ckpt, "--worker", "--loader", loader, "--cond", cond,
-           "--repeat", str(repeat)]
+           "--repeat", str(repeat), "--settle-s", str(settle_s)]
     if budget:
         cmd += ["--budget", budget]
     if threads:
@@ -464,6 +471,11 @@ def main(argv=None) -> int:
                     help="skip the readers-alone ceilings (readers_only_gbps) after the warm loads")
     ap.add_argument("--no-warmup-load", action="store_true",
                     help="do not run (and discard) one load of fastfp8's defaults before the warm rows")
+    ap.add_argument("--settle-s", type=float, default=0.5,
+                    help="pause after emptying torch's cache before each timed load (every loader alike): "
+                    "host-to-device copies issued right after device memory is freed ran at 22 - 35 GB/s for "
+                    "their first 10 ms on an H200 (54 after a pause; benches/NOTES.md, session 17), a cost a "
+                    "process's own load does not pay")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loader", help=argparse.SUPPRESS)
     ap.add_argument("--cond", help=argparse.SUPPRESS)
@@ -476,7 +488,7 @@ def main(argv=None) -> int:
 
     avail = set(peers.available_peers("cuda"))
     doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
-           "repeat": args.repeat, "memory_budget": args.budget, "rows": []}
+           "repeat": args.repeat, "memory_budget": args.budget, "settle_s": args.settle_s, "rows": []}
     import fastfp8
     from fastfp8.host import topology
     from fastfp8.options import LoadOptions
@@ -501,10 +513,10 @@ def main(argv=None) -> int:
                 # one load thrown away, so that the first row is not also the machine's first
                 # load (2026-11-30, a fresh H200: fastfp8's defaults, first row, 38.9 GB/s
                 # against 47.8 for the same options in the next process)
-                run_worker(args.ckpt, "fastfp8", cond, 1, args.budget, args.threads, args.timeout)
+                run_worker(args.ckpt, "fastfp8", cond, 1, args.budget, args.threads, args.timeout, args.settle_s)
         for loader in loaders:
             repeat = args.repeat if cond == "warm" else args.cold_repeat
-            res = run_worker(args.ckpt, loader, cond, repeat, args.budget, args.threads, args.timeout)
+            res = run_worker(args.ckpt, loader, cond, repeat, args.budget, args.threads, args.timeout, args.settle_s)
             res["summary"] = summarize(res)
             doc["rows"].append(res)
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -67,6 +67,7 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
                 base = 0
                 if cuda:
                     torch.cuda.empty_cache()
+                    time.sleep(0.5)  # as bench_load.py's --settle-s: copies right after a free run slow
                     torch.cuda.reset_peak_memory_stats(dev)
                     base = torch.cuda.memory_allocated(dev)
                 if cold and rank == 0:  # every rank's first read comes from the disk

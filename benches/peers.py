@@ -634,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+                time.sleep(0.5)  # as bench_load.py's --settle-s
                 torch.cuda.reset_peak_memory_stats(dev)
             with _PeakSampler(dev) as sampler:
                 t0 = time.perf_counter()

@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated names from the table, or load_quantized "
                     "keywords (\"quantize_on=split host_share=0.4\")")
     ap.add_argument("--empty-cache", action="store_true", help="free cached GPU memory before each load")
+    ap.add_argument("--settle-s", type=float, default=0.5, help="pause after --empty-cache (bench_load.py's "
+                    "--settle-s: copies right after a free run slow)")
     ap.add_argument("--timeline", action="store_true", help="each load's chunks through the ring "
                     "(engine.TIMELINE): how long they took to read, waited read before delivery, were held")
     ap.add_argument("--first-load", default="", help="comma-separated environments (\"default\", "
@@ -260,6 +262,7 @@ def main() -> None:
     if args.timeline:
         fastfp8.engine.TIMELINE = True
     timelines: dict[str, list[dict]] = {name: [] for name in variants}
+    raw: dict[str, list] = {name: [] for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     phases: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeat):
@@ -267,12 +270,14 @@ def main() -> None:
             torch.cuda.synchronize()
             if args.empty_cache:
                 torch.cuda.empty_cache()
+                time.sleep(args.settle_s)
             with engine_constants(kw) as load_kw:
                 out = fastfp8.load_quantized(ckpt, **base, **load_kw)
             times[name].append(out.stats.seconds)
             phases[name].append(out.stats.phases)
             if out.stats.timeline:
                 timelines[name].append(timeline_summary(out.stats.timeline))
+                raw[name].append([list(r) for r in out.stats.timeline])
             del out
     for name in variants:
         ts = times[name]
@@ -281,6 +286,7 @@ def main() -> None:
                "phases": phases[name][i], "times": ts}
         if timelines[name]:
             row["timeline"] = timelines[name][i]
+            row["timeline_raw"] = raw[name][i]  # the median load's chunks, as LoadStats.timeline
         rows.append(row)
         ph = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in phases[name][i].items())
         print(f"{name:24s} {ts[i]:.3f} s {row['gbps']:6.2f} GB/s  {ph}", flush=True)

@@ -307,8 +307,11 @@ def test_auto_resolves_by_device():
     auto = fastfp8.LoadOptions.make()
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_quantize_on(auto, cpu).quantize_on == "host"
-    assert resolve_quantize_on(auto, gpu).quantize_on == "adaptive"
+    assert resolve_quantize_on(auto, gpu).quantize_on == "host"  # warm unless told
+    assert resolve_quantize_on(auto, gpu, warm=False).quantize_on == "adaptive"
     assert resolve_quantize_on(auto, gpu, tp_size=2).quantize_on == "device"  # the same on every rank
+    assert resolve_quantize_on(auto, gpu, tp_size=2, warm=False).quantize_on == "device"
+    assert resolve_quantize_on(auto, cpu, warm=False).quantize_on == "host"
     assert resolve_quantize_on(auto, cpu, tp_size=2).quantize_on == "host"
     split = auto.replace(quantize_on="split", host_share=0.25)
     assert resolve_quantize_on(split, gpu) == split
@@ -327,7 +330,7 @@ def test_specs_want_a_resolved_choice(tmp_path):
 
 @pytest.mark.cuda
 def test_defaults_on_a_gpu_match_the_device(tmp_path):
-    """"auto" on a GPU is adaptive (the reader threads decide weight by weight); it, adaptive
+    """"auto" on a GPU (the host for a warm checkpoint, adaptive for a cold one), adaptive
     named, the host (read with mmap: in place in the page cache) and a split at
     DEFAULT_HOST_SHARE load the device's bytes."""
     llama(tmp_path / "m")

@@ -71,3 +71,25 @@ def test_a_default_load_reads_warm_with_pread_and_cold_with_mmap(tmp_path):
     same_state(warm, cold)
     ref, _ = load(tmp_path / "m", "cpu", method="pread")
     same_state(ref, cold)
+
+
+@pytest.mark.cuda
+def test_a_default_load_on_a_gpu_quantizes_warm_on_the_host_and_cold_adaptively(tmp_path):
+    """``quantize_on="auto"`` on one GPU: every weight the host can take quantized by the
+    reader threads in place in the page cache when the checkpoint is warm; ``"adaptive"``
+    (read with ``mmap``) when it is not. The bytes are the device path's either way."""
+    llama(tmp_path / "m")
+    paths = sorted(str(p) for p in (tmp_path / "m").glob("*.safetensors"))
+    ckpt = fastfp8.open_checkpoint(tmp_path / "m")
+    ref, _ = load(tmp_path / "m", "cuda", quantize_on="device")
+    warm, stats = load(tmp_path / "m", "cuda")
+    if ckpt.cached_fraction() is not None:
+        assert (stats.method, stats.host_quantized) == ("mmap", stats.quantized)
+    same_state(warm, ref)
+    evict(paths)
+    if ckpt.cached_fraction() is None or ckpt.cached_fraction() >= CACHED_ENOUGH:
+        pytest.skip("the page cache here keeps the files after FADV_DONTNEED")
+    evict(paths)
+    cold, stats = load(tmp_path / "m", "cuda")
+    assert stats.method == "mmap" and 0 <= stats.host_quantized <= stats.quantized
+    same_state(cold, ref)

@@ -258,21 +258,28 @@ TIMELINE = False
 CACHED_ENOUGH = 0.5
 
 
-def resolve_method(ckpt: Checkpoint, options: LoadOptions, device: torch.device | None = None) -> str:
+def is_warm(ckpt: Checkpoint) -> bool:
+    """Whether at least :data:`CACHED_ENOUGH` of ``ckpt`` is in the page cache (True where
+    the kernel cannot say)."""
+    cached = ckpt.cached_fraction()
+    return cached is None or cached >= CACHED_ENOUGH
+
+
+def resolve_method(ckpt: Checkpoint, options: LoadOptions, device: torch.device | None = None, *,
+                   warm: bool | None = None) -> str:
     """The read method of a load: ``options.method``, or for ``"auto"``: ``"mmap"`` when the
     reader threads quantize every weight they can for a GPU (``options.quantize_on`` resolved
     to ``"host"``: they quantize in place in the page cache, no copy, and a cold read takes
     the page cache's read-ahead; on four H200 machines 60.4 against 51.2 GB/s with ``pread``
-    on one, within 3% on two, 12% behind on one); else ``"pread"`` when at least :data:`CACHED_ENOUGH`
-    of the checkpoint is in the page cache (or the kernel cannot say) and ``"mmap"`` when it
-    is not: with the GPU quantizing, pread was the faster warm read on the H200 machine
-    (40.1 against 33.3 GB/s) and mmap the faster cold one (1.70 against 1.50 GB/s)."""
+    on one, within 3% on two, 12% behind on one); else ``"pread"`` when the checkpoint is
+    warm (:func:`is_warm`, unless ``warm`` says) and ``"mmap"`` when it is not: with the GPU
+    quantizing, pread was the faster warm read on the H200 machine (40.1 against 33.3 GB/s)
+    and mmap the faster cold one (1.70 against 1.50 GB/s)."""
     if options.method != "auto":
         return options.method
     if options.quantize_on == "host" and device is not None and device.type == "cuda":
         return "mmap"
-    cached = ckpt.cached_fraction()
-    return "pread" if cached is None or cached >= CACHED_ENOUGH else "mmap"
+    return "pread" if (is_warm(ckpt) if warm is None else warm) else "mmap"
 
 
 #: ``quantize_on="adaptive"`` on CUDA: the reader weighs each weight's side by the balance of
@@ -370,8 +377,9 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     ``stats.non_finite`` either way). Closing the generator early stops the reader."""
     t0 = time.perf_counter()
     rounding = resolve_rounding(options.rounding, device)
-    options = resolve_quantize_on(options, device, plan.tp.size if plan.tp else 1)
-    options = options.replace(method=resolve_method(ckpt, options, device))
+    warm = is_warm(ckpt) if options.quantize_on == "auto" or options.method == "auto" else True
+    options = resolve_quantize_on(options, device, plan.tp.size if plan.tp else 1, warm=warm)
+    options = options.replace(method=resolve_method(ckpt, options, device, warm=warm))
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)

@@ -11,9 +11,10 @@ the bytes of bf16) straight into the outputs, and no kernel runs. Fused experts 
 the rest (:func:`host_quant_specs`). With ``quantize_on="adaptive"`` the reader threads
 decide weight by weight as they reach each one: on the host when the time they spent
 waiting for room in the ring covers its cost, else on the device (:func:`optional_items`).
-``"auto"`` is ``"adaptive"`` on a GPU, the device with tensor parallelism
-(:func:`resolve_quantize_on`). With ``"host"`` on a GPU, ``method="auto"`` reads with
-``mmap``: the rows are quantized in place in the page cache, no copy.
+``"auto"`` on one GPU is ``"host"`` for a checkpoint in the page cache and ``"adaptive"``
+for one that is not, the device with tensor parallelism (:func:`resolve_quantize_on`). With
+``"host"`` on a GPU, ``method="auto"`` reads with ``mmap``: the rows are quantized in place
+in the page cache, no copy.
 
 Tensor parallelism: a row-parallel slice holds some columns of every row, and a row's scale
 comes from its amax over every rank. On the device path the slice's per-row amax (fp32, from
@@ -84,22 +85,25 @@ def host_quant_spec(job: Job, options: LoadOptions, rounding: str, device: torch
 DEFAULT_HOST_SHARE = 0.3
 
 
-def resolve_quantize_on(options: LoadOptions, device: torch.device, tp_size: int = 1) -> LoadOptions:
+def resolve_quantize_on(options: LoadOptions, device: torch.device, tp_size: int = 1, *,
+                        warm: bool = True) -> LoadOptions:
     """``options`` with ``quantize_on`` made explicit for a load onto ``device``: ``"auto"``
-    is ``"host"`` on the CPU, ``"adaptive"`` on a GPU, and ``"device"`` on every rank of a
-    tensor-parallel load (``tp_size > 1``).
+    is ``"host"`` on the CPU; on one GPU ``"host"`` when the checkpoint is ``warm`` (mostly
+    in the page cache: the reader threads outrun the bus and FP8 crosses it, half the bytes)
+    and ``"adaptive"`` when it is not (the disk sets the pace); ``"device"`` on every rank
+    of a tensor-parallel load (``tp_size > 1``).
 
-    With the host quantizer's table path (AVX-512 VBMI, 2026-11-30), on four H200 machines of
-    one kind (16 Xeon cores): every weight on the host, read with ``mmap``, ran at 60.4 GB/s
-    on one (``"adaptive"`` 51.8, the device 48.4) and 4 - 9% behind ``"adaptive"`` on the
-    three others (44.9 against 48.8, 39.4 against 41.1, 37.8 against 41.2), so ``"auto"``
-    stays ``"adaptive"``; before it, ``"adaptive"`` had beaten the device alone on each of
-    three machines (benches/NOTES.md). At tp 2 it has not been measured since the
-    tensor-parallel fixes."""
+    Warm, every weight on the host read with ``mmap`` against ``"adaptive"``: ahead in eight
+    of twelve H200 runs (by 3 - 20%; 60.9 against 58.2 GB/s in session 17's bench_load, 64.5
+    against 53.6 in session 16's), 1 - 8% behind in four (benches/NOTES.md, sessions 13, 16
+    and 17). Cold, ``"adaptive"`` keeps the disk's pace (1.04x its direct read). At tp 2 the
+    host has not been measured since the tensor-parallel fixes."""
     if options.quantize_on == "auto":
         if device.type != "cuda":
             return options.replace(quantize_on="host")
-        return options.replace(quantize_on="adaptive" if tp_size == 1 else "device")
+        if tp_size > 1:
+            return options.replace(quantize_on="device")
+        return options.replace(quantize_on="host" if warm else "adaptive")
     return options
 
 

@@ -60,7 +60,8 @@ class LoadOptions:
     #: both busy (:func:`fastfp8.host_quant.host_quant_specs`); ``"adaptive"``: the reader
     #: threads decide tensor by tensor as they reach each one, on the host when the time they
     #: spent waiting for room in the ring covers its cost, else on the device (tensor-parallel
-    #: row slices on the device); ``"auto"``: ``"host"`` on the CPU, ``"adaptive"`` on a GPU,
+    #: row slices on the device); ``"auto"``: ``"host"`` on the CPU, on one GPU ``"host"``
+    #: for a checkpoint in the page cache and ``"adaptive"`` for one that is not,
     #: ``"device"`` on a GPU with tensor parallelism
     #: (:func:`fastfp8.host_quant.resolve_quantize_on`)
     quantize_on: str = "auto"
