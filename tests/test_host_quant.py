@@ -264,6 +264,7 @@ def test_host_and_device_paths_give_the_same_bytes(tmp_path, device, dtype, budg
     dev_state, dev_stats = load(tmp_path / "m", device, quantize_on="device", **kw)
     assert host_stats.host_quantized == host_stats.quantized == 14
     assert dev_stats.host_quantized == 0
+    assert (host_stats.quantize_on, dev_stats.quantize_on) == ("host", "device")  # as asked
     same_state(host_state, dev_state)
     assert host_stats.bytes_read == dev_stats.bytes_read
 

@@ -61,7 +61,7 @@ def test_a_default_load_reads_warm_with_pread_and_cold_with_mmap(tmp_path):
     if ckpt.cached_fraction() is None:
         pytest.skip("this kernel or file system has no RWF_NOWAIT: auto reads with pread")
     warm, stats = load(tmp_path / "m", "cpu")
-    assert stats.method == "pread"
+    assert (stats.method, stats.quantize_on) == ("pread", "host")
     evict(paths)
     if ckpt.cached_fraction() >= CACHED_ENOUGH:
         pytest.skip("the page cache here keeps the files after FADV_DONTNEED")
@@ -84,12 +84,12 @@ def test_a_default_load_on_a_gpu_quantizes_warm_on_the_host_and_cold_adaptively(
     ref, _ = load(tmp_path / "m", "cuda", quantize_on="device")
     warm, stats = load(tmp_path / "m", "cuda")
     if ckpt.cached_fraction() is not None:
-        assert (stats.method, stats.host_quantized) == ("mmap", stats.quantized)
+        assert (stats.method, stats.quantize_on, stats.host_quantized) == ("mmap", "host", stats.quantized)
     same_state(warm, ref)
     evict(paths)
     if ckpt.cached_fraction() is None or ckpt.cached_fraction() >= CACHED_ENOUGH:
         pytest.skip("the page cache here keeps the files after FADV_DONTNEED")
     evict(paths)
     cold, stats = load(tmp_path / "m", "cuda")
-    assert stats.method == "mmap" and 0 <= stats.host_quantized <= stats.quantized
+    assert (stats.method, stats.quantize_on) == ("mmap", "adaptive") and 0 <= stats.host_quantized <= stats.quantized
     same_state(cold, ref)

@@ -104,7 +104,8 @@ def quantize_demo(ckpt: fastfp8.Checkpoint, device: str) -> None:
     state = fastfp8.load_quantized(ckpt, device=device, progress=False)
     st = state.stats
     out_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"  {st.quantized} of {st.tensors} tensors quantized; {format_bytes(st.bytes_read)} bf16 in -> "
+    print(f"  {st.quantized} of {st.tensors} tensors quantized ({st.host_quantized} by the reader threads on the "
+          f"host, quantize_on={st.quantize_on!r}); {format_bytes(st.bytes_read)} bf16 in -> "
           f"{format_bytes(out_bytes)} out")
     rate = format_rate(st.bytes_read / st.seconds) if st.seconds > 0 else "-"
     print(f"  {st.seconds:.3f} s, {rate} of bf16 input ({st.threads} reader threads reading with {st.method}, "

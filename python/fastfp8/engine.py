@@ -24,7 +24,8 @@ to wait for it), so the caller can write, assign or keep them. Device memory at 
 the outputs plus two staging buffers of the largest job quantized.
 
 Quantization on the host (``quantize_on="host"``, ``"split"``, ``"adaptive"``; ``"auto"`` is
-``"host"`` on a CPU device and ``"adaptive"`` on one GPU): the reader threads quantize rows as
+``"host"`` on a CPU device, and on one GPU ``"host"`` for a checkpoint in the page cache and
+``"adaptive"`` for one that is not): the reader threads quantize rows as
 they read them (:mod:`fastfp8.host_quant` says which and how). Tensor parallelism on the
 device path: row-parallel slices all-reduce their per-row amax (MAX) over the group on the
 quantization stream (NCCL queues it there without blocking the host).
@@ -90,6 +91,9 @@ class LoadStats:
     threads: int = 0
     #: the read method
     method: str = ""
+    #: where weights were quantized, ``quantize_on`` resolved ("host", "device", "split",
+    #: "adaptive")
+    quantize_on: str = ""
     device: str = ""
     non_finite: list[str] = field(default_factory=list)
     #: seconds spent in each phase: "setup" (open, plan, allocate), "read_wait" (waiting
@@ -381,6 +385,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     options = resolve_quantize_on(options, device, plan.tp.size if plan.tp else 1, warm=warm)
     options = options.replace(method=resolve_method(ckpt, options, device, warm=warm))
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
+    stats.quantize_on = options.quantize_on
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)
     bar = progress_bar(plan.nbytes, options.progress, desc)
