@@ -76,7 +76,9 @@ def fastfp8_options(loader: str) -> dict:
     if loader.startswith("fastfp8:"):  # fastfp8:key=value:key=value (load_quantized keywords)
         kw = {}
         for tok in loader.split(":")[1:]:
-            key, _, val = tok.partition("=")
+            key, sep, val = tok.partition("=")
+            if not sep or not key:
+                raise ValueError(f"loader {loader!r}: {tok!r} is not key=value")
             kw[key] = int(val) if val.isdigit() else val
         return kw
     if loader.startswith("fastfp8_t"):  # fastfp8_t<threads>[_host]
@@ -208,7 +210,7 @@ def worker(args) -> dict:
             "info": {k: str(v) for k, v in peers.LAST_INFO.items()}}
 
 
-def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout, settle_s=0.5) -> dict:
+def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout, settle_s) -> dict:
     cmd = [sys.executable, __file__, ckpt, "--worker", "--loader", loader, "--cond", cond,
            "--repeat", str(repeat), "--settle-s", str(settle_s)]
     if budget:
@@ -471,15 +473,19 @@ def main(argv=None) -> int:
                     help="skip the readers-alone ceilings (readers_only_gbps) after the warm loads")
     ap.add_argument("--no-warmup-load", action="store_true",
                     help="do not run (and discard) one load of fastfp8's defaults before the warm rows")
-    ap.add_argument("--settle-s", type=float, default=0.5,
-                    help="pause after emptying torch's cache before each timed load (every loader alike): "
-                    "host-to-device copies issued right after device memory is freed ran at 22 - 35 GB/s for "
-                    "their first 10 ms on an H200 (54 after a pause; benches/NOTES.md, session 17), a cost a "
-                    "process's own load does not pay")
+    ap.add_argument("--settle-s", type=float, default=None,
+                    help="pause after emptying torch's cache before each timed load, every loader alike "
+                    "(default: peers.SETTLE_S, 0.5 s): host-to-device copies issued right after device memory "
+                    "is freed ran at 22 - 35 GB/s for their first 10 ms on an H200 (54 after a pause; "
+                    "benches/NOTES.md, session 17), a cost a process's own load does not pay")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loader", help=argparse.SUPPRESS)
     ap.add_argument("--cond", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.settle_s is None:
+        import peers
+
+        args.settle_s = peers.SETTLE_S
     if args.worker:
         print(json.dumps(worker(args)))
         return 0

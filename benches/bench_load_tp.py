@@ -37,6 +37,7 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
           device: str, engine: dict, variants: dict, cold: bool = False) -> None:
     import fastfp8
     import fastfp8.engine
+    import peers
     import torch
     import torch.distributed as dist
     from fastfp8.layouts import layout_for
@@ -67,7 +68,7 @@ def _rank(rank: int, size: int, ckpt: str, port: int, repeat: int, out: str, ver
                 base = 0
                 if cuda:
                     torch.cuda.empty_cache()
-                    time.sleep(0.5)  # as bench_load.py's --settle-s: copies right after a free run slow
+                    time.sleep(peers.SETTLE_S)
                     torch.cuda.reset_peak_memory_stats(dev)
                     base = torch.cuda.memory_allocated(dev)
                 if cold and rank == 0:  # every rank's first read comes from the disk

@@ -88,6 +88,12 @@ _PEER_MODULES: dict[str, str] = {
 }
 _CUDA_ONLY = {"instanttensor_buffered", "instanttensor_direct"}
 
+#: the pause after emptying torch's cache before a timed load (every loader alike):
+#: host-to-device copies issued right after device memory is freed ran at 22 - 35 GB/s for
+#: their first 10 ms on an H200, 52 - 54 after a pause (``probe_h2d_ramp.py``), a cost a
+#: process's own load does not pay (``bench_load.py --settle-s``)
+SETTLE_S = 0.5
+
 
 # --------------------------------------------------------------------------
 # helpers
@@ -634,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-                time.sleep(0.5)  # as bench_load.py's --settle-s
+                time.sleep(SETTLE_S)
                 torch.cuda.reset_peak_memory_stats(dev)
             with _PeakSampler(dev) as sampler:
                 t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import time
 import fastfp8
 import fastfp8.engine
 import torch
+from peers import SETTLE_S
 from timing import per_call_us
 
 
@@ -211,8 +212,8 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated names from the table, or load_quantized "
                     "keywords (\"quantize_on=split host_share=0.4\")")
     ap.add_argument("--empty-cache", action="store_true", help="free cached GPU memory before each load")
-    ap.add_argument("--settle-s", type=float, default=0.5, help="pause after --empty-cache (bench_load.py's "
-                    "--settle-s: copies right after a free run slow)")
+    ap.add_argument("--settle-s", type=float, default=SETTLE_S, help="pause after --empty-cache (peers.SETTLE_S, "
+                    "bench_load.py's --settle-s: copies right after a free run slow)")
     ap.add_argument("--timeline", action="store_true", help="each load's chunks through the ring "
                     "(engine.TIMELINE): how long they took to read, waited read before delivery, were held")
     ap.add_argument("--first-load", default="", help="comma-separated environments (\"default\", "
