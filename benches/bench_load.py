@@ -4,7 +4,9 @@ Every path ends with every quantizable weight as FP8 e4m3 per-output-channel on 
 (the peers use fastfp8's own quantization kernel after loading, so only loading differs).
 Each (loader, condition) runs in a fresh subprocess, so that peak GPU memory and host RSS
 growth are its own. Conditions: ``warm`` (page cache holds the checkpoint; median of
-``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run).
+``--repeat`` runs) and ``cold`` (the checkpoint's pages evicted before each run; median of
+``--cold-repeat``). ``--round-robin`` runs the repeats one load a process, loader after loader,
+round after round: a cold load is bound by the disk, whose rate drifts over a run.
 
 fastfp8 runs with its defaults (``fastfp8``: on one GPU the reader threads decide weight
 by weight, ``"adaptive"``), with the device quantizing every weight (``fastfp8_device``;
@@ -13,9 +15,9 @@ can, in place in the page cache (``fastfp8_mmap_host``, what ``quantize_on="host
 with) or from a copy (``fastfp8_host_pread``), a fixed split at
 ``host_quant.DEFAULT_HOST_SHARE`` (``fastfp8_split``), the adaptive choice read with
 ``mmap`` (``fastfp8_mmap_adaptive``), with a 256 MiB ring of 16 MiB chunks
-(``fastfp8_ring256``), cold also with ``pread`` and ``O_DIRECT`` (``fastfp8_direct``),
-and, for ``--sweep-threads``, at several thread counts (``fastfp8_t<n>[_host]``). The
-same run measures the ceilings: pinned host-to-device copies
+(``fastfp8_ring256``), cold with ``pread`` or ``O_DIRECT`` (``fastfp8_pread``,
+``fastfp8_direct``, by ``--loaders``), and, for ``--sweep-threads``, at several thread
+counts (``fastfp8_t<n>[_host]``). The same run measures the ceilings: pinned host-to-device copies
 (``h2d_pinned_gbps``), the disk's own direct read of the checkpoint's files at several
 queue depths (``disk_direct_gbps``: the best; cold runs are compared with it), and one
 core's host quantization rate (``host_quant_core_gbps``, and its code path,
@@ -46,7 +48,9 @@ sys.path.insert(0, str(HERE))
 
 FASTFP8 = ["fastfp8", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device", "fastfp8_host_pread",
            "fastfp8_split"]
-COLD_FASTFP8 = ["fastfp8", "fastfp8_pread", "fastfp8_direct"]  # fastfp8: method "auto", mmap when cold
+#: cold: fastfp8's defaults (method "auto": mmap when cold); fastfp8_pread and fastfp8_direct
+#: (O_DIRECT) by --loaders: three loads of each of them, round robin, cost a minute of a 10-minute call
+COLD_FASTFP8 = ["fastfp8"]
 #: fastfp8 variants: loader name -> load_quantized options
 VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_device": {"quantize_on": "device"},
             # ready chunks of a tensor merged into deliveries of up to a quarter of the ring
@@ -225,6 +229,35 @@ def run_worker(ckpt, loader, cond, repeat, budget, threads, timeout, settle_s) -
     if p.returncode or not last:
         return {"loader": loader, "cond": cond, "error": (p.stderr or p.stdout)[-1500:]}
     return json.loads(last[-1])
+
+
+def measure(args, loaders: list[str], cond: str, repeat: int):
+    """Yields ``(loader, result)``: each loader's ``repeat`` runs in one worker process, or
+    with ``--round-robin`` one run a process, loader after loader, ``repeat`` rounds (a disk
+    or host whose speed drifts over the run weighs on every loader alike); the result then
+    holds every round's run, and the errors of rounds that failed."""
+    def run(loader, n):
+        return run_worker(args.ckpt, loader, cond, n, args.budget, args.threads, args.timeout, args.settle_s)
+
+    if not args.round_robin or repeat <= 1:
+        for loader in loaders:
+            yield loader, run(loader, repeat)
+        return
+    merged: dict[str, dict] = {}
+    for _ in range(repeat):
+        for loader in loaders:
+            res = run(loader, 1)
+            into = merged.setdefault(loader, {"loader": loader, "cond": cond, "runs": [], "round_robin": True})
+            if res.get("runs"):
+                into.update({k: v for k, v in res.items() if k != "runs"})
+                into["runs"] += [dict(r, run=len(into["runs"])) for r in res["runs"]]
+            else:
+                into.setdefault("errors", []).append(res.get("error", "no runs"))
+    for loader in loaders:
+        res = merged[loader]
+        if not res["runs"]:
+            res["error"] = res["errors"][-1]
+        yield loader, res
 
 
 def summarize(res: dict) -> dict:
@@ -462,6 +495,9 @@ def main(argv=None) -> int:
     ap.add_argument("--loaders", default="", help="comma list (default: fastfp8 + every available peer)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold-repeat", type=int, default=1)
+    ap.add_argument("--round-robin", action="store_true",
+                    help="with repeats: one run a process, loader after loader, round after round (not a "
+                    "loader's runs back to back), so that a drifting disk or host weighs on all alike")
     ap.add_argument("--budget", default=None, help="fastfp8's memory_budget (default: its own, from the host)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=300)
@@ -494,7 +530,8 @@ def main(argv=None) -> int:
 
     avail = set(peers.available_peers("cuda"))
     doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
-           "repeat": args.repeat, "memory_budget": args.budget, "settle_s": args.settle_s, "rows": []}
+           "repeat": args.repeat, "cold_repeat": args.cold_repeat, "round_robin": args.round_robin,
+           "memory_budget": args.budget, "settle_s": args.settle_s, "rows": []}
     import fastfp8
     from fastfp8.host import topology
     from fastfp8.options import LoadOptions
@@ -520,9 +557,8 @@ def main(argv=None) -> int:
                 # load (2026-11-30, a fresh H200: fastfp8's defaults, first row, 38.9 GB/s
                 # against 47.8 for the same options in the next process)
                 run_worker(args.ckpt, "fastfp8", cond, 1, args.budget, args.threads, args.timeout, args.settle_s)
-        for loader in loaders:
-            repeat = args.repeat if cond == "warm" else args.cold_repeat
-            res = run_worker(args.ckpt, loader, cond, repeat, args.budget, args.threads, args.timeout, args.settle_s)
+        repeat = args.repeat if cond == "warm" else args.cold_repeat
+        for loader, res in measure(args, loaders, cond, repeat):
             res["summary"] = summarize(res)
             doc["rows"].append(res)
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(doc, indent=1) + "\n")

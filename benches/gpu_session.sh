@@ -10,7 +10,8 @@
 #            checked at every entry (tests/test_linear_table.py)         ~4-5 min
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
 #   load     a Llama-3-8B-shaped checkpoint, then bench_load.py (warm and
-#            cold, every peer, the ceilings; LOAD_SWEEP="": no thread sweep) ~6 min
+#            cold, every peer, the ceilings; cold: LOAD_COLD_REPEAT=3 loads each,
+#            round robin; LOAD_SWEEP="": no thread sweep)                ~8 min
 #   probe    probe_pipeline.py: the engine's consumer variants, round robin, and a
 #            process's first load (fresh processes)                       ~4 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
@@ -72,8 +73,9 @@ for s in "$@"; do
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
         sweep=${LOAD_SWEEP-8,12,16}
-        stage load 450 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" \
-            ${sweep:+--sweep-threads "$sweep"} ;;
+        # cold: three loads a loader, round robin (a disk's rate drifts over the run)
+        stage load 540 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" \
+            --cold-repeat "${LOAD_COLD_REPEAT:-3}" --round-robin ${sweep:+--sweep-threads "$sweep"} ;;
     probe)
         # the consumer's variants against each other, round robin, caches emptied as in
         # bench_load.py; then a process's first load in fresh processes

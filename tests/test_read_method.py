@@ -67,7 +67,7 @@ def test_a_default_load_reads_warm_with_pread_and_cold_with_mmap(tmp_path):
         pytest.skip("the page cache here keeps the files after FADV_DONTNEED")
     evict(paths)  # the probe above may have started read-ahead
     cold, stats = load(tmp_path / "m", "cpu")
-    assert stats.method == "mmap"
+    assert (stats.method, stats.read_ahead) == ("mmap", 0)
     same_state(warm, cold)
     ref, _ = load(tmp_path / "m", "cpu", method="pread")
     same_state(ref, cold)
@@ -91,5 +91,32 @@ def test_a_default_load_on_a_gpu_quantizes_warm_on_the_host_and_cold_adaptively(
         pytest.skip("the page cache here keeps the files after FADV_DONTNEED")
     evict(paths)
     cold, stats = load(tmp_path / "m", "cuda")
-    assert (stats.method, stats.quantize_on) == ("mmap", "adaptive") and 0 <= stats.host_quantized <= stats.quantized
+    assert (stats.method, stats.quantize_on, stats.read_ahead) == ("mmap", "adaptive", 0)
+    assert 0 <= stats.host_quantized <= stats.quantized
     same_state(cold, ref)
+
+
+@pytest.mark.parametrize(("given", "want"), [(0, 0), ("64MiB", 64 << 20), (4096, 4096)])
+def test_read_ahead_option_parses_sizes(given, want):
+    assert LoadOptions.make(read_ahead=given).read_ahead == want
+    assert LoadOptions.make().read_ahead == 0  # off by default
+
+
+@pytest.mark.parametrize("bad", ["-1", "lots", -5, True, None])
+def test_a_bad_read_ahead_is_a_value_error_naming_it(bad):
+    with pytest.raises(ValueError, match="read_ahead"):
+        LoadOptions.make(read_ahead=bad)
+
+
+@pytest.mark.parametrize("method", ["mmap", "pread"])
+def test_a_load_with_read_ahead_gives_the_same_bytes_cold_and_warm(tmp_path, method):
+    """A window of one page (its thread a step ahead of the readers) and one past the whole
+    checkpoint (everything asked for at once): the bytes of a load without read-ahead."""
+    llama(tmp_path / "m")
+    paths = sorted(str(p) for p in (tmp_path / "m").glob("*.safetensors"))
+    ref, _ = load(tmp_path / "m", "cpu", method=method, read_ahead=0)
+    for window in (4096, "1GiB"):
+        evict(paths)
+        got, stats = load(tmp_path / "m", "cpu", method=method, read_ahead=window)
+        assert stats.read_ahead == LoadOptions.make(read_ahead=window).read_ahead
+        same_state(ref, got)

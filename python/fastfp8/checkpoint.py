@@ -254,7 +254,9 @@ class ChunkReader:
     With ``bus_bytes_per_s`` (the rate at which the consumer moves the ring's bytes on), each
     goes to the side that keeps the threads' work and the bus's even (the threads time their
     own pieces, plain and quantized); without it, quantized when their idle time waiting for
-    room covers the cost. Close
+    room covers the cost. ``read_ahead``: bytes of the items' file ranges, in plan order, the
+    page cache is asked to read (``POSIX_FADV_WILLNEED``, from one more thread) ahead of
+    the chunks given to the threads (0: none; not with ``method="direct"``). Close
     it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
     ``close`` joins them even while another thread is inside ``next()`` (which then raises
     :class:`~fastfp8.errors.CancelledError`).
@@ -274,6 +276,7 @@ class ChunkReader:
         merge_bytes: int = 0,
         optional: Sequence[int] = (),
         bus_bytes_per_s: float = 0.0,
+        read_ahead: int = 0,
     ) -> None:
         budget = parse_bytes(memory_budget)
         if budget <= 0:
@@ -287,7 +290,7 @@ class ChunkReader:
                 ckpt._native, items, self.buffer, self.buffer.data_ptr(), budget,
                 chunk_bytes=chunk_bytes, threads=threads, piece_bytes=piece_bytes,
                 method=method, merge_bytes=merge_bytes, optional=list(optional),
-                bus_bytes_per_s=bus_bytes_per_s,
+                bus_bytes_per_s=bus_bytes_per_s, read_ahead_bytes=read_ahead,
             )
         except BaseException:
             POOL.release(self.buffer)

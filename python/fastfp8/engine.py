@@ -91,6 +91,8 @@ class LoadStats:
     threads: int = 0
     #: the read method
     method: str = ""
+    #: bytes the page cache was asked to read ahead of the reader threads (0: none)
+    read_ahead: int = 0
     #: where weights were quantized, ``quantize_on`` resolved ("host", "device", "split",
     #: "adaptive")
     quantize_on: str = ""
@@ -368,7 +370,7 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
                              threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
                              pin=device.type == "cuda",
                              merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0,
-                             optional=optional, bus_bytes_per_s=bus)
+                             optional=optional, bus_bytes_per_s=bus, read_ahead=options.read_ahead)
     return reader, specs, amax
 
 
@@ -390,7 +392,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.quantized = sum(t.quantized for t in plan.targets)
     bar = progress_bar(plan.nbytes, options.progress, desc)
     reader, specs, amax = open_reader(ckpt, plan, options, device, rounding)
-    stats.method = options.method
+    stats.method, stats.read_ahead = options.method, options.read_ahead if options.method != "direct" else 0
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
     flags: list[tuple[Job, torch.Tensor]] = []  # (job, its scales)
     try:

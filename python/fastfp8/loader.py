@@ -68,7 +68,9 @@ def load_quantized(
             ``memory_budget`` (pinned host memory for reading; default: fits the host's
             last-level cache), ``chunk_bytes``, ``piece_bytes``, ``threads``, ``method``
             (``"auto"``: ``"pread"`` when the checkpoint is in the page cache, else
-            ``"mmap"``; ``"pread"``, ``"mmap"`` or ``"direct"``), ``rounding`` (``"auto"``: the bytes
+            ``"mmap"``; ``"pread"``, ``"mmap"`` or ``"direct"``), ``read_ahead`` (bytes the
+            page cache is asked to read ahead of the reader threads, for a cold load; default
+            0: none), ``rounding`` (``"auto"``: the bytes
             compressed-tensors itself produces on that device; ``"eager"``; ``"fp32"``),
             ``allow_non_finite``, ``progress``.
 

@@ -52,6 +52,13 @@ class LoadOptions:
     #: page cache (sampled when the load starts: :func:`fastfp8.engine.resolve_method`),
     #: else ``"mmap"``
     method: str = "auto"
+    #: bytes of the checkpoint's files the page cache is asked to read ahead of the reader
+    #: threads, in plan order (``POSIX_FADV_WILLNEED`` from one more thread: a disk queue as
+    #: deep as the window, whatever the thread count); 0: none, the default. Not used with
+    #: ``"direct"``. Off by default: on an H200 machine's disk (a virtual disk with the
+    #: kernel's read-ahead at 8 MiB) cold loads ran 1.66 GB/s with 512 MiB, 1.72 with 2 GiB
+    #: and 1.71 without (medians of 3, round robin; benches/NOTES.md, session 18)
+    read_ahead: int = 0
     rounding: str = "auto"
     #: where weights are quantized: ``"host"`` (the reader threads, on the way: FP8 crosses
     #: the bus, half the bytes), ``"device"`` (the device's kernel, after the copy),
@@ -85,6 +92,7 @@ class LoadOptions:
         piece_bytes: int | str = "4MiB",
         threads: int | None = None,
         method: str = "auto",
+        read_ahead: int | str = 0,
         rounding: str = "auto",
         quantize_on: str = "auto",
         host_share: float | None = None,
@@ -117,6 +125,10 @@ class LoadOptions:
         if host_share is not None and (isinstance(host_share, bool) or not isinstance(host_share, (int, float))
                                        or not 0 <= host_share <= 1):
             raise ValueError(f"host_share must be a number from 0 to 1, got {host_share!r}")
+        try:
+            read_ahead = parse_bytes(read_ahead)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"read_ahead: {e}") from None
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         auto_budget, auto_chunk = host.default_staging(host.last_level_cache_bytes())
@@ -128,7 +140,7 @@ class LoadOptions:
         chunk = max(1, min(chunk, budget // 4))
         return cls(ignore=ignore, default_ignore=default_ignore, layout=layout, memory_budget=budget,
                    chunk_bytes=chunk, piece_bytes=_positive_bytes("piece_bytes", piece_bytes), threads=threads,
-                   method=method, rounding=rounding, quantize_on=quantize_on,
+                   method=method, read_ahead=read_ahead, rounding=rounding, quantize_on=quantize_on,
                    host_share=None if host_share is None else float(host_share), allow_non_finite=allow_non_finite,
                    progress=progress)
 

@@ -12,7 +12,7 @@
 //! the buffer again.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,6 +62,12 @@ pub struct ReaderConfig {
     /// threads' work and the bus's as even as the plan so far allows ([`Shared::decide`]);
     /// 0: when the threads' idle time pays for it.
     pub bus_bytes_per_s: f64,
+    /// Bytes of the items' file ranges, in plan order, that the page cache is asked to read
+    /// (`POSIX_FADV_WILLNEED`, from one more thread) ahead of the chunks the threads have
+    /// been given: for a cold load, a disk queue as deep as the window, whatever the thread
+    /// count. 0: none (a warm load: the pages are there). Not with [`ReadMethod::Direct`],
+    /// which bypasses the page cache.
+    pub read_ahead_bytes: u64,
 }
 
 impl Default for ReaderConfig {
@@ -73,6 +79,7 @@ impl Default for ReaderConfig {
             method: ReadMethod::default(),
             merge_bytes: 0,
             bus_bytes_per_s: 0.0,
+            read_ahead_bytes: 0,
         }
     }
 }
@@ -226,6 +233,12 @@ const COST_EWMA: f64 = 1.0 / 16.0;
 /// The largest gap between two ranges of one piece: past it they are separate pieces.
 const MAX_GAP: u64 = 1 << 20;
 
+/// The most bytes of one read-ahead request ([`ReaderConfig::read_ahead_bytes`]).
+const READ_AHEAD_STEP: u64 = 8 << 20;
+
+/// How long the read-ahead thread sleeps when it is a window ahead of the threads.
+const READ_AHEAD_POLL: Duration = Duration::from_millis(2);
+
 /// The most source bytes of one piece of a quantized item (at least one row): the thread
 /// reads them into its own scratch buffer, which stays in its core's cache, and quantizes
 /// from there. Read with `mmap` there is no scratch buffer (the rows are quantized in
@@ -338,6 +351,9 @@ struct Shared {
     cv: Condvar,
     /// Worker threads that have not returned yet.
     live: AtomicUsize,
+    /// Source bytes of the chunks allocated so far (given to the threads), for the
+    /// read-ahead thread.
+    allocated_src: AtomicU64,
 }
 
 pub struct Reader {
@@ -441,6 +457,7 @@ impl Reader {
             }),
             cv: Condvar::new(),
             live: AtomicUsize::new(0),
+            allocated_src: AtomicU64::new(0),
             cfg,
             items,
         });
@@ -461,13 +478,23 @@ impl Reader {
                     })
             })
             .collect::<Result<Vec<_>>>();
-        let workers = match workers {
+        let mut workers = match workers {
             Ok(w) => w,
             Err(e) => {
                 shared.stop();
                 return Err(e);
             }
         };
+        if shared.cfg.read_ahead_bytes > 0 && shared.cfg.method != ReadMethod::Direct {
+            let s = Arc::clone(&shared);
+            // best effort: without it the threads read as they would with no read-ahead
+            if let Ok(h) = std::thread::Builder::new()
+                .name("fastfp8-readahead".into())
+                .spawn(move || s.read_ahead())
+            {
+                workers.push(h);
+            }
+        }
         Ok(Reader {
             shared,
             workers: Mutex::new(workers),
@@ -838,6 +865,8 @@ impl Shared {
             };
             st.buf_at[c] = at;
             st.next_alloc += 1;
+            self.allocated_src
+                .fetch_add(plan.src_len, Ordering::Release);
             st.times[c][0] = st.now_ns();
             let mut n = 0u32;
             let item = &self.items[plan.item];
@@ -928,6 +957,53 @@ impl Shared {
             }
             st.remaining[c] = n;
             st.pieces += n as u64;
+        }
+    }
+
+    /// The items' file ranges in plan order, each shard's ranges no more than [`MAX_GAP`]
+    /// apart joined (a tensor-parallel slice: one range a row), as (shard, offset, len).
+    fn file_ranges(&self) -> Vec<(usize, u64, u64)> {
+        let mut out: Vec<(usize, u64, u64)> = Vec::new();
+        for seg in self.items.iter().flat_map(|i| &i.segments) {
+            if seg.len == 0 {
+                continue;
+            }
+            if let Some(last) = out.last_mut() {
+                let end = last.1 + last.2;
+                if last.0 == seg.shard && seg.offset >= end && seg.offset - end <= MAX_GAP {
+                    last.2 = seg.offset + seg.len - last.1;
+                    continue;
+                }
+            }
+            out.push((seg.shard, seg.offset, seg.len));
+        }
+        out
+    }
+
+    /// The read-ahead thread ([`ReaderConfig::read_ahead_bytes`]): asks the page cache for
+    /// the items' file ranges in plan order, in steps of [`READ_AHEAD_STEP`], never more
+    /// than the window past the source bytes given to the threads so far; returns when all
+    /// are asked for or the reader stops.
+    fn read_ahead(&self) {
+        let window = self.cfg.read_ahead_bytes;
+        let mut asked = 0u64;
+        for (shard, offset, len) in self.file_ranges() {
+            let mut at = 0;
+            while at < len {
+                loop {
+                    if self.lock().stopped {
+                        return;
+                    }
+                    if asked < self.allocated_src.load(Ordering::Acquire) + window {
+                        break;
+                    }
+                    std::thread::sleep(READ_AHEAD_POLL);
+                }
+                let n = (len - at).min(READ_AHEAD_STEP);
+                self.ckpt.shards[shard].will_need(offset + at, n);
+                at += n;
+                asked += n;
+            }
         }
     }
 

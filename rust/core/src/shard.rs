@@ -2,6 +2,7 @@
 //! shrunk or rewritten under us into an error instead of a SIGBUS.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,6 +163,26 @@ impl Shard {
     /// has since been replaced, say by a rename.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Asks the kernel to start reading the file's bytes `[offset, offset + len)` into the
+    /// page cache (`POSIX_FADV_WILLNEED`): it queues the reads and returns. A hint: errors
+    /// are ignored, and a later read checks the file as always.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return;
+        };
+        // SAFETY: posix_fadvise only takes a hint about our own open file descriptor, which
+        // `self.file` keeps open for the call.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
     }
 
     /// Errors if the file's size is no longer what it was at open.
@@ -507,6 +528,16 @@ mod tests {
                 cold < 0.5,
                 "after DONTNEED {cold} of the file reads as cached"
             );
+            // asked for, the pages come back without a read of ours
+            shard.will_need(0, shard.size);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while shard.cached_fraction(32).unwrap() < 0.9 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "WILLNEED did not bring the file back into the page cache"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 

@@ -82,6 +82,7 @@ fn truncation_during_mapped_copies_is_never_silent_zeros() {
             method: ReadMethod::Mmap,
             merge_bytes: 0,
             bus_bytes_per_s: 0.0,
+            read_ahead_bytes: 0,
         };
         // The first attempt measures how long a copy takes; the others cut the file at
         // points spread over that time.
@@ -150,6 +151,7 @@ fn truncation_while_quantizing_from_the_mapping_is_never_silent_zeros() {
             method: ReadMethod::Mmap,
             merge_bytes: 0,
             bus_bytes_per_s: 0.0,
+            read_ahead_bytes: 0,
         };
         let cut = cut_later(&p, size, (attempt > 0).then(|| quant_time * attempt / 9));
         let t0 = std::time::Instant::now();
@@ -217,6 +219,7 @@ fn small_reader(
         method: ReadMethod::Pread,
         merge_bytes: 0,
         bus_bytes_per_s: 0.0,
+        read_ahead_bytes: 0,
     };
     (
         Reader::start(ckpt, items.clone(), dest, cfg).unwrap(),

@@ -81,10 +81,15 @@ fn reads_in_chunks_within_budget() {
     ];
     write_shard(&p, &tensors);
     let names: Vec<&str> = tensors.iter().map(|t| t.0).collect();
-    for (method, merge_bytes) in [
-        (ReadMethod::Pread, 0),
-        (ReadMethod::Mmap, 0),
-        (ReadMethod::Pread, 3000),
+    // (read-ahead: a window of one byte keeps its thread a step ahead of the threads, one
+    // of 1 MiB asks for everything at once; with O_DIRECT there is none)
+    for (method, merge_bytes, read_ahead_bytes) in [
+        (ReadMethod::Pread, 0, 0),
+        (ReadMethod::Mmap, 0, 0),
+        (ReadMethod::Pread, 3000, 0),
+        (ReadMethod::Mmap, 0, 1),
+        (ReadMethod::Pread, 0, 1 << 20),
+        (ReadMethod::Direct, 0, 1 << 20),
     ] {
         for (budget, chunk, piece, threads) in [
             (4096, 1000, 333, 3),
@@ -99,6 +104,7 @@ fn reads_in_chunks_within_budget() {
                 method,
                 merge_bytes,
                 bus_bytes_per_s: 0.0,
+                read_ahead_bytes,
             };
             let s = read_all(ckpt, &names, budget, cfg);
             assert!(s.peak_in_flight <= budget as u64);
@@ -108,6 +114,43 @@ fn reads_in_chunks_within_budget() {
             );
         }
     }
+}
+
+/// A reader closed with most of its items unread stops its read-ahead thread too (it waits
+/// a window ahead of the threads, which wait for room): close returns, nothing hangs.
+#[test]
+fn closing_stops_the_read_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let tensors = [("a", 1 << 20), ("b", 1 << 20), ("c", 1 << 20)];
+    write_shard(&p, &tensors);
+    let ckpt = Arc::new(Checkpoint::open(dir.path()).unwrap());
+    let items: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| whole_tensor(&ckpt, n).unwrap())
+        .collect();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` outlives `reader`, which is closed and dropped before it.
+    let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), 4096) };
+    let cfg = ReaderConfig {
+        threads: 2,
+        chunk_bytes: Some(4096),
+        piece_bytes: 1024,
+        method: ReadMethod::Mmap,
+        merge_bytes: 0,
+        bus_bytes_per_s: 0.0,
+        read_ahead_bytes: 8192,
+    };
+    let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
+    let d = reader.next().unwrap().unwrap();
+    let at = d.buf_offset as usize;
+    assert_eq!(&buf[at..at + 16], &pattern("a", 16)[..]);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let t = std::time::Instant::now();
+    reader.close();
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(reader.live_threads(), 0);
+    drop((reader, d));
 }
 
 /// A consumer slower than the threads gets the chunks that are ready as one delivery:
@@ -136,6 +179,7 @@ fn ready_chunks_are_merged_for_a_slow_consumer() {
         method: ReadMethod::Pread,
         merge_bytes: 16384,
         bus_bytes_per_s: 0.0,
+        read_ahead_bytes: 0,
     };
     let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
     let mut got: Vec<Vec<u8>> = tensors.iter().map(|_| Vec::new()).collect();
@@ -283,6 +327,7 @@ fn truncated_after_open_is_a_read_error() {
             method,
             merge_bytes: 0,
             bus_bytes_per_s: 0.0,
+            read_ahead_bytes: 0,
         };
         let reader = Reader::start(ckpt, items, dest, cfg).unwrap();
         let err = loop {
@@ -419,6 +464,7 @@ fn strided_ranges_read_as_the_slice() {
                 method,
                 merge_bytes: 0,
                 bus_bytes_per_s: 0.0,
+                read_ahead_bytes: 0,
             };
             let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
             let mut got = vec![0u8; want.len()];
@@ -478,6 +524,7 @@ fn strided_rows_quantized_on_the_way_join_pieces() {
             method,
             merge_bytes: 0,
             bus_bytes_per_s: 0.0,
+            read_ahead_bytes: 0,
         };
         let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();
         let d = reader.next().unwrap().expect("one chunk");
@@ -555,6 +602,7 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
             method,
             merge_bytes: 0,
             bus_bytes_per_s: 0.0,
+            read_ahead_bytes: 0,
         };
         // first: nothing read yet, nothing waiting: plain
         let mut buf = vec![0u8; 16 << 10];
@@ -639,6 +687,7 @@ fn optional_items_follow_the_balance_of_threads_and_bus() {
             method: ReadMethod::Pread,
             merge_bytes: 0,
             bus_bytes_per_s: bus,
+            read_ahead_bytes: 0,
         };
         let mut buf = vec![0u8; 32 << 10];
         // SAFETY: `buf` outlives the reader (dropped at the end of the iteration, after
@@ -740,6 +789,7 @@ fn read_throughput() {
                     method,
                     merge_bytes: 0,
                     bus_bytes_per_s: 0.0,
+                    read_ahead_bytes: 0,
                 };
                 let t0 = std::time::Instant::now();
                 let reader = Reader::start(Arc::clone(&ckpt), vec![item], dest, cfg).unwrap();

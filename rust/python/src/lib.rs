@@ -345,7 +345,7 @@ type ChunkTimesTuple = (usize, u64, u64, u64, u64, u64);
 #[pymethods]
 impl PyReader {
     #[new]
-    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new(), bus_bytes_per_s=0.0))]
+    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new(), bus_bytes_per_s=0.0, read_ahead_bytes=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -361,6 +361,7 @@ impl PyReader {
         merge_bytes: u64,
         optional: Vec<usize>,
         bus_bytes_per_s: f64,
+        read_ahead_bytes: u64,
     ) -> PyResult<Self> {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
@@ -387,6 +388,7 @@ impl PyReader {
             method: method_from(method)?,
             merge_bytes,
             bus_bytes_per_s,
+            read_ahead_bytes,
         };
         // SAFETY: the caller passes the address and size of memory owned by `buffer`, which
         // this object keeps alive until `close` has joined the threads; `reader` is declared
