@@ -46,8 +46,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device", "fastfp8_host_pread",
-           "fastfp8_split"]
+FASTFP8 = ["fastfp8", "fastfp8_ring128", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device",
+           "fastfp8_host_pread", "fastfp8_split"]
 #: cold: fastfp8's defaults (method "auto": mmap when cold); fastfp8_pread and fastfp8_direct
 #: (O_DIRECT) by --loaders: three loads of each of them, round robin, cost a minute of a 10-minute call
 COLD_FASTFP8 = ["fastfp8"]
@@ -71,7 +71,9 @@ VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_dev
             "fastfp8_mmap_adaptive": {"method": "mmap", "quantize_on": "adaptive"},
             "fastfp8_mmap_device": {"method": "mmap", "quantize_on": "device"},
             # a ring twice the default, chunks of 16 MiB: half the chunks for the consumer thread
-            "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"}}
+            "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"},
+            # warm, the default's ring until session 18 (a 300 MiB L3; now 64 MiB of 4 MiB chunks)
+            "fastfp8_ring128": {"memory_budget": "128MiB", "chunk_bytes": "8MiB"}}
 
 
 def fastfp8_options(loader: str) -> dict:
@@ -534,7 +536,6 @@ def main(argv=None) -> int:
            "memory_budget": args.budget, "settle_s": args.settle_s, "rows": []}
     import fastfp8
     from fastfp8.host import topology
-    from fastfp8.options import LoadOptions
 
     ckpt = fastfp8.open_checkpoint(args.ckpt)
     doc["checkpoint_bytes"] = ckpt.nbytes
@@ -620,8 +621,6 @@ def main(argv=None) -> int:
         "safetensors_warm_gbps": best("warm", {"safetensors_load_file", "safetensors_safe_open"})[0],
         "fastfp8_cold_gbps": best("cold", {"fastfp8"})[0],
         "best_peer_cold_gbps": best("cold", peer_names)[0],
-        "memory_budget_bytes": LoadOptions.make(memory_budget=args.budget).memory_budget,
-        "chunk_bytes": LoadOptions.make(memory_budget=args.budget).chunk_bytes,
         "host_cpu": host_cpu(),
         "host_topology": topology(),
     })
@@ -630,6 +629,10 @@ def main(argv=None) -> int:
         doc["fastfp8_peak_gpu_bytes"] = max(r["summary"]["peak_gpu_bytes"] for r in ff)
         doc["final_bytes"] = ff[0]["summary"]["final_bytes"]
         doc["host_rss_growth_bytes"] = max(r["summary"]["host_rss_growth_bytes"] for r in ff)
+        # the ring each load used (it follows where the load quantizes: LoadOptions.staged)
+        staged = [(r["runs"][0]["stats"]["memory_budget"], r["runs"][0]["stats"]["chunk_bytes"]) for r in ff]
+        doc["memory_budget_bytes"], doc["chunk_bytes"] = max(staged)
+        doc["memory_budget_by_cond"] = {r["cond"]: b for r, (b, _) in zip(ff, staged, strict=True)}
     doc["targets"] = targets(doc)
     for name, t in doc["targets"].items():
         print(f"target {name}: {t}", flush=True)

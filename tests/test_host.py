@@ -40,6 +40,33 @@ def test_default_staging_follows_the_cache(llc, want):
     assert host.default_staging(llc) == want
 
 
+@pytest.mark.parametrize("llc, want", [(300 * MiB, (64 * MiB, 4 * MiB)), (32 * MiB, (64 * MiB, 4 * MiB)),
+                                       (4 << 30, (256 * MiB, 16 * MiB)), (None, (128 * MiB, 8 * MiB))])
+def test_an_fp8_ring_is_half_as_large_and_at_least_64_mib(llc, want):
+    assert host.default_staging(llc, fp8=True) == want
+
+
+def test_staged_options_size_the_ring_for_where_the_load_quantizes(monkeypatch):
+    """Not given: the budget and chunks follow the cache and ``quantize_on`` (e4m3 in the
+    ring: half the size); given ones are kept (a chunk at most a quarter of the budget)."""
+    from fastfp8.options import LoadOptions
+
+    monkeypatch.setattr(host, "last_level_cache_bytes", lambda: 300 * MiB)
+    auto = LoadOptions.make()
+    assert (auto.memory_budget, auto.chunk_bytes) == (None, None)
+    for where, want in [("host", (64 * MiB, 4 * MiB)), ("device", (128 * MiB, 8 * MiB)),
+                        ("adaptive", (128 * MiB, 8 * MiB)), ("split", (128 * MiB, 8 * MiB))]:
+        staged = LoadOptions.make(quantize_on=where).staged()
+        assert (staged.memory_budget, staged.chunk_bytes) == want, where
+        assert staged.staged() is staged
+    given = LoadOptions.make(quantize_on="host", memory_budget="1GiB").staged()
+    assert (given.memory_budget, given.chunk_bytes) == (1 << 30, 64 * MiB)
+    chunk_only = LoadOptions.make(quantize_on="host", chunk_bytes="32MiB").staged()
+    assert (chunk_only.memory_budget, chunk_only.chunk_bytes) == (64 * MiB, 16 * MiB)
+    small = LoadOptions.make(memory_budget="64KiB")
+    assert (small.memory_budget, small.chunk_bytes) == (64 * 1024, 16 * 1024)
+
+
 def test_cpulists():
     assert host.parse_cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
     assert host.parse_cpulist("") == set()

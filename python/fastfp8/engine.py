@@ -359,7 +359,7 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
     # count follows it) and the pinned ring (first touched here)
     with host.on_cpus(host.reader_cpus(device)):
-        options = resolve_quantize_on(options, device, tp_size)
+        options = resolve_quantize_on(options, device, tp_size).staged()
         specs = host_quant_specs(plan.jobs, options, rounding, device, tp_size=tp_size)
         amax = reduced_row_amax(ckpt, plan, specs, options, device, reader_threads(options))
         items = [reader_item(name, segs, job, sp, amax.get(i))
@@ -385,7 +385,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     rounding = resolve_rounding(options.rounding, device)
     warm = is_warm(ckpt) if options.quantize_on == "auto" or options.method == "auto" else True
     options = resolve_quantize_on(options, device, plan.tp.size if plan.tp else 1, warm=warm)
-    options = options.replace(method=resolve_method(ckpt, options, device, warm=warm))
+    options = options.replace(method=resolve_method(ckpt, options, device, warm=warm)).staged()
     stats.memory_budget, stats.chunk_bytes, stats.device = options.memory_budget, options.chunk_bytes, str(device)
     stats.quantize_on = options.quantize_on
     stats.tensors = len(plan.targets)

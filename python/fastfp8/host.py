@@ -85,15 +85,22 @@ def topology(cpu_dir: str = "/sys/devices/system/cpu", node_dir: str = "/sys/dev
             "numa_nodes": len(nodes) or None, "llc_bytes": last_level_cache_bytes(cpu_dir)}
 
 
-def default_staging(llc: int | None) -> tuple[int, int]:
+def default_staging(llc: int | None, *, fp8: bool = False) -> tuple[int, int]:
     """``(memory_budget, chunk_bytes)`` for a last-level cache of ``llc`` bytes: the largest
     power of two at most half the cache, between 64 MiB and 512 MiB (256 MiB when the
-    cache is unknown), cut into 16 chunks of 1 - 64 MiB."""
+    cache is unknown), cut into 16 chunks of 1 - 64 MiB. With ``fp8`` (the reader threads
+    quantize every weight on the way: the ring holds e4m3 bytes, half the bytes they read)
+    half that, at least 64 MiB: the same span of the checkpoint in flight, and the cache
+    left to the pages they read. On two H200 machines (a 300 MiB L3 shared with other
+    guests) 64 MiB rings of 4 MiB chunks loaded 47.2 and 51.4 GB/s against 42.2 and 43.0 with
+    128 MiB, ahead in each of nine rounds (benches/NOTES.md, session 18)."""
     if llc:
         budget = 1 << max(0, (llc // 2).bit_length() - 1)
         budget = min(max(budget, 64 * MiB), 512 * MiB)
     else:
         budget = 256 * MiB
+    if fp8:
+        budget = max(budget // 2, 64 * MiB)
     chunk = min(max(budget // 16, 1 * MiB), 64 * MiB)
     return budget, chunk
 

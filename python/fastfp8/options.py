@@ -34,10 +34,11 @@ class LoadOptions:
     #: ``"auto"``: the model layout from ``config.json`` (an unknown architecture is refused);
     #: ``"names"``: quantize every 2-D float ``*.weight`` that is not ignored, by name
     layout: str = "auto"
-    #: pinned host memory for reading; the bytes in flight never exceed it
-    memory_budget: int = 0
-    #: the unit of host-to-device copies (at most a quarter of the budget)
-    chunk_bytes: int = 0
+    #: pinned host memory for reading; the bytes in flight never exceed it (None: from the
+    #: host's last-level cache and where the load quantizes, resolved per load: :meth:`staged`)
+    memory_budget: int | None = None
+    #: the unit of host-to-device copies (at most a quarter of the budget; None: with the budget)
+    chunk_bytes: int | None = None
     #: the unit of work of one reader thread
     piece_bytes: int = 4 << 20
     #: native reader threads (None: the machine's cores, at most 16)
@@ -102,8 +103,8 @@ class LoadOptions:
         """Parses and validates; raises ``ValueError``/``TypeError`` naming the knob.
 
         ``memory_budget`` and ``chunk_bytes`` default to what fits this host's last-level
-        cache (:func:`fastfp8.host.default_staging`); a ``memory_budget`` given without
-        ``chunk_bytes`` gets 1/16 of it (1 - 64 MiB).
+        cache, for where the load quantizes (:meth:`staged`, once that is resolved); a
+        ``memory_budget`` given without ``chunk_bytes`` gets 1/16 of it (1 - 64 MiB).
         """
         if isinstance(ignore, str):
             ignore = [ignore]
@@ -131,13 +132,10 @@ class LoadOptions:
             raise ValueError(f"read_ahead: {e}") from None
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        auto_budget, auto_chunk = host.default_staging(host.last_level_cache_bytes())
-        budget = _positive_bytes("memory_budget", memory_budget) if memory_budget is not None else auto_budget
-        if chunk_bytes is not None:
-            chunk = _positive_bytes("chunk_bytes", chunk_bytes)
-        else:
-            chunk = auto_chunk if memory_budget is None else min(max(budget // 16, 1 << 20), 64 << 20)
-        chunk = max(1, min(chunk, budget // 4))
+        budget = _positive_bytes("memory_budget", memory_budget) if memory_budget is not None else None
+        chunk = _positive_bytes("chunk_bytes", chunk_bytes) if chunk_bytes is not None else None
+        if budget is not None:
+            chunk = max(1, min(chunk or min(max(budget // 16, 1 << 20), 64 << 20), budget // 4))
         return cls(ignore=ignore, default_ignore=default_ignore, layout=layout, memory_budget=budget,
                    chunk_bytes=chunk, piece_bytes=_positive_bytes("piece_bytes", piece_bytes), threads=threads,
                    method=method, read_ahead=read_ahead, rounding=rounding, quantize_on=quantize_on,
@@ -156,6 +154,19 @@ class LoadOptions:
         if unknown:
             raise ValueError(f"unknown {where} keys: {unknown} (allowed: {sorted(allowed)})")
         return cls.make(**extra)
+
+    def staged(self) -> LoadOptions:
+        """These options with ``memory_budget`` and ``chunk_bytes`` made explicit: the ones
+        given, else :func:`fastfp8.host.default_staging` for this host's last-level cache, the
+        ring sized for e4m3 bytes when the reader threads quantize every weight
+        (``quantize_on="host"``, resolved first: :func:`fastfp8.host_quant.resolve_quantize_on`)."""
+        if self.memory_budget is not None and self.chunk_bytes is not None:
+            return self
+        budget, chunk = host.default_staging(host.last_level_cache_bytes(), fp8=self.quantize_on == "host")
+        if self.memory_budget is not None:
+            budget = self.memory_budget
+        chunk = max(1, min(self.chunk_bytes or chunk, budget // 4))
+        return dataclasses.replace(self, memory_budget=budget, chunk_bytes=chunk)
 
     def replace(self, **changes: Any) -> LoadOptions:
         """A copy with ``changes`` applied and validated again."""
