@@ -112,6 +112,33 @@ def _prep_generation(model) -> None:
 #: reset dynamo and the cudagraph trees before each decode measurement (``--fresh-compile``)
 FRESH_COMPILE = False
 
+#: decode steps also timed with the host's share trimmed (``--decode-host``), each beside the
+#: plain timing in the same call: ``gc_frozen`` (Python's cyclic GC frozen and paused, as vLLM
+#: freezes it after capturing its graphs), ``skip_guards`` (dynamo checks only the guards that
+#: tell its cache entries apart, ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``;
+#: vLLM calls its compiled code without dynamo's guards): where FP8's extra host time per
+#: step goes (benches/NOTES.md, sessions 12 and 17)
+HOST_MODES: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def host_mode(mode: str):
+    """The decode loop's host setting ``mode`` (:data:`HOST_MODES`) while in the block."""
+    if mode == "gc_frozen":
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
+            gc.unfreeze()
+    elif mode == "skip_guards":
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            yield
+    else:
+        raise ValueError(f"unknown decode host mode {mode!r} (gc_frozen, skip_guards)")
+
 
 def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str, vocab: int) -> dict[str, float]:
     """Seconds per greedy decode step (CUDA graphs via transformers' auto-compile)."""
@@ -151,11 +178,19 @@ def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str
     step = (t2 - t1) / (n2 - n1)
     if step <= 0:
         raise RuntimeError(f"timing noise: generate({n2}) took {t2:.4f} s, generate({n1}) {t1:.4f} s")
+    host_modes = {}
+    for mode in HOST_MODES:
+        with host_mode(mode):
+            m1 = statistics.median(_sync_time(lambda: gen(n1)) for _ in range(3))
+            m2 = statistics.median(_sync_time(lambda: gen(n2)) for _ in range(3))
+        host_modes[mode] = (m2 - m1) / (n2 - n1) * 1e3
     from torch._dynamo.utils import counters
 
     return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2,
             # of step_ms, the GPU's kernel time: the rest is the host's (generate()'s loop)
             "gpu_ms_per_step": gpu_ms_per_step(gen, n1, n2),
+            # step_ms with the host's share trimmed each way (HOST_MODES)
+            "step_ms_by_host_mode": host_modes,
             # > 0: a compiled graph ran without CUDA graphs (launch-bound steps)
             "cudagraph_skips_so_far": int(counters["inductor"].get("cudagraph_skips", 0))}
 
@@ -338,8 +373,9 @@ def run_model(name: str, config, args) -> dict[str, Any]:
                 continue
             res[f"decode_b{batch}_{tag}"] = d
             gpu = f", GPU kernels {d['gpu_ms_per_step']:.2f} ms/step" if d["gpu_ms_per_step"] is not None else ""
+            modes = "".join(f", {m} {ms:.2f}" for m, ms in d["step_ms_by_host_mode"].items())
             print(f"[{name}] decode b={batch} {tag}: {d['step_ms']:.2f} ms/step, {d['tokens_per_s']:.0f} tok/s "
-                  f"(first call {d['first_call_s']:.0f} s{gpu})", flush=True)
+                  f"(first call {d['first_call_s']:.0f} s{gpu}{modes})", flush=True)
         if f"decode_b{batch}_bf16" in res and f"decode_b{batch}_fp8" in res:
             bf, fp = res[f"decode_b{batch}_bf16"], res[f"decode_b{batch}_fp8"]
             res[f"decode_speedup_b{batch}"] = bf["step_ms"] / fp["step_ms"]
@@ -392,13 +428,19 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh-compile", action="store_true",
                     help="reset dynamo and the cudagraph trees before each model's decode (as if alone in its "
                     "process); measured once: decode b1 1.27x, but the compiled prefill after it ran at 1.01x")
+    ap.add_argument("--decode-host", default="", help="comma list: also time each decode step with gc_frozen "
+                    "and/or skip_guards, beside the plain timing (step_ms_by_host_mode)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (smoke test)")
     ap.add_argument("--budget-s", type=float, default=540,
                     help="start no new model or decode measurement after this many seconds")
     args = ap.parse_args(argv)
-    global FRESH_COMPILE
+    global FRESH_COMPILE, HOST_MODES
     FRESH_COMPILE = args.fresh_compile
+    HOST_MODES = tuple(m for m in args.decode_host.split(",") if m)
+    for m in HOST_MODES:
+        if m not in ("gc_frozen", "skip_guards"):
+            ap.error(f"--decode-host: unknown mode {m!r} (gc_frozen, skip_guards)")
     args.t0 = time.perf_counter()
     args.batches = [int(b) for b in args.batches.split(",") if b]
     global DEVICE
