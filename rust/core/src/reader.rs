@@ -340,6 +340,30 @@ pub fn quantize_balances(
     quantized < plain
 }
 
+/// The items' file ranges in plan order, each shard's ranges no more than [`MAX_GAP`]
+/// apart joined (a tensor-parallel slice: one range a row), as (shard, offset, len, the
+/// items' source bytes before the range, those within it: `len` less the gaps).
+fn file_ranges(items: &[ReadItem]) -> Vec<(usize, u64, u64, u64, u64)> {
+    let mut out: Vec<(usize, u64, u64, u64, u64)> = Vec::new();
+    let mut src = 0u64;
+    for seg in items.iter().flat_map(|i| &i.segments) {
+        if seg.len == 0 {
+            continue;
+        }
+        src += seg.len;
+        if let Some(last) = out.last_mut() {
+            let end = last.1 + last.2;
+            if last.0 == seg.shard && seg.offset >= end && seg.offset - end <= MAX_GAP {
+                last.2 = seg.offset + seg.len - last.1;
+                last.4 += seg.len;
+                continue;
+            }
+        }
+        out.push((seg.shard, seg.offset, seg.len, src - seg.len, seg.len));
+    }
+    out
+}
+
 struct Shared {
     ckpt: Arc<Checkpoint>,
     items: Vec<ReadItem>,
@@ -960,41 +984,28 @@ impl Shared {
         }
     }
 
-    /// The items' file ranges in plan order, each shard's ranges no more than [`MAX_GAP`]
-    /// apart joined (a tensor-parallel slice: one range a row), as (shard, offset, len).
-    fn file_ranges(&self) -> Vec<(usize, u64, u64)> {
-        let mut out: Vec<(usize, u64, u64)> = Vec::new();
-        for seg in self.items.iter().flat_map(|i| &i.segments) {
-            if seg.len == 0 {
-                continue;
-            }
-            if let Some(last) = out.last_mut() {
-                let end = last.1 + last.2;
-                if last.0 == seg.shard && seg.offset >= end && seg.offset - end <= MAX_GAP {
-                    last.2 = seg.offset + seg.len - last.1;
-                    continue;
-                }
-            }
-            out.push((seg.shard, seg.offset, seg.len));
-        }
-        out
-    }
-
     /// The read-ahead thread ([`ReaderConfig::read_ahead_bytes`]): asks the page cache for
     /// the items' file ranges in plan order, in steps of [`READ_AHEAD_STEP`], never more
-    /// than the window past the source bytes given to the threads so far; returns when all
-    /// are asked for or the reader stops.
+    /// than the window (in the items' source bytes, a range's gaps not counted) past the
+    /// source bytes given to the threads so far; returns when all are asked for or the
+    /// reader stops.
     fn read_ahead(&self) {
         let window = self.cfg.read_ahead_bytes;
-        let mut asked = 0u64;
-        for (shard, offset, len) in self.file_ranges() {
+        for (shard, offset, len, src_before, src) in file_ranges(&self.items) {
             let mut at = 0;
             while at < len {
+                // where this step starts, in source bytes (a joined range's gaps spread evenly)
+                let pos = src_before + (u128::from(at) * u128::from(src) / u128::from(len)) as u64;
                 loop {
                     if self.lock().stopped {
                         return;
                     }
-                    if asked < self.allocated_src.load(Ordering::Acquire) + window {
+                    if pos
+                        < self
+                            .allocated_src
+                            .load(Ordering::Acquire)
+                            .saturating_add(window)
+                    {
                         break;
                     }
                     std::thread::sleep(READ_AHEAD_POLL);
@@ -1002,7 +1013,6 @@ impl Shared {
                 let n = (len - at).min(READ_AHEAD_STEP);
                 self.ckpt.shards[shard].will_need(offset + at, n);
                 at += n;
-                asked += n;
             }
         }
     }
@@ -1133,7 +1143,38 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use super::{quantize_balances, PlannedBytes};
+    use super::{file_ranges, quantize_balances, PlannedBytes};
+    use crate::plan::{ReadItem, Segment};
+
+    fn item(segments: &[(usize, u64, u64)]) -> ReadItem {
+        ReadItem {
+            name: "t".into(),
+            segments: segments
+                .iter()
+                .map(|&(shard, offset, len)| Segment { shard, offset, len })
+                .collect(),
+            quant: None,
+            amax: None,
+            optional: false,
+        }
+    }
+
+    /// A column slice (one range a row, the other ranks' columns between) is asked for as
+    /// one range, and its place in the plan counts only its own bytes: the read-ahead's
+    /// window is in the bytes the threads are given, so it never runs behind them.
+    #[test]
+    fn read_ahead_ranges_join_a_slice_and_count_its_own_bytes() {
+        let rows = item(&[(0, 100, 8), (0, 116, 8), (0, 132, 8)]);
+        let far = item(&[(0, 100 + (4 << 20), 10), (1, 0, 0), (1, 50, 5)]);
+        assert_eq!(
+            file_ranges(&[rows, far]),
+            vec![
+                (0, 100, 40, 0, 24),
+                (0, 100 + (4 << 20), 10, 24, 10),
+                (1, 50, 5, 34, 5)
+            ]
+        );
+    }
 
     const EMPTY: PlannedBytes = PlannedBytes {
         plain: 0.0,
