@@ -116,14 +116,29 @@ FRESH_COMPILE = False
 #: plain timing in the same call: ``gc_frozen`` (Python's cyclic GC frozen and paused, as vLLM
 #: freezes it after capturing its graphs), ``skip_guards`` (dynamo checks only the guards that
 #: tell its cache entries apart, ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``;
-#: vLLM calls its compiled code without dynamo's guards): where FP8's extra host time per
-#: step goes (benches/NOTES.md, sessions 12 and 17)
+#: vLLM calls its compiled code without dynamo's guards), ``deferred_stop`` (transformers'
+#: own ``DeferredStopCheck``, which it enables on "mps" only, let on CUDA too: ``generate()``
+#: reads each step's stop flag one step late, so the host queues the next step while the GPU
+#: runs this one instead of waiting for it, as a serving engine's loop does; one extra step
+#: at the end, undone, which the difference of two lengths cancels); modes joined by ``+``
+#: apply together: where FP8's extra host time per step goes (benches/NOTES.md, sessions 12
+#: and 17)
 HOST_MODES: tuple[str, ...] = ()
+MODES = ("gc_frozen", "skip_guards", "deferred_stop")
 
 
 @contextlib.contextmanager
 def host_mode(mode: str):
-    """The decode loop's host setting ``mode`` (:data:`HOST_MODES`) while in the block."""
+    """The decode loop's host settings ``mode`` (:data:`HOST_MODES`: one of :data:`MODES`, or
+    several joined by ``+``) while in the block."""
+    with contextlib.ExitStack() as stack:
+        for one in mode.split("+"):
+            stack.enter_context(_host_mode(one))
+        yield
+
+
+@contextlib.contextmanager
+def _host_mode(mode: str):
     if mode == "gc_frozen":
         gc.collect()
         gc.freeze()
@@ -136,8 +151,23 @@ def host_mode(mode: str):
     elif mode == "skip_guards":
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             yield
+    elif mode == "deferred_stop":
+        from transformers.generation.utils import DeferredStopCheck
+
+        gate = DeferredStopCheck.__dict__["is_supported"]
+
+        def is_supported(device, cache, cache_is_returned, is_assistant):
+            if device.type == "cuda" and not is_assistant:  # transformers' own rule, "mps" read as "cuda"
+                return cache is None or cache.is_croppable or not cache_is_returned
+            return gate.__func__(device, cache, cache_is_returned, is_assistant)
+
+        DeferredStopCheck.is_supported = staticmethod(is_supported)
+        try:
+            yield
+        finally:
+            DeferredStopCheck.is_supported = gate
     else:
-        raise ValueError(f"unknown decode host mode {mode!r} (gc_frozen, skip_guards)")
+        raise ValueError(f"unknown decode host mode {mode!r} ({', '.join(MODES)}, or several joined by '+')")
 
 
 def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str, vocab: int) -> dict[str, float]:
@@ -380,6 +410,10 @@ def run_model(name: str, config, args) -> dict[str, Any]:
             bf, fp = res[f"decode_b{batch}_bf16"], res[f"decode_b{batch}_fp8"]
             res[f"decode_speedup_b{batch}"] = bf["step_ms"] / fp["step_ms"]
             res[f"decode_gpu_speedup_b{batch}"] = gpu_speedup(bf, fp)
+            for mode in HOST_MODES:  # the same with the host's share trimmed that way
+                if bf["step_ms_by_host_mode"].get(mode) and fp["step_ms_by_host_mode"].get(mode):
+                    res[f"decode_speedup_b{batch}_{mode}"] = (bf["step_ms_by_host_mode"][mode]
+                                                              / fp["step_ms_by_host_mode"][mode])
     res["logits_sqnr_weight_only_control"] = weight_only_control_sqnr(bf16, vocab)
     print(f"[{name}] control: bf16 with fake-quantized weights, logits SQNR "
           f"{res['logits_sqnr_weight_only_control']:.2f} dB", flush=True)
@@ -428,8 +462,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh-compile", action="store_true",
                     help="reset dynamo and the cudagraph trees before each model's decode (as if alone in its "
                     "process); measured once: decode b1 1.27x, but the compiled prefill after it ran at 1.01x")
-    ap.add_argument("--decode-host", default="", help="comma list: also time each decode step with gc_frozen "
-                    "and/or skip_guards, beside the plain timing (step_ms_by_host_mode)")
+    ap.add_argument("--decode-host", default="", help="comma list: also time each decode step with gc_frozen, "
+                    "skip_guards, deferred_stop (or several joined by +), beside the plain timing "
+                    "(step_ms_by_host_mode)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (smoke test)")
     ap.add_argument("--budget-s", type=float, default=540,
@@ -439,8 +474,8 @@ def main(argv=None) -> int:
     FRESH_COMPILE = args.fresh_compile
     HOST_MODES = tuple(m for m in args.decode_host.split(",") if m)
     for m in HOST_MODES:
-        if m not in ("gc_frozen", "skip_guards"):
-            ap.error(f"--decode-host: unknown mode {m!r} (gc_frozen, skip_guards)")
+        if any(one not in MODES for one in m.split("+")):
+            ap.error(f"--decode-host: unknown mode {m!r} ({', '.join(MODES)}, or several joined by '+')")
     args.t0 = time.perf_counter()
     args.batches = [int(b) for b in args.batches.split(",") if b]
     global DEVICE

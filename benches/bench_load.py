@@ -46,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_ring128", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device",
+FASTFP8 = ["fastfp8", "fastfp8_torchpin", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device",
            "fastfp8_host_pread", "fastfp8_split"]
 #: cold: fastfp8's defaults (method "auto": mmap when cold); fastfp8_pread and fastfp8_direct
 #: (O_DIRECT) by --loaders: three loads of each of them, round robin, cost a minute of a 10-minute call
@@ -73,7 +73,11 @@ VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_dev
             # a ring twice the default, chunks of 16 MiB: half the chunks for the consumer thread
             "fastfp8_ring256": {"memory_budget": "256MiB", "chunk_bytes": "16MiB"},
             # warm, the default's ring until session 18 (a 300 MiB L3; now 64 MiB of 4 MiB chunks)
-            "fastfp8_ring128": {"memory_budget": "128MiB", "chunk_bytes": "8MiB"}}
+            "fastfp8_ring128": {"memory_budget": "128MiB", "chunk_bytes": "8MiB"},
+            # the ring from torch's pinned allocation (FASTFP8_PINNED=cuda), the default until
+            # session 19 (now transparent huge pages registered with CUDA: a warm load's setup
+            # is mostly its ring's pinning)
+            "fastfp8_torchpin": {"_pinned": "cuda"}}
 
 
 def fastfp8_options(loader: str) -> dict:
@@ -183,6 +187,8 @@ def worker(args) -> dict:
                 fastfp8.engine.MERGE_SHARE = kw.pop("_merge_share")
             if "_adaptive_balance" in kw:
                 fastfp8.engine.ADAPTIVE_BALANCE = kw.pop("_adaptive_balance")
+            if "_pinned" in kw:  # how the ring is page-locked (fastfp8.pinned._pinned)
+                os.environ["FASTFP8_PINNED"] = kw.pop("_pinned")
             return fastfp8.load_quantized(ckpt, device=dev, progress=False, **kw)
         return peers.PEERS[args.loader](paths, quantize, should_quantize, str(dev))
 

@@ -124,6 +124,16 @@ def test_retain_nests_and_frees_at_the_outermost_exit():
     assert pool.idle_bytes() == 0 and pool.live_bytes() == 0 and not pool.retaining
 
 
+def test_pinned_way_is_checked(monkeypatch):
+    """``FASTFP8_PINNED`` takes ``thp`` or ``cuda``; anything else is a ValueError naming it,
+    before any memory is page-locked."""
+    from fastfp8 import pinned
+
+    monkeypatch.setenv("FASTFP8_PINNED", "hugepages")
+    with pytest.raises(ValueError, match="FASTFP8_PINNED must be one of thp, cuda, got 'hugepages'"):
+        pinned._pinned(2 * MiB)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["thp", "cuda", "thp-fails"])
 def test_pinned_staging_by_each_way(monkeypatch, mode):

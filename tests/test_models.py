@@ -207,7 +207,8 @@ def test_bench_decode_smoke_cpu(tmp_path):
                                "e2e": {"models": {"older": {"layers": 2}, "llama8b": {"stale": True}}}}))
     rc = mod.main(["--device", "cpu", "--tiny", "--layers", "1", "--moe-layers", "1", "--backend", "none",
                    "--n1", "2", "--n2", "4", "--prefill", "16", "--prompt", "4", "--batches", "1,2",
-                   "--no-compiled-prefill", "--decode-host", "gc_frozen,skip_guards", "--out", str(out)])
+                   "--no-compiled-prefill", "--decode-host", "gc_frozen,skip_guards,deferred_stop+gc_frozen",
+                   "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["gpu"] == "x" and not rep["e2e"]["errors"], rep["e2e"]["errors"]
     # a model of an earlier run stays, marked; one measured again is replaced
@@ -223,7 +224,10 @@ def test_bench_decode_smoke_cpu(tmp_path):
                for t in ("bf16", "fp8"))
     for b, t in ((1, "bf16"), (1, "fp8"), (2, "bf16"), (2, "fp8")):
         if f"decode_b{b}_{t}" in llama:  # each step also timed with the host's share trimmed
-            assert set(llama[f"decode_b{b}_{t}"]["step_ms_by_host_mode"]) == {"gc_frozen", "skip_guards"}
+            assert set(llama[f"decode_b{b}_{t}"]["step_ms_by_host_mode"]) == {"gc_frozen", "skip_guards",
+                                                                                "deferred_stop+gc_frozen"}
+    if "decode_b1_bf16" in llama and "decode_b1_fp8" in llama:
+        assert llama["decode_speedup_b1_gc_frozen"] > 0 and llama["decode_speedup_b1_deferred_stop+gc_frozen"] > 0
     assert rc in (0, 1)
     # a run without decode (--batches ""): prefill measured again, the earlier decode kept, marked
     rc = mod.main(["--device", "cpu", "--tiny", "--models", "qwen3moe", "--moe-layers", "1", "--backend", "none",

@@ -11,6 +11,7 @@ import contextlib
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +284,11 @@ class ChunkReader:
             raise BudgetError(f"memory_budget must be positive, got {memory_budget!r}")
         if threads is not None and threads <= 0:
             raise ValueError(f"threads must be positive, got {threads}")
+        t = time.perf_counter()
         self.buffer: torch.Tensor = POOL.acquire(budget, pin=pin)
+        #: seconds the ring took to get from the pool (page-locking a new one: most of a
+        #: warm load's setup; ``stats.phases["pin"]``)
+        self.acquire_seconds = time.perf_counter() - t
         self.budget = budget
         try:
             self._native = _native.Reader(

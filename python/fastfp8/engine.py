@@ -98,7 +98,8 @@ class LoadStats:
     quantize_on: str = ""
     device: str = ""
     non_finite: list[str] = field(default_factory=list)
-    #: seconds spent in each phase: "setup" (open, plan, allocate), "read_wait" (waiting
+    #: seconds spent in each phase: "setup" (open, plan, allocate; of it "pin": the pinned
+    #: ring from the pool, page-locked when new), "read_wait" (waiting
     #: for the reader), "copy_wait" (waiting for host-to-device copies to free slots),
     #: on CUDA the consumer thread's own work: "issue" (each chunk: outputs allocated, its
     #: copy queued), "job_end" (each job's end: the quantization launched, events), of it
@@ -394,6 +395,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     reader, specs, amax = open_reader(ckpt, plan, options, device, rounding)
     stats.method, stats.read_ahead = options.method, options.read_ahead if options.method != "direct" else 0
     stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
+    stats.phases["pin"] = stats.phases.get("pin", 0.0) + reader.acquire_seconds
     flags: list[tuple[Job, torch.Tensor]] = []  # (job, its scales)
     try:
         if device.type == "cuda":

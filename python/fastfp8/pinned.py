@@ -275,22 +275,35 @@ class BufferPool:
             self._idle.clear()  # kept for a waiter that has since been served or gave up
 
 
+#: how :func:`_pinned` page-locks memory (``FASTFP8_PINNED``): ``"thp"`` (the default)
+#: anonymous memory on transparent huge pages registered with CUDA, ``"cuda"`` torch's
+#: pinned allocation (``cudaHostAlloc``'s 4 KiB pages)
+PINNED_WAYS = ("thp", "cuda")
+
+
 def _pinned(size: int) -> torch.Tensor:
-    """``size`` bytes of page-locked memory: torch's pinned allocation (cudaHostAlloc's 4 KiB
-    pages), or with ``FASTFP8_PINNED=thp`` anonymous memory on transparent huge pages
-    registered with CUDA (:func:`_huge_registered`; torch's where registering fails)."""
-    if os.environ.get("FASTFP8_PINNED", "cuda") == "thp":
+    """``size`` bytes of page-locked memory: on transparent huge pages registered with CUDA
+    (:func:`_huge_registered`), or torch's pinned allocation with ``FASTFP8_PINNED=cuda`` and
+    where registering fails. A warm load's setup is mostly its ring's pinning: on an H200
+    machine 64 MiB took 8.6 ms this way against 35 ms from torch's allocator (128 MiB: 13
+    against 57), and the GPU read both at the same 55 GB/s (``benches/probe_pin.py``); the
+    load moved 49.1 against 47.7 GB/s (medians of 5, round robin, ``benches/NOTES.md``,
+    session 19). Torch's allocator keeps a freed block pinned for the process's next
+    allocation, so a second load in a process paid nothing there; here a new load registers
+    its ring again (inside :meth:`BufferPool.retain` it reuses it)."""
+    way = os.environ.get("FASTFP8_PINNED", "thp")
+    if way not in PINNED_WAYS:
+        raise ValueError(f"FASTFP8_PINNED must be one of {', '.join(PINNED_WAYS)}, got {way!r}")
+    if way == "thp":
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             return _huge_registered(size)
     return torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
 
 def _huge_registered(size: int) -> torch.Tensor:
-    """Anonymous memory backed by transparent huge pages, then page-locked with
-    cudaHostRegister. A process's first load pinned its 128 MiB ring faster this way on two
-    H200 machines (setup 164 and 193 ms against 335 and 232) and slower on a third (303
-    against 242); later loads register it again each time (5 ms more setup), and ran as
-    fast or slower (49.9 against 50.4, 40.1 against 44.9 GB/s): benches/NOTES.md."""
+    """Anonymous memory backed by transparent huge pages (where the kernel can), faulted in,
+    then page-locked with cudaHostRegister; unregistered when its storage dies (the last
+    view of it, not the first tensor object)."""
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         m.madvise(mmap.MADV_HUGEPAGE)
@@ -298,7 +311,7 @@ def _huge_registered(size: int) -> torch.Tensor:
     buf.fill_(0)  # fault the pages in, as huge pages where the kernel can
     cudart = torch.cuda.cudart()
     torch.cuda.check_error(cudart.cudaHostRegister(buf.data_ptr(), size, 0))
-    weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+    weakref.finalize(buf.untyped_storage(), cudart.cudaHostUnregister, buf.data_ptr())
     return buf
 
 
