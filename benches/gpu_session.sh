@@ -15,8 +15,8 @@
 #   probe    probe_pipeline.py: the engine's consumer variants, round robin, and a
 #            process's first load (fresh processes)                       ~4 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
-#            (DECODE_MODELS=llama8b: one model; DECODE_HOST=gc_frozen,skip_guards: each
-#            step also timed with the host's share trimmed)
+#            (DECODE_MODELS=llama8b: one model; DECODE_HOST=gc_frozen,skip_guards,deferred_stop:
+#            each step also timed with the host's share trimmed; DECODE_ORDER=fp8,bf16)
 #   tp       bench_load_tp.py at tp 1 and 2 (nvidia-h200-x2; NCCL, NVLS off) ~4 min
 #            (TP_SIZES="1,2", TP_REPEAT=3, TP_VARIANTS="default,quantize_on=host": round robin)
 #   tpcold   the same, the page cache evicted before every load (default,method=pread, 1 each) ~3 min
@@ -91,7 +91,8 @@ for s in "$@"; do
         if [ -f "$TABLE" ]; then export FASTFP8_LINEAR_TABLE=$TABLE; fi
         [ -f "$OUT/modules_$GPU.json" ] || echo '{}' > "$OUT/modules_$GPU.json"
         stage decode 540 python3 benches/bench_decode.py --out "$OUT/modules_$GPU.json" \
-            ${DECODE_HOST:+--decode-host "$DECODE_HOST"} ${DECODE_MODELS:+--models "$DECODE_MODELS"} ;;
+            ${DECODE_HOST:+--decode-host "$DECODE_HOST"} ${DECODE_MODELS:+--models "$DECODE_MODELS"} \
+            ${DECODE_ORDER:+--order "$DECODE_ORDER"} ;;
     tp)
         [ -f "$CKPT/model.safetensors.index.json" ] ||
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync

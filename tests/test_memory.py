@@ -124,6 +124,37 @@ def test_retain_nests_and_frees_at_the_outermost_exit():
     assert pool.idle_bytes() == 0 and pool.live_bytes() == 0 and not pool.retaining
 
 
+def test_huge_pages_stay_registered_while_a_view_lives(monkeypatch):
+    """The huge-page ring is unregistered when its storage dies, after its last view, and
+    while its memory is still mapped: not when the first tensor object goes (a chunk's view
+    may still be in a copy then)."""
+    from fastfp8 import pinned
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    buf = pinned._huge_registered(2 * MiB)
+    ptr = buf.data_ptr()
+    assert calls == [("register", ptr, 2 * MiB)] and int(buf.sum()) == 0
+    view = buf[MiB:]
+    del buf
+    gc.collect()
+    assert calls == [("register", ptr, 2 * MiB)]
+    view.fill_(7)  # still mapped, still ours
+    del view
+    gc.collect()
+    assert calls == [("register", ptr, 2 * MiB), ("unregister", ptr)]
+
+
 def test_pinned_way_is_checked(monkeypatch):
     """``FASTFP8_PINNED`` takes ``thp`` or ``cuda``; anything else is a ValueError naming it,
     before any memory is page-locked."""

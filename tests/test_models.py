@@ -208,7 +208,7 @@ def test_bench_decode_smoke_cpu(tmp_path):
     rc = mod.main(["--device", "cpu", "--tiny", "--layers", "1", "--moe-layers", "1", "--backend", "none",
                    "--n1", "2", "--n2", "4", "--prefill", "16", "--prompt", "4", "--batches", "1,2",
                    "--no-compiled-prefill", "--decode-host", "gc_frozen,skip_guards,deferred_stop+gc_frozen",
-                   "--out", str(out)])
+                   "--order", "fp8,bf16", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["gpu"] == "x" and not rep["e2e"]["errors"], rep["e2e"]["errors"]
     # a model of an earlier run stays, marked; one measured again is replaced
@@ -226,8 +226,8 @@ def test_bench_decode_smoke_cpu(tmp_path):
         if f"decode_b{b}_{t}" in llama:  # each step also timed with the host's share trimmed
             assert set(llama[f"decode_b{b}_{t}"]["step_ms_by_host_mode"]) == {"gc_frozen", "skip_guards",
                                                                                 "deferred_stop+gc_frozen"}
-    if "decode_b1_bf16" in llama and "decode_b1_fp8" in llama:
-        assert llama["decode_speedup_b1_gc_frozen"] > 0 and llama["decode_speedup_b1_deferred_stop+gc_frozen"] > 0
+    for mode in ("gc_frozen", "deferred_stop+gc_frozen"):  # a ratio per host mode (absent: CPU timing noise)
+        assert llama.get(f"decode_speedup_b1_{mode}", 1.0) > 0
     assert rc in (0, 1)
     # a run without decode (--batches ""): prefill measured again, the earlier decode kept, marked
     rc = mod.main(["--device", "cpu", "--tiny", "--models", "qwen3moe", "--moe-layers", "1", "--backend", "none",

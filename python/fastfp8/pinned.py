@@ -303,7 +303,7 @@ def _pinned(size: int) -> torch.Tensor:
 def _huge_registered(size: int) -> torch.Tensor:
     """Anonymous memory backed by transparent huge pages (where the kernel can), faulted in,
     then page-locked with cudaHostRegister; unregistered when its storage dies (the last
-    view of it, not the first tensor object)."""
+    view of it, not the first tensor object), the mapping kept until then."""
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         m.madvise(mmap.MADV_HUGEPAGE)
@@ -311,8 +311,13 @@ def _huge_registered(size: int) -> torch.Tensor:
     buf.fill_(0)  # fault the pages in, as huge pages where the kernel can
     cudart = torch.cuda.cudart()
     torch.cuda.check_error(cudart.cudaHostRegister(buf.data_ptr(), size, 0))
-    weakref.finalize(buf.untyped_storage(), cudart.cudaHostUnregister, buf.data_ptr())
+    weakref.finalize(buf.untyped_storage(), _unregister, cudart, buf.data_ptr(), m)
     return buf
+
+
+def _unregister(cudart, ptr: int, mapping: mmap.mmap) -> None:
+    """Unpins ``ptr``; ``mapping`` (unused) keeps the memory mapped until this ran."""
+    cudart.cudaHostUnregister(ptr)
 
 
 POOL = BufferPool(max_total_bytes=_env_limit(), timeout=_env_timeout())
