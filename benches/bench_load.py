@@ -46,8 +46,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FASTFP8 = ["fastfp8", "fastfp8_torchpin", "fastfp8_adaptive", "fastfp8_mmap_adaptive", "fastfp8_device",
-           "fastfp8_host_pread", "fastfp8_split"]
+#: warm, round robin: three loads of each (a loader's three cost 20 - 30 s of a 10-minute call;
+#: others by --loaders)
+FASTFP8 = ["fastfp8", "fastfp8_torchpin", "fastfp8_adaptive", "fastfp8_device", "fastfp8_host_pread"]
 #: cold: fastfp8's defaults (method "auto": mmap when cold); fastfp8_pread and fastfp8_direct
 #: (O_DIRECT) by --loaders: three loads of each of them, round robin, cost a minute of a 10-minute call
 COLD_FASTFP8 = ["fastfp8"]

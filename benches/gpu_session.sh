@@ -76,7 +76,7 @@ for s in "$@"; do
         sync
         sweep=${LOAD_SWEEP-8,12,16}
         # cold: three loads a loader, round robin (a disk's rate drifts over the run)
-        stage load 540 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" \
+        stage load 555 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" \
             --cold-repeat "${LOAD_COLD_REPEAT:-3}" --round-robin ${sweep:+--sweep-threads "$sweep"} ;;
     probe)
         # the consumer's variants against each other, round robin, caches emptied as in

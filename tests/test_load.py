@@ -84,6 +84,9 @@ def test_models_against_compressed_tensors(tmp_path, arch, device):
     st = state.stats
     assert st.bytes_read == sum(t.numel() * t.element_size() for t in src.values())
     assert 0 < st.peak_in_flight <= 256 << 10
+    ph = st.phases  # the setup's parts
+    assert {"setup", "plan", "resolve", "reader", "pin"} <= set(ph)
+    assert ph["pin"] <= ph["reader"] and ph["plan"] + ph["resolve"] + ph["reader"] <= ph["setup"] + 1e-6
     if device == "cuda":  # where the consumer thread's time went
         assert {"read_wait", "copy_wait", "issue", "job_end", "launch", "alloc", "release", "caller",
                 "drain"} <= set(st.phases)

@@ -98,8 +98,12 @@ class LoadStats:
     quantize_on: str = ""
     device: str = ""
     non_finite: list[str] = field(default_factory=list)
-    #: seconds spent in each phase: "setup" (open, plan, allocate; of it "pin": the pinned
-    #: ring from the pool, page-locked when new), "read_wait" (waiting
+    #: seconds spent in each phase: "setup" (open, plan, allocate; of it "plan": the
+    #: checkpoint opened and the plan made before the engine starts, "resolve": the
+    #: engine's options resolved (the page cache asked how warm the checkpoint is, the
+    #: progress bar), "reader": the reader opened (host quantization's specs, its threads
+    #: started, its ring), of that "pin": the pinned ring from the pool, page-locked when
+    #: new), "read_wait" (waiting
     #: for the reader), "copy_wait" (waiting for host-to-device copies to free slots),
     #: on CUDA the consumer thread's own work: "issue" (each chunk: outputs allocated, its
     #: copy queued), "job_end" (each job's end: the quantization launched, events), of it
@@ -383,6 +387,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     :class:`NonFiniteWeightError` unless ``options.allow_non_finite`` (the names are in
     ``stats.non_finite`` either way). Closing the generator early stops the reader."""
     t0 = time.perf_counter()
+    clock = time.perf_counter
     rounding = resolve_rounding(options.rounding, device)
     warm = is_warm(ckpt) if options.quantize_on == "auto" or options.method == "auto" else True
     options = resolve_quantize_on(options, device, plan.tp.size if plan.tp else 1, warm=warm)
@@ -392,9 +397,13 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.tensors = len(plan.targets)
     stats.quantized = sum(t.quantized for t in plan.targets)
     bar = progress_bar(plan.nbytes, options.progress, desc)
+    t_reader = clock()
     reader, specs, amax = open_reader(ckpt, plan, options, device, rounding)
+    t = clock()
     stats.method, stats.read_ahead = options.method, options.read_ahead if options.method != "direct" else 0
-    stats.phases["setup"] = stats.phases.get("setup", 0.0) + time.perf_counter() - t0
+    stats.phases["resolve"] = stats.phases.get("resolve", 0.0) + t_reader - t0
+    stats.phases["reader"] = stats.phases.get("reader", 0.0) + t - t_reader
+    stats.phases["setup"] = stats.phases.get("setup", 0.0) + t - t0
     stats.phases["pin"] = stats.phases.get("pin", 0.0) + reader.acquire_seconds
     flags: list[tuple[Job, torch.Tensor]] = []  # (job, its scales)
     try:

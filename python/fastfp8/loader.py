@@ -94,7 +94,7 @@ def load_quantized(
     plan = make_plan(ckpt, options, tp)
     sink = StateSink(dev)
     stats = LoadStats()
-    stats.phases["setup"] = time.perf_counter() - t0
+    stats.phases["setup"] = stats.phases["plan"] = time.perf_counter() - t0
     for _ in run(ckpt, plan, options, dev, sink, stats):
         pass
     stats.seconds = time.perf_counter() - t0
