@@ -99,7 +99,7 @@ class LoadStats:
     device: str = ""
     non_finite: list[str] = field(default_factory=list)
     #: seconds spent in each phase: "setup" (open, plan, allocate; of it "plan": the
-    #: checkpoint opened and the plan made before the engine starts, "resolve": the
+    #: checkpoint opened and the plan made before the engine starts (``load_quantized``), "resolve": the
     #: engine's options resolved (the page cache asked how warm the checkpoint is, the
     #: progress bar), "reader": the reader opened (host quantization's specs, its threads
     #: started, its ring), of that "pin": the pinned ring from the pool, page-locked when
