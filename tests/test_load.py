@@ -91,7 +91,7 @@ def test_models_against_compressed_tensors(tmp_path, arch, device):
         assert {"read_wait", "copy_wait", "issue", "job_end", "launch", "alloc", "release", "caller",
                 "drain"} <= set(st.phases)
         assert st.phases["launch"] <= st.phases["job_end"] and st.phases["alloc"] <= st.phases["issue"]
-        assert st.phases["copy_wait"] <= st.phases["release"]
+        assert st.phases["reserve"] <= st.phases["alloc"] and st.phases["copy_wait"] <= st.phases["release"]
         assert all(v >= 0 for v in st.phases.values()), st.phases
 
 

@@ -305,6 +305,7 @@ class ChunkReader:
         self.optional = frozenset(optional)
         self._held = 0  # delivered, unreleased chunks
         self._final_stats: dict[str, int] | None = None
+        self._final_non_finite: list[int] | None = None
 
     def next(self) -> tuple[int, int, int, int] | None:
         d = self._native.next()
@@ -317,6 +318,14 @@ class ChunkReader:
         or for an ``optional`` one as the threads decided on reaching it, before its first
         delivery (None until then)."""
         return self._native.quantized(item)
+
+    def non_finite(self) -> list[int]:
+        """The items quantized on the way that hold NaN or Inf (a NaN scale in a chunk
+        read so far), in plan order: checked by the threads as they write the scales, so
+        that nobody reads them back. Also after ``close``."""
+        if self._final_non_finite is not None:
+            return list(self._final_non_finite)
+        return self._native.non_finite()
 
     def view(self, buf_offset: int, nbytes: int) -> torch.Tensor:
         if self._closed:
@@ -349,6 +358,7 @@ class ChunkReader:
         if self._closed:
             return
         self._final_stats = self.stats()
+        self._final_non_finite = self.non_finite()
         self._closed = True
         self._native.close()
         if self._held == 0:

@@ -108,12 +108,14 @@ class LoadStats:
     #: on CUDA the consumer thread's own work: "issue" (each chunk: outputs allocated, its
     #: copy queued), "job_end" (each job's end: the quantization launched, events), of it
     #: "launch" (the quantization call alone: Triton's launch), "alloc" (of "issue": the
-    #: outputs' allocation at each job's first chunk), "release" (finished copies' chunks
+    #: outputs' allocation at each job's first chunk; of it "reserve": the device memory
+    #: for all of them, up front), "release" (finished copies' chunks
     #: handed back to the reader, "copy_wait" included),
     #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
-    #: the finiteness check; of it "finish_copy" and "finish_sync": queueing the scales'
-    #: copies and waiting for them); tensor parallelism: "reduce" (of "launch": the
-    #: all-reduce calls of row-parallel maxima); "room_wait": the reader threads' time idle
+    #: the finiteness check of the scales the reader threads did not write; of it
+    #: "finish_copy" and "finish_sync": queueing their copies and waiting for them); tensor
+    #: parallelism: "reduce" (of "launch": the all-reduce calls of row-parallel maxima);
+    #: "room_wait": the reader threads' time idle
     #: for want of room in the ring (the consumer had not released enough), per thread
     phases: dict[str, float] = field(default_factory=dict)
     #: with :data:`TIMELINE` on: each chunk's ``(item, src_len, alloc_ns, read_ns, deliver_ns,
@@ -234,13 +236,28 @@ RESERVE_HEADROOM = 1 << 30
 # ---------------------------------------------------------------------------------------
 
 
+class _NoBar:
+    """What :func:`progress_bar` gives when no bar is shown: a disabled tqdm costs about a
+    millisecond to make on a process's first load (its locks, its monitor thread)."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(total: int, enabled: bool | None, desc: str = "fastfp8"):
     """A tqdm bar in binary units on stderr (default: when stderr is a terminal)."""
-    from tqdm.auto import tqdm
-
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.1, **TQDM_BYTES)
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, smoothing=0.1, **TQDM_BYTES)
 
 
 #: reader threads of a direct (cold) read when ``threads`` is not set: each keeps one
@@ -383,9 +400,11 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
         *, desc: str = "fastfp8") -> Iterator[tuple[Job, list[torch.Tensor]]]:
     """Runs ``plan`` on ``device`` into ``sink``; yields ``(job, tensors)`` per finished job.
 
-    After the last job it checks every scale for NaN/Inf (one device sync) and raises
+    After the last job it checks every scale for NaN/Inf and raises
     :class:`NonFiniteWeightError` unless ``options.allow_non_finite`` (the names are in
-    ``stats.non_finite`` either way). Closing the generator early stops the reader."""
+    ``stats.non_finite`` either way): the reader threads check the scales they write as they
+    write them; the device's are copied back once (one device sync, only where the device
+    quantized). Closing the generator early stops the reader."""
     t0 = time.perf_counter()
     clock = time.perf_counter
     rounding = resolve_rounding(options.rounding, device)
@@ -419,7 +438,9 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
                                     if sp and (i not in reader.optional or reader.quantized(i))})
         t = time.perf_counter()
         _fault("finish", None)
-        stats.non_finite = _non_finite(flags, stats.phases)
+        bad = _non_finite(flags, stats.phases) | {id(plan.jobs[i]) for i in reader.non_finite()}
+        if bad:  # the source names, each once, in plan order
+            stats.non_finite = list(dict.fromkeys(j.target.source.name for j in plan.jobs if id(j) in bad))
         stats.phases["finish"] = stats.phases.get("finish", 0.0) + time.perf_counter() - t
     except BaseException:
         if device.type == "cuda":
@@ -532,7 +553,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         caller = torch.cuda.current_stream(dev)
         t = clock()
         sink.reserve(plan)
-        alloc += clock() - t
+        reserve = clock() - t
+        alloc += reserve
         issue += alloc  # the outputs' allocation, done up front (alloc is a part of issue)
         torch.cuda.set_stream(copy_stream)
         try:
@@ -623,7 +645,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     if spec is not None:
                         _fault("quantize", job)
                         empty_slice_scales(job, outs, amax.get(item), rounding)
-                        flags.append((job, outs[1]))
+                        if not job.nbytes:  # scales made here (else the reader checks them)
+                            flags.append((job, outs[1]))
                     done.record(copy_stream)
                 caller.wait_event(done)
                 torch.cuda.set_stream(caller)
@@ -639,8 +662,8 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
         caller.wait_stream(copy_stream)
         caller.wait_stream(lane.stream)
         torch.cuda.synchronize(dev)
-        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, alloc=alloc, job_end=job_end,
-                            launch=launch, release=release, caller=caller_time, drain=clock() - t)
+        stats.phases.update(read_wait=read_wait, copy_wait=copy_wait, issue=issue, alloc=alloc, reserve=reserve,
+                            job_end=job_end, launch=launch, release=release, caller=caller_time, drain=clock() - t)
     while pending:
         _, off, n = pending.popleft()
         reader.release(off, n)
@@ -678,10 +701,12 @@ def _run_host(reader, plan: Plan, specs, amax, dev, sink, rounding, bar, flags):
         if job.quantized:
             if spec is None:
                 _quantize(job, staging, outs, rounding, plan)
+                flags.append((job, outs[1]))
             else:
                 _fault("quantize", job)
                 empty_slice_scales(job, outs, amax.get(item), rounding)
-            flags.append((job, outs[1]))
+                if not job.nbytes:  # scales made here (else the reader checks them)
+                    flags.append((job, outs[1]))
         _fault("yield", job)
         yield job, outs
 
@@ -702,19 +727,20 @@ def _finite(buf: torch.Tensor) -> np.ndarray:
     return (bits & mask) != mask
 
 
-def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] | None = None) -> list[str]:
-    """Names of the source tensors with a NaN/Inf scale, from every quantized job's scales
-    (kept by reference as each job ends: no kernel per job on the consumer thread's path),
-    checked once when the load has finished, on the host: a device's scales come over in
-    plain copies into pinned memory, one buffer per dtype (no kernel, so none to load on a
-    process's first load), then one sync, then :func:`_finite` on the host."""
+def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] | None = None) -> set[int]:
+    """The jobs (by ``id``) among ``flags`` with a NaN/Inf scale: the scales of every job not
+    quantized by the reader threads (those check their own as they write them, the reader's
+    ``non_finite()``), kept by reference as each job ends (no kernel per job on the consumer
+    thread's path), checked once when the load has finished, on the host: a device's scales
+    come over in plain copies into pinned memory, one buffer per dtype (no kernel, so none
+    to load on a process's first load), then one sync, then :func:`_finite` on the host."""
     flags = [(job, s) for job, s in flags if s.numel()]
+    bad_jobs: set[int] = set()
     if not flags:
-        return []
+        return bad_jobs
     by_dtype: dict[torch.dtype, list[tuple[Job, torch.Tensor]]] = {}
     for job, s in flags:
         by_dtype.setdefault(s.dtype, []).append((job, s))
-    bad_jobs: set[int] = set()
     for dtype, group in by_dtype.items():
         sizes = [s.numel() for _, s in group]
         on_cuda = group[0][1].is_cuda
@@ -735,9 +761,4 @@ def _non_finite(flags: list[tuple[Job, torch.Tensor]], phases: dict[str, float] 
         for (job, _), f in zip(group, np.split(finite, np.cumsum(sizes)[:-1]), strict=True):
             if not f.all():
                 bad_jobs.add(id(job))
-    names: list[str] = []
-    for job, _ in flags:
-        n = job.target.source.name
-        if id(job) in bad_jobs and n not in names:
-            names.append(n)
-    return names
+    return bad_jobs

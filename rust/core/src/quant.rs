@@ -216,6 +216,23 @@ pub fn core_ps_per_byte(dtype: Dtype) -> u64 {
     })
 }
 
+/// Whether every scale in `scales` (little-endian `dtype` values, as [`quantize_rows`]
+/// writes them) is finite: false where a row held NaN or Inf (its scale is NaN). The reader
+/// checks each chunk's scales here, in the cache, so a load need not copy them back.
+pub fn scales_finite(dtype: Dtype, scales: &[u8]) -> bool {
+    match dtype {
+        Dtype::F32 => scales
+            .chunks_exact(4)
+            .all(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7F80_0000 != 0x7F80_0000),
+        _ => {
+            let exp = if dtype == Dtype::F16 { 0x7C00 } else { 0x7F80 };
+            scales
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & exp != exp)
+        }
+    }
+}
+
 /// The largest magnitude of each whole row of `src` (little-endian `spec.dtype`), as f32
 /// (exact: every bf16, fp16 and fp32 value is an f32); a row holding NaN or Inf gives +Inf,
 /// so that a MAX all-reduce carries it to every rank (a NaN may not survive one) and
@@ -719,6 +736,38 @@ mod tests {
         assert_eq!(u16::from_le_bytes([s[0], s[1]]), 0x3C00);
         assert_eq!(&q[3..], &[FP8_NAN; 3]);
         assert!(bf16_f32(u16::from_le_bytes([s[2], s[3]])).is_nan());
+    }
+
+    #[test]
+    fn scales_of_non_finite_rows_are_found() {
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let spec = QuantSpec::new(dtype, 4, Rounding::Fp32).unwrap();
+            let eb = spec.elem_bytes() as usize;
+            let one: Vec<u8> = match dtype {
+                Dtype::BF16 => 0x3F80u16.to_le_bytes().to_vec(),
+                Dtype::F16 => 0x3C00u16.to_le_bytes().to_vec(),
+                _ => 1f32.to_le_bytes().to_vec(),
+            };
+            let inf: Vec<u8> = match dtype {
+                Dtype::BF16 => 0x7F80u16.to_le_bytes().to_vec(),
+                Dtype::F16 => 0x7C00u16.to_le_bytes().to_vec(),
+                _ => f32::INFINITY.to_le_bytes().to_vec(),
+            };
+            let finite_rows: Vec<u8> = one.repeat(8);
+            let mut with_inf = finite_rows.clone();
+            with_inf[6 * eb..7 * eb].copy_from_slice(&inf); // row 1
+            for (src, finite) in [
+                (&finite_rows, true),
+                (&with_inf, false),
+                (&vec![0u8; 8 * eb], true),
+            ] {
+                let mut q = vec![0u8; 8];
+                let mut s = vec![0u8; 2 * eb];
+                quantize_rows(&spec, src, &mut q, &mut s);
+                assert_eq!(scales_finite(dtype, &s), finite, "{dtype}");
+            }
+        }
+        assert!(scales_finite(Dtype::BF16, &[]));
     }
 
     #[test]

@@ -269,6 +269,9 @@ struct State {
     bytes_read: u64,
     room_wait_ns: u64,
     pieces: u64,
+    /// Items quantized on the way with a NaN scale in some chunk (a row held NaN or Inf),
+    /// in the order found.
+    non_finite: Vec<usize>,
     /// Threads' idle time not yet spent on quantizing optional items ([`Shared::decide`]).
     credit_ns: u64,
     /// Threads waiting for room now, and when `room_wait_ns` last counted them.
@@ -468,6 +471,7 @@ impl Reader {
                 bytes_read: 0,
                 room_wait_ns: 0,
                 pieces: 0,
+                non_finite: Vec::new(),
                 credit_ns: 0,
                 room_waiters: 0,
                 accrued_at: Instant::now(),
@@ -699,6 +703,14 @@ impl Reader {
                 release_ns: t[3],
             })
             .collect()
+    }
+
+    /// The items quantized on the way that hold a NaN or Inf (a NaN scale in a chunk read
+    /// so far), in plan order: the load reports them without reading their scales back.
+    pub fn non_finite(&self) -> Vec<usize> {
+        let mut items = self.shared.lock().non_finite.clone();
+        items.sort_unstable();
+        items
     }
 
     pub fn stats(&self) -> Stats {
@@ -1046,7 +1058,7 @@ impl Shared {
             let started = Instant::now();
             let item = &self.items[p.item];
             let shard = &self.ckpt.shards[p.shard];
-            let res = match (item.quant, p.scale_dst) {
+            let (res, finite) = match (item.quant, p.scale_dst) {
                 (Some(q), Some(scale_dst)) => {
                     let rows = p.len / q.row_bytes();
                     // SAFETY: [p.dst, p.dst + rows * cols) and [scale_dst, scale_dst + rows *
@@ -1074,7 +1086,7 @@ impl Shared {
                         None => quantize_rows(&q, src, qdst, sdst),
                     };
                     let (offset, _) = p.spans[0];
-                    if p.spans.len() > 1 {
+                    let res = if p.spans.len() > 1 {
                         // rows of several segments, gathered (one mapping of their span
                         // populated and dropped, or one read a segment)
                         scratch.resize(p.len as usize, 0);
@@ -1089,7 +1101,10 @@ impl Shared {
                         shard
                             .read_into(offset, &mut scratch, self.cfg.method, &item.name)
                             .map(|()| quantize(&scratch))
-                    }
+                    };
+                    // the scales just written, still in this core's cache
+                    let finite = res.is_err() || quant::scales_finite(q.dtype, sdst);
+                    (res, finite)
                 }
                 _ => {
                     // SAFETY: [p.dst, p.dst + p.len) lies inside a ring region reserved for
@@ -1102,11 +1117,12 @@ impl Shared {
                             p.len as usize,
                         )
                     };
-                    if let [(offset, _)] = p.spans[..] {
+                    let res = if let [(offset, _)] = p.spans[..] {
                         shard.read_into(offset, dst, self.cfg.method, &item.name)
                     } else {
                         shard.read_spans_into(&p.spans, dst, self.cfg.method, &item.name)
-                    }
+                    };
+                    (res, true)
                 }
             };
             let ps = started.elapsed().as_nanos() as f64 * 1000.0 / p.len.max(1) as f64;
@@ -1120,6 +1136,9 @@ impl Shared {
                     };
                     *avg = Some(avg.map_or(ps, |a| a + COST_EWMA * (ps - a)));
                     st.bytes_read += p.len;
+                    if !finite && !st.non_finite.contains(&p.item) {
+                        st.non_finite.push(p.item);
+                    }
                     st.remaining[p.chunk] -= 1;
                     if st.remaining[p.chunk] == 0 {
                         st.times[p.chunk][1] = st.now_ns();

@@ -488,7 +488,7 @@ fn strided_ranges_read_as_the_slice() {
 #[test]
 fn strided_rows_quantized_on_the_way_join_pieces() {
     use fastfp8_core::plan::ReadItem;
-    use fastfp8_core::quant::{quantize_rows, QuantSpec, Rounding};
+    use fastfp8_core::quant::{quantize_rows, scales_finite, QuantSpec, Rounding};
     use fastfp8_core::Dtype;
 
     let dir = tempfile::tempdir().unwrap();
@@ -532,7 +532,11 @@ fn strided_rows_quantized_on_the_way_join_pieces() {
         reader.release(d.buf_offset, d.len).unwrap();
         assert!(reader.next().unwrap().is_none());
         let pieces = reader.stats().pieces;
+        let non_finite = reader.non_finite();
         drop(reader);
+        // the pattern's bytes hold NaN and Inf bf16 values: the reader names the item
+        assert!(!scales_finite(Dtype::BF16, &want.1));
+        assert_eq!(non_finite, vec![0], "{method:?}");
         assert_eq!(&got[..rows * cols], &want.0[..], "{method:?}");
         assert_eq!(&got[rows * cols..], &want.1[..], "{method:?}");
         assert_eq!(
@@ -652,6 +656,7 @@ fn optional_items_are_decided_as_the_reader_reaches_them() {
         reader.release(c.buf_offset, c.len).unwrap();
         assert!(reader.next().unwrap().is_none());
         assert_eq!(reader.quantized(2), Some(true));
+        assert!(reader.non_finite().is_empty(), "finite weights");
         drop(reader);
     }
 }

@@ -472,6 +472,11 @@ impl PyReader {
         Ok(self.get()?.quantized(item))
     }
 
+    /// The items quantized on the way that hold NaN or Inf (a NaN scale), in plan order.
+    fn non_finite(&self) -> PyResult<Vec<usize>> {
+        Ok(self.get()?.non_finite())
+    }
+
     /// `(item, src_len, alloc_ns, read_ns, deliver_ns, release_ns)` of each chunk planned so
     /// far, in plan order (ns since the reader started; 0: not yet).
     fn chunk_times(&self) -> PyResult<Vec<ChunkTimesTuple>> {
