@@ -46,9 +46,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-#: warm, round robin: three loads of each (a loader's three cost 20 - 30 s of a 10-minute call;
-#: others by --loaders)
-FASTFP8 = ["fastfp8", "fastfp8_torchpin", "fastfp8_adaptive", "fastfp8_device", "fastfp8_host_pread"]
+#: warm, round robin: three loads of each (a loader's three cost 20 - 30 s of a 10-minute call:
+#: with five, session 21's run passed the stage's 555 s in its disk read; others by --loaders,
+#: e.g. fastfp8_torchpin and fastfp8_host_pread, the default list until then)
+FASTFP8 = ["fastfp8", "fastfp8_adaptive", "fastfp8_device"]
 #: cold: fastfp8's defaults (method "auto": mmap when cold); fastfp8_pread and fastfp8_direct
 #: (O_DIRECT) by --loaders: three loads of each of them, round robin, cost a minute of a 10-minute call
 COLD_FASTFP8 = ["fastfp8"]
@@ -78,7 +79,10 @@ VARIANTS = {"fastfp8": {}, "fastfp8_host": {"quantize_on": "host"}, "fastfp8_dev
             # the ring from torch's pinned allocation (FASTFP8_PINNED=cuda), the default until
             # session 19 (now transparent huge pages registered with CUDA: a warm load's setup
             # is mostly its ring's pinning)
-            "fastfp8_torchpin": {"_pinned": "cuda"}}
+            "fastfp8_torchpin": {"_pinned": "cuda"},
+            # every job at its place in the plan (fastfp8.engine.BACKGROUND off): the kept
+            # tensors not spread between the weights' chunks, the default until session 21
+            "fastfp8_inorder": {"_background": False}}
 
 
 def fastfp8_options(loader: str) -> dict:
@@ -188,6 +192,8 @@ def worker(args) -> dict:
                 fastfp8.engine.MERGE_SHARE = kw.pop("_merge_share")
             if "_adaptive_balance" in kw:
                 fastfp8.engine.ADAPTIVE_BALANCE = kw.pop("_adaptive_balance")
+            if "_background" in kw:
+                fastfp8.engine.BACKGROUND = kw.pop("_background")
             if "_pinned" in kw:  # how the ring is page-locked (fastfp8.pinned._pinned)
                 os.environ["FASTFP8_PINNED"] = kw.pop("_pinned")
             return fastfp8.load_quantized(ckpt, device=dev, progress=False, **kw)

@@ -257,9 +257,12 @@ class ChunkReader:
     own pieces, plain and quantized); without it, quantized when their idle time waiting for
     room covers the cost. ``read_ahead``: bytes of the items' file ranges, in plan order, the
     page cache is asked to read (``POSIX_FADV_WILLNEED``, from one more thread) ahead of
-    the chunks given to the threads (0: none; not with ``method="direct"``). Close
-    it (or use ``with``) to stop and join the threads and give the buffer back to the pool;
-    ``close`` joins them even while another thread is inside ``next()`` (which then raises
+    the chunks given to the threads (0: none; not with ``method="direct"``).
+    ``background``: indices of items read as they are whose chunks come spread evenly
+    between the other items' chunks instead of at their place in the plan (each item's
+    chunks still in order; ignored with ``read_ahead``). Close it (or use ``with``) to stop
+    and join the threads and give the buffer back to the pool; ``close`` joins them even
+    while another thread is inside ``next()`` (which then raises
     :class:`~fastfp8.errors.CancelledError`).
     """
 
@@ -278,6 +281,7 @@ class ChunkReader:
         optional: Sequence[int] = (),
         bus_bytes_per_s: float = 0.0,
         read_ahead: int = 0,
+        background: Sequence[int] = (),
     ) -> None:
         budget = parse_bytes(memory_budget)
         if budget <= 0:
@@ -295,7 +299,7 @@ class ChunkReader:
                 ckpt._native, items, self.buffer, self.buffer.data_ptr(), budget,
                 chunk_bytes=chunk_bytes, threads=threads, piece_bytes=piece_bytes,
                 method=method, merge_bytes=merge_bytes, optional=list(optional),
-                bus_bytes_per_s=bus_bytes_per_s, read_ahead_bytes=read_ahead,
+                bus_bytes_per_s=bus_bytes_per_s, read_ahead_bytes=read_ahead, background=list(background),
             )
         except BaseException:
             POOL.release(self.buffer)
@@ -303,6 +307,8 @@ class ChunkReader:
         self._closed = False
         #: the items whose quantization the threads decide (:meth:`quantized`)
         self.optional = frozenset(optional)
+        #: the items whose chunks come between the others' (with no read-ahead window)
+        self.background = frozenset(background) if not read_ahead else frozenset()
         self._held = 0  # delivered, unreleased chunks
         self._final_stats: dict[str, int] | None = None
         self._final_non_finite: list[int] | None = None

@@ -109,14 +109,13 @@ class LoadStats:
     #: copy queued), "job_end" (each job's end: the quantization launched, events), of it
     #: "launch" (the quantization call alone: Triton's launch), "alloc" (of "issue": the
     #: outputs' allocation at each job's first chunk; of it "reserve": the device memory
-    #: for all of them, up front), "release" (finished copies' chunks
-    #: handed back to the reader, "copy_wait" included),
-    #: "caller" (the caller's time between jobs); "drain", "finish" (draining the streams,
-    #: the finiteness check of the scales the reader threads did not write; of it
-    #: "finish_copy" and "finish_sync": queueing their copies and waiting for them); tensor
-    #: parallelism: "reduce" (of "launch": the all-reduce calls of row-parallel maxima);
-    #: "room_wait": the reader threads' time idle
-    #: for want of room in the ring (the consumer had not released enough), per thread
+    #: for all of them, up front), "release" (finished copies' chunks handed back to the
+    #: reader, "copy_wait" included), "caller" (the caller's time between jobs); "drain",
+    #: "finish" (draining the streams, the finiteness check of the scales the reader
+    #: threads did not write; of it "finish_copy" and "finish_sync": queueing their copies
+    #: and waiting for them); tensor parallelism: "reduce" (of "launch": the all-reduce
+    #: calls of row-parallel maxima); "room_wait": the reader threads' time idle for want of
+    #: room in the ring (the consumer had not released enough), per thread
     phases: dict[str, float] = field(default_factory=dict)
     #: with :data:`TIMELINE` on: each chunk's ``(item, src_len, alloc_ns, read_ns, deliver_ns,
     #: release_ns)`` (:meth:`fastfp8.checkpoint.ChunkReader.chunk_times`)
@@ -368,15 +367,17 @@ def reader_threads(options: LoadOptions) -> int | None:
 
 
 def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device,
-                rounding: str) -> tuple[ChunkReader, list, dict[int, torch.Tensor]]:
+                rounding: str, *, interleave: bool = False) -> tuple[ChunkReader, list, dict[int, torch.Tensor]]:
     """The reader of ``plan`` for ``device`` (``options.method`` resolved): which jobs the
     reader threads quantize (``specs``, one per job, None for the device's; ``"auto"``
     resolved by :func:`~fastfp8.host_quant.resolve_quantize_on`), the all-reduced
     row maxima of row-parallel ones (``amax``, by job index), and the :class:`ChunkReader`
     over every item, the caller's to close (a job with a spec that the threads may leave to
     the device, ``quantize_on="adaptive"``: ``reader.quantized(i)`` says, before its first
-    chunk). :func:`run` consumes it; ``benches/bench_load.py``
-    drains one with no copy or kernel behind it, to measure what the readers alone deliver."""
+    chunk). ``interleave`` (a consumer that takes them): the kept tensors that
+    :func:`background_items` names come spread between the others' chunks. :func:`run`
+    consumes it; ``benches/bench_load.py`` drains one with no copy or kernel behind it, to
+    measure what the readers alone deliver."""
     tp_size = plan.tp.size if plan.tp else 1
     # on the GPU's NUMA node: the reader threads (which inherit the mask, and whose default
     # count follows it) and the pinned ring (first touched here)
@@ -388,12 +389,35 @@ def open_reader(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torc
                  for i, ((name, segs), job, sp) in enumerate(zip(plan.items, plan.jobs, specs, strict=True))]
         optional = optional_items(specs, options)
         bus = bus_bytes_per_s(device) if optional and device.type == "cuda" and ADAPTIVE_BALANCE else 0.0
+        background = background_items(plan, specs, options, device) if interleave else []
         reader = ChunkReader(ckpt, items, memory_budget=options.memory_budget, chunk_bytes=options.chunk_bytes,
                              threads=reader_threads(options), method=options.method, piece_bytes=options.piece_bytes,
                              pin=device.type == "cuda",
                              merge_bytes=options.memory_budget // MERGE_SHARE if MERGE_SHARE else 0,
-                             optional=optional, bus_bytes_per_s=bus, read_ahead=options.read_ahead)
+                             optional=optional, bus_bytes_per_s=bus, read_ahead=options.read_ahead,
+                             background=background)
     return reader, specs, amax
+
+
+#: a kept tensor of at least this many bytes goes out in the background (:func:`background_items`)
+BACKGROUND_MIN = 64 << 20
+
+
+def background_items(plan: Plan, specs: list, options: LoadOptions, device: torch.device) -> list[int]:
+    """The jobs whose chunks the reader spreads between the other jobs' chunks: on a GPU,
+    with every weight quantized by the reader threads (``quantize_on="host"``, the warm
+    default) and no read-ahead, the tensors kept as they are of at least
+    :data:`BACKGROUND_MIN` bytes (a model's embeddings and lm_head: their bytes cross the bus
+    at full size, and in their place in the plan they hold the ring while the threads wait;
+    spread out, they cross it while the threads quantize and the bus has room)."""
+    if device.type != "cuda" or options.quantize_on != "host" or options.read_ahead or not BACKGROUND:
+        return []
+    return [i for i, (j, sp) in enumerate(zip(plan.jobs, specs, strict=True))
+            if sp is None and not j.quantized and j.nbytes >= BACKGROUND_MIN]
+
+
+#: :func:`background_items` on (``FASTFP8_BACKGROUND=0``: every job at its place in the plan)
+BACKGROUND = os.environ.get("FASTFP8_BACKGROUND", "1") != "0"
 
 
 def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device, sink, stats: LoadStats,
@@ -417,7 +441,7 @@ def run(ckpt: Checkpoint, plan: Plan, options: LoadOptions, device: torch.device
     stats.quantized = sum(t.quantized for t in plan.targets)
     bar = progress_bar(plan.nbytes, options.progress, desc)
     t_reader = clock()
-    reader, specs, amax = open_reader(ckpt, plan, options, device, rounding)
+    reader, specs, amax = open_reader(ckpt, plan, options, device, rounding, interleave=isinstance(sink, StateSink))
     t = clock()
     stats.method, stats.read_ahead = options.method, options.read_ahead if options.method != "direct" else 0
     stats.phases["resolve"] = stats.phases.get("resolve", 0.0) + t_reader - t0
@@ -538,6 +562,9 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
     spec = None  # the current job's host spec, set at its first chunk
     dst: torch.Tensor | None = None
     out_spans: list[tuple[int, int]] = []  # a host-quantized job's outputs: (address, bytes)
+    # each unfinished job's (spec, outs, dst, out_spans, slot): the reader's background jobs
+    # (reader.background) come in chunks between the others'
+    open_jobs: dict[int, tuple] = {}
     clock = time.perf_counter
     # chunks queued through the driver (raw addresses, bounds checked here), or by torch
     copy = driver_copy.h2d_copier() if DRIVER_COPY else None
@@ -595,6 +622,9 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                         dst = lane.staging[slot] if lane.staging else None
                     else:
                         dst = bytes_view(outs[0])
+                    open_jobs[item] = (spec, outs, dst, out_spans, slot)
+                else:  # a background job's chunks come between another's (background_items)
+                    spec, outs, dst, out_spans, slot = open_jobs[item]
                 src_n = n
                 if n:
                     if FAULT_HOOK is not None:
@@ -626,6 +656,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                 issue += t - t_chunk
                 if ioff + src_n < job.nbytes:
                     continue
+                del open_jobs[item]
                 done = torch.cuda.Event()
                 if job.quantized and spec is None:
                     lane.stream.wait_stream(copy_stream)

@@ -218,6 +218,7 @@ mod tests {
             quant: Some(QuantSpec::new(Dtype::BF16, (b - a) as u64, Rounding::Fp32).unwrap()),
             amax: None,
             optional: false,
+            background: false,
         }
     }
 

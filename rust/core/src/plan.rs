@@ -29,6 +29,12 @@ pub struct ReadItem {
     /// item (when its threads' idle time waiting for room covers the cost, else not: see
     /// [`crate::reader::Reader::quantized`]).
     pub optional: bool,
+    /// Without `quant`: the item's chunks go out spread evenly between the other items'
+    /// chunks, not at its place in the plan (large tensors copied as they are, such as
+    /// embeddings, cross the bus while the threads quantize the weights instead of holding
+    /// the ring while they do); see [`crate::reader::Delivery`]. Ignored with a read-ahead
+    /// window, which follows the plan's order.
+    pub background: bool,
 }
 
 impl ReadItem {
@@ -55,6 +61,7 @@ pub fn whole_tensor(ckpt: &Checkpoint, name: &str) -> Result<ReadItem> {
         quant: None,
         amax: None,
         optional: false,
+        background: false,
     })
 }
 
@@ -81,6 +88,7 @@ pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result
         quant: None,
         amax: None,
         optional: false,
+        background: false,
     })
 }
 
@@ -89,6 +97,12 @@ pub fn row_range(ckpt: &Checkpoint, name: &str, start: u64, stop: u64) -> Result
 pub fn validate(ckpt: &Checkpoint, items: &[ReadItem]) -> Result<()> {
     for item in items {
         validate_amax(item)?;
+        if item.background && (item.quant.is_some() || item.optional) {
+            return Err(Error::Invalid(format!(
+                "{}: only an item read as it is may go out in the background",
+                item.name
+            )));
+        }
         if item.optional && (item.quant.is_none() || item.amax.is_some()) {
             return Err(Error::Invalid(format!(
                 "{}: only an item quantized on the way, with no given row amax, may be optional",

@@ -218,6 +218,26 @@ fn units_of(item: &ReadItem, quantized: bool) -> (u64, u64) {
     }
 }
 
+/// The chunks of item `i` (`step` units each, at least one chunk), read quantized or not as
+/// [`units_of`] says.
+fn chunk_plans(i: usize, unit: u64, out_unit: u64, units: u64, step: u64) -> Vec<ChunkPlan> {
+    let mut plans = Vec::new();
+    let mut at = 0;
+    loop {
+        let n = step.min(units - at);
+        plans.push(ChunkPlan {
+            item: i,
+            item_offset: at * unit,
+            len: n * out_unit,
+            src_len: n * unit,
+        });
+        at += n;
+        if at >= units {
+            return plans;
+        }
+    }
+}
+
 /// The most idle thread time [`Shared::decide`] saves up (ns): idle time long past (the
 /// load's start, a slow stretch) does not pay for quantizing much later.
 const CREDIT_CAP_NS: u64 = 50_000_000;
@@ -289,6 +309,39 @@ struct State {
     /// When the reader started, and each planned chunk's [`ChunkTimes`] since then (ns).
     started: Instant,
     times: Vec<[u64; 4]>,
+    /// The background items' chunks ([`ReadItem::background`]) not yet placed in `chunks`,
+    /// in plan order, and the source bytes placed so far and in all, of theirs and of the
+    /// other items': a background chunk is placed after another item's chunk while the
+    /// background's share of the bytes placed stays within its share of the plan.
+    bg: VecDeque<ChunkPlan>,
+    bg_placed: u64,
+    bg_total: u64,
+    main_placed: u64,
+    main_total: u64,
+}
+
+impl State {
+    /// Appends chunk `c` to the plan (not yet allocated).
+    fn push_chunk(&mut self, c: ChunkPlan) {
+        self.chunks.push(c);
+        self.buf_at.push(0);
+        self.times.push([0; 4]);
+        self.remaining.push(0);
+    }
+
+    /// Places the background chunks whose turn has come after `main_placed` source bytes of
+    /// the other items (all that are left when `all`).
+    fn place_background(&mut self, all: bool) {
+        while let Some(&b) = self.bg.front() {
+            let share = (self.bg_placed + b.src_len) as u128 * self.main_total as u128;
+            if !all && share > self.main_placed as u128 * self.bg_total as u128 {
+                return;
+            }
+            self.bg.pop_front();
+            self.bg_placed += b.src_len;
+            self.push_chunk(b);
+        }
+    }
 }
 
 impl State {
@@ -482,6 +535,11 @@ impl Reader {
                 host_out_bytes: 0,
                 started: Instant::now(),
                 times: Vec::new(),
+                bg: VecDeque::new(),
+                bg_placed: 0,
+                bg_total: 0,
+                main_placed: 0,
+                main_total: 0,
             }),
             cv: Condvar::new(),
             live: AtomicUsize::new(0),
@@ -489,6 +547,18 @@ impl Reader {
             cfg,
             items,
         });
+        {
+            let mut st = shared.lock();
+            for (i, item) in shared.items.iter().enumerate() {
+                if shared.in_background(item) {
+                    let (unit, out_unit, units, step) = shared.chunking(i, false);
+                    st.bg.extend(chunk_plans(i, unit, out_unit, units, step));
+                    st.bg_total += item.len();
+                } else {
+                    st.main_total += item.len();
+                }
+            }
+        }
         let workers = (0..shared.cfg.threads)
             .map(|i| {
                 let s = Arc::clone(&shared);
@@ -552,7 +622,10 @@ impl Reader {
             if st.failed {
                 return Err(Error::Cancelled);
             }
-            if st.next_deliver == st.chunks.len() && st.quantized.len() == sh.items.len() {
+            if st.next_deliver == st.chunks.len()
+                && st.quantized.len() == sh.items.len()
+                && st.bg.is_empty()
+            {
                 return Ok(Next::Done);
             }
             let c = st.next_deliver;
@@ -753,7 +826,9 @@ impl Shared {
     fn merged(&self, st: &State, c: usize) -> (usize, u64, u64) {
         let first = st.chunks[c];
         let (mut last, mut len, mut src_len) = (c, first.len, first.src_len);
-        if self.cfg.merge_bytes == 0 || first.len == 0 || st.quantized[first.item] {
+        // (a background item's chunks may come before the plan reaches it: read as it is)
+        let quantized = st.quantized.get(first.item).copied().unwrap_or(false);
+        if self.cfg.merge_bytes == 0 || first.len == 0 || quantized {
             return (last, len, src_len);
         }
         while last + 1 < st.next_alloc && st.remaining[last + 1] == 0 {
@@ -778,10 +853,22 @@ impl Shared {
     /// an optional item's first chunk does not fit the ring now (it is decided when it
     /// does, as late as possible).
     fn plan_next(&self, st: &mut State) -> bool {
-        let i = st.quantized.len();
-        let Some(item) = self.items.get(i) else {
-            return false;
+        let i = loop {
+            let i = st.quantized.len();
+            let Some(item) = self.items.get(i) else {
+                // every item planned: the background's chunks left go last
+                let any = !st.bg.is_empty();
+                st.place_background(true);
+                return any;
+            };
+            if !self.in_background(item) {
+                break i;
+            }
+            // its chunks are in `bg`, placed between the other items' chunks
+            st.quantized.push(false);
+            st.plain_bytes += item.len();
         };
+        let item = &self.items[i];
         let quantized = if item.optional {
             let first = self
                 .first_chunk_len(i, false)
@@ -801,23 +888,18 @@ impl Shared {
         } else {
             st.plain_bytes += units * unit;
         }
-        let mut at = 0;
-        loop {
-            let n = step.min(units - at);
-            st.chunks.push(ChunkPlan {
-                item: i,
-                item_offset: at * unit,
-                len: n * out_unit,
-                src_len: n * unit,
-            });
-            st.buf_at.push(0);
-            st.times.push([0; 4]);
-            st.remaining.push(0);
-            at += n;
-            if at >= units {
-                return true;
-            }
+        for c in chunk_plans(i, unit, out_unit, units, step) {
+            st.main_placed += c.src_len;
+            st.push_chunk(c);
+            st.place_background(false);
         }
+        true
+    }
+
+    /// Whether `item`'s chunks go out between the other items' ([`ReadItem::background`]):
+    /// not with a read-ahead window, which walks the items in plan order.
+    fn in_background(&self, item: &ReadItem) -> bool {
+        item.background && self.cfg.read_ahead_bytes == 0
     }
 
     /// Whether the threads quantize the optional item `i` reached now.
@@ -911,6 +993,7 @@ impl Shared {
             let mut dst = at;
             let mut cur: Option<Piece> = None;
             // a quantized item: pieces of whole rows, e4m3 bytes then scales
+            // (a background item has no `quant`: it may come before the plan reaches it)
             let quant = item.quant.filter(|_| st.quantized[plan.item]).map(|q| {
                 let rows = plan.src_len / q.row_bytes();
                 let piece = match self.cfg.method {
@@ -1175,6 +1258,7 @@ mod tests {
             quant: None,
             amax: None,
             optional: false,
+            background: false,
         }
     }
 

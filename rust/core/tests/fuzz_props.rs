@@ -1102,6 +1102,7 @@ proptest! {
         chunk in prop_oneof![Just(None), (1u64..40).prop_map(Some), Just(Some(0u64))],
         threads in 0usize..3,
         merge_bytes in prop_oneof![Just(0u64), 1u64..100],
+        background in prop::collection::vec(any::<bool>(), 4),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.safetensors");
@@ -1121,6 +1122,8 @@ proptest! {
                 quant: None,
                 amax: None,
                 optional: false,
+                // chunks spread between the others' (their own still in order)
+                background: background[i],
             })
             .collect();
         let mut buf = vec![0u8; budget as usize];

@@ -116,6 +116,116 @@ fn reads_in_chunks_within_budget() {
     }
 }
 
+/// Background items (the first and the last, as a model's embeddings and lm_head) go out
+/// spread between the other items' chunks, each item's chunks in order and its bytes
+/// right, within the budget; with a read-ahead window they keep their place in the plan.
+#[test]
+fn background_items_go_out_between_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let tensors = [
+        ("embed", 8_000),
+        ("a", 10_000),
+        ("b", 0),
+        ("c", 30_001),
+        ("head", 8_000),
+    ];
+    write_shard(&p, &tensors);
+    let names: Vec<&str> = tensors.iter().map(|t| t.0).collect();
+    for (method, read_ahead_bytes, merge_bytes) in [
+        (ReadMethod::Mmap, 0, 0),
+        (ReadMethod::Pread, 0, 0),
+        (ReadMethod::Pread, 0, 3000),
+        (ReadMethod::Pread, 1 << 20, 0),
+    ] {
+        for (budget, threads) in [(4096usize, 3), (64 << 10, 8), (1000, 1)] {
+            let ckpt = Arc::new(Checkpoint::open(dir.path()).unwrap());
+            let items: Vec<_> = names
+                .iter()
+                .map(|n| {
+                    let mut it = whole_tensor(&ckpt, n).unwrap();
+                    it.background = *n == "embed" || *n == "head";
+                    it
+                })
+                .collect();
+            let mut buf = vec![0u8; budget];
+            // SAFETY: `buf` outlives `reader` (dropped at the end of the loop body, first)
+            // and is only read between delivery and release.
+            let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), budget as u64) };
+            let cfg = ReaderConfig {
+                threads,
+                chunk_bytes: Some(1000),
+                piece_bytes: 400,
+                method,
+                merge_bytes,
+                bus_bytes_per_s: 0.0,
+                read_ahead_bytes,
+            };
+            let reader = Reader::start(Arc::clone(&ckpt), items, dest, cfg).unwrap();
+            let mut got: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0; t.1]).collect();
+            let mut next_offset = vec![0u64; tensors.len()];
+            let mut order = Vec::new();
+            while let Some(d) = reader.next().unwrap() {
+                assert_eq!(
+                    d.item_offset, next_offset[d.item],
+                    "{}: in order",
+                    names[d.item]
+                );
+                next_offset[d.item] += d.len;
+                let src = &buf[d.buf_offset as usize..(d.buf_offset + d.len) as usize];
+                got[d.item][d.item_offset as usize..(d.item_offset + d.len) as usize]
+                    .copy_from_slice(src);
+                reader.release(d.buf_offset, d.len).unwrap();
+                order.push(d.item);
+            }
+            assert!(reader.stats().peak_in_flight <= budget as u64);
+            drop(reader);
+            for (i, n) in names.iter().enumerate() {
+                assert_eq!(got[i], pattern(n, tensors[i].1), "tensor {n}");
+            }
+            let first = |item| order.iter().position(|&i| i == item).unwrap();
+            let last = |item| order.iter().rposition(|&i| i == item).unwrap();
+            if read_ahead_bytes == 0 {
+                // 16 background chunks spread over 42 of the others' (b's is empty), in
+                // plan order, never two in a row, the last one right after the others'
+                let bg = |i: usize| i == 0 || i == 4;
+                assert!(first(0) > first(1) && last(0) < first(4), "{order:?}");
+                assert!(
+                    order.windows(2).all(|w| !(bg(w[0]) && bg(w[1]))),
+                    "{order:?}"
+                );
+                assert_eq!(last(3), order.len() - 2, "{order:?}");
+            } else {
+                let mut sorted = order.clone();
+                sorted.sort();
+                assert_eq!(order, sorted, "plan order with a read-ahead window");
+            }
+        }
+    }
+}
+
+/// A background item may not be quantized on the way.
+#[test]
+fn a_background_item_is_read_as_it_is() {
+    use fastfp8_core::quant::{QuantSpec, Rounding};
+    use fastfp8_core::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    write_shard(&p, &[("w", 64)]);
+    let ckpt = Arc::new(Checkpoint::open(&p).unwrap());
+    let mut item = whole_tensor(&ckpt, "w").unwrap();
+    item.background = true;
+    item.quant = Some(QuantSpec::new(Dtype::BF16, 4, Rounding::Fp32).unwrap());
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` outlives the reader, which is never started.
+    let dest = unsafe { DestBuffer::new(buf.as_mut_ptr(), 4096) };
+    let err = Reader::start(ckpt, vec![item], dest, ReaderConfig::default()).err();
+    assert!(
+        matches!(err, Some(Error::Invalid(ref m)) if m.contains("background")),
+        "{err:?}"
+    );
+}
+
 /// A reader closed with most of its items unread stops its read-ahead thread too (it waits
 /// a window ahead of the threads, which wait for room): close returns, nothing hangs.
 #[test]
@@ -451,6 +561,7 @@ fn strided_ranges_read_as_the_slice() {
                 quant: None,
                 amax: None,
                 optional: false,
+                background: false,
             };
             let budget = 64 << 10;
             let mut buf = vec![0u8; budget];
@@ -510,6 +621,7 @@ fn strided_rows_quantized_on_the_way_join_pieces() {
             quant: Some(spec),
             amax: None,
             optional: false,
+            background: false,
         };
         let budget = 256 << 10;
         let mut buf = vec![0u8; budget];

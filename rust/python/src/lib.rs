@@ -318,6 +318,7 @@ fn parse_items(items: Vec<ItemSpec>) -> PyResult<Vec<ReadItem>> {
             quant,
             amax,
             optional: false,
+            background: false,
         });
     }
     Ok(parsed)
@@ -345,7 +346,7 @@ type ChunkTimesTuple = (usize, u64, u64, u64, u64, u64);
 #[pymethods]
 impl PyReader {
     #[new]
-    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new(), bus_bytes_per_s=0.0, read_ahead_bytes=0))]
+    #[pyo3(signature = (checkpoint, items, buffer, ptr, nbytes, *, chunk_bytes=None, threads=None, piece_bytes=4 << 20, method="mmap", merge_bytes=0, optional=Vec::new(), bus_bytes_per_s=0.0, read_ahead_bytes=0, background=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -362,6 +363,7 @@ impl PyReader {
         optional: Vec<usize>,
         bus_bytes_per_s: f64,
         read_ahead_bytes: u64,
+        background: Vec<usize>,
     ) -> PyResult<Self> {
         if ptr == 0 && nbytes > 0 {
             return Err(PyValueError::new_err("buffer pointer is null"));
@@ -380,6 +382,15 @@ impl PyReader {
                     PyValueError::new_err(format!("optional item {i} out of range ({n} items)"))
                 })?
                 .optional = true;
+        }
+        for i in background {
+            let n = items.len();
+            items
+                .get_mut(i)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("background item {i} out of range ({n} items)"))
+                })?
+                .background = true;
         }
         let cfg = ReaderConfig {
             threads: threads.unwrap_or_else(default_threads),
