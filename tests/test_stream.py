@@ -140,6 +140,33 @@ def test_optional_items_are_checked(ckpt):
         assert r.optional == frozenset()
 
 
+def test_background_items_are_checked_and_come_between_the_others(ckpt):
+    """``background``: an index past the items, or an item quantized on the way, is a
+    ValueError saying which; a background item's chunks come between the others' (the
+    first item's after the second's first chunk), every item's bytes whole and in order."""
+    ckpt, tensors = ckpt
+    items = [(n, [(0, ckpt.info(n).begin, ckpt.info(n).nbytes)]) for n in ("t0", "t1")]
+    with pytest.raises(ValueError, match="background item 5 out of range"):
+        ChunkReader(ckpt, items, memory_budget="2MiB", chunk_bytes=None, background=[5])
+    quant = [(items[0][0], items[0][1], ("BF16", 2, "fp32"))]
+    with pytest.raises(ValueError, match="t0: only an item read as it is may go out in the background"):
+        ChunkReader(ckpt, quant, memory_budget="2MiB", chunk_bytes=None, background=[0])
+    sizes = [ckpt.info(n).nbytes for n in ("t0", "t1")]
+    got = [bytearray() for _ in items]
+    order = []
+    with ChunkReader(ckpt, items, memory_budget="64KiB", chunk_bytes=max(1, min(sizes) // 4),
+                     background=[0]) as r:
+        assert r.background == frozenset({0})
+        while (d := r.next()) is not None:
+            item, ioff, boff, n = d
+            assert ioff == len(got[item])
+            got[item] += r.view(boff, n).numpy().tobytes()
+            order.append(item)
+            r.release(boff, n)
+    assert [bytes(g) for g in got] == [tensors[n].numpy().tobytes() for n in ("t0", "t1")]
+    assert order[0] == 1 and 0 < order.index(0) < len(order) - 4, order
+
+
 def test_tensor_over_budget_names_it(ckpt):
     ckpt, _ = ckpt
     with pytest.raises(fastfp8.BudgetError, match=r"\"t1\" needs .* budget"):

@@ -324,6 +324,24 @@ fn parse_items(items: Vec<ItemSpec>) -> PyResult<Vec<ReadItem>> {
     Ok(parsed)
 }
 
+/// `set` on the items at `indices` (`what` names the flag in the `ValueError` for an index
+/// out of range).
+fn flag_items(
+    items: &mut [ReadItem],
+    indices: Vec<usize>,
+    what: &str,
+    set: fn(&mut ReadItem),
+) -> PyResult<()> {
+    let n = items.len();
+    for i in indices {
+        let item = items.get_mut(i).ok_or_else(|| {
+            PyValueError::new_err(format!("{what} item {i} out of range ({n} items)"))
+        })?;
+        set(item);
+    }
+    Ok(())
+}
+
 fn quant_spec(dtype: &str, cols: u64, rounding: &str) -> PyResult<QuantSpec> {
     let d: Dtype = dtype
         .parse()
@@ -374,24 +392,10 @@ impl PyReader {
             )));
         }
         let mut items = parse_items(items)?;
-        for i in optional {
-            let n = items.len();
-            items
-                .get_mut(i)
-                .ok_or_else(|| {
-                    PyValueError::new_err(format!("optional item {i} out of range ({n} items)"))
-                })?
-                .optional = true;
-        }
-        for i in background {
-            let n = items.len();
-            items
-                .get_mut(i)
-                .ok_or_else(|| {
-                    PyValueError::new_err(format!("background item {i} out of range ({n} items)"))
-                })?
-                .background = true;
-        }
+        flag_items(&mut items, optional, "optional", |it| it.optional = true)?;
+        flag_items(&mut items, background, "background", |it| {
+            it.background = true
+        })?;
         let cfg = ReaderConfig {
             threads: threads.unwrap_or_else(default_threads),
             chunk_bytes,
