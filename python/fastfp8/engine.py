@@ -623,7 +623,7 @@ def _run_cuda(reader, plan: Plan, specs, amax, options: LoadOptions, dev, sink, 
                     else:
                         dst = bytes_view(outs[0])
                     open_jobs[item] = (spec, outs, dst, out_spans, slot)
-                else:  # a background job's chunks come between another's (background_items)
+                else:  # a later chunk, maybe after another job's chunks (background_items)
                     spec, outs, dst, out_spans, slot = open_jobs[item]
                 src_n = n
                 if n:
