@@ -235,7 +235,8 @@ def row_amax(ckpt: Checkpoint, items: Sequence[ItemSpec], *, threads: int | None
 
 
 class ChunkReader:
-    """Low-level: byte chunks of planned items, in plan order, in a pooled host buffer.
+    """Low-level: byte chunks of planned items, in plan order (``background`` items' between
+    the others'), in a pooled host buffer.
 
     ``items`` is ``[(name, [(shard, file_offset, nbytes), ...])]``, or ``(name, segments,
     (dtype, cols, rounding))`` for an item whose rows the reader threads quantize on the way

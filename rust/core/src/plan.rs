@@ -32,7 +32,7 @@ pub struct ReadItem {
     /// Without `quant`: the item's chunks go out spread evenly between the other items'
     /// chunks, not at its place in the plan (large tensors copied as they are, such as
     /// embeddings, cross the bus while the threads quantize the weights instead of holding
-    /// the ring while they do); see [`crate::reader::Delivery`]. Ignored with a read-ahead
+    /// the ring while they do); see [`crate::reader::Reader::next`]. Ignored with a read-ahead
     /// window, which follows the plan's order.
     pub background: bool,
 }

@@ -4,7 +4,8 @@
 //! The buffer is managed as a ring (see [`crate::ring`]): every byte that is being read,
 //! is read and waiting, or is held by the consumer lives in it, so the bytes in flight never
 //! exceed its size, the memory budget. Items are split into chunks (at most `chunk_bytes`,
-//! or whole items) that are allocated and delivered in plan order; each chunk is split into
+//! or whole items) that are allocated and delivered in plan order (a background item's
+//! chunks spread between the others', [`ReadItem::background`]); each chunk is split into
 //! pieces of at most `piece_bytes` that the threads copy in parallel. With `merge_bytes`,
 //! consecutive chunks of one item that are already read when the consumer asks come as one
 //! delivery (released whole). An error, `cancel`, or
@@ -268,9 +269,10 @@ const QUANT_PIECE_BYTES: u64 = 1 << 20;
 #[derive(Debug)]
 struct State {
     ring: Ring,
-    /// The chunks of the items planned so far, in plan order: an item's are planned when
-    /// the allocator reaches it (an optional item's layout depends on the reader's
-    /// decision then, [`Shared::decide`]).
+    /// The chunks of the items planned so far, in the order they are allocated and
+    /// delivered (plan order, the background items' placed between the others'): an item's
+    /// are planned when the allocator reaches it (an optional item's layout depends on the
+    /// reader's decision then, [`Shared::decide`]).
     chunks: Vec<ChunkPlan>,
     /// Whether each planned item is quantized on the way (one entry per item planned).
     quantized: Vec<bool>,
@@ -610,7 +612,8 @@ impl Reader {
         self.shared.lock().quantized.get(item).copied()
     }
 
-    /// Waits up to `timeout` for the next chunk in plan order.
+    /// Waits up to `timeout` for the next chunk in plan order (background items' chunks
+    /// between the others').
     pub fn next_timeout(&self, timeout: Duration) -> Result<Next> {
         let sh = &self.shared;
         let mut st = sh.lock();
@@ -965,7 +968,8 @@ impl Shared {
         (unit, out_unit, units, step)
     }
 
-    /// Allocates the next chunks, in plan order, while they fit, and queues their pieces.
+    /// Allocates the next chunks, in the order of `chunks`, while they fit, and queues their
+    /// pieces.
     fn fill(&self, st: &mut State) {
         while !st.stopped {
             if st.next_alloc == st.chunks.len() && !self.plan_next(st) {
