@@ -259,7 +259,15 @@ def measure(args, loaders: list[str], cond: str, repeat: int):
             yield loader, run(loader, repeat)
         return
     merged: dict[str, dict] = {}
-    for _ in range(repeat):
+    skipped, last_round = 0, 0.0
+    for i in range(repeat):
+        t_round = time.monotonic()
+        if i and args.deadline_s and t_round - args.t0 + last_round > args.deadline_s:
+            # another round would run past the deadline: keep the rounds done, say so
+            skipped = repeat - i
+            print(f"{cond}: {skipped} round(s) skipped, another would pass the {args.deadline_s:.0f} s "
+                  f"deadline ({t_round - args.t0:.0f} s in, a round {last_round:.0f} s)", flush=True)
+            break
         for loader in loaders:
             res = run(loader, 1)
             into = merged.setdefault(loader, {"loader": loader, "cond": cond, "runs": [], "round_robin": True})
@@ -268,8 +276,11 @@ def measure(args, loaders: list[str], cond: str, repeat: int):
                 into["runs"] += [dict(r, run=len(into["runs"])) for r in res["runs"]]
             else:
                 into.setdefault("errors", []).append(res.get("error", "no runs"))
+        last_round = time.monotonic() - t_round
     for loader in loaders:
         res = merged[loader]
+        if skipped:
+            res["rounds_skipped"] = skipped
         if not res["runs"]:
             res["error"] = res["errors"][-1]
         yield loader, res
@@ -306,14 +317,21 @@ def host_cpu() -> str:
 
 
 def gpu_name() -> str:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True)
+    except FileNotFoundError:  # no NVIDIA driver (a CPU run of the bookkeeping)
+        return "unknown"
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def h2d_pinned_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
-    """Pinned host -> device copy rate (median of ``repeat`` copies of ``nbytes``)."""
+def h2d_pinned_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float | None:
+    """Pinned host -> device copy rate (median of ``repeat`` copies of ``nbytes``); None
+    without CUDA."""
     import torch
+
+    if not torch.cuda.is_available():
+        return None
 
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     src.fill_(1)
@@ -462,7 +480,9 @@ def markdown(doc: dict) -> str:
         if not s:
             lines.append(f"| {r['loader']} | {r['cond']} | failed | | | |")
             continue
-        lines.append(f"| {r['loader']} | {r['cond']} | {s['seconds']:.2f} | {s['gbps']:.2f} | "
+        cut = f" ({len(r['runs'])} runs, rounds cut by the deadline)" if r.get("rounds_skipped") else ""
+        name = r["loader"] + cut
+        lines.append(f"| {name} | {r['cond']} | {s['seconds']:.2f} | {s['gbps']:.2f} | "
                      f"{s['peak_gpu_bytes'] / gib:.2f} | {s['host_rss_growth_bytes'] / gib:.2f} |")
     ceilings = [("pinned host -> device copy", doc.get("h2d_pinned_gbps")),
                 ("disk, O_DIRECT, best queue depth", doc.get("disk_direct_gbps")),
@@ -506,97 +526,10 @@ def targets(doc: dict) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("ckpt")
-    ap.add_argument("--out", default=str(HERE / "results" / "load_h100.json"))
-    ap.add_argument("--conds", default="warm,cold")
-    ap.add_argument("--loaders", default="", help="comma list (default: fastfp8 + every available peer)")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--cold-repeat", type=int, default=1)
-    ap.add_argument("--round-robin", action="store_true",
-                    help="with repeats: one run a process, loader after loader, round after round (not a "
-                    "loader's runs back to back), so that a drifting disk or host weighs on all alike")
-    ap.add_argument("--budget", default=None, help="fastfp8's memory_budget (default: its own, from the host)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--sweep-threads", default="", help="comma list: also run fastfp8 (host and device "
-                    "quantization) warm at these thread counts")
-    ap.add_argument("--disk-depths", default="8,32,64", help="queue depths of the direct disk read")
-    ap.add_argument("--disk-bytes", default="4GiB", help="bytes of the checkpoint read per disk depth")
-    ap.add_argument("--no-readers-ceiling", action="store_true",
-                    help="skip the readers-alone ceilings (readers_only_gbps) after the warm loads")
-    ap.add_argument("--no-warmup-load", action="store_true",
-                    help="do not run (and discard) one load of fastfp8's defaults before the warm rows")
-    ap.add_argument("--settle-s", type=float, default=None,
-                    help="pause after emptying torch's cache before each timed load, every loader alike "
-                    "(default: peers.SETTLE_S, 0.5 s): host-to-device copies issued right after device memory "
-                    "is freed ran at 22 - 35 GB/s for their first 10 ms on an H200 (54 after a pause; "
-                    "benches/NOTES.md, session 17), a cost a process's own load does not pay")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--loader", help=argparse.SUPPRESS)
-    ap.add_argument("--cond", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.settle_s is None:
-        import peers
-
-        args.settle_s = peers.SETTLE_S
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return 0
-
-    import peers
-
-    avail = set(peers.available_peers("cuda"))
-    doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
-           "repeat": args.repeat, "cold_repeat": args.cold_repeat, "round_robin": args.round_robin,
-           "memory_budget": args.budget, "settle_s": args.settle_s, "rows": []}
-    import fastfp8
-    from fastfp8.host import topology
-
-    ckpt = fastfp8.open_checkpoint(args.ckpt)
-    doc["checkpoint_bytes"] = ckpt.nbytes
-    doc["largest_tensor_bytes"] = largest_tensor(args.ckpt)
-    wanted = [x for x in args.loaders.split(",") if x]
-    for cond in args.conds.split(","):
-        if cond == "warm":
-            loaders = wanted or FASTFP8 + [p for p in WARM_PEERS if p in avail]
-            for n in filter(None, args.sweep_threads.split(",")):
-                loaders += [f"fastfp8_t{n}", f"fastfp8_t{n}_host"]
-        else:
-            loaders = wanted or COLD_FASTFP8 + [p for p in COLD_PEERS if p in avail]
-        if cond == "warm":  # fill the page cache
-            for p in ckpt.shards:
-                with open(p, "rb") as f:
-                    while f.read(64 << 20):
-                        pass
-            if not args.no_warmup_load:
-                # one load thrown away, so that the first row is not also the machine's first
-                # load (2026-11-30, a fresh H200: fastfp8's defaults, first row, 38.9 GB/s
-                # against 47.8 for the same options in the next process)
-                run_worker(args.ckpt, "fastfp8", cond, 1, args.budget, args.threads, args.timeout, args.settle_s)
-        repeat = args.repeat if cond == "warm" else args.cold_repeat
-        for loader, res in measure(args, loaders, cond, repeat):
-            res["summary"] = summarize(res)
-            doc["rows"].append(res)
-            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(doc, indent=1) + "\n")
-            s = res["summary"]
-            print(f"{loader:26s} {cond:5s} " + (f"{s['seconds']:7.2f} s {s['gbps']:6.2f} GB/s  peak GPU "
-                  f"{s['peak_gpu_bytes'] / 2**30:6.2f} GiB  RSS +{s['host_rss_growth_bytes'] / 2**30:5.2f} GiB"
-                  if s else "FAILED " + res.get("error", "")[-400:]), flush=True)
-        if cond == "warm" and not args.no_readers_ceiling:  # the page cache is still warm
-            sweep = [int(n) for n in args.sweep_threads.split(",") if n]
-            try:
-                doc["readers_only_gbps"] = readers_ceilings(args.ckpt, args.budget, [args.threads, *sweep])
-            except Exception as e:  # a ceiling that fails must not cost the run
-                doc["readers_only_gbps"] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"readers alone (no device work): {doc['readers_only_gbps']}", flush=True)
-
-    def best(cond, names):
-        vals = [(r["summary"]["gbps"], r["loader"]) for r in doc["rows"]
-                if r["cond"] == cond and r["loader"] in names and r.get("summary")]
-        return max(vals) if vals else (None, None)
-
+def measure_ceilings(doc: dict, args, ckpt) -> None:
+    """The run's ceilings into ``doc``: the disk's direct read by queue depth (when cold loads
+    are asked for; it evicts the page cache), pinned host-to-device and one core's host
+    quantization. Measured before the cold loads, so that a run cut short still has them."""
     if "cold" in args.conds.split(","):
         from fastfp8.units import parse_bytes
 
@@ -611,8 +544,22 @@ def main(argv=None) -> int:
     from fastfp8 import _native
 
     doc["host_quant_isa"] = _native.quant_isa()
-    print(f"pinned H2D {doc['h2d_pinned_gbps']:.2f} GB/s, host quantization {doc['host_quant_core_gbps']:.2f} "
+    print(f"pinned H2D {doc['h2d_pinned_gbps']} GB/s, host quantization {doc['host_quant_core_gbps']:.2f} "
           f"GB/s per core ({doc['host_quant_isa']})", flush=True)
+
+
+def write_results(doc: dict, out: str) -> None:
+    """The headline figures and issue 15's targets from the rows so far, written to ``out``
+    (JSON) and its ``.md``: called after each condition, so a run cut short leaves the
+    figures it has."""
+
+    from fastfp8.host import topology
+
+    def best(cond, names):
+        vals = [(r["summary"]["gbps"], r["loader"]) for r in doc["rows"]
+                if r["cond"] == cond and r["loader"] in names and r.get("summary")]
+        return max(vals) if vals else (None, None)
+
     peer_names = set(WARM_PEERS) | set(COLD_PEERS)
     ff_warm = best("warm", {"fastfp8"})[0]
     doc.update({
@@ -652,12 +599,108 @@ def main(argv=None) -> int:
         doc["memory_budget_by_cond"] = {r["cond"]: b for r, (b, _) in zip(ff, staged, strict=True)}
         doc["host_rss_growth_by_cond"] = {r["cond"]: r["summary"]["host_rss_growth_bytes"] for r in ff}
     doc["targets"] = targets(doc)
+    path = Path(out)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(doc))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--out", default=str(HERE / "results" / "load_h100.json"))
+    ap.add_argument("--conds", default="warm,cold")
+    ap.add_argument("--loaders", default="", help="comma list (default: fastfp8 + every available peer)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold-repeat", type=int, default=1)
+    ap.add_argument("--round-robin", action="store_true",
+                    help="with repeats: one run a process, loader after loader, round after round (not a "
+                    "loader's runs back to back), so that a drifting disk or host weighs on all alike")
+    ap.add_argument("--budget", default=None, help="fastfp8's memory_budget (default: its own, from the host)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="with --round-robin: start no round that would end past this many seconds from "
+                    "the start (judged by the round before); the rounds skipped are recorded")
+    ap.add_argument("--sweep-threads", default="", help="comma list: also run fastfp8 (host and device "
+                    "quantization) warm at these thread counts")
+    ap.add_argument("--disk-depths", default="8,32,64", help="queue depths of the direct disk read")
+    ap.add_argument("--disk-bytes", default="4GiB", help="bytes of the checkpoint read per disk depth")
+    ap.add_argument("--no-readers-ceiling", action="store_true",
+                    help="skip the readers-alone ceilings (readers_only_gbps) after the warm loads")
+    ap.add_argument("--no-warmup-load", action="store_true",
+                    help="do not run (and discard) one load of fastfp8's defaults before the warm rows")
+    ap.add_argument("--settle-s", type=float, default=None,
+                    help="pause after emptying torch's cache before each timed load, every loader alike "
+                    "(default: peers.SETTLE_S, 0.5 s): host-to-device copies issued right after device memory "
+                    "is freed ran at 22 - 35 GB/s for their first 10 ms on an H200 (54 after a pause; "
+                    "benches/NOTES.md, session 17), a cost a process's own load does not pay")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--loader", help=argparse.SUPPRESS)
+    ap.add_argument("--cond", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.settle_s is None:
+        import peers
+
+        args.settle_s = peers.SETTLE_S
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    import peers
+
+    avail = set(peers.available_peers("cuda"))
+    doc = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "checkpoint": args.ckpt,
+           "repeat": args.repeat, "cold_repeat": args.cold_repeat, "round_robin": args.round_robin,
+           "memory_budget": args.budget, "settle_s": args.settle_s, "rows": []}
+    import fastfp8
+
+    args.t0 = time.monotonic()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    ckpt = fastfp8.open_checkpoint(args.ckpt)
+    doc["checkpoint_bytes"] = ckpt.nbytes
+    doc["largest_tensor_bytes"] = largest_tensor(args.ckpt)
+    wanted = [x for x in args.loaders.split(",") if x]
+    for cond in args.conds.split(","):
+        if cond == "warm":
+            loaders = wanted or FASTFP8 + [p for p in WARM_PEERS if p in avail]
+            for n in filter(None, args.sweep_threads.split(",")):
+                loaders += [f"fastfp8_t{n}", f"fastfp8_t{n}_host"]
+        else:
+            loaders = wanted or COLD_FASTFP8 + [p for p in COLD_PEERS if p in avail]
+            if "host_quant_isa" not in doc:
+                measure_ceilings(doc, args, ckpt)
+        if cond == "warm":  # fill the page cache
+            for p in ckpt.shards:
+                with open(p, "rb") as f:
+                    while f.read(64 << 20):
+                        pass
+            if not args.no_warmup_load:
+                # one load thrown away, so that the first row is not also the machine's first
+                # load (2026-11-30, a fresh H200: fastfp8's defaults, first row, 38.9 GB/s
+                # against 47.8 for the same options in the next process)
+                run_worker(args.ckpt, "fastfp8", cond, 1, args.budget, args.threads, args.timeout, args.settle_s)
+        repeat = args.repeat if cond == "warm" else args.cold_repeat
+        for loader, res in measure(args, loaders, cond, repeat):
+            res["summary"] = summarize(res)
+            doc["rows"].append(res)
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(doc, indent=1) + "\n")
+            s = res["summary"]
+            print(f"{loader:26s} {cond:5s} " + (f"{s['seconds']:7.2f} s {s['gbps']:6.2f} GB/s  peak GPU "
+                  f"{s['peak_gpu_bytes'] / 2**30:6.2f} GiB  RSS +{s['host_rss_growth_bytes'] / 2**30:5.2f} GiB"
+                  if s else "FAILED " + res.get("error", "")[-400:]), flush=True)
+        if cond == "warm" and not args.no_readers_ceiling:  # the page cache is still warm
+            sweep = [int(n) for n in args.sweep_threads.split(",") if n]
+            try:
+                doc["readers_only_gbps"] = readers_ceilings(args.ckpt, args.budget, [args.threads, *sweep])
+            except Exception as e:  # a ceiling that fails must not cost the run
+                doc["readers_only_gbps"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"readers alone (no device work): {doc['readers_only_gbps']}", flush=True)
+        write_results(doc, args.out)  # what a run cut short in a later condition keeps
+    if "host_quant_isa" not in doc:
+        measure_ceilings(doc, args, ckpt)
+    write_results(doc, args.out)
     for name, t in doc["targets"].items():
         print(f"target {name}: {t}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(doc))
     print(markdown(doc))
     return 0
 

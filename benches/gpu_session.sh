@@ -11,7 +11,8 @@
 #   modules  bench_modules.py, with the table `tune` wrote if there is one ~1 min
 #   load     a Llama-3-8B-shaped checkpoint, then bench_load.py (warm and
 #            cold, every peer, the ceilings; cold: LOAD_COLD_REPEAT=3 loads each,
-#            round robin; LOAD_SWEEP="": no thread sweep)                ~8 min
+#            round robin; LOAD_SWEEP=8,12,16: a thread sweep too (past the limit); LOAD_DEADLINE_S=520:
+#            no round started that would end later)                      ~8 min
 #   probe    probe_pipeline.py: the engine's consumer variants, round robin, and a
 #            process's first load (fresh processes)                       ~4 min
 #   decode   bench_decode.py, merged into the modules JSON                ~6 min
@@ -74,10 +75,12 @@ for s in "$@"; do
         [ -f "$CKPT/model.safetensors.index.json" ] ||
             stage make_checkpoint 120 python3 benches/make_checkpoint.py "$CKPT" --layers 32 --fsync
         sync
-        sweep=${LOAD_SWEEP-8,12,16}
-        # cold: three loads a loader, round robin (a disk's rate drifts over the run)
+        sweep=${LOAD_SWEEP-}
+        # cold: three loads a loader, round robin (a disk's rate drifts over the run); a round
+        # that would end past LOAD_DEADLINE_S is skipped (recorded), so the stage ends with its JSON
         stage load 555 python3 benches/bench_load.py "$CKPT" --out "$OUT/load_$GPU.json" \
-            --cold-repeat "${LOAD_COLD_REPEAT:-3}" --round-robin ${sweep:+--sweep-threads "$sweep"} ;;
+            --cold-repeat "${LOAD_COLD_REPEAT:-3}" --round-robin --deadline-s "${LOAD_DEADLINE_S:-520}" \
+            ${sweep:+--sweep-threads "$sweep"} ;;
     probe)
         # the consumer's variants against each other, round robin, caches emptied as in
         # bench_load.py; then a process's first load in fresh processes
