@@ -37,6 +37,7 @@ LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MADV_POPULATE_READ = 22
 MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
+PATTERNS = ("inorder_pread", "inorder_mmap", "striped_pread", "striped_mmap")
 
 
 def _pieces(files, piece):
@@ -74,6 +75,8 @@ def run_pattern(name, files, threads):
                 raise OSError(ctypes.get_errno(), "mmap failed")
             maps.append((addr, size))
 
+    local = threading.local()
+
     def touch(i, off, n):
         if maps:
             start = (maps[i][0] + off) & ~(PAGE - 1)
@@ -81,14 +84,13 @@ def run_pattern(name, files, threads):
             LIBC.madvise(start, length, MADV_POPULATE_READ)
             LIBC.madvise(start, length, MADV_DONTNEED)
         else:
-            buf = touch.local.__dict__.setdefault("buf", bytearray(8 << 20))
+            buf = local.__dict__.setdefault("buf", bytearray(8 << 20))
             view = memoryview(buf)[:n]
             while n:
                 got = os.preadv(fds[i], [view], off)
                 if got <= 0:
                     raise OSError(f"short read of {files[i][0]} at {off}")
                 off, n, view = off + got, n - got, view[got:]
-    touch.local = threading.local()
 
     if name.startswith("inorder"):
         work = _pieces(files, 4 << 20)
@@ -131,12 +133,18 @@ def run_pattern(name, files, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
-    ap.add_argument("--patterns", default="inorder_mmap,striped_pread,inorder_pread,striped_mmap")
+    ap.add_argument("--patterns", default="inorder_mmap,striped_pread,inorder_pread,striped_mmap",
+                    help=f"comma list, run in this order each round: {', '.join(PATTERNS)}")
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="probe_disk_order.json")
     args = ap.parse_args()
+    unknown = [p for p in args.patterns.split(",") if p not in PATTERNS]
+    if unknown:
+        ap.error(f"unknown pattern(s) {', '.join(unknown)}; known: {', '.join(PATTERNS)}")
     paths = sorted(str(p) for p in Path(args.ckpt).glob("*.safetensors"))
+    if not paths:
+        ap.error(f"no *.safetensors files in {args.ckpt}")
     files = [(p, os.path.getsize(p)) for p in paths]
     rates = {p: [] for p in args.patterns.split(",")}
     for r in range(args.rounds):
