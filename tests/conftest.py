@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,17 @@ def rand_tensor(shape, dtype, gen: torch.Generator) -> torch.Tensor:
 
 def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def threads_back_to(base: int, timeout: float = 5.0) -> int:
+    """The process's thread count once it is back to ``base``, or after ``timeout`` seconds:
+    a joined thread's task can stay listed in ``/proc/self/task`` for a moment after
+    ``join()`` returns (the kernel wakes the joiner before the task is gone), so a count
+    taken at once can read one too many. A thread really left running stays counted."""
+    deadline = time.monotonic() + timeout
+    while native_threads() > base and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return native_threads()
 
 
 def rss() -> int:

@@ -17,7 +17,7 @@ import conftest
 import fastfp8
 import pytest
 import torch
-from conftest import native_threads
+from conftest import native_threads, threads_back_to
 from fastfp8.checkpoint import ChunkReader
 from fastfp8.pinned import POOL, BufferPool
 
@@ -106,7 +106,7 @@ def test_loads_in_threads(model):
         for got in run_threads([lambda c=c: load(c) for c in configs]):
             assert got == want
     gc.collect()
-    assert native_threads() == base_threads
+    assert threads_back_to(base_threads) == base_threads
     assert POOL.stats()["in_use"] <= base_in_use
 
 
@@ -314,7 +314,7 @@ def test_load_over_the_limit_is_a_budget_error_and_leaks_nothing(model, limit):
     threads = native_threads()
     with pytest.raises(fastfp8.BudgetError, match="process-wide limit"):
         fastfp8.load_quantized(root, device="cpu", memory_budget="16MiB")
-    assert native_threads() == threads
+    assert threads_back_to(threads) == threads
 
 
 def test_interrupt_while_waiting_for_the_pool(limit):
@@ -364,7 +364,7 @@ def test_cuda_loads_in_threads_within_a_pinned_limit(model, limit):
     st = POOL.stats()
     assert st["peak_live"] <= 8 * MiB
     gc.collect()
-    assert native_threads() == threads
+    assert threads_back_to(threads) == threads
 
 
 def test_a_freed_buffer_leaves_the_count_without_running_python_code():

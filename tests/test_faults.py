@@ -37,7 +37,7 @@ from pathlib import Path
 import fastfp8
 import pytest
 import torch
-from conftest import make_model, native_threads, rss, shard_tensors
+from conftest import make_model, native_threads, rss, shard_tensors, threads_back_to
 from fastfp8 import engine
 from fastfp8.checkpoint import ChunkReader
 from fastfp8.pinned import POOL
@@ -74,7 +74,7 @@ class Baseline:
 
     def check(self, what: str = "") -> None:
         gc.collect()
-        assert native_threads() == self.threads, f"{what}: reader threads left running"
+        assert threads_back_to(self.threads) == self.threads, f"{what}: reader threads left running"
         st = POOL.stats()
         assert st["in_use"] <= self.in_use, f"{what}: staging buffers neither returned nor freed: {st}"
         assert not POOL._lock._is_owned(), f"{what}: the pool's lock was left held"
@@ -760,9 +760,11 @@ def test_cuda_interrupt_signal_at_random_times(tmp_path):
         return fastfp8.load_quantized(root, device="cuda", memory_budget="16MiB", chunk_bytes="1MiB")
 
     want = {k: v.cpu() for k, v in run().items()}
-    t0 = time.perf_counter()
-    run()
-    duration = time.perf_counter() - t0
+    duration = float("inf")
+    for _ in range(3):  # the fastest of three, as on the CPU: one run slowed by the suite's
+        t0 = time.perf_counter()  # other workers on the GPU sent most signals after the loads
+        run()
+        duration = min(duration, time.perf_counter() - t0)
     torch.cuda.synchronize()
     gc.collect()
     allocated = torch.cuda.memory_allocated()

@@ -12,7 +12,7 @@ from pathlib import Path
 import fastfp8
 import pytest
 import torch
-from conftest import native_threads
+from conftest import native_threads, threads_back_to
 from fastfp8.checkpoint import ChunkReader
 from safetensors.torch import save_file
 
@@ -263,14 +263,14 @@ def test_dropping_a_stream_stops_its_threads(ckpt):
         next(s)
         assert native_threads() >= base + 6
         s.close()
-        assert native_threads() == base
+        assert threads_back_to(base) == base
     s = ckpt.stream(memory_budget="8MiB", threads=6)
     next(s)
     del s
     import gc
 
     gc.collect()
-    assert native_threads() == base
+    assert threads_back_to(base) == base
 
 
 def test_keyboard_interrupt_stops_the_reader(tmp_path):
@@ -297,10 +297,7 @@ def test_keyboard_interrupt_stops_the_reader(tmp_path):
             if (task / "comm").read_text().startswith("fastfp8-read"):
                 readers.append(task.name)
     assert not readers
-    deadline = time.monotonic() + 5
-    while native_threads() > base and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert native_threads() == base
+    assert threads_back_to(base) == base
 
 
 def test_buffers_are_pooled_inside_retain(ckpt):
