@@ -5,13 +5,20 @@ On the GPU machine (from the repo root)::
     python benches/tune_linear.py --out $OUT/tune_linear.json        # ~3 min on an H200
     python benches/tune_linear.py --table tune_linear.json            # here: JSON -> linear_table.py
 
+    # a new kind of candidate only, against what the packaged table picks now (and _scaled_mm):
+    python benches/tune_linear.py --kinds qtile --ms 16,32,64,128,256,1024,4096,8192 --out $OUT/t.json
+    python benches/tune_linear.py --table t.json --base-table python/fastfp8/kernels/linear_table.json
+
 For every ``(N, K)`` of :data:`SHAPES` and every ``M`` of :data:`MS`, times (CUDA graphs,
 weights rotated past L2, ``do_bench`` medians) bf16 ``F.linear`` and each fp8 candidate,
 activation quantization included where the candidate needs it: the GEMV kernel (W8A16,
 M <= 128, with and without split-K), the W8A16 tiled GEMM (``"w16"``), fused act-quant +
 ``torch._scaled_mm`` rowwise, fused act-quant + the Triton GEMM (``"tile"`` and ``"tma"``
-configs). (A one-kernel GEMM that quantized the activations itself lost at all 144 shapes
-and row counts of the session-14 sweep, 1.2 - 6.2x slower than the best path, and is gone.) Each candidate's output
+configs), the one-kernel W8A8 GEMM that quantizes per token and 128 columns itself
+(``"qtile"``). (A one-kernel GEMM that quantized the activations itself lost at all 144 shapes
+and row counts of the session-14 sweep, 1.2 - 6.2x slower than the best path, and is gone:
+it read each row's activations over all of K twice for its per-token amax; ``"qtile"``
+quantizes each K step on its own.) Each candidate's output
 is first checked against an fp32 emulation (a failure drops it). The JSON is written after
 every shape, so a run cut short keeps what it measured. ``--table`` picks the fastest
 candidate per ``(N, K, M)`` and writes the table module.
@@ -77,13 +84,31 @@ W16_SMALL = [("w16", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("w16", 32,
 W16_MID = [("w16", bm, bn, 64, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
 W16_LARGE = [("w16", 128, 64, 64, 8, 1, 4, 4), ("w16", 128, 128, 64, 8, 1, 8, 3), ("w16", 64, 128, 128, 8, 1, 4, 3)]
 W16 = W16_SMALL + W16_MID + W16_LARGE
+# the one-kernel W8A8 GEMM (kernels/gemm.py "qtile"): BLOCK_K is its quantization group, 128
+QTILE_SMALL = [("qtile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("qtile", 16, 128, 128, 8, 2, 4, 4),
+                                                                         ("qtile", 32, 64, 128, 8, 2, 4, 4)]
+QTILE_MID = [("qtile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4)]
+QTILE_LARGE = [("qtile", 128, 128, 128, 8, 1, 8, 3), ("qtile", 128, 256, 128, 8, 1, 8, 3),
+               ("qtile", 64, 128, 128, 8, 1, 4, 4), ("qtile", 64, 256, 128, 8, 1, 8, 3),
+               ("qtile", 128, 64, 128, 8, 1, 4, 4), ("qtile", 128, 128, 128, 8, 2, 8, 3)]
+QTILE = QTILE_SMALL + QTILE_MID + QTILE_LARGE
 TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4),
        ("tma", 64, 128, 128, 8, 1, 4, 4)]
 
 
-def candidates(m: int) -> list:
-    """What is tried for ``M`` rows (no duplicates)."""
+def candidates(m: int, kinds: tuple[str, ...] | None = None, table_pick: tuple | None = None) -> list:
+    """What is tried for ``M`` rows (no duplicates): every kind, or only ``kinds`` with
+    ``_scaled_mm`` and ``table_pick`` (the packaged table's choice, as a candidate)."""
     out: list = [("scaled_mm",)]
+    if kinds is not None:
+        out += [table_pick] if table_pick is not None else []
+        out += [c for c in _all_candidates(m) if c[0] in kinds]
+        return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out + _all_candidates(m)))
+
+
+def _all_candidates(m: int) -> list:
+    out: list = []
     if m == 1:
         out += [("gemv", *c) for c in GEMV_M1 + GEMV_M1_PIPE + GEMV_SPLIT_M1]
     elif m <= 16:
@@ -102,10 +127,26 @@ def candidates(m: int) -> list:
         out += W16_LARGE
     if m >= 128:
         out += TILE_LARGE + TMA
-    return list(dict.fromkeys(out))
+    if 1 < m <= 32:
+        out += QTILE_SMALL
+    if 16 < m <= 1024:
+        out += QTILE_MID
+    if m >= 128:
+        out += QTILE_LARGE
+    return out
 
 
-def run_case(n, k, m, ws, sws, wbs, rep_ms):
+def table_candidate(m: int, n: int, k: int) -> tuple:
+    """The packaged table's choice for ``(M, N, K)`` on this GPU, as a sweep candidate."""
+    from fastfp8.kernels import linear_table as lt
+
+    backend, cfg = lt.select(m, n, k, torch.cuda.get_device_capability())
+    if cfg is None:
+        return (backend,)
+    return (backend, *cfg) if backend == "gemv" else tuple(cfg)
+
+
+def run_case(n, k, m, ws, sws, wbs, rep_ms, kinds=None):
     from fastfp8.kernels import act_quant as aq
     from fastfp8.kernels import gemm as gm
     from fastfp8.kernels import gemv as gv
@@ -115,10 +156,12 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
     q0, s0 = aq.triton_act_quant(xs[0])
     emu8 = gm.fp8_gemm_reference(q0, s0, ws[0], sws[0], out_dtype=torch.float32)
     emu16 = gv.fp8_gemv_reference(xs[0].float(), ws[0], sws[0])
+    emuq = gm.qtile_gemm_reference(xs[0], ws[0], sws[0])
     res = {"N": n, "K": k, "M": m, "copies": copies, "us": {}, "sqnr": {}, "err": {}}
     res["us"]["bf16"] = timeit([lambda i=i: torch.nn.functional.linear(xs[i], wbs[i]) for i in range(copies)],
                                rep_ms=rep_ms, warmup_ms=WARMUP_MS)
-    for cand in candidates(m):
+    pick = table_candidate(m, n, k) if kinds is not None else None
+    for cand in candidates(m, kinds, pick):
         name = "/".join(str(c) for c in cand)
         try:
             if cand[0] == "scaled_mm":
@@ -128,19 +171,24 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
                                             out_dtype=BF16, use_fast_accum=True)
                 ref = emu8
             elif cand[0] == "gemv":
-                cfg = gv.config_of(cand[1:], m)
+                cfg = gv.config_of(cand[1:], m) if len(cand) > 1 else None
 
                 def f(i, cfg=cfg):
                     return gv.fp8_gemv(xs[i], ws[i], sws[i], config=cfg)
                 ref = emu16
-            elif cand[0] == "w16":
-                def f(i, cand=cand):
-                    return gm.w16_gemm(xs[i], ws[i], sws[i], config=cand)
-                ref = emu16
+            elif cand[0] in ("w16", "qtile"):
+                cfg = cand if len(cand) > 1 else gm.default_config(m, n, k, cand[0])
+                gemm = gm.w16_gemm if cand[0] == "w16" else gm.qtile_gemm
+
+                def f(i, cfg=cfg, gemm=gemm):
+                    return gemm(xs[i], ws[i], sws[i], config=cfg)
+                ref = emu16 if cand[0] == "w16" else emuq
             else:
-                def f(i, cand=cand):
+                cfg = cand if len(cand) > 1 else gm.default_config(m, n, k, cand[0])
+
+                def f(i, cfg=cfg):
                     q, s = aq.triton_act_quant(xs[i])
-                    return gm.fp8_gemm(q, s, ws[i], sws[i], config=cand)
+                    return gm.fp8_gemm(q, s, ws[i], sws[i], config=cfg)
                 ref = emu8
             db = sqnr(f(0)[: ref.shape[0]], ref)
             res["sqnr"][name] = db
@@ -154,19 +202,21 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms):
     fp8 = {c: us for c, us in res["us"].items() if c != "bf16"}
     best = min(fp8, key=fp8.get) if fp8 else None
     res["best"] = best
+    if pick is not None:
+        res["table_pick"] = "/".join(str(c) for c in pick)
     res["speedup"] = res["us"]["bf16"] / fp8[best] if best else None
     res["speedup_scaled_mm"] = res["us"]["bf16"] / fp8["scaled_mm"] if "scaled_mm" in fp8 else None
     return res
 
 
-def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float) -> None:
+def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float, kinds=None) -> None:
     from fastfp8.quant import quantize_channelwise
 
     t0 = time.monotonic()
     cap = torch.cuda.get_device_capability()
     report = {"gpu": torch.cuda.get_device_name(), "sm": f"{cap[0]}.{cap[1]}",
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "torch": torch.__version__, "cases": [], "errors": []}
+              "torch": torch.__version__, "kinds": list(kinds) if kinds else "all", "cases": [], "errors": []}
     for n, k in shapes:
         copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k))))
         wbs = [torch.randn(n, k, device="cuda", dtype=BF16) / math.sqrt(k) for _ in range(copies)]
@@ -178,7 +228,7 @@ def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float) -> None:
                 report["errors"].append(f"budget: stopped before N={n} K={k} M={m}")
                 break
             try:
-                r = run_case(n, k, m, ws, sws, wbs, rep_ms)
+                r = run_case(n, k, m, ws, sws, wbs, rep_ms, kinds)
             except Exception as e:
                 traceback.print_exc()
                 report["errors"].append(f"N={n} K={k} M={m}: {type(e).__name__}: {e}")
@@ -207,8 +257,15 @@ def _row_of(name: str) -> tuple[str, list | None]:
     if parts[0] == "scaled_mm":
         return "scaled_mm", None
     if parts[0] == "gemv":
-        return "gemv", [int(v) for v in parts[1:]]
-    return parts[0], [parts[0], *(int(v) for v in parts[1:])]
+        return "gemv", [int(v) for v in parts[1:]] or None
+    return parts[0], [parts[0], *(int(v) for v in parts[1:])] if len(parts) > 1 else None
+
+
+def _name_of(backend: str, cfg) -> str:
+    """A table row's ``(backend, config)`` -> the sweep's candidate name (:func:`_row_of`'s inverse)."""
+    if cfg is None:
+        return backend
+    return "/".join(str(v) for v in ([backend, *cfg] if backend == "gemv" else cfg))
 
 
 def _pick(case: dict, margin: float) -> str | None:
@@ -242,11 +299,16 @@ def _rows(picks: list[tuple[int, str]]) -> list[list]:
     return rows
 
 
-def make_table(sweep_json: dict, *, margin: float = 0.03) -> dict:
+def make_table(sweep_json: dict, *, margin: float = 0.03, base: dict | None = None) -> dict:
     """The selection table (``linear_table.json``) from a sweep: per measured ``(N, K)`` the
     picked candidate per ``M`` sample (it serves the rows above the previous sample up to
     its own M), and ``generic`` rows for other shapes: per ``M`` the candidate with the best
-    worst-case speedup over the shapes where it was measured."""
+    worst-case speedup over the shapes where it was measured.
+
+    ``base`` (a table as :func:`fastfp8.kernels.linear_table.load` reads it): a sweep of some
+    kinds only (``--kinds``) updates it. The ``M`` samples of :data:`MS` the sweep did not
+    measure keep the base table's choice, shapes it did not measure keep their rows, and
+    the generic rows stay the base's."""
     by_shape: dict[tuple[int, int], list[dict]] = {}
     for c in sweep_json["cases"]:
         by_shape.setdefault((c["N"], c["K"]), []).append(c)
@@ -256,6 +318,13 @@ def make_table(sweep_json: dict, *, margin: float = 0.03) -> dict:
     for (n, k), cases in sorted(by_shape.items()):
         cases.sort(key=lambda c: c["M"])
         picks = []
+        if base is not None:
+            measured = {c["M"] for c in cases}
+            rows = base["entries"].get((n, k), base["generic"])
+            for m in MS:
+                if m not in measured:
+                    row = next(r for r in rows if r[0] is None or m <= r[0])
+                    picks.append((m, _name_of(row[1], row[2])))
         for c in cases:
             best = _pick(c, margin)
             if best is None:
@@ -266,7 +335,10 @@ def make_table(sweep_json: dict, *, margin: float = 0.03) -> dict:
                 if cand != "bf16":
                     per_m.setdefault(c["M"], {}).setdefault(cand, []).append(c["us"]["bf16"] / us)
         if picks:
-            entries[f"{n},{k}"] = _rows(picks)
+            entries[f"{n},{k}"] = _rows(sorted(picks, key=lambda p: p[0]))
+    if base is not None:
+        for (n, k), rows in base["entries"].items():
+            entries.setdefault(f"{n},{k}", rows)
     n_shapes = {m: max(len(v) for v in d.values()) for m, d in per_m.items()}
     generic_picks = []
     for m in sorted(per_m):
@@ -279,7 +351,8 @@ def make_table(sweep_json: dict, *, margin: float = 0.03) -> dict:
         "date": sweep_json.get("date"),
         "source": f"benches/tune_linear.py sweep (torch {sweep_json.get('torch')}), margin {margin}",
         "entries": entries,
-        "generic": _rows(generic_picks) if generic_picks else [[16, "gemv", None], [None, "scaled_mm", None]],
+        "generic": base["generic"] if base is not None else
+        _rows(generic_picks) if generic_picks else [[16, "gemv", None], [None, "scaled_mm", None]],
         "summary": summary,
     }
 
@@ -298,11 +371,21 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=200)
     ap.add_argument("--table", default=None, help="a sweep JSON: write the selection table from it (no GPU needed)")
     ap.add_argument("--table-out", default=str(TABLE_OUT), help="where --table writes (default: the packaged table)")
+    ap.add_argument("--kinds", default=None,
+                    help="comma list (e.g. qtile): try only these kinds, against the packaged table's choice "
+                         "and _scaled_mm")
+    ap.add_argument("--ms", default=None, help="comma list of M (default: all of MS)")
+    ap.add_argument("--base-table", default=None,
+                    help="with --table: a sweep of some kinds updates this table (the M samples and shapes "
+                         "it did not measure keep their rows)")
     ap.add_argument("--margin", type=float, default=0.03,
                     help="a Triton GEMM replaces _scaled_mm / the GEMV only when this much faster")
     args = ap.parse_args(argv)
     if args.table:
-        t = make_table(json.loads(Path(args.table).read_text()), margin=args.margin)
+        from fastfp8.kernels import linear_table as lt
+
+        base = lt.load(args.base_table) if args.base_table else None
+        t = make_table(json.loads(Path(args.table).read_text()), margin=args.margin, base=base)
         Path(args.table_out).write_text(json.dumps(t, indent=1) + "\n")
         print(f"wrote {args.table_out}: {len(t['entries'])} shapes; generic {t['generic']}")
         for line in t["summary"]:
@@ -311,7 +394,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    sweep(Path(args.out), args.rep_ms, SHAPES, MS, args.budget_s)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else None
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
+    sweep(Path(args.out), args.rep_ms, SHAPES, ms, args.budget_s, kinds)
     return 0
 
 
