@@ -5,8 +5,8 @@ On the GPU machine (from the repo root)::
     python benches/tune_linear.py --out $OUT/tune_linear.json        # ~3 min on an H200
     python benches/tune_linear.py --table tune_linear.json            # here: JSON -> linear_table.py
 
-    # a new kind of candidate only, against what the packaged table picks now (and _scaled_mm):
-    python benches/tune_linear.py --kinds qtile --ms 16,32,64,128,256,1024,4096,8192 --out $OUT/t.json
+    # some kinds only, against what the packaged table picks now (and _scaled_mm):
+    python benches/tune_linear.py --kinds tile,tma --ms 256,1024,4096 --out $OUT/t.json
     python benches/tune_linear.py --table t.json --base-table python/fastfp8/kernels/linear_table.json
 
 For every ``(N, K)`` of :data:`SHAPES` and every ``M`` of :data:`MS`, times (CUDA graphs,
@@ -14,11 +14,10 @@ weights rotated past L2, ``do_bench`` medians) bf16 ``F.linear`` and each fp8 ca
 activation quantization included where the candidate needs it: the GEMV kernel (W8A16,
 M <= 128, with and without split-K), the W8A16 tiled GEMM (``"w16"``), fused act-quant +
 ``torch._scaled_mm`` rowwise, fused act-quant + the Triton GEMM (``"tile"`` and ``"tma"``
-configs), the one-kernel W8A8 GEMM that quantizes per token and 128 columns itself
-(``"qtile"``). (A one-kernel GEMM that quantized the activations itself lost at all 144 shapes
-and row counts of the session-14 sweep, 1.2 - 6.2x slower than the best path, and is gone:
-it read each row's activations over all of K twice for its per-token amax; ``"qtile"``
-quantizes each K step on its own.) Each candidate's output
+configs). (A one-kernel GEMM that quantized the activations itself lost at all 144 shapes
+and row counts of the session-14 sweep, 1.2 - 6.2x slower than the best path, and is gone;
+so did one that quantized per token and 128 columns in its registers, 1.1 - 5x slower at
+every case of session 25's sweep: benches/NOTES.md.) Each candidate's output
 is first checked against an fp32 emulation (a failure drops it). The JSON is written after
 every shape, so a run cut short keeps what it measured. ``--table`` picks the fastest
 candidate per ``(N, K, M)`` and writes the table module.
@@ -78,20 +77,18 @@ GEMV_SPLIT_DOT += [(128, 128, 4, 3, s) for s in (2, 4)] + [(64, 128, 4, 4, s) fo
 TILE_SMALL = [("tile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("tile", 16, 128, 128, 8, 2, 4, 4)]
 TILE_MID = [("tile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
 TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1, 8, 3)]
+# 256 - 4096 rows of a narrow weight (N 512 - 2048): small tiles and split-K, for a grid that
+# fills the SMs (session 25; 512 x 2048 at M = 1024 had 64 programs of 64 x 128)
+TILE_GRID = [("tile", 64, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + \
+    [("tile", 64, 128, 128, 8, s, 4, 4) for s in (2, 4)] + [("tile", 128, 64, 128, 8, s, 4, 4) for s in (1, 2)] + \
+    [("tile", 64, 64, 256, 8, 1, 4, 3), ("tile", 128, 128, 128, 8, 2, 8, 3)]
+TMA_GRID = [("tma", 64, 64, 128, 8, 1, 4, 4), ("tma", 128, 64, 128, 8, 1, 4, 4), ("tma", 64, 128, 256, 8, 1, 4, 3)]
 # W8A16 tiles (kernels/gemm.py "w16"): the tile kernel on the bf16 activations, no activation
 # quantization kernel; for the mid-M shapes where that kernel's cost is what FP8 loses by
 W16_SMALL = [("w16", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("w16", 32, 64, 128, 8, 1, 4, 4)]
 W16_MID = [("w16", bm, bn, 64, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2)]
 W16_LARGE = [("w16", 128, 64, 64, 8, 1, 4, 4), ("w16", 128, 128, 64, 8, 1, 8, 3), ("w16", 64, 128, 128, 8, 1, 4, 3)]
 W16 = W16_SMALL + W16_MID + W16_LARGE
-# the one-kernel W8A8 GEMM (kernels/gemm.py "qtile"): BLOCK_K is its quantization group, 128
-QTILE_SMALL = [("qtile", 16, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + [("qtile", 16, 128, 128, 8, 2, 4, 4),
-                                                                         ("qtile", 32, 64, 128, 8, 2, 4, 4)]
-QTILE_MID = [("qtile", bm, bn, 128, 8, s, 4, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4)]
-QTILE_LARGE = [("qtile", 128, 128, 128, 8, 1, 8, 3), ("qtile", 128, 256, 128, 8, 1, 8, 3),
-               ("qtile", 64, 128, 128, 8, 1, 4, 4), ("qtile", 64, 256, 128, 8, 1, 8, 3),
-               ("qtile", 128, 64, 128, 8, 1, 4, 4), ("qtile", 128, 128, 128, 8, 2, 8, 3)]
-QTILE = QTILE_SMALL + QTILE_MID + QTILE_LARGE
 TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4),
        ("tma", 64, 128, 128, 8, 1, 4, 4)]
 
@@ -127,12 +124,8 @@ def _all_candidates(m: int) -> list:
         out += W16_LARGE
     if m >= 128:
         out += TILE_LARGE + TMA
-    if 1 < m <= 32:
-        out += QTILE_SMALL
-    if 16 < m <= 1024:
-        out += QTILE_MID
-    if m >= 128:
-        out += QTILE_LARGE
+    if 256 <= m <= 4096:
+        out += TILE_GRID + TMA_GRID
     return out
 
 
@@ -156,10 +149,12 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms, kinds=None):
     q0, s0 = aq.triton_act_quant(xs[0])
     emu8 = gm.fp8_gemm_reference(q0, s0, ws[0], sws[0], out_dtype=torch.float32)
     emu16 = gv.fp8_gemv_reference(xs[0].float(), ws[0], sws[0])
-    emuq = gm.qtile_gemm_reference(xs[0], ws[0], sws[0])
     res = {"N": n, "K": k, "M": m, "copies": copies, "us": {}, "sqnr": {}, "err": {}}
     res["us"]["bf16"] = timeit([lambda i=i: torch.nn.functional.linear(xs[i], wbs[i]) for i in range(copies)],
                                rep_ms=rep_ms, warmup_ms=WARMUP_MS)
+    # the per-token activation quantization alone, which every W8A8 candidate includes
+    res["us_act_quant"] = timeit([lambda i=i: aq.triton_act_quant(xs[i]) for i in range(copies)], rep_ms=rep_ms,
+                                 warmup_ms=WARMUP_MS)
     pick = table_candidate(m, n, k) if kinds is not None else None
     for cand in candidates(m, kinds, pick):
         name = "/".join(str(c) for c in cand)
@@ -176,13 +171,12 @@ def run_case(n, k, m, ws, sws, wbs, rep_ms, kinds=None):
                 def f(i, cfg=cfg):
                     return gv.fp8_gemv(xs[i], ws[i], sws[i], config=cfg)
                 ref = emu16
-            elif cand[0] in ("w16", "qtile"):
-                cfg = cand if len(cand) > 1 else gm.default_config(m, n, k, cand[0])
-                gemm = gm.w16_gemm if cand[0] == "w16" else gm.qtile_gemm
+            elif cand[0] == "w16":
+                cfg = cand if len(cand) > 1 else gm.default_config(m, n, k, "w16")
 
-                def f(i, cfg=cfg, gemm=gemm):
-                    return gemm(xs[i], ws[i], sws[i], config=cfg)
-                ref = emu16 if cand[0] == "w16" else emuq
+                def f(i, cfg=cfg):
+                    return gm.w16_gemm(xs[i], ws[i], sws[i], config=cfg)
+                ref = emu16
             else:
                 cfg = cand if len(cand) > 1 else gm.default_config(m, n, k, cand[0])
 
@@ -234,7 +228,8 @@ def sweep(out_path: Path, rep_ms: int, shapes, ms, budget_s: float, kinds=None) 
                 report["errors"].append(f"N={n} K={k} M={m}: {type(e).__name__}: {e}")
                 continue
             report["cases"].append(r)
-            print(f"N={n:6d} K={k:6d} M={m:5d} bf16 {r['us']['bf16']:8.1f}  best {r['best']} "
+            print(f"N={n:6d} K={k:6d} M={m:5d} bf16 {r['us']['bf16']:8.1f}  act_quant {r['us_act_quant']:6.1f}  "
+                  f"best {r['best']} "
                   f"{r['us'].get(r['best'], float('nan')):8.1f} x{r['speedup'] or 0:5.2f}  "
                   f"scaled_mm x{r['speedup_scaled_mm'] or 0:5.2f}  errs {len(r['err'])}  "
                   f"t={time.monotonic() - t0:.0f}s", flush=True)
@@ -372,7 +367,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", default=None, help="a sweep JSON: write the selection table from it (no GPU needed)")
     ap.add_argument("--table-out", default=str(TABLE_OUT), help="where --table writes (default: the packaged table)")
     ap.add_argument("--kinds", default=None,
-                    help="comma list (e.g. qtile): try only these kinds, against the packaged table's choice "
+                    help="comma list (e.g. tile,tma): try only these kinds, against the packaged table's choice "
                          "and _scaled_mm")
     ap.add_argument("--ms", default=None, help="comma list of M (default: all of MS)")
     ap.add_argument("--base-table", default=None,

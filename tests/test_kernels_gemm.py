@@ -48,21 +48,6 @@ def test_w16_rejects_bad_inputs():
     assert gm.w16_gemm(x[:0], w, ws, config=cfg).shape == (0, 32)
 
 
-def test_qtile_rejects_bad_inputs():
-    _, _, w, ws, _ = gemm_case(4, 32, 256, bias=False, device="cpu")
-    x = torch.randn(4, 256, dtype=BF16)
-    cfg = ("qtile", 16, 32, 128, 1, 1, 4, 2)
-    with pytest.raises(ValueError, match="bf16 or fp16"):
-        gm.qtile_gemm(x.float(), w, ws, config=cfg)
-    with pytest.raises(ValueError, match="BLOCK_K 128"):
-        gm.qtile_gemm(x, w, ws, config=("qtile", 16, 32, 64, 1, 1, 4, 2))  # the group is 128 columns
-    with pytest.raises(ValueError, match="'qtile'"):
-        gm.qtile_gemm(x, w, ws, config=("w16", *cfg[1:]))
-    with pytest.raises(ValueError):
-        gm.qtile_gemm(x[:, :128], w, ws, config=cfg)  # K differs from the weight's
-    assert gm.qtile_gemm(x[:0], w, ws, config=cfg).shape == (0, 32)
-
-
 def test_reference_matches_dequantized_matmul():
     q, s, w, ws, b = gemm_case(7, 48, 64, bias=True, device="cpu")
     ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
@@ -159,44 +144,9 @@ def test_gemm_w16_cuda(monkeypatch, cfg, m, n, k, dtype):
     assert common.sqnr(y, ref) > 40, (m, n, k, cfg, common.sqnr(y, ref))
 
 
-QTILE_CONFIGS = [("qtile", 16, 64, 128, 8, 1, 4, 4), ("qtile", 16, 64, 128, 8, 4, 4, 4),
-                 ("qtile", 64, 128, 128, 8, 2, 4, 4), ("qtile", 128, 128, 128, 8, 1, 8, 3),
-                 ("qtile", 64, 64, 128, 8, 1, 4, 4)]
-
-
-@cuda
-@needs_fp8
-@pytest.mark.parametrize("cfg", QTILE_CONFIGS)
-@pytest.mark.parametrize(("m", "n", "k"), [*ODD, (4100, 512, 2048)])
-@pytest.mark.parametrize("dtype", [BF16, torch.float16])
-def test_gemm_qtile_cuda(monkeypatch, cfg, m, n, k, dtype):
-    """The one-kernel W8A8 GEMM against the fp32 product of its per-(token, 128 columns)
-    quantization (the reference, byte for byte the same quantization) and the dequantized
-    weight, outputs poisoned; rows whose magnitudes differ by 10^4, a zero row and a zero
-    group; bias with bf16, none with fp16."""
-    monkeypatch.setattr(common, "POISON", True)
-    g = torch.Generator(device="cuda").manual_seed(m + n + k)
-    x = torch.randn(m, k, generator=g, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
-    x[m // 2] = 0
-    x[0, : min(k, 128)] = 0
-    x = x.to(dtype)
-    w = (torch.randn(n, k, generator=g, device="cuda") * 64).clamp(-448, 448).to(FP8)
-    ws = torch.rand(n, generator=g, device="cuda") / 64 + 1e-3
-    b = torch.randn(n, generator=g, device="cuda").to(dtype) if dtype == BF16 else None
-    y = gm.qtile_gemm(x, w, ws, b, config=cfg)
-    ref = gm.qtile_gemm_reference(x, w, ws, b)
-    assert y.shape == (m, n) and y.dtype == dtype
-    assert torch.isfinite(y).all(), (m, n, k, cfg)
-    assert common.sqnr(y, ref) > 40, (m, n, k, cfg, common.sqnr(y, ref))
-    if dtype == BF16:  # and near the exact product: at least as close as per-token quantization
-        exact = x.float() @ (w.float() * ws[:, None]).t() + b.float()
-        tok = gm.fp8_gemm_reference(*aq.act_quant_reference(x), w, ws, b, out_dtype=torch.float32)
-        assert common.sqnr(ref, exact) >= common.sqnr(tok, exact) - 0.5
-
-
 def test_w16_tune_candidates_compile_for_sm90_and_fit():
-    """Every W8A16 and qtile configuration that benches/tune_linear.py tries compiles for
-    Hopper and fits."""
+    """Every W8A16 tile and the small-tile / split-K W8A8 ones that benches/tune_linear.py
+    tries compile for Hopper and fit."""
     import sys
     from pathlib import Path
 
@@ -205,7 +155,7 @@ def test_w16_tune_candidates_compile_for_sm90_and_fit():
         import tune_linear
     finally:
         sys.path.pop(0)
-    for cfg in tune_linear.W16 + tune_linear.QTILE:
+    for cfg in tune_linear.W16 + tune_linear.TILE_GRID + tune_linear.TMA_GRID:
         smem = _shared_bytes_sm90(lambda cfg=cfg: _compile_sm90(cfg, bias=True))
         assert smem <= SM90_SHARED, (cfg, smem)
 
@@ -250,15 +200,14 @@ def _compile_sm90(cfg, bias):
     from triton.compiler import ASTSource
 
     kind, bm, bn, bk, g, sk, nw, ns = cfg
-    if kind in ("tile", "w16", "qtile"):  # w16, qtile: the tile kernel on bf16 activations
-        sig = {"a_ptr": "*fp8e4nv" if kind == "tile" else "*bf16", "b_ptr": "*fp8e4nv",
+    if kind in ("tile", "w16"):  # w16: the tile kernel on bf16 activations
+        sig = {"a_ptr": "*bf16" if kind == "w16" else "*fp8e4nv", "b_ptr": "*fp8e4nv",
                "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
                "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
                "s_bn": "i32", "s_cm": "i32",
-               **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "A16", "QA", "BLOCK_M", "BLOCK_N",
-                                "BLOCK_K", "GROUP_M"), "constexpr")}
+               **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "A16", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                "GROUP_M"), "constexpr")}
         consts = {"HAS_BIAS": bias, "SPLIT_K": sk, "EVEN_K": True, "EMULATE": False, "A16": kind == "w16",
-                  "QA": kind == "qtile",
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)}
         fn = gm._fp8_gemm_tile_kernel
@@ -280,12 +229,11 @@ def _table_gemm_configs():
 
     t = lt.load()
     cfgs = {tuple(r[2]) for rows in [*t["entries"].values(), t["generic"]] for r in rows
-            if r[1] in ("tile", "tma", "w16", "qtile")}
+            if r[1] in ("tile", "tma", "w16")}
     for m in (1, 32, 200):
         cfgs.add(gm.default_config(m, 4096, 4096, "tile"))
         cfgs.add(gm.default_config(m, 4096, 4096, "tma"))
         cfgs.add(gm.default_config(m, 4096, 4096, "w16"))
-        cfgs.add(gm.default_config(m, 4096, 4096, "qtile"))
     return sorted(cfgs)
 
 

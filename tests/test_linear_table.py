@@ -88,22 +88,6 @@ def test_a_w16_row_takes_bf16_and_fp16_activations_only(table_file, monkeypatch)
     assert ops.linear_choice(torch.zeros(300, 32), w)[0] == "scaled_mm"  # fp32 cannot: the table's path
 
 
-def test_a_qtile_row_takes_bf16_and_fp16_activations_only(table_file, monkeypatch):
-    from fastfp8.kernels import gemm as gm
-
-    cfg = ["qtile", 64, 64, 128, 8, 2, 4, 4]
-    table_file({"sm": [9, 0], "entries": {"64,256": [[16, "qtile", None], [None, "qtile", cfg]]},
-                "generic": [[None, "scaled_mm", None]]})
-    monkeypatch.setattr(ops, "_fast_path", lambda x: True)
-    monkeypatch.setattr(ops, "capability", lambda d: (9, 0))
-    w = torch.zeros(64, 256).to(FP8)
-    assert ops.linear_choice(torch.zeros(8, 256, dtype=BF16), w) == ("qtile", gm.default_config(8, 64, 256, "qtile"))
-    assert ops.linear_choice(torch.zeros(40, 256, dtype=torch.float16), w) == ("qtile", tuple(cfg))
-    assert ops.linear_choice(torch.zeros(40, 256), w) == ("scaled_mm", None)  # fp32 activations
-    monkeypatch.setenv("FASTFP8_LINEAR_BACKEND", "qtile")
-    assert ops.linear_choice(torch.zeros(300, 256, dtype=BF16), w) == \
-        ("qtile", gm.default_config(300, 64, 256, "qtile"))
-
 
 @pytest.mark.parametrize("bad", [
     {"entries": {"8,8": [[16, "gemv", None]]}},  # no open row
@@ -112,7 +96,6 @@ def test_a_qtile_row_takes_bf16_and_fp16_activations_only(table_file, monkeypatc
     {"entries": {"8,8": [[256, "gemv", None], [None, "scaled_mm", None]]}},  # GEMV past its rows
     {"entries": {"8,8": [[16, "gemv", [16, 256, 4]], [None, "scaled_mm", None]]}},  # a short GEMV config
     {"entries": {"8,8": [[16, "gemv", [16, 256, 4, 3, 0]], [None, "scaled_mm", None]]}},  # SPLIT_K 0
-    {"entries": {"8,8": [[None, "qtile", ["qtile", 16, 64, 64, 8, 1, 4, 4]]]}},  # BLOCK_K is the group, 128
     {"entries": {"8,8": [[None, "tile", ["w16", 16, 64, 64, 8, 1, 4, 4]]]}},  # another kernel's config
     {"entries": {"8,8": [[None, "tile", ["tile", 16, 64, 64, 8, 1, 4]]]}},  # a short config
 ])
@@ -157,7 +140,7 @@ def test_table_from_a_sweep(tmp_path):
 
 
 def test_a_sweep_of_one_kind_updates_the_base_table(tmp_path, table_file):
-    """``--kinds qtile`` times qtile against the table's pick and _scaled_mm at some M; the
+    """``--kinds tile`` times the tile kernel against the table's pick and _scaled_mm at some M; the
     table made from it keeps the base's choice at the M samples and shapes it did not
     measure, and its generic rows."""
     tune = _tune_module()
@@ -169,16 +152,16 @@ def test_a_sweep_of_one_kind_updates_the_base_table(tmp_path, table_file):
         "generic": [[16, "gemv", None], [None, "tile", None]]})
     base = lt.load(base_p)
     assert tune.table_candidate.__doc__  # (the pick itself needs a GPU's capability)
-    qt = "qtile/64/64/128/8/2/4/4"
-    sweep = {"sm": "9.0", "gpu": "x", "kinds": ["qtile"], "cases": [
+    qt = "tile/64/64/128/8/2/4/4"
+    sweep = {"sm": "9.0", "gpu": "x", "kinds": ["tile"], "cases": [
         {"N": 64, "K": 32, "M": 128, "us": {"bf16": 10, "scaled_mm": 9, "gemv/16/256/4/3": 6, qt: 5}},
         {"N": 64, "K": 32, "M": 256, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 6, qt: 5}},
         {"N": 64, "K": 32, "M": 1024, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 4, qt: 5}},
     ]}
     t = tune.make_table(sweep, base=base)
-    cfg = ["qtile", 64, 64, 128, 8, 2, 4, 4]
+    cfg = ["tile", 64, 64, 128, 8, 2, 4, 4]
     assert t["entries"]["64,32"] == [[1, "gemv", [4, 1024, 4, 2]], [64, "gemv", [16, 256, 4, 3]],
-                                     [256, "qtile", cfg], [1024, "tma", ["tma", 64, 128, 128, 8, 1, 4, 4]],
+                                     [256, "tile", cfg], [1024, "tma", ["tma", 64, 128, 128, 8, 1, 4, 4]],
                                      [None, "scaled_mm", None]]
     assert t["entries"]["128,64"] == [[16, "gemv", None], [None, "scaled_mm", None]]
     assert t["generic"] == [[16, "gemv", None], [None, "tile", None]]
@@ -229,8 +212,6 @@ def _cases():
 
 
 def _emulate(x, f: Fp8Linear, backend):
-    if backend == "qtile":  # W8A8, activations quantized per token and 128 columns
-        return gm.qtile_gemm_reference(x, f.weight, f.weight_scale)
     if backend in ("gemv", "w16"):  # W8A16: bf16 activations times the dequantized weight, fp32
         return x.float() @ (f.weight.float() * f.weight_scale).t()
     # W8A8: activations quantized per token first

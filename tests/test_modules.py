@@ -122,29 +122,6 @@ def test_act_quant_reference_saturates_and_keeps_nan():
     assert q.shape == (0, 16) and s.shape == (0, 1)
 
 
-@pytest.mark.parametrize("k", [1, 100, 128, 300, 512])
-def test_block_act_quant_reference_is_per_token_per_group(k):
-    """The "qtile" GEMM's numerics: each token's 128-column group (the last one shorter)
-    quantized as act_quant_reference quantizes a row, byte for byte; a zero group gets the
-    floor; the fp32 product of its dequantized activations is qtile_gemm_reference's."""
-    g = gen("blockref", k)
-    x = (torch.randn(5, k, generator=g) * torch.logspace(-4, 4, k)[None, :]).to(BF16)
-    x[1] = 0
-    q, s = aq.block_act_quant_reference(x)
-    groups = -(-k // 128)
-    assert q.shape == x.shape and q.dtype == FP8 and s.shape == (5, groups) and s.dtype == torch.float32
-    for j in range(groups):
-        qj, sj = aq.act_quant_reference(x[:, j * 128:(j + 1) * 128])
-        assert same_bytes(q[:, j * 128:(j + 1) * 128].contiguous(), qj) and same_bytes(s[:, j:j + 1].contiguous(), sj)
-    assert (s[1] == aq.SCALE_FLOOR).all()
-    w = torch.randn(24, k, generator=g).to(FP8)
-    ws = torch.rand(24, generator=g) / 64
-    deq = q.float() * s.repeat_interleave(128, dim=1)[:, :k]
-    torch.testing.assert_close(gm.qtile_gemm_reference(x, w, ws), deq @ (w.float() * ws[:, None]).t())
-    q0, s0 = aq.block_act_quant_reference(x[:0])
-    assert q0.shape == (0, k) and s0.shape == (0, groups)
-
-
 # ---------------------------------------------------------------------------------------
 # Fp8Linear on the CPU (dequantize + matmul)
 # ---------------------------------------------------------------------------------------
@@ -572,11 +549,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
                                         (5, 64, 128, ("w16", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
                                         (33, 96, 100, ("w16", 16, 32, 32, 2, 2, 4, 2), torch.float16, True),
                                         (20, 40, 64, ("w16", 16, 16, 32, 1, 1, 4, 2), torch.bfloat16, True),
-                                        (70, 33, 80, ("w16", 32, 32, 16, 8, 3, 4, 2), torch.bfloat16, True),
-                                        (5, 64, 128, ("qtile", 16, 32, 128, 4, 1, 4, 2), torch.bfloat16, False),
-                                        (33, 96, 300, ("qtile", 16, 32, 128, 2, 2, 4, 2), torch.bfloat16, True),
-                                        (20, 40, 256, ("qtile", 32, 16, 128, 1, 3, 4, 2), torch.float16, True),
-                                        (3, 24, 100, ("qtile", 16, 16, 128, 1, 1, 4, 2), torch.bfloat16, True)]:
+                                        (70, 33, 80, ("w16", 32, 32, 16, 8, 3, 4, 2), torch.bfloat16, True)]:
         g = gen("interp-gemm", m, nn_, k, cfg[0])
         x = torch.randn(m, k, generator=g).to(dtype)
         w = (torch.randn(nn_, k, generator=g) * 64).clamp(-448, 448).to(FP8)
@@ -585,13 +558,6 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         if cfg[0] == "w16":
             y = gm.w16_gemm(x, w, ws, b, config=cfg)
             ref = gv.fp8_gemv_reference(x.float(), w, ws.reshape(-1, 1), b)
-            assert y.dtype == dtype and sqnr(y, ref) > 40, (m, nn_, k, cfg, dtype, sqnr(y, ref))
-        elif cfg[0] == "qtile":  # rows 100x apart, a zero row, a zero group: one scale per 128 columns
-            x = (x.float() * torch.logspace(-2, 2, m)[:, None]).to(dtype)
-            x[1] = 0
-            x[2, :128] = 0
-            y = gm.qtile_gemm(x, w, ws, b, config=cfg)
-            ref = gm.qtile_gemm_reference(x, w, ws, b)
             assert y.dtype == dtype and sqnr(y, ref) > 40, (m, nn_, k, cfg, dtype, sqnr(y, ref))
         else:
             q, s = aq.act_quant_reference(x)
@@ -728,7 +694,7 @@ def test_gemv_kernel_pipelined_loads(n, k, cfg):
 
 @cuda
 @needs_fp8
-@pytest.mark.parametrize("backend", ["gemv", "w16", "qtile", "scaled_mm", "tile", "tma", "fallback"])
+@pytest.mark.parametrize("backend", ["gemv", "w16", "scaled_mm", "tile", "tma", "fallback"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 14336, 4096), (128, 4096, 14336), (1024, 6144, 4096),
                                            (5, 256, 512)])
 @pytest.mark.parametrize("bias", [False, True])
@@ -749,9 +715,6 @@ def test_linear_backends_cuda(monkeypatch, backend, m, n, k, bias):
     if backend in ("scaled_mm", "tile", "tma"):  # against per-token quantization + fp32 matmul
         q, s = aq.act_quant_reference(x)
         emu = gm.fp8_gemm_reference(q, s, f.weight, f.weight_scale, f.bias, out_dtype=torch.float32)
-        assert sqnr(y, emu) > 40
-    elif backend == "qtile":  # against per-(token, 128 columns) quantization + fp32 matmul
-        emu = gm.qtile_gemm_reference(x, f.weight, f.weight_scale, f.bias)
         assert sqnr(y, emu) > 40
     else:
         assert sqnr(y, F.linear(x, f.dequantize(), f.bias)) > 40

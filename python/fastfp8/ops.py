@@ -32,7 +32,7 @@ _NS = "fastfp8"
 
 __all__ = ["fp8_linear", "fp8_linear_fallback", "linear_backend", "linear_choice", "moe_experts"]
 
-_FORCED = ("gemv", "w16", "qtile", "scaled_mm", "tile", "tma", "fallback")
+_FORCED = ("gemv", "w16", "scaled_mm", "tile", "tma", "fallback")
 
 
 def _fast_path(x: torch.Tensor) -> bool:
@@ -41,10 +41,9 @@ def _fast_path(x: torch.Tensor) -> bool:
 
 def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | None]:
     """``(backend, config)`` that :func:`fp8_linear` uses for ``x [..., K]`` and ``weight [N, K]``:
-    ``"gemv"``, ``"w16"``, ``"qtile"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the
-    selection table, :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``.
-    ``FASTFP8_LINEAR_BACKEND`` forces one of them where it can run (``w16``/``qtile``/``tile``/
-    ``tma`` with a default tile)."""
+    ``"gemv"``, ``"w16"``, ``"scaled_mm"``, ``"tile"``, ``"tma"`` (from the selection table,
+    :mod:`fastfp8.kernels.linear_table`) or ``"fallback"``. ``FASTFP8_LINEAR_BACKEND`` forces
+    one of them where it can run (``w16``/``tile``/``tma`` with a default tile)."""
     forced = os.environ.get("FASTFP8_LINEAR_BACKEND", "")
     if forced and forced not in _FORCED:
         raise ValueError(f"FASTFP8_LINEAR_BACKEND={forced!r} is not one of {', '.join(_FORCED)}")
@@ -57,8 +56,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
     if forced in _FORCED:
         if forced == "gemv" and gemv_ok and m <= _gemv.MAX_ROWS:
             return "gemv", None
-        if forced in ("w16", "qtile") and gemv_ok:
-            return forced, _gemm.default_config(m, n, k, forced)
+        if forced == "w16" and gemv_ok:
+            return "w16", _gemm.default_config(m, n, k, "w16")
         if forced == "scaled_mm" and mm_ok:
             return "scaled_mm", None
         if forced == "tile" or (forced == "tma" and mm_ok and _gemm.tma_supported(x.device)):
@@ -66,7 +65,7 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
     backend, cfg = _table.select(m, n, k, capability(x.device))
     if backend == "gemv" and not (gemv_ok and m <= _gemv.MAX_ROWS):
         backend, cfg = "scaled_mm", None
-    if backend in ("w16", "qtile") and not gemv_ok:  # these take bf16/fp16 activations only
+    if backend == "w16" and not gemv_ok:  # W8A16 takes bf16/fp16 activations only
         backend, cfg = "scaled_mm", None
     if backend == "tma" and not (mm_ok and _gemm.tma_supported(x.device)):
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
@@ -74,8 +73,8 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, tuple | N
         backend, cfg = "tile", _gemm.default_config(m, n, k, "tile")
     if backend in ("tile", "tma") and cfg is None:
         cfg = _gemm.default_config(m, n, k, backend)
-    if backend in ("w16", "qtile") and cfg is None:
-        cfg = _gemm.default_config(m, n, k, backend)
+    if backend == "w16" and cfg is None:
+        cfg = _gemm.default_config(m, n, k, "w16")
     return backend, cfg
 
 
@@ -104,8 +103,7 @@ def fp8_linear(
 
     CUDA sm89+: the path of the selection table (:func:`linear_choice`): the W8A16 GEMV
     kernel for a few rows (bf16/fp16); the W8A16 tiled GEMM (bf16/fp16, no activation
-    quantization); the one-kernel W8A8 GEMM that quantizes bf16/fp16 activations per token
-    and 128 columns in its registers (``"qtile"``); else the fused per-token
+    quantization); else the fused per-token
     activation quantization followed by ``torch._scaled_mm`` rowwise (fast accumulation, bias
     added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
     :func:`fp8_linear_fallback`.
@@ -129,9 +127,8 @@ def fp8_linear(
             launch.pop("SPLIT_K", None)
         y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch)
         return y.reshape(*x.shape[:-1], n)
-    if backend in ("w16", "qtile"):
-        gemm = _gemm.w16_gemm if backend == "w16" else _gemm.qtile_gemm
-        y = gemm(x2, weight, weight_scale, bias, config=cfg)
+    if backend == "w16":
+        y = _gemm.w16_gemm(x2, weight, weight_scale, bias, config=cfg)
         return y.reshape(*x.shape[:-1], n)
     q, s = _aq.triton_act_quant(x2)
     if backend in ("tile", "tma"):

@@ -44,7 +44,6 @@ __all__ = [
     "SCALE_FLOOR",
     "act_quant",
     "act_quant_reference",
-    "block_act_quant_reference",
     "gated_act_quant_reference",
     "triton_act_quant",
 ]
@@ -86,26 +85,6 @@ def act_quant_reference(
     if x.numel() == 0:
         return _empty_outputs(x, x.shape[1], out, scale_out)
     return _quant_rows(x.float(), out, scale_out)
-
-
-@torch.no_grad()
-def block_act_quant_reference(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(token, ``group`` columns) dynamic quantization of ``x [M, K]``: each row's
-    columns ``[g * group, (g + 1) * group)`` quantized as one row of :func:`act_quant_reference`
-    (the last group may be shorter). Returns ``(q float8_e4m3fn [M, K], scale float32 [M,
-    ceil(K / group)])``, ``x[:, cols of g] ~= q[:, cols of g].float() * scale[:, g:g + 1]``:
-    what the ``"qtile"`` GEMM (:mod:`fastfp8.kernels.gemm`) computes in its registers."""
-    _check(x, gated=False)
-    if group < 1:
-        raise ValueError(f"group must be positive, got {group}")
-    m, k = x.shape
-    groups = -(-k // group)
-    if x.numel() == 0:
-        return torch.empty((m, k), dtype=FP8, device=x.device), \
-            torch.full((m, groups), SCALE_FLOOR, dtype=torch.float32, device=x.device)
-    xf = torch.nn.functional.pad(x.float(), (0, groups * group - k))  # zeros: no effect on a group's amax
-    q, s = _quant_rows(xf.reshape(m * groups, group), None, None)
-    return q.reshape(m, groups * group)[:, :k], s.reshape(m, groups)
 
 
 @torch.no_grad()

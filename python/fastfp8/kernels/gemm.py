@@ -18,17 +18,9 @@ which tile for a shape), and a W8A16 variant of the first:
 - ``"w16"`` (:func:`w16_gemm`): the ``"tile"`` kernel on the bf16/fp16 activations
   themselves, the fp8 weight widened in registers: no activation quantization kernel, for
   the mid-M shapes where that second kernel costs more than the fp8 dot saves.
-- ``"qtile"`` (:func:`qtile_gemm`): the ``"tile"`` kernel on the bf16/fp16 activations,
-  quantized in its registers per token and :data:`QGROUP` columns (one K step: amax, scale,
-  e4m3 as :mod:`.act_quant` does per token), an fp8 dot per step whose fp32 partial is
-  multiplied by the step's per-row scales before it is added. One kernel and fp8 tensor
-  cores: the activations cross memory once, in bf16, where the per-token path reads them,
-  writes their fp8 copy and reads that again. Its numerics are those of
-  :func:`qtile_gemm_reference`: a finer activation scale than per token, never a coarser one.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the ``"tile"`` kernel widens the operands to fp32
-(the interpreter has no fp8 dot) and ``"qtile"`` quantizes with integer emulations (the
-interpreter's own conversions round incorrectly); ``"tma"`` is GPU only.
+(the interpreter has no fp8 dot); ``"tma"`` is GPU only.
 """
 
 from __future__ import annotations
@@ -41,15 +33,7 @@ import torch
 from . import common
 from .common import FP8, cdiv, tl, triton, widen
 
-if triton is not None:
-    from .act_quant import _to_e4m3
-
-__all__ = ["QGROUP", "GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "qtile_gemm",
-           "qtile_gemm_reference", "tma_supported", "w16_gemm"]
-
-#: The ``"qtile"`` kernel's activation quantization group: one scale per token and this many
-#: columns, which is also its ``BLOCK_K`` (DeepSeek-V3's 1 x 128 activation tiles).
-QGROUP = 128
+__all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported", "w16_gemm"]
 
 
 @torch.no_grad()
@@ -64,27 +48,6 @@ def fp8_gemm_reference(
     """fp32 reference: ``(a_q.float() @ w.float().T) * a_scale * w_scale.T + bias``."""
     y = a_q.float() @ w.float().t()
     y = y * a_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
-
-
-@torch.no_grad()
-def qtile_gemm_reference(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """fp32 reference of :func:`qtile_gemm`: ``x`` quantized per (token, :data:`QGROUP`
-    columns) (:func:`.act_quant.block_act_quant_reference`), dequantized, times the
-    dequantized weight, plus ``bias``."""
-    from .act_quant import block_act_quant_reference
-
-    q, s = block_act_quant_reference(x, QGROUP)
-    xd = q.float() * s.repeat_interleave(QGROUP, dim=1)[:, : x.shape[1]]
-    y = xd @ (w.float() * w_scale.float().reshape(-1, 1)).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -118,22 +81,6 @@ if triton is not None:
         return rm, rn, m_ok, n_ok, rm_s, rn_s
 
     @triton.jit
-    def _quantize_step(a, EMULATE: tl.constexpr):
-        """One K step of bf16/fp16 activations ``[BLOCK_M, BLOCK_K]`` -> ``(e4m3 tile, fp32
-        scale per row)``, as :func:`.act_quant.act_quant_reference` quantizes a row: amax of
-        the bit patterns (exact; NaN propagates), ``scale = max(amax / 448, floor)`` and
-        ``1 / scale`` by IEEE division, clamp, round to nearest even."""
-        if EMULATE and a.dtype == tl.bfloat16:  # the interpreter's bf16 -> fp32 breaks subnormals
-            af = (a.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            af = a.to(tl.float32)
-        amax = tl.max(af.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
-        scale = tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-        scale = tl.where(scale < 1.0 / (448.0 * 512.0), 1.0 / (448.0 * 512.0), scale)  # == act_quant.SCALE_FLOOR
-        inv = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)
-        return _to_e4m3(af, inv[:, None], EMULATE), scale
-
-    @triton.jit
     def _fp8_gemm_tile_kernel(
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
         M, N, K, s_am, s_bn, s_cm,
@@ -142,7 +89,6 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         EMULATE: tl.constexpr,
         A16: tl.constexpr,
-        QA: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -152,11 +98,7 @@ if triton is not None:
         fp8 weight tile is widened to their dtype in registers (exact, :func:`.common.widen`)
         and is the dot's first operand (``W @ a.T``, which Hopper's wgmma takes from registers;
         as the second it went back through shared memory); no activation scale (``as_ptr``
-        is not read).
-
-        ``QA``: ``a`` holds bf16/fp16 activations, quantized here per row and K step
-        (``BLOCK_K == QGROUP`` columns, :func:`_quantize_step`); each step's fp8 dot is scaled
-        by its rows' scales before it is added (``as_ptr`` is not read)."""
+        is not read)."""
         pid_k = tl.program_id(1)
         rm, rn, m_ok, n_ok, rm_s, rn_s = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -173,14 +115,7 @@ if triton is not None:
                 k_ok = (k0 - pid_k * BLOCK_K + rk) < K
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if QA:
-                q, sa_k = _quantize_step(a, EMULATE)
-                if EMULATE:  # noqa: SIM108 (constexpr branch: Triton compiles one side)
-                    part = tl.dot(q.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-                else:
-                    part = tl.dot(q, b)
-                acc += part * sa_k[:, None]
-            elif EMULATE:
+            if EMULATE:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             elif A16:
                 acc_t = tl.dot(widen(tl.trans(b), a), tl.trans(a), acc_t)
@@ -191,7 +126,7 @@ if triton is not None:
         if A16 and not EMULATE:
             acc = tl.trans(acc_t)
         sb = tl.load(bs_ptr + rn, mask=n_ok, other=0.0)
-        if A16 or QA:
+        if A16:
             acc = acc * sb[None, :]
         else:
             sa = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
@@ -247,9 +182,6 @@ if triton is not None:
 def default_config(m: int, n: int, k: int, kernel: str = "tile") -> GemmConfig:
     """A reasonable tile for ``M`` rows where the selection table names none (Hopper-sized:
     at most 64 KiB of operands per pipeline stage)."""
-    if kernel == "qtile":  # BLOCK_K is the quantization group
-        return ("qtile", 16, 64, QGROUP, 8, 1, 4, 4) if m <= 16 else \
-            ("qtile", 64, 64, QGROUP, 8, 1, 4, 4) if m <= 64 else ("qtile", 128, 128, QGROUP, 8, 1, 8, 3)
     if kernel == "w16":  # bf16 activations: twice the bytes of an fp8 A tile, and B widened
         return ("w16", 16, 64, 128, 8, 1, 4, 4) if m <= 16 else \
             ("w16", 64, 64, 128, 8, 1, 4, 4) if m <= 64 else ("w16", 128, 128, 64, 8, 1, 8, 3)
@@ -326,7 +258,7 @@ def fp8_gemm(
             return _launch_tma(a_q, sa, w, sb, bias, out_dtype, bm, bn, bk, gm, nw, ns)
         if kernel != "tile":
             raise ValueError(f"unknown GEMM kernel {kernel!r}")
-        return _launch_tile(a_q, sa, w, sb, bias, out_dtype, config, a_mode="a8")
+        return _launch_tile(a_q, sa, w, sb, bias, out_dtype, config, a16=False)
 
 
 @torch.no_grad()
@@ -361,48 +293,11 @@ def w16_gemm(
         return y + bias.to(x.dtype) if bias is not None and m else y
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
-        return _launch_tile(x, sb, w, sb, bias, x.dtype, config, a_mode="a16")
+        return _launch_tile(x, sb, w, sb, bias, x.dtype, config, a16=True)
 
 
-@torch.no_grad()
-def qtile_gemm(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    config: GemmConfig,
-) -> torch.Tensor:
-    """W8A8 in one kernel: ``x [M, K]`` bf16/fp16 (row stride any, unit column stride),
-    quantized to e4m3 in the kernel's registers per token and :data:`QGROUP` columns, times
-    the fp8 ``w [N, K]``; each group's fp32 partial product scaled by its activation scales,
-    ``w_scale`` (``N`` values) and ``bias [N]`` in the epilogue. Returns ``[M, N]`` in
-    ``x.dtype``; equals :func:`qtile_gemm_reference` to fp32 summation order. ``config``: a
-    :data:`GemmConfig` of kernel ``"qtile"`` with ``BLOCK_K == QGROUP``."""
-    if triton is None:
-        raise RuntimeError("Triton is not installed")
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"x [M, K] must be bf16 or fp16, got {x.dtype} {tuple(x.shape)}")
-    m, k = x.shape
-    w, sb = common.fp8_weight(w, w_scale, k)
-    n = w.shape[0]
-    if config[0] != "qtile" or config[3] != QGROUP:
-        raise ValueError(f"a qtile config names kernel 'qtile' with BLOCK_K {QGROUP}, got {config}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    sb = sb.float()
-    if m == 0 or n == 0 or k == 0:
-        y = torch.zeros((m, n), dtype=x.dtype, device=x.device)
-        return y + bias.to(x.dtype) if bias is not None and m else y
-    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
-    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
-        return _launch_tile(x, sb, w, sb, bias, x.dtype, config, a_mode="qa")
-
-
-def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a_mode: str) -> torch.Tensor:
-    """The ``"tile"`` kernel on checked operands. ``a_mode``: ``"a8"`` (``a`` fp8 with per-row
-    scales ``sa``), ``"a16"`` (bf16/fp16 as they are) or ``"qa"`` (bf16/fp16, quantized in
-    the kernel); ``sa`` is unused but for ``"a8"``."""
+def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a16: bool) -> torch.Tensor:
+    """The ``"tile"`` kernel on checked operands (``a16``: ``a`` is bf16/fp16, ``sa`` unused)."""
     _, bm, bn, bk, gm, split, nw, ns = config
     m, k = a.shape
     n = w.shape[0]
@@ -418,8 +313,7 @@ def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a_mode: str) -> torch
         SPLIT_K=split,
         EVEN_K=k % (bk * split) == 0,
         EMULATE=not a.is_cuda,
-        A16=a_mode == "a16",
-        QA=a_mode == "qa",
+        A16=a16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
         num_warps=nw, num_stages=ns,
     )

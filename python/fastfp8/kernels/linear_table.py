@@ -3,9 +3,7 @@ the GPU, stored in the package (``linear_table.json``), read once, never re-tune
 
 Backends: ``"gemv"`` (W8A16 weight streaming, M <= :data:`GEMV_MAX_ROWS`, :mod:`.gemv`), ``"w16"``
 (the W8A16 tiled GEMM: bf16/fp16 activations as they are, the fp8 weight widened in
-registers, :func:`.gemm.w16_gemm`), ``"qtile"`` (W8A8 in one kernel: the bf16/fp16
-activations quantized per token and 128 columns in the GEMM's registers,
-:func:`.gemm.qtile_gemm`), ``"scaled_mm"`` (fused
+registers, :func:`.gemm.w16_gemm`), ``"scaled_mm"`` (fused
 per-token activation quantization + ``torch._scaled_mm`` rowwise), ``"tile"`` / ``"tma"``
 (the same quantization + the Triton W8A8 GEMM of :mod:`.gemm`).
 
@@ -18,7 +16,7 @@ The JSON (written by ``benches/tune_linear.py --table``)::
 Rows of one shape are sorted by ``m_max``: a call with ``M`` rows takes the first row with
 ``M <= m_max`` (the last row also serves every larger ``M``). ``config`` is the backend's
 launch configuration (``gemv``: ``[BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K(, LOAD_STAGES))]``;
-``w16``/``qtile``/``tile``/``tma``: a :data:`fastfp8.kernels.gemm.GemmConfig` list; ``null``:
+``w16``/``tile``/``tma``: a :data:`fastfp8.kernels.gemm.GemmConfig` list; ``null``:
 the backend's own default).
 Shapes not in ``entries`` use ``generic``. The table serves only GPUs of its compute
 capability ``sm`` (tiles sized for Hopper's shared memory); elsewhere :data:`DEFAULT`
@@ -42,7 +40,7 @@ TABLE_PATH = Path(__file__).with_name("linear_table.json")
 #: the most rows a ``"gemv"`` row may serve (the W8A16 kernel pads them to one ``tl.dot`` tile)
 GEMV_MAX_ROWS = 128
 DEFAULT: list[list[Any]] = [[16, "gemv", None], [None, "scaled_mm", None]]
-BACKENDS = ("gemv", "w16", "qtile", "scaled_mm", "tile", "tma")
+BACKENDS = ("gemv", "w16", "scaled_mm", "tile", "tma")
 
 _TABLE: dict[str, Any] | None = None
 _CACHE: dict[tuple[int, int, int, tuple[int, int]], tuple[str, Any]] = {}
@@ -74,11 +72,9 @@ def _check_rows(key, rows, path) -> None:
             last = m_max
         if backend == "gemv" and (m_max is None or m_max > GEMV_MAX_ROWS):
             raise ValueError(f"{path}: the GEMV serves at most {GEMV_MAX_ROWS} rows ({key})")
-        if backend in ("w16", "qtile", "tile", "tma") and cfg is not None and (len(cfg) != 8 or cfg[0] != backend):
+        if backend in ("w16", "tile", "tma") and cfg is not None and (len(cfg) != 8 or cfg[0] != backend):
             raise ValueError(f"{path}: a {backend} config is [{backend!r}, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, "
                              f"SPLIT_K, num_warps, num_stages], got {cfg} ({key})")
-        if backend == "qtile" and cfg is not None and cfg[3] != 128:
-            raise ValueError(f"{path}: a qtile config's BLOCK_K is its quantization group, 128, got {cfg} ({key})")
         if backend == "gemv" and cfg is not None and (len(cfg) not in (4, 5, 6) or min(cfg) < 1):
             raise ValueError(f"{path}: a GEMV config is [BLOCK_N, BLOCK_K, num_warps, num_stages(, SPLIT_K(, "
                              "LOAD_STAGES))] "
