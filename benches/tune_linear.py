@@ -344,7 +344,10 @@ def make_table(sweep_json: dict, *, margin: float = 0.03, base: dict | None = No
         "sm": _sm(sweep_json),
         "gpu": sweep_json.get("gpu"),
         "date": sweep_json.get("date"),
-        "source": f"benches/tune_linear.py sweep (torch {sweep_json.get('torch')}), margin {margin}",
+        "source": f"benches/tune_linear.py sweep (torch {sweep_json.get('torch')}), margin {margin}" + (
+            "" if base is None else f"; kinds {','.join(sweep_json.get('kinds') or ['all'])} at M "
+            f"{','.join(str(m) for m in sorted({c['M'] for c in sweep_json['cases']}))} ({sweep_json.get('date')}) "
+            f"over the base table: {base.get('source')} ({base.get('date')})"),
         "entries": entries,
         "generic": base["generic"] if base is not None else
         _rows(generic_picks) if generic_picks else [[16, "gemv", None], [None, "scaled_mm", None]],
