@@ -16,8 +16,8 @@ M <= 128, with and without split-K), the W8A16 tiled GEMM (``"w16"``), fused act
 ``torch._scaled_mm`` rowwise, fused act-quant + the Triton GEMM (``"tile"`` and ``"tma"``
 configs). (A one-kernel GEMM that quantized the activations itself lost at all 144 shapes
 and row counts of the session-14 sweep, 1.2 - 6.2x slower than the best path, and is gone;
-so did one that quantized per token and 128 columns in its registers, 1.1 - 5x slower at
-every case of session 25's sweep: benches/NOTES.md.) Each candidate's output
+so did one that quantized per token and 128 columns in its registers: no faster than the
+best path at any of session 25's 128 cases, 2.7x slower at the median: benches/NOTES.md.) Each candidate's output
 is first checked against an fp32 emulation (a failure drops it). The JSON is written after
 every shape, so a run cut short keeps what it measured. ``--table`` picks the fastest
 candidate per ``(N, K, M)`` and writes the table module.
@@ -265,11 +265,12 @@ def _name_of(backend: str, cfg) -> str:
 
 def _pick(case: dict, margin: float) -> str | None:
     """The fastest checked candidate; a Triton GEMM must beat the known paths (GEMV,
-    ``_scaled_mm``) by ``margin`` to be chosen."""
+    ``_scaled_mm``, and in a sweep of some kinds the table's own pick) by ``margin`` to be
+    chosen."""
     us = {c: v for c, v in case["us"].items() if c != "bf16"}
     if not us:
         return None
-    known = {c: v for c, v in us.items() if c == "scaled_mm" or c.startswith("gemv/")}
+    known = {c: v for c, v in us.items() if c == "scaled_mm" or c.startswith("gemv/") or c == case.get("table_pick")}
     best = min(us, key=us.get)
     if known:
         best_known = min(known, key=known.get)

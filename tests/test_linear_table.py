@@ -157,11 +157,14 @@ def test_a_sweep_of_one_kind_updates_the_base_table(tmp_path, table_file):
         {"N": 64, "K": 32, "M": 128, "us": {"bf16": 10, "scaled_mm": 9, "gemv/16/256/4/3": 6, qt: 5}},
         {"N": 64, "K": 32, "M": 256, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 6, qt: 5}},
         {"N": 64, "K": 32, "M": 1024, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 4, qt: 5}},
+        # the table's pick stays unless beaten by the margin
+        {"N": 64, "K": 32, "M": 4096, "table_pick": "tma/64/128/128/8/1/4/4",
+         "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 4, "tile/128/128/128/8/1/8/3": 3.95}},
     ]}
     t = tune.make_table(sweep, base=base)
     cfg = ["tile", 64, 64, 128, 8, 2, 4, 4]
     assert t["entries"]["64,32"] == [[1, "gemv", [4, 1024, 4, 2]], [64, "gemv", [16, 256, 4, 3]],
-                                     [256, "tile", cfg], [1024, "tma", ["tma", 64, 128, 128, 8, 1, 4, 4]],
+                                     [256, "tile", cfg], [4096, "tma", ["tma", 64, 128, 128, 8, 1, 4, 4]],
                                      [None, "scaled_mm", None]]
     assert t["entries"]["128,64"] == [[16, "gemv", None], [None, "scaled_mm", None]]
     assert t["generic"] == [[16, "gemv", None], [None, "tile", None]]
