@@ -82,6 +82,12 @@ TILE_LARGE = [("tile", 128, 128, 128, 8, 1, 8, 3), ("tile", 128, 256, 128, 8, 1,
 TILE_GRID = [("tile", 64, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + \
     [("tile", 64, 128, 128, 8, s, 4, 4) for s in (2, 4)] + [("tile", 128, 64, 128, 8, s, 4, 4) for s in (1, 2)] + \
     [("tile", 64, 64, 256, 8, 1, 4, 3), ("tile", 128, 128, 128, 8, 2, 8, 3)]
+# 64 - 256 rows of a narrow weight: short row blocks over all of K, many programs (the
+# weight read from HBM once and again from L2 by each row block), no split-K's extra kernels
+# (its zeroed fp32 buffer and the cast after: session 25's slowest rows, 1024 x 4096 at
+# M = 128, took split-K 2 and 64 programs); not measured yet
+TILE_ROWS = [("tile", bm, bn, 128, 8, 1, 4, 4) for bm in (16, 32) for bn in (64, 128)] + \
+    [("tile", 32, 64, 256, 8, 1, 4, 3)]
 TMA_GRID = [("tma", 64, 64, 128, 8, 1, 4, 4), ("tma", 128, 64, 128, 8, 1, 4, 4), ("tma", 64, 128, 256, 8, 1, 4, 3)]
 # W8A16 tiles (kernels/gemm.py "w16"): the tile kernel on the bf16 activations, no activation
 # quantization kernel; for the mid-M shapes where that kernel's cost is what FP8 loses by
@@ -124,7 +130,9 @@ def _all_candidates(m: int) -> list:
         out += W16_LARGE
     if m >= 128:
         out += TILE_LARGE + TMA
-    if 256 <= m <= 4096:
+    if 64 <= m <= 256:
+        out += TILE_ROWS
+    if 128 <= m <= 4096:
         out += TILE_GRID + TMA_GRID
     return out
 

@@ -155,7 +155,7 @@ def test_w16_tune_candidates_compile_for_sm90_and_fit():
         import tune_linear
     finally:
         sys.path.pop(0)
-    for cfg in tune_linear.W16 + tune_linear.TILE_GRID + tune_linear.TMA_GRID:
+    for cfg in tune_linear.W16 + tune_linear.TILE_GRID + tune_linear.TILE_ROWS + tune_linear.TMA_GRID:
         smem = _shared_bytes_sm90(lambda cfg=cfg: _compile_sm90(cfg, bias=True))
         assert smem <= SM90_SHARED, (cfg, smem)
 
