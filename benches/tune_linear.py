@@ -354,7 +354,7 @@ def make_table(sweep_json: dict, *, margin: float = 0.03, base: dict | None = No
         "gpu": sweep_json.get("gpu"),
         "date": sweep_json.get("date"),
         "source": f"benches/tune_linear.py sweep (torch {sweep_json.get('torch')}), margin {margin}" + (
-            "" if base is None else f"; kinds {','.join(sweep_json.get('kinds') or ['all'])} at M "
+            "" if base is None else f"; kinds {_kinds_of(sweep_json)} at M "
             f"{','.join(str(m) for m in sorted({c['M'] for c in sweep_json['cases']}))} ({sweep_json.get('date')}) "
             f"over the base table: {base.get('source')} ({base.get('date')})"),
         "entries": entries,
@@ -362,6 +362,11 @@ def make_table(sweep_json: dict, *, margin: float = 0.03, base: dict | None = No
         _rows(generic_picks) if generic_picks else [[16, "gemv", None], [None, "scaled_mm", None]],
         "summary": summary,
     }
+
+
+def _kinds_of(sweep_json: dict) -> str:
+    kinds = sweep_json.get("kinds") or "all"
+    return kinds if isinstance(kinds, str) else ",".join(kinds)
 
 
 def _sm(sweep_json: dict) -> list[int]:

@@ -88,7 +88,6 @@ def test_a_w16_row_takes_bf16_and_fp16_activations_only(table_file, monkeypatch)
     assert ops.linear_choice(torch.zeros(300, 32), w)[0] == "scaled_mm"  # fp32 cannot: the table's path
 
 
-
 @pytest.mark.parametrize("bad", [
     {"entries": {"8,8": [[16, "gemv", None]]}},  # no open row
     {"entries": {"8,8": [[16, "nope", None], [None, "scaled_mm", None]]}},
@@ -151,12 +150,11 @@ def test_a_sweep_of_one_kind_updates_the_base_table(tmp_path, table_file):
         "128,64": [[16, "gemv", None], [None, "scaled_mm", None]]},
         "generic": [[16, "gemv", None], [None, "tile", None]]})
     base = lt.load(base_p)
-    assert tune.table_candidate.__doc__  # (the pick itself needs a GPU's capability)
-    qt = "tile/64/64/128/8/2/4/4"
+    tile = "tile/64/64/128/8/2/4/4"
     sweep = {"sm": "9.0", "gpu": "x", "kinds": ["tile"], "cases": [
-        {"N": 64, "K": 32, "M": 128, "us": {"bf16": 10, "scaled_mm": 9, "gemv/16/256/4/3": 6, qt: 5}},
-        {"N": 64, "K": 32, "M": 256, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 6, qt: 5}},
-        {"N": 64, "K": 32, "M": 1024, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 4, qt: 5}},
+        {"N": 64, "K": 32, "M": 128, "us": {"bf16": 10, "scaled_mm": 9, "gemv/16/256/4/3": 6, tile: 5}},
+        {"N": 64, "K": 32, "M": 256, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 6, tile: 5}},
+        {"N": 64, "K": 32, "M": 1024, "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 4, tile: 5}},
         # the table's pick stays unless beaten by the margin
         {"N": 64, "K": 32, "M": 4096, "table_pick": "tma/64/128/128/8/1/4/4",
          "us": {"bf16": 10, "scaled_mm": 9, "tma/64/128/128/8/1/4/4": 4, "tile/128/128/128/8/1/8/3": 3.95}},
