@@ -99,6 +99,10 @@ TMA = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 128, 8, 1, 8, 3), (
        ("tma", 64, 128, 128, 8, 1, 4, 4)]
 
 
+#: what ``--kinds`` may name (``_scaled_mm`` and the table's pick are always timed beside them)
+KINDS = frozenset({"gemv", "w16", "tile", "tma"})
+
+
 def candidates(m: int, kinds: tuple[str, ...] | None = None, table_pick: tuple | None = None) -> list:
     """What is tried for ``M`` rows (no duplicates): every kind, or only ``kinds`` with
     ``_scaled_mm`` and ``table_pick`` (the packaged table's choice, as a candidate)."""
@@ -393,6 +397,11 @@ def main(argv=None) -> int:
     ap.add_argument("--margin", type=float, default=0.03,
                     help="a Triton GEMM replaces _scaled_mm / the GEMV only when this much faster")
     args = ap.parse_args(argv)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else None
+    if kinds is not None and not set(kinds) <= KINDS:
+        ap.error(f"--kinds: {', '.join(sorted(set(kinds) - KINDS))} not among {', '.join(sorted(KINDS))}")
+    if args.base_table and not args.table:
+        ap.error("--base-table goes with --table (it is the table a sweep's JSON updates)")
     if args.table:
         from fastfp8.kernels import linear_table as lt
 
@@ -406,7 +415,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    kinds = tuple(args.kinds.split(",")) if args.kinds else None
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
     sweep(Path(args.out), args.rep_ms, SHAPES, ms, args.budget_s, kinds)
     return 0

@@ -171,6 +171,17 @@ def test_a_sweep_of_one_kind_updates_the_base_table(tmp_path, table_file):
     lt.load(p)
 
 
+def test_tune_refuses_unknown_kinds_and_a_lone_base_table(capsys):
+    tune = _tune_module()
+    with pytest.raises(SystemExit):
+        tune.main(["--kinds", "tile,qtile"])  # a removed kind, or a typo: said, not an empty sweep
+    assert "qtile" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune.main(["--base-table", str(lt.TABLE_PATH)])
+    assert "--base-table goes with --table" in capsys.readouterr().err
+    assert {c[0] for m in tune.MS for c in tune._all_candidates(m)} == tune.KINDS
+
+
 def test_forced_backend_and_fallback_cpu(monkeypatch):
     x = torch.randn(3, 64, dtype=BF16)
     w = torch.randn(32, 64).to(FP8)
