@@ -28,7 +28,8 @@ Models: ``llama8b`` (Llama-3-8B shapes, 32 layers) and ``qwen3moe`` (Qwen3-30B-A
 ``logits_sqnr_8b`` (and ``moe_*`` counterparts) and an ``e2e`` section into ``--out``.
 ``decode_gpu_speedup_b*`` is the same ratio of the profiler's GPU kernel time per step
 (``gpu_ms_per_step``): what the model's own work gains, without the host time that
-``generate()`` spends between the CUDA graphs (a serving engine's loop is not measured here).
+``generate()`` spends between the CUDA graphs (a serving engine's loop is not measured here);
+beside it ``top_kernels``, the kernels that take most of a step (printed too).
 """
 
 from __future__ import annotations
@@ -216,9 +217,12 @@ def decode_step_s(model, batch: int, prompt: int, n1: int, n2: int, backend: str
         host_modes[mode] = (m2 - m1) / (n2 - n1) * 1e3 if m2 > m1 else None  # None: timing noise
     from torch._dynamo.utils import counters
 
+    gpu_ms, top = gpu_ms_per_step(gen, n1, n2)
     return {"step_ms": step * 1e3, "tokens_per_s": batch / step, "first_call_s": first, "t_n1_s": t1, "t_n2_s": t2,
             # of step_ms, the GPU's kernel time: the rest is the host's (generate()'s loop)
-            "gpu_ms_per_step": gpu_ms_per_step(gen, n1, n2),
+            "gpu_ms_per_step": gpu_ms,
+            # the kernels that take most of it: [name, us a step, calls a step]
+            "top_kernels": top,
             # step_ms with the host's share trimmed each way (HOST_MODES)
             "step_ms_by_host_mode": host_modes,
             # > 0: a compiled graph ran without CUDA graphs (launch-bound steps)
@@ -233,26 +237,40 @@ def gpu_speedup(bf16: dict, fp8: dict) -> float | None:
     return bf16["gpu_ms_per_step"] / fp8["gpu_ms_per_step"]
 
 
-def gpu_ms_per_step(gen, n1: int, n2: int) -> float | None:
+#: kernels listed per decode step in ``top_kernels`` (the rest summed as "other")
+TOP_KERNELS = 12
+
+
+def gpu_ms_per_step(gen, n1: int, n2: int) -> tuple[float | None, list]:
     """Kernel time per decode step, from the profiler's CUDA activity (kernels inside CUDA
-    graphs included): generate(n2) less generate(n1), per step. None off CUDA or if the
-    profiler fails (a diagnostic, never the benchmark's figure)."""
+    graphs included): generate(n2) less generate(n1), per step; beside it the kernels that
+    take most of it (``[name, us a step, calls a step]``, name cut to 120 characters). None
+    and [] off CUDA or if the profiler fails (a diagnostic, never the benchmark's figure)."""
     if DEVICE.type != "cuda":
-        return None
+        return None, []
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        total = {}
+        per: dict[int, dict[str, tuple[float, int]]] = {}
         for n in (n1, n2):
             with profile(activities=[ProfilerActivity.CUDA]) as p:
                 gen(n)
                 _sync()
-            total[n] = sum(e.self_device_time_total for e in p.key_averages()) / 1e3  # us -> ms
+            per[n] = {e.key: (e.self_device_time_total, e.count) for e in p.key_averages() if e.self_device_time_total}
+        total = {n: sum(t for t, _ in per[n].values()) / 1e3 for n in per}  # us -> ms
         # no kernels seen in the CUDA graphs (a profiler that does not trace graph launches)
-        return (total[n2] - total[n1]) / (n2 - n1) if total[n2] > total[n1] else None
+        if total[n2] <= total[n1]:
+            return None, []
+        steps = n2 - n1
+        diff = {k: ((t - per[n1].get(k, (0.0, 0))[0]) / steps, (c - per[n1].get(k, (0.0, 0))[1]) / steps)
+                for k, (t, c) in per[n2].items()}
+        ranked = sorted(diff.items(), key=lambda kv: -kv[1][0])
+        top = [[k[:120], round(us, 2), round(c, 2)] for k, (us, c) in ranked[:TOP_KERNELS]]
+        top.append(["other", round(sum(us for _, (us, _) in ranked[TOP_KERNELS:]), 2), None])
+        return (total[n2] - total[n1]) / steps, top
     except Exception as e:
         print(f"gpu_ms_per_step: profiler failed: {type(e).__name__}: {e}", flush=True)
-        return None
+        return None, []
 
 
 def prefill_s(model, tokens: int, vocab: int) -> float:
@@ -408,6 +426,8 @@ def run_model(name: str, config, args) -> dict[str, Any]:
                             for m, ms in d["step_ms_by_host_mode"].items())
             print(f"[{name}] decode b={batch} {tag}: {d['step_ms']:.2f} ms/step, {d['tokens_per_s']:.0f} tok/s "
                   f"(first call {d['first_call_s']:.0f} s{gpu}{modes})", flush=True)
+            for kname, us, calls in d["top_kernels"]:
+                print(f"    {us:9.1f} us {'' if calls is None else f'{calls:6.1f}x'}  {kname}", flush=True)
         if f"decode_b{batch}_bf16" in res and f"decode_b{batch}_fp8" in res:
             bf, fp = res[f"decode_b{batch}_bf16"], res[f"decode_b{batch}_fp8"]
             res[f"decode_speedup_b{batch}"] = bf["step_ms"] / fp["step_ms"]

@@ -85,7 +85,8 @@ TILE_GRID = [("tile", 64, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + \
 # 64 - 256 rows of a narrow weight: short row blocks over all of K, many programs (the
 # weight read from HBM once and again from L2 by each row block), no split-K's extra kernels
 # (its zeroed fp32 buffer and the cast after: session 25's slowest rows, 1024 x 4096 at
-# M = 128, took split-K 2 and 64 programs); not measured yet
+# M = 128, took split-K 2 and 64 programs); session 26 (`--kinds tile,tma --ms 64,128,256`):
+# never the fastest, the 64-row tiles kept winning (results/logs/tune_rows_h200_session26.log)
 TILE_ROWS = [("tile", bm, bn, 128, 8, 1, 4, 4) for bm in (16, 32) for bn in (64, 128)] + \
     [("tile", 32, 64, 256, 8, 1, 4, 3)]
 TMA_GRID = [("tma", 64, 64, 128, 8, 1, 4, 4), ("tma", 128, 64, 128, 8, 1, 4, 4), ("tma", 64, 128, 256, 8, 1, 4, 3)]

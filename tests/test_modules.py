@@ -486,6 +486,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             ref = gv.fp8_gemv_reference(x, w, sc, b)
             assert sqnr(y, ref) > 40, (m, nn_, k, split, bias, sqnr(y, ref))
             assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg), y)
+            assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg, fresh_counters=True), y)
             assert not gv._counters(x.device, 1).any()
             n += 1
 
@@ -900,9 +901,10 @@ def test_torch_compile_cuda():
 @needs_fp8
 def test_torch_compile_cuda_graphs_with_split_k_gemv(monkeypatch):
     """A table row naming the split-K GEMV under torch.compile's CUDA graphs (cudagraph trees):
-    the compiled op runs it without split-K (its counters would be a live allocation in the
-    graphs' pool, which they refuse: bench_decode's batch-32 run failed so; made on a side
-    stream they were refused too); eager keeps it."""
+    the compiled op runs it with split-K, its arrival counters zeros of the call's own (the
+    stream's persistent counters would be a live allocation in the graphs' pool, which they
+    refuse: bench_decode's batch-32 run failed so; made on a side stream they were refused
+    too); eager uses the persistent ones. Same bits either way (the splits are added in order)."""
     torch._dynamo.reset()
     from fastfp8.kernels import linear_table as lt
 
@@ -911,12 +913,19 @@ def test_torch_compile_cuda_graphs_with_split_k_gemv(monkeypatch):
     monkeypatch.setattr(lt, "select", lambda m, n, k, sm: ("gemv", (64, 128, 4, 3, 4)))
     monkeypatch.setattr(gv, "_COUNTERS", {})
     eager = f(x)
-    assert gv._COUNTERS  # the eager call took split-K
+    assert gv._COUNTERS  # the eager call took split-K, with the persistent counters
     monkeypatch.setattr(gv, "_COUNTERS", {})
+    fresh = []
+    real = gv._fresh_counters
+    monkeypatch.setattr(gv, "_fresh_counters", lambda device, n: fresh.append(n) or real(device, n))
     cg = torch.compile(f, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
-        torch.testing.assert_close(cg(x).clone(), eager, rtol=1e-2, atol=1e-2)
+        y = cg(x).clone()
+        torch.testing.assert_close(y, eager, rtol=0, atol=0)
     assert not gv._COUNTERS
+    assert fresh and set(fresh) == {common.cdiv(lin.out_features, 64)}  # split-K ran (warm-up, recording)
+    x2 = torch.randn_like(x)  # a fresh input through the replayed graph, output compared again
+    torch.testing.assert_close(cg(x2).clone(), f(x2), rtol=0, atol=0)
 
 
 @cuda

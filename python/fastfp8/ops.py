@@ -97,7 +97,7 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    split_k: bool = True,
+    fresh_counters: bool = False,
 ) -> torch.Tensor:
     """``x [..., K] @ (weight [N, K] * weight_scale [N, 1]).T + bias``, in ``x.dtype``.
 
@@ -108,11 +108,11 @@ def fp8_linear(
     added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
     :func:`fp8_linear_fallback`.
 
-    ``split_k=False``: the GEMV without split-K whatever the table says. Its arrival counters
-    live as long as the process; made inside torch.compile's CUDA graphs (cudagraph trees
-    allocate in the graphs' own pool, also while warming up, and on a side stream too) they
-    are a live allocation those graphs do not own, which they refuse. The compiled op
-    (``torch.ops.fastfp8.linear``) passes ``False``.
+    ``fresh_counters=True``: a split-K GEMV counts its splits' arrivals in zeros made for the
+    call, not in the stream's persistent counters, which, made inside torch.compile's CUDA
+    graphs (cudagraph trees allocate in the graphs' own pool, also while warming up, and on a
+    side stream too), would be a live allocation those graphs do not own, which they refuse.
+    The compiled op (``torch.ops.fastfp8.linear``) passes ``True``.
     """
     backend, cfg = linear_choice(x, weight)
     if backend == "fallback":
@@ -123,9 +123,7 @@ def fp8_linear(
         return x.new_empty((*x.shape[:-1], n))
     if backend == "gemv":
         launch = None if cfg is None else _gemv.config_of(cfg, x2.shape[0])
-        if launch is not None and not split_k:
-            launch.pop("SPLIT_K", None)
-        y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch)
+        y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch, fresh_counters=fresh_counters)
         return y.reshape(*x.shape[:-1], n)
     if backend == "w16":
         y = _gemm.w16_gemm(x2, weight, weight_scale, bias, config=cfg)
@@ -190,7 +188,7 @@ def _gemv_fake(x, weight, weight_scale, bias):
 
 
 def _linear_impl(x, weight, weight_scale, bias):
-    return fp8_linear(x, weight, weight_scale, bias, split_k=False)  # see fp8_linear
+    return fp8_linear(x, weight, weight_scale, bias, fresh_counters=True)  # see fp8_linear
 
 
 def _linear_fake(x, weight, weight_scale, bias):

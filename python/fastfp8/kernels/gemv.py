@@ -209,9 +209,10 @@ def config_of(cfg, m: int) -> dict[str, int | bool]:
 #: split-K arrival counters per (device, stream), zero between launches (the last split of a
 #: column block sets its counter back): launches on one stream never overlap, so they can
 #: share them, and a CUDA graph captured on that stream keeps using the same ones. Retired
-#: (too small) buffers stay alive, since a captured graph may still point at them. (Not under
-#: torch.compile's CUDA graphs, which refuse such a buffer in their pool: see
-#: ``fastfp8.ops.fp8_linear``'s ``split_k``.)
+#: (too small) buffers stay alive, since a captured graph may still point at them. Under
+#: torch.compile's CUDA graphs (cudagraph trees) such a buffer, made while they warm up or
+#: record, is a live allocation in their pool that they refuse; there a call takes
+#: ``fresh_counters``: zeros of its own, freed with the call (one memset in the graph).
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
 
@@ -228,6 +229,10 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return c
 
 
+def _fresh_counters(device: torch.device, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
 @torch.no_grad()
 def fp8_gemv(
     x: torch.Tensor,
@@ -237,10 +242,15 @@ def fp8_gemv(
     *,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    fresh_counters: bool = False,
 ) -> torch.Tensor:
     """``x [M, K]`` (bf16/fp16, ``M <= MAX_ROWS``) times the fp8 ``weight [N, K]`` with per-channel
     ``scale`` (``N`` values: ``[N, 1]`` or ``[1, N]``, any float dtype), plus ``bias [N]``.
-    Returns ``[M, N]`` in ``x.dtype`` (written into ``out`` when given)."""
+    Returns ``[M, N]`` in ``x.dtype`` (written into ``out`` when given).
+
+    ``fresh_counters``: a split-K launch counts its arrivals in zeros made for the call
+    instead of the stream's persistent counters (what torch.compile's CUDA graphs need; see
+    ``_COUNTERS``)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
@@ -276,7 +286,7 @@ def fp8_gemv(
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
         if split > 1:
             partials = common.empty((split, m, n), torch.float32, x.device)
-            counters = _counters(x.device, grid[0])
+            counters = (_fresh_counters if fresh_counters else _counters)(x.device, grid[0])
         else:
             partials = counters = y  # unused
         _fp8_gemv_kernel[grid](
