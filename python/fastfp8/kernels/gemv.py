@@ -212,7 +212,7 @@ def config_of(cfg, m: int) -> dict[str, int | bool]:
 #: (too small) buffers stay alive, since a captured graph may still point at them. Under
 #: torch.compile's CUDA graphs (cudagraph trees) such a buffer, made while they warm up or
 #: record, is a live allocation in their pool that they refuse; there a call takes
-#: ``fresh_counters``: zeros of its own, freed with the call (one memset in the graph).
+#: ``fresh_counters``: zeros of its own, freed with the call (one fill kernel in the graph).
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
 
