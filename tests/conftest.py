@@ -81,6 +81,28 @@ def threads_back_to(base: int, timeout: float = 5.0) -> int:
     return native_threads()
 
 
+def reader_threads() -> int:
+    """How many of the process's threads are the native readers (named ``fastfp8-read*``)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().startswith("fastfp8-read")
+        except OSError:  # a thread that just ended
+            pass
+    return n
+
+
+def reader_threads_back_to(base: int, timeout: float = 1.0) -> int:
+    """:func:`reader_threads` once it is back to ``base``, or after ``timeout`` seconds: as in
+    :func:`threads_back_to`, a reader joined by ``close()`` can stay listed for a moment after
+    the join returns; one really left running stays counted."""
+    deadline = time.monotonic() + timeout
+    while reader_threads() > base and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return reader_threads()
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

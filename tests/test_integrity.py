@@ -14,22 +14,10 @@ import time
 import fastfp8
 import pytest
 import torch
-from conftest import write_raw
+from conftest import reader_threads, reader_threads_back_to, write_raw
 from fastfp8 import errors
 from fastfp8.checkpoint import ChunkReader
 from safetensors.torch import save_file
-
-
-def _reader_threads() -> int:
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().startswith("fastfp8-read")
-        except OSError:
-            pass
-    return n
-
 
 # --- item 3: get() after the checkpoint was replaced by rename -----------------------------
 
@@ -85,7 +73,7 @@ def test_close_joins_the_threads_while_another_thread_is_in_next(tmp_path):
     save_file({"w": torch.zeros(96 << 20, dtype=torch.uint8)}, str(path))
     ck = fastfp8.open_checkpoint(path)
     t = ck.info("w")
-    before = _reader_threads()
+    before = reader_threads()
     for _ in range(3):
         r = ChunkReader(ck, [("w", [(0, t.begin, t.nbytes)])], memory_budget=t.nbytes,
                         chunk_bytes=None, threads=2, piece_bytes=48 << 20, method="pread",
@@ -105,7 +93,7 @@ def test_close_joins_the_threads_while_another_thread_is_in_next(tmp_path):
         started.wait()
         time.sleep(0.002)
         r.close()
-        assert _reader_threads() == before, "close() returned while reader threads still ran"
+        assert reader_threads_back_to(before) == before, "close() returned while reader threads still ran"
         th.join(10)
         assert outcome and (isinstance(outcome[0], (fastfp8.CancelledError, tuple))), outcome
 

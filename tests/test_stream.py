@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 import fastfp8
 import pytest
 import torch
-from conftest import native_threads, threads_back_to
+from conftest import native_threads, reader_threads_back_to, threads_back_to
 from fastfp8.checkpoint import ChunkReader
 from safetensors.torch import save_file
 
@@ -290,13 +288,9 @@ def test_keyboard_interrupt_stops_the_reader(tmp_path):
                 slot.release()
     timer.cancel()
     timer.join()  # its thread counts too, and its OS thread may outlive join() by a moment:
-    # no reader thread is left at once, and the count is back to base once the timer's is gone
-    readers = []
-    for task in Path("/proc/self/task").iterdir():
-        with contextlib.suppress(OSError):
-            if (task / "comm").read_text().startswith("fastfp8-read"):
-                readers.append(task.name)
-    assert not readers
+    # no reader thread is left (joined ones gone within a moment), and the count is back to
+    # base once the timer's is gone
+    assert reader_threads_back_to(0) == 0
     assert threads_back_to(base) == base
 
 
