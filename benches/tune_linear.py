@@ -89,6 +89,13 @@ TILE_GRID = [("tile", 64, 64, 128, 8, s, 4, 4) for s in (1, 2, 4)] + \
 # never the fastest, the 64-row tiles kept winning (results/logs/tune_rows_h200_session26.log)
 TILE_ROWS = [("tile", bm, bn, 128, 8, 1, 4, 4) for bm in (16, 32) for bn in (64, 128)] + \
     [("tile", 32, 64, 256, 8, 1, 4, 3)]
+# split-K finished in the same launch (session 27: the last split to arrive adds the partials,
+# no zeroed buffer before the GEMM and no cast after it): deeper splits of the small tiles,
+# W8A8 and W8A16, for 16 - 1024 rows of the narrow weights
+SPLIT_GRID = [("tile", 16, 64, 128, 8, 8, 4, 4), ("tile", 32, 64, 128, 8, 4, 4, 4), ("tile", 32, 64, 128, 8, 8, 4, 4),
+              ("tile", 64, 64, 128, 8, 8, 4, 4), ("tile", 64, 64, 256, 8, 2, 4, 3), ("tile", 64, 64, 256, 8, 4, 4, 3),
+              ("w16", 16, 64, 128, 8, 8, 4, 4), ("w16", 32, 64, 128, 8, 4, 4, 4), ("w16", 64, 64, 64, 8, 4, 4, 4),
+              ("w16", 64, 64, 128, 8, 2, 4, 3), ("w16", 64, 64, 128, 8, 4, 4, 3)]
 TMA_GRID = [("tma", 64, 64, 128, 8, 1, 4, 4), ("tma", 128, 64, 128, 8, 1, 4, 4), ("tma", 64, 128, 256, 8, 1, 4, 3)]
 # W8A16 tiles (kernels/gemm.py "w16"): the tile kernel on the bf16 activations, no activation
 # quantization kernel; for the mid-M shapes where that kernel's cost is what FP8 loses by
@@ -139,6 +146,8 @@ def _all_candidates(m: int) -> list:
         out += TILE_ROWS
     if 128 <= m <= 4096:
         out += TILE_GRID + TMA_GRID
+    if 16 <= m <= 1024:
+        out += SPLIT_GRID
     return out
 
 

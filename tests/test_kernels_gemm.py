@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fastfp8.kernels import act_quant as aq
-from fastfp8.kernels import common
+from fastfp8.kernels import common, splitk
 from fastfp8.kernels import gemm as gm
 
 FP8 = torch.float8_e4m3fn
@@ -31,6 +31,18 @@ def check(m, n, k, cfg, *, bias, device, seed=0):
     assert y.shape == (m, n) and y.dtype == BF16
     assert torch.isfinite(y).all(), (m, n, k, cfg)
     assert common.sqnr(y, ref) > 45, (m, n, k, cfg, common.sqnr(y, ref))
+    check_split_k(lambda **kw: gm.fp8_gemm(q, s, w, ws, b, config=cfg, **kw), y, cfg)
+
+
+def check_split_k(call, y, cfg):
+    """A split-K launch (``cfg[5] > 1``) gives the same bits again, with the stream's
+    counters and with fresh ones (the last split to arrive adds the partials in split order),
+    and leaves the counters at zero."""
+    if cfg[5] == 1:
+        return
+    assert torch.equal(call(), y)
+    assert torch.equal(call(fresh_counters=True), y)
+    assert not splitk.counters(y.device, 1).any()
 
 
 def test_w16_rejects_bad_inputs():
@@ -71,7 +83,7 @@ needs_tma = pytest.mark.skipif(not (torch.cuda.is_available() and gm.tma_support
 
 TILE_CONFIGS = [("tile", 16, 64, 128, 8, 1, 4, 4), ("tile", 16, 128, 128, 8, 4, 4, 4),
                 ("tile", 64, 128, 128, 8, 2, 4, 4), ("tile", 128, 256, 128, 8, 1, 8, 3),
-                ("tile", 32, 64, 128, 8, 1, 4, 4)]
+                ("tile", 32, 64, 128, 8, 1, 4, 4), ("tile", 64, 64, 256, 8, 4, 4, 3)]
 TMA_CONFIGS = [("tma", 128, 128, 128, 8, 1, 8, 3), ("tma", 128, 256, 64, 8, 1, 8, 4), ("tma", 64, 128, 128, 8, 1, 4, 4)]
 ODD = [(1, 4096, 4096), (17, 1000, 4096), (300, 4096, 1040), (1024, 6144, 4096), (2, 96, 80)]
 
@@ -118,7 +130,7 @@ def test_widen_every_e4m3_byte_cuda(dtype):
 
 
 W16_CONFIGS = [("w16", 16, 64, 128, 8, 1, 4, 4), ("w16", 16, 64, 128, 8, 4, 4, 4), ("w16", 64, 128, 64, 8, 2, 4, 4),
-               ("w16", 128, 128, 64, 8, 1, 8, 3)]
+               ("w16", 128, 128, 64, 8, 1, 8, 3), ("w16", 32, 64, 128, 8, 8, 4, 4)]
 
 
 @cuda
@@ -142,6 +154,7 @@ def test_gemm_w16_cuda(monkeypatch, cfg, m, n, k, dtype):
     assert y.shape == (m, n) and y.dtype == dtype
     assert torch.isfinite(y).all(), (m, n, k, cfg)
     assert common.sqnr(y, ref) > 40, (m, n, k, cfg, common.sqnr(y, ref))
+    check_split_k(lambda **kw: gm.w16_gemm(x, w, ws, b, config=cfg, **kw), y, cfg)
 
 
 def test_w16_tune_candidates_compile_for_sm90_and_fit():
@@ -155,7 +168,8 @@ def test_w16_tune_candidates_compile_for_sm90_and_fit():
         import tune_linear
     finally:
         sys.path.pop(0)
-    for cfg in tune_linear.W16 + tune_linear.TILE_GRID + tune_linear.TILE_ROWS + tune_linear.TMA_GRID:
+    for cfg in tune_linear.W16 + tune_linear.TILE_GRID + tune_linear.TILE_ROWS + tune_linear.TMA_GRID + \
+            tune_linear.SPLIT_GRID:
         smem = _shared_bytes_sm90(lambda cfg=cfg: _compile_sm90(cfg, bias=True))
         assert smem <= SM90_SHARED, (cfg, smem)
 
@@ -202,14 +216,14 @@ def _compile_sm90(cfg, bias):
     kind, bm, bn, bk, g, sk, nw, ns = cfg
     if kind in ("tile", "w16"):  # w16: the tile kernel on bf16 activations
         sig = {"a_ptr": "*bf16" if kind == "w16" else "*fp8e4nv", "b_ptr": "*fp8e4nv",
-               "c_ptr": "*fp32" if sk > 1 else "*bf16", "as_ptr": "*fp32",
-               "bs_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
+               "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16", "p_ptr": "*fp32",
+               "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "s_am": "i32",
                "s_bn": "i32", "s_cm": "i32",
                **dict.fromkeys(("HAS_BIAS", "SPLIT_K", "EVEN_K", "EMULATE", "A16", "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                 "GROUP_M"), "constexpr")}
         consts = {"HAS_BIAS": bias, "SPLIT_K": sk, "EVEN_K": True, "EMULATE": False, "A16": kind == "w16",
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13)}
         fn = gm._fp8_gemm_tile_kernel
     else:
         sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}]>", "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}]>",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from fastfp8 import ops
 from fastfp8.kernels import act_quant as aq
-from fastfp8.kernels import common
+from fastfp8.kernels import common, splitk
 from fastfp8.kernels import gemm as gm
 from fastfp8.kernels import gemv as gv
 from fastfp8.kernels import moe as km
@@ -379,7 +379,7 @@ def test_torch_compile_inductor_cpu():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from fastfp8.kernels import act_quant as aq, common, gemm as gm, gemv as gv, moe as km
+    from fastfp8.kernels import act_quant as aq, common, gemm as gm, gemv as gv, moe as km, splitk
     from fastfp8.kernels.moe import sort as ksort
     from fastfp8.quant import quantize_channelwise
     from test_modules import gen, sqnr, same_bytes, moe_case
@@ -487,7 +487,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             assert sqnr(y, ref) > 40, (m, nn_, k, split, bias, sqnr(y, ref))
             assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg), y)
             assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg, fresh_counters=True), y)
-            assert not gv._counters(x.device, 1).any()
+            assert not splitk.counters(x.device, 1).any()
             n += 1
 
     # the Triton counting sort against the torch sorts (identical: both stable)
@@ -542,10 +542,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
     # the tile kernel, split-K included, outputs poisoned: as the W8A8 GEMM ("tile", against
     # its fp32 reference) and as the W8A16 one ("w16": on the activations themselves, bf16
-    # and fp16, against the fp32 product)
+    # and fp16, against the fp32 product); split-K: the partials added in split order by the
+    # last split to arrive (the same bits again, with fresh counters too), counters back at zero
     common.POISON = True
     for m, nn_, k, cfg, dtype, bias in [(5, 64, 128, ("tile", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
                                         (33, 96, 100, ("tile", 16, 32, 32, 2, 2, 4, 2), torch.bfloat16, True),
+                                        (40, 50, 300, ("tile", 16, 16, 32, 2, 4, 4, 2), torch.bfloat16, False),
                                         (20, 40, 64, ("tile", 16, 16, 32, 1, 1, 4, 2), torch.bfloat16, True),
                                         (5, 64, 128, ("w16", 16, 32, 32, 4, 1, 4, 2), torch.bfloat16, False),
                                         (33, 96, 100, ("w16", 16, 32, 32, 2, 2, 4, 2), torch.float16, True),
@@ -565,6 +567,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             y = gm.fp8_gemm(q, s, w, ws, b, config=cfg)
             ref = gm.fp8_gemm_reference(q, s, w, ws, b, out_dtype=torch.float32)
             assert sqnr(y, ref) > 45, (m, nn_, k, cfg, sqnr(y, ref))
+        if cfg[5] > 1:
+            again = gm.w16_gemm if cfg[0] == "w16" else lambda *a, **kw: gm.fp8_gemm(q, s, *a[1:], **kw)
+            assert torch.equal(again(x, w, ws, b, config=cfg), y)
+            assert torch.equal(again(x, w, ws, b, config=cfg, fresh_counters=True), y)
+            assert not splitk.counters(x.device, 1).any()
         assert y.shape == (m, nn_)
         n += 1
     common.POISON = False
@@ -661,7 +668,7 @@ def test_gemv_kernel(m, n, k, bias, split):
     ref = gv.fp8_gemv_reference(x, w, sc, b)
     if split > 1:  # deterministic: the partials are added in split order, whoever arrives last
         assert torch.equal(gv.fp8_gemv(x, w, sc, b, config=cfg), y)
-        assert not gv._counters(x.device, 1).any()
+        assert not splitk.counters(x.device, 1).any()
     assert sqnr(y, ref) > 45
     # elementwise: bf16 rounding of the output plus fp32 summation-order noise (long K)
     err = (y.float() - ref.float()).abs()
@@ -690,7 +697,7 @@ def test_gemv_kernel_pipelined_loads(n, k, cfg):
     scale = 1e-2 * ref.abs() + 1e-2 * ref.pow(2).mean().sqrt()
     assert ((y.float() - ref).abs() <= scale).all()
     assert ((y.float() - plain.float()).abs() <= scale).all()
-    assert not gv._counters(x.device, 1).any()
+    assert not splitk.counters(x.device, 1).any()
 
 
 @cuda
@@ -899,31 +906,35 @@ def test_torch_compile_cuda():
 
 @cuda
 @needs_fp8
-def test_torch_compile_cuda_graphs_with_split_k_gemv(monkeypatch):
-    """A table row naming the split-K GEMV under torch.compile's CUDA graphs (cudagraph trees):
-    the compiled op runs it with split-K, its arrival counters zeros of the call's own (the
-    stream's persistent counters would be a live allocation in the graphs' pool, which they
-    refuse: bench_decode's batch-32 run failed so; made on a side stream they were refused
-    too); eager uses the persistent ones. Same bits either way (the splits are added in order)."""
+@pytest.mark.parametrize(("row", "tiles"), [(("gemv", (64, 128, 4, 3, 4)), 1024 // 64),
+                                            (("tile", ("tile", 32, 64, 128, 8, 4, 4, 4)), 1024 // 64),
+                                            (("w16", ("w16", 32, 64, 128, 8, 4, 4, 4)), 1024 // 64)])
+def test_torch_compile_cuda_graphs_with_split_k_gemv(monkeypatch, row, tiles):
+    """A table row naming a split-K kernel (the GEMV, the W8A8 and W8A16 tiles) under
+    torch.compile's CUDA graphs (cudagraph trees): the compiled op runs it with split-K, its
+    arrival counters zeros of the call's own (the stream's persistent counters would be a live
+    allocation in the graphs' pool, which they refuse: bench_decode's batch-32 run failed so;
+    made on a side stream they were refused too); eager uses the persistent ones. Same bits
+    either way (the splits are added in order)."""
     torch._dynamo.reset()
     from fastfp8.kernels import linear_table as lt
 
     x, lin = linear_case(32, 1024, 4096, device="cuda")
     f = Fp8Linear.from_linear(lin)
-    monkeypatch.setattr(lt, "select", lambda m, n, k, sm: ("gemv", (64, 128, 4, 3, 4)))
-    monkeypatch.setattr(gv, "_COUNTERS", {})
+    monkeypatch.setattr(lt, "select", lambda m, n, k, sm: row)
+    monkeypatch.setattr(splitk, "COUNTERS", {})
     eager = f(x)
-    assert gv._COUNTERS  # the eager call took split-K, with the persistent counters
-    monkeypatch.setattr(gv, "_COUNTERS", {})
+    assert splitk.COUNTERS  # the eager call took split-K, with the persistent counters
+    monkeypatch.setattr(splitk, "COUNTERS", {})
     fresh = []
-    real = gv._fresh_counters
-    monkeypatch.setattr(gv, "_fresh_counters", lambda device, n: fresh.append(n) or real(device, n))
+    real = splitk.fresh
+    monkeypatch.setattr(splitk, "fresh", lambda device, n: fresh.append(n) or real(device, n))
     cg = torch.compile(f, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         y = cg(x).clone()
         torch.testing.assert_close(y, eager, rtol=0, atol=0)
-    assert not gv._COUNTERS
-    assert fresh and set(fresh) == {common.cdiv(lin.out_features, 64)}  # split-K ran (warm-up, recording)
+    assert not splitk.COUNTERS
+    assert fresh and set(fresh) == {tiles}  # split-K ran (warm-up, recording)
     x2 = torch.randn_like(x)  # a fresh input through the replayed graph, output compared again
     torch.testing.assert_close(cg(x2).clone(), f(x2), rtol=0, atol=0)
 

@@ -108,10 +108,11 @@ def fp8_linear(
     added after) or by the Triton W8A8 GEMM (scales and bias in its epilogue). Elsewhere:
     :func:`fp8_linear_fallback`.
 
-    ``fresh_counters=True``: a split-K GEMV counts its splits' arrivals in zeros made for the
-    call, not in the stream's persistent counters, which, made inside torch.compile's CUDA
-    graphs (cudagraph trees allocate in the graphs' own pool, also while warming up, and on a
-    side stream too), would be a live allocation those graphs do not own, which they refuse.
+    ``fresh_counters=True``: a split-K kernel (the GEMV, the tiled GEMMs) counts its splits'
+    arrivals in zeros made for the call, not in the stream's persistent counters, which, made
+    inside torch.compile's CUDA graphs (cudagraph trees allocate in the graphs' own pool, also
+    while warming up, and on a side stream too), would be a live allocation those graphs do
+    not own, which they refuse.
     The compiled op (``torch.ops.fastfp8.linear``) passes ``True``.
     """
     backend, cfg = linear_choice(x, weight)
@@ -126,12 +127,13 @@ def fp8_linear(
         y = _gemv.fp8_gemv(x2, weight, weight_scale, bias, config=launch, fresh_counters=fresh_counters)
         return y.reshape(*x.shape[:-1], n)
     if backend == "w16":
-        y = _gemm.w16_gemm(x2, weight, weight_scale, bias, config=cfg)
+        y = _gemm.w16_gemm(x2, weight, weight_scale, bias, config=cfg, fresh_counters=fresh_counters)
         return y.reshape(*x.shape[:-1], n)
     q, s = _aq.triton_act_quant(x2)
     if backend in ("tile", "tma"):
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        y = _gemm.fp8_gemm(q, s, weight, weight_scale, bias, config=cfg, out_dtype=out_dtype)
+        y = _gemm.fp8_gemm(q, s, weight, weight_scale, bias, config=cfg, out_dtype=out_dtype,
+                               fresh_counters=fresh_counters)
     else:
         scale_b = weight_scale.reshape(1, n)
         if scale_b.dtype != torch.float32:

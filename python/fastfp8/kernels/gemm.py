@@ -10,9 +10,10 @@ Two kernels (the selection table, :mod:`fastfp8.kernels.linear_table`, says whic
 which tile for a shape), and a W8A16 variant of the first:
 
 - ``"tile"``: one program per output tile (grouped ordering for L2 reuse), pointer loads
-  that Triton pipelines (``num_stages``), optional split-K (``SPLIT_K > 1``: each split adds
-  its scaled partial into an fp32 buffer with atomics; the bias and the cast follow). The
-  small and mid-M case, where the grid would otherwise be too small to fill the GPU.
+  that Triton pipelines (``num_stages``), optional split-K (``SPLIT_K > 1``: each split stores
+  its scaled fp32 partial, the last to arrive adds them in split order, the bias and the cast
+  in the same launch; :mod:`.splitk`). The small and mid-M case, where the grid would
+  otherwise be too small to fill the GPU.
 - ``"tma"``: persistent (one program per SM walking the tiles), operands through TMA
   descriptors (host-side ``TensorDescriptor``), the large-M case.
 - ``"w16"`` (:func:`w16_gemm`): the ``"tile"`` kernel on the bf16/fp16 activations
@@ -30,7 +31,7 @@ import functools
 
 import torch
 
-from . import common
+from . import common, splitk
 from .common import FP8, cdiv, tl, triton, widen
 
 __all__ = ["GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "tma_supported", "w16_gemm"]
@@ -82,7 +83,7 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemm_tile_kernel(
-        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, p_ptr, cnt_ptr,
         M, N, K, s_am, s_bn, s_cm,
         HAS_BIAS: tl.constexpr,
         SPLIT_K: tl.constexpr,
@@ -133,12 +134,26 @@ if triton is not None:
             acc = acc * sa[:, None] * sb[None, :]
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * s_cm + rn[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
+        if SPLIT_K > 1:
+            # Each split stores its scaled partial; the last of this tile's splits to arrive
+            # (the counter, released by every split and acquired by the last) adds them in
+            # split order, so the bits do not depend on the arrival order, finishes the tile
+            # and sets the counter back to zero for the next launch (kernels/splitk.py).
+            part = rm_s[:, None] * N + rn[None, :]
+            tl.store(p_ptr + pid_k * M * N + part, acc, mask=mask)
+            arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for sk in range(SPLIT_K):
+                    acc += tl.load(p_ptr + sk * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)
+        else:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
 
     @triton.jit
     def _fp8_gemm_tma_kernel(
@@ -230,10 +245,13 @@ def fp8_gemm(
     *,
     config: GemmConfig,
     out_dtype: torch.dtype = torch.bfloat16,
+    fresh_counters: bool = False,
 ) -> torch.Tensor:
     """``a_q [M, K]`` fp8 (row stride any, unit column stride) with fp32 ``a_scale`` (``M``
     values) times the fp8 ``w [N, K]`` with ``w_scale`` (``N`` values, fp32), plus ``bias [N]``.
-    Returns ``[M, N]`` in ``out_dtype``. ``config``: a :data:`GemmConfig`."""
+    Returns ``[M, N]`` in ``out_dtype``. ``config``: a :data:`GemmConfig`. ``fresh_counters``:
+    a split-K launch counts its arrivals in zeros of the call's own (torch.compile's CUDA
+    graphs; :mod:`.splitk`)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = a_q.shape
@@ -258,7 +276,7 @@ def fp8_gemm(
             return _launch_tma(a_q, sa, w, sb, bias, out_dtype, bm, bn, bk, gm, nw, ns)
         if kernel != "tile":
             raise ValueError(f"unknown GEMM kernel {kernel!r}")
-        return _launch_tile(a_q, sa, w, sb, bias, out_dtype, config, a16=False)
+        return _launch_tile(a_q, sa, w, sb, bias, out_dtype, config, a16=False, fresh_counters=fresh_counters)
 
 
 @torch.no_grad()
@@ -269,13 +287,15 @@ def w16_gemm(
     bias: torch.Tensor | None = None,
     *,
     config: GemmConfig,
+    fresh_counters: bool = False,
 ) -> torch.Tensor:
     """W8A16: ``x [M, K]`` bf16/fp16 (row stride any, unit column stride) times the fp8
     ``w [N, K]`` widened to ``x``'s dtype in registers (exact: every e4m3 value is one of
     theirs), fp32 accumulation, ``w_scale`` (``N`` values) and ``bias [N]`` in the epilogue.
     No activation quantization: one kernel, and the activations keep their precision.
     Returns ``[M, N]`` in ``x.dtype``. ``config``: a :data:`GemmConfig` of kernel ``"w16"``
-    (the ``"tile"`` kernel's shape: tiles, split-K, warps, stages)."""
+    (the ``"tile"`` kernel's shape: tiles, split-K, warps, stages). ``fresh_counters``: as
+    :func:`fp8_gemm`'s."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
@@ -293,21 +313,25 @@ def w16_gemm(
         return y + bias.to(x.dtype) if bias is not None and m else y
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
-        return _launch_tile(x, sb, w, sb, bias, x.dtype, config, a16=True)
+        return _launch_tile(x, sb, w, sb, bias, x.dtype, config, a16=True, fresh_counters=fresh_counters)
 
 
-def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a16: bool) -> torch.Tensor:
+def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a16: bool, fresh_counters: bool) -> torch.Tensor:
     """The ``"tile"`` kernel on checked operands (``a16``: ``a`` is bf16/fp16, ``sa`` unused)."""
     _, bm, bn, bk, gm, split, nw, ns = config
     m, k = a.shape
     n = w.shape[0]
-    if split > 1:
-        c = torch.zeros((m, n), dtype=torch.float32, device=a.device)
-    else:
-        c = common.empty((m, n), out_dtype, a.device)
+    if split < 1 or split * m * n >= 2**31:
+        raise ValueError(f"SPLIT_K={split} is out of range for {m} x {n}")
+    c = common.empty((m, n), out_dtype, a.device)
     grid = (cdiv(m, bm) * cdiv(n, bn), split)
+    if split > 1:
+        partials = common.empty((split, m, n), torch.float32, a.device)
+        counters = splitk.for_launch(a.device, grid[0], fresh_counters)
+    else:
+        partials = counters = c  # unused
     _fp8_gemm_tile_kernel[grid](
-        a, w, c, sa, sb, bias if bias is not None else sb,
+        a, w, c, sa, sb, bias if bias is not None else sb, partials, counters,
         m, n, k, a.stride(0), w.stride(0), c.stride(0),
         HAS_BIAS=bias is not None,
         SPLIT_K=split,
@@ -317,10 +341,6 @@ def _launch_tile(a, sa, w, sb, bias, out_dtype, config, *, a16: bool) -> torch.T
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
         num_warps=nw, num_stages=ns,
     )
-    if split > 1:
-        if bias is not None:
-            c += bias.float()
-        return c.to(out_dtype)
     return c
 
 

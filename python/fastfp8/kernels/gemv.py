@@ -22,8 +22,7 @@ Split-K (``SPLIT_K > 1``, for narrow weights whose ``N / BLOCK_N`` programs woul
 idle): the programs of one column block divide the K tiles among them and store fp32
 partials; the last one to arrive (an arrival counter per column block) adds the partials in
 split order, applies the scale and bias and resets the counter. Still one launch, and the
-result is the same bits whoever arrives last. The counters live per device and stream
-(launches on one stream never overlap; graphs captured there keep using them).
+result is the same bits whoever arrives last. The counters: :mod:`.splitk`.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the dot runs in fp32 (the interpreter's bf16
 dot is broken); on a GPU it runs in the activation dtype.
@@ -37,7 +36,7 @@ import os
 
 import torch
 
-from . import common
+from . import common, splitk
 from .common import cdiv, next_power_of_2, tl, triton, widen
 from .linear_table import GEMV_MAX_ROWS as MAX_ROWS
 
@@ -206,33 +205,6 @@ def config_of(cfg, m: int) -> dict[str, int | bool]:
     return out
 
 
-#: split-K arrival counters per (device, stream), zero between launches (the last split of a
-#: column block sets its counter back): launches on one stream never overlap, so they can
-#: share them, and a CUDA graph captured on that stream keeps using the same ones. Retired
-#: (too small) buffers stay alive, since a captured graph may still point at them. Under
-#: torch.compile's CUDA graphs (cudagraph trees) such a buffer, made while they warm up or
-#: record, is a live allocation in their pool that they refuse; there a call takes
-#: ``fresh_counters``: zeros of its own, freed with the call (one fill kernel in the graph).
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    c = _COUNTERS.get(key)
-    if c is None or c.numel() < n:
-        if c is not None:
-            _RETIRED.append(c)
-        c = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
-        _COUNTERS[key] = c
-    return c
-
-
-def _fresh_counters(device: torch.device, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.int32, device=device)
-
-
 @torch.no_grad()
 def fp8_gemv(
     x: torch.Tensor,
@@ -250,7 +222,7 @@ def fp8_gemv(
 
     ``fresh_counters``: a split-K launch counts its arrivals in zeros made for the call
     instead of the stream's persistent counters (what torch.compile's CUDA graphs need; see
-    ``_COUNTERS``)."""
+    :mod:`.splitk`)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
@@ -286,7 +258,7 @@ def fp8_gemv(
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
         if split > 1:
             partials = common.empty((split, m, n), torch.float32, x.device)
-            counters = (_fresh_counters if fresh_counters else _counters)(x.device, grid[0])
+            counters = splitk.for_launch(x.device, grid[0], fresh_counters)
         else:
             partials = counters = y  # unused
         _fp8_gemv_kernel[grid](
