@@ -12,6 +12,7 @@ On the GPU machine (from the repo root)::
 
     python benches/probe_decode.py --out $OUT/decode_profile.json
     python benches/probe_decode.py --generate --layers 32 --out $OUT/decode_host.json
+    python benches/probe_decode.py --generate --no-prefill --python-profile --layers 32 --out $OUT/decode_py.json
 """
 
 from __future__ import annotations
@@ -160,7 +161,12 @@ def generate_probe(models: dict, cfg, args) -> dict:
                     torch.cuda.synchronize()
                     runs.append(time.perf_counter() - t)
                 times[n] = statistics.median(runs)
+            graphs = graph_counts()  # after the plain runs, before any profiler
+            print(f"  graphs after the timed runs: {graphs}", flush=True)
             prof = host_per_step(gen, 16, 48)
+            prof["graphs_before_profiling"] = graphs
+            if args.python_profile:
+                prof.update(python_per_step(gen, 16, 48))
             r = {"first_call_s": first, "generate_s": times,
                  "step_ms_16_80": (times[80] - times[16]) / 64 * 1e3,
                  "step_ms_2_16": (times[16] - times[2]) / 14 * 1e3,
@@ -171,7 +177,74 @@ def generate_probe(models: dict, cfg, args) -> dict:
                   f"{prof['cpu_us_per_step']:.0f} us, kernels {prof['device_us_per_step']:.0f} us", flush=True)
             for cpu, cnt, dev, key in prof["ops"][:30]:
                 print(f"  cpu {cpu:8.1f} us  x{cnt:6.1f}  dev {dev:8.1f} us  {key}")
+            if args.python_profile:
+                print(f"  Python (cProfile) self time per step {prof['py_self_us_per_step']:.0f} us:")
+                for self_us, cum_us, calls, key in prof["py_funcs"][:30]:
+                    print(f"  py self {self_us:8.1f} us  cum {cum_us:8.1f} us  x{calls:7.1f}  {key}")
     return out
+
+
+def graph_counts() -> dict:
+    """How many CUDA graphs torch.compile's cudagraph trees hold on this device (recorded
+    nodes, by function), and dynamo's compile counters: more recordings or compiles for one
+    model than the other is host time its steps pay."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees as ct
+
+    mgr = ct.get_container(torch.cuda.current_device()).tree_manager
+    nodes, per_fn = 0, {}
+    if mgr is not None:
+        stack = [n for roots in mgr.roots.values() for n in roots]
+        while stack:
+            node = stack.pop()
+            nodes += 1
+            fid = str(getattr(node, "wrapped_function", None) and node.wrapped_function.id)
+            per_fn[fid] = per_fn.get(fid, 0) + 1
+            stack += [c for cs in node.children.values() for c in cs]
+    changed = {}  # the static inputs whose addresses differ between a function's first two recordings
+    if mgr is not None:
+        by_fn = {}
+        stack = [n for roots in mgr.roots.values() for n in roots]
+        while stack:
+            node = stack.pop()
+            by_fn.setdefault(node.wrapped_function.id, []).append(node)
+            stack += [c for cs in node.children.values() for c in cs]
+        for fid, ns in by_fn.items():
+            if len(ns) > 1:
+                a, b = ns[0], ns[1]
+                names = [getattr(p, "name", "?") for p in a.wrapped_function.placeholders]
+                pa, pb = a.static_input_data_ptrs, b.static_input_data_ptrs
+                idx = [i for i in range(min(len(pa), len(pb))) if pa[i] != pb[i]]
+                changed[str(fid)] = [names[i] if i < len(names) else i for i in idx][:20]
+    return {"cudagraph_nodes": nodes, "nodes_per_function": per_fn, "changed_static_inputs": changed,
+            "dynamo_stats": dict(counters["stats"]), "dynamo_frames": dict(counters["frames"])}
+
+
+def python_per_step(gen, n1: int, n2: int) -> dict:
+    """cProfile's Python functions per decode step (self and cumulative time, calls):
+    ``generate(n2)`` less ``generate(n1)``, divided by the steps between them. The profiler
+    slows every Python call, so the totals are above the real host time; the difference
+    between two models' rows says where one spends more."""
+    import cProfile
+    import pstats
+
+    tot = {}
+    for n in (n1, n2):
+        pr = cProfile.Profile()
+        pr.enable()
+        gen(n)
+        torch.cuda.synchronize()
+        pr.disable()
+        tot[n] = {f"{'/'.join(Path(k[0]).parts[-2:])}:{k[1]}:{k[2]}": (v[1], v[2], v[3])
+                  for k, v in pstats.Stats(pr).stats.items()}
+    steps = n2 - n1
+    rows = []
+    for key, (nc2, tt2, ct2) in tot[n2].items():
+        nc1, tt1, ct1 = tot[n1].get(key, (0, 0.0, 0.0))
+        rows.append(((tt2 - tt1) / steps * 1e6, (ct2 - ct1) / steps * 1e6, (nc2 - nc1) / steps, key))
+    rows.sort(reverse=True)
+    return {"py_self_us_per_step": sum(r[0] for r in rows), "py_funcs": rows[:80],
+            "py_cumulative": sorted(rows, key=lambda r: r[1], reverse=True)[:40]}
 
 
 def main(argv=None) -> int:
@@ -181,6 +254,10 @@ def main(argv=None) -> int:
     ap.add_argument("--generate", action="store_true",
                     help="profile an eager prefill and generate()'s steps instead (host time)")
     ap.add_argument("--prefill-only", action="store_true", help="with --generate: the eager prefill only")
+    ap.add_argument("--python-profile", action="store_true",
+                    help="with --generate: also cProfile's Python functions per step (where the host time goes)")
+    ap.add_argument("--no-prefill", dest="prefill", action="store_false",
+                    help="with --generate: skip the prefill probe")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -194,7 +271,7 @@ def main(argv=None) -> int:
         bf16 = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
     models = {"bf16": bf16, "fp8": fp8_copy(bf16)}
     if args.generate:
-        res = prefill_probe(models, cfg)
+        res = prefill_probe(models, cfg) if args.prefill else {}
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))
         if not args.prefill_only:
             res.update(generate_probe(models, cfg, args))
