@@ -192,30 +192,22 @@ def graph_counts() -> dict:
     from torch._inductor import cudagraph_trees as ct
 
     mgr = ct.get_container(torch.cuda.current_device()).tree_manager
-    nodes, per_fn = 0, {}
-    if mgr is not None:
-        stack = [n for roots in mgr.roots.values() for n in roots]
-        while stack:
-            node = stack.pop()
-            nodes += 1
-            fid = str(getattr(node, "wrapped_function", None) and node.wrapped_function.id)
-            per_fn[fid] = per_fn.get(fid, 0) + 1
-            stack += [c for cs in node.children.values() for c in cs]
+    by_fn: dict = {}  # the recorded nodes of each compiled function, the tree walked once
+    stack = [n for roots in mgr.roots.values() for n in roots] if mgr is not None else []
+    while stack:
+        node = stack.pop()
+        by_fn.setdefault(node.wrapped_function.id, []).append(node)
+        stack += [c for cs in node.children.values() for c in cs]
     changed = {}  # the static inputs whose addresses differ between a function's first two recordings
-    if mgr is not None:
-        by_fn = {}
-        stack = [n for roots in mgr.roots.values() for n in roots]
-        while stack:
-            node = stack.pop()
-            by_fn.setdefault(node.wrapped_function.id, []).append(node)
-            stack += [c for cs in node.children.values() for c in cs]
-        for fid, ns in by_fn.items():
-            if len(ns) > 1:
-                a, b = ns[0], ns[1]
-                names = [getattr(p, "name", "?") for p in a.wrapped_function.placeholders]
-                pa, pb = a.static_input_data_ptrs, b.static_input_data_ptrs
-                idx = [i for i in range(min(len(pa), len(pb))) if pa[i] != pb[i]]
-                changed[str(fid)] = [names[i] if i < len(names) else i for i in idx][:20]
+    for fid, ns in by_fn.items():
+        if len(ns) > 1:
+            a, b = ns[0], ns[1]
+            names = [getattr(p, "name", "?") for p in a.wrapped_function.placeholders]
+            pa, pb = a.static_input_data_ptrs, b.static_input_data_ptrs
+            idx = [i for i in range(min(len(pa), len(pb))) if pa[i] != pb[i]]
+            changed[str(fid)] = [names[i] if i < len(names) else i for i in idx][:20]
+    nodes = sum(len(ns) for ns in by_fn.values())
+    per_fn = {str(fid): len(ns) for fid, ns in by_fn.items()}
     return {"cudagraph_nodes": nodes, "nodes_per_function": per_fn, "changed_static_inputs": changed,
             "dynamo_stats": dict(counters["stats"]), "dynamo_frames": dict(counters["frames"])}
 
